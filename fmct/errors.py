@@ -1,0 +1,58 @@
+"""Exceptions for user mistakes: one type per kind, each message says what is wrong and what to do.
+
+The CLI turns any `FMCTError` into exit code 2 and a one-line message; anything else is a bug
+and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class FMCTError(Exception):
+    """Base of every error caused by input the user gave us (never by a bug in fmct)."""
+
+
+class InputVolumeError(FMCTError):
+    """The input is not a usable head CT volume."""
+
+
+class EmptyInputError(InputVolumeError):
+    """The path holds nothing we can read (no file, empty folder, no DICOM series)."""
+
+
+class UnreadableInputError(InputVolumeError):
+    """A file is corrupt, truncated or in a format we cannot read."""
+
+
+class NotCTError(InputVolumeError):
+    """The image is not a CT: wrong DICOM modality or values that are not Hounsfield units."""
+
+
+class NotVolumeError(InputVolumeError):
+    """The image is 2D (a single slice) or too thin to be a 3D head CT."""
+
+
+class MissingSlicesError(InputVolumeError):
+    """The DICOM series has a gap in its slice positions (or duplicated positions)."""
+
+
+class NonUniformSpacingError(InputVolumeError):
+    """Slices are not evenly spaced, so no single voxel grid describes the series."""
+
+
+class GantryTiltError(InputVolumeError):
+    """The series is acquired with a gantry tilt that cannot be corrected."""
+
+
+class AbsurdSpacingError(InputVolumeError):
+    """Voxel spacing is zero, negative or implausibly large for a head CT."""
+
+
+class BundleError(FMCTError):
+    """A model bundle is missing, malformed, or does not match this version of the code."""
+
+
+class ConfigError(FMCTError):
+    """A configuration value is invalid."""
+
+
+class Cancelled(FMCTError):
+    """The user cancelled a long-running operation."""

@@ -1,0 +1,21 @@
+"""Encoder + task head: the network a bundle holds and Analyze runs."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fmct.models.heads import MultiLabelHead
+from fmct.models.vit3d import ViT3D, ViT3DConfig
+
+
+class FMCTClassifier(nn.Module):
+    """Volume tensor [B, C, D, H, W] -> logits [B, num_tasks]."""
+
+    def __init__(self, cfg: ViT3DConfig, num_tasks: int) -> None:
+        super().__init__()
+        self.encoder = ViT3D(cfg)
+        self.head = MultiLabelHead(cfg.embed_dim, num_tasks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.encoder.forward_features(x)
+        return self.head(feats["cls"], feats["patch"])

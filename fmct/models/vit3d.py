@@ -1,0 +1,231 @@
+"""A 3D Vision Transformer encoder for CT volumes, in the shape of timm's / DINOv2's ViT.
+
+Patch embedding is a strided Conv3d; attention uses PyTorch SDPA (flash / memory-efficient
+kernels on GPU) unless the attention weights are asked for, which explanations need.
+A mask token is part of the encoder so masked image modeling can replace patch tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmct.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ViT3DConfig:
+    """Encoder hyper-parameters. Sizes are in tensor order (D, H, W) = (z, y, x)."""
+
+    img_size: tuple[int, int, int] = (64, 64, 64)
+    patch_size: tuple[int, int, int] = (8, 8, 8)
+    in_chans: int = 3
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+    layerscale_init: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"encoder.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        for n, (i, p) in enumerate(zip(self.img_size, self.patch_size)):
+            if p <= 0 or i % p:
+                raise ConfigError(f"encoder.img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+
+    @property
+    def grid_size(self) -> tuple[int, int, int]:
+        return tuple(i // p for i, p in zip(self.img_size, self.patch_size))
+
+    @property
+    def num_patches(self) -> int:
+        return math.prod(self.grid_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": "vit3d", **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ViT3DConfig":
+        d = dict(d)
+        family = d.pop("family", "vit3d")
+        if family != "vit3d":
+            raise ConfigError(f"encoder.family '{family}' is not known to this version of fmct (expected 'vit3d')")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"encoder: unknown field(s) {unknown}; was the bundle written by a newer fmct?")
+        for key in ("img_size", "patch_size"):
+            if key in d:
+                d[key] = tuple(int(v) for v in d[key])
+        return cls(**d)
+
+
+PRESETS: dict[str, ViT3DConfig] = {
+    "tiny": ViT3DConfig(embed_dim=192, depth=6, num_heads=3),
+    "small": ViT3DConfig(embed_dim=384, depth=12, num_heads=6, img_size=(96, 96, 96), patch_size=(12, 12, 12)),
+    "base": ViT3DConfig(embed_dim=768, depth=12, num_heads=12, img_size=(128, 128, 128), patch_size=(16, 16, 16)),
+}
+
+
+def preset(name: str, **overrides: Any) -> ViT3DConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model size '{name}'; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+class PatchEmbed3D(nn.Module):
+    def __init__(self, cfg: ViT3DConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, C]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        if return_attention:
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            attn = attn.softmax(dim=-1)
+            out = attn @ v
+        else:
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c)), attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float | None) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init)) if init else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma if self.gamma is not None else x
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop whole residual branches per sample while training."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViT3DConfig, drop_path: float) -> None:
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias)
+        self.ls1 = LayerScale(dim, cfg.layerscale_init)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
+        self.ls2 = LayerScale(dim, cfg.layerscale_init)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, attn = self.attn(self.norm1(x), return_attention)
+        x = x + self.drop_path(self.ls1(y))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        return x, attn
+
+
+class ViT3D(nn.Module):
+    """Encoder: volume [B, C, D, H, W] -> CLS token and patch tokens."""
+
+    def __init__(self, cfg: ViT3DConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed3D(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.embed_dim))
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        nn.init.normal_(self.mask_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _pos_embed_for(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Positional embedding for a patch grid; interpolated when it differs from training."""
+        if grid == self.cfg.grid_size:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_pos = patch_pos.reshape(1, *self.cfg.grid_size, -1).permute(0, 4, 1, 2, 3)
+        patch_pos = F.interpolate(patch_pos, size=grid, mode="trilinear", align_corners=False)
+        return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch-embed, replace masked patches by the mask token, prepend CLS, add positions.
+
+        masks: optional bool [B, N], True where a patch is hidden (masked image modeling).
+        """
+        grid = tuple(s // p for s, p in zip(x.shape[2:], self.cfg.patch_size))
+        tokens = self.patch_embed(x)
+        if masks is not None:
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return tokens + self._pos_embed_for(grid)
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        tokens = self.prepare_tokens(x, masks)
+        for block in self.blocks:
+            tokens, _ = block(tokens)
+        tokens = self.norm(tokens)
+        return {"cls": tokens[:, 0], "patch": tokens[:, 1:]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)["cls"]
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Softmax attention of every block, each [B, heads, 1+N, 1+N] (for explanations)."""
+        tokens = self.prepare_tokens(x)
+        maps = []
+        for block in self.blocks:
+            tokens, attn = block(tokens, return_attention=True)
+            maps.append(attn)
+        return maps

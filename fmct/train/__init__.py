@@ -1,0 +1,1 @@
+"""Training: supervised fine-tuning of task heads, calibration, and the demo-model recipe."""
