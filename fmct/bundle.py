@@ -23,7 +23,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from fmct import __version__
 from fmct.errors import BundleError, ConfigError
-from fmct.models import FMCTClassifier, ViT3D, ViT3DConfig
+from fmct.models import FMCTClassifier, ViT3DConfig
 from fmct.preprocess import PreprocessSpec
 
 FORMAT = "fmct-bundle"
@@ -145,10 +145,10 @@ def _parse_task(i: int, t: Any) -> Task:
 
 @dataclass
 class Bundle:
-    """A loaded bundle: its metadata and a ready model (classifier, or bare encoder if no tasks)."""
+    """A loaded bundle: its metadata and a ready model (without a head when it has no tasks)."""
 
     meta: BundleMeta
-    model: torch.nn.Module
+    model: FMCTClassifier
     path: Path | None = None
     onnx_bytes: bytes | None = None
 
@@ -161,10 +161,8 @@ def default_bundle_path() -> Path:
     return Path(__file__).resolve().parent.parent / "Resources" / "DemoModel"
 
 
-def build_model(meta: BundleMeta) -> torch.nn.Module:
-    if meta.tasks:
-        return FMCTClassifier(meta.encoder, len(meta.tasks))
-    return ViT3D(meta.encoder)
+def build_model(meta: BundleMeta) -> FMCTClassifier:
+    return FMCTClassifier(meta.encoder, len(meta.tasks))
 
 
 def _read_members(path: Path) -> dict[str, bytes]:

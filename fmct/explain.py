@@ -29,7 +29,7 @@ def explain(
     method: str = "integrated_gradients",
     progress: Progress | None = None,
     cancel: CancelCheck | None = None,
-    ig_steps: int = 24,
+    ig_steps: int = 16,
 ) -> np.ndarray:
     """Saliency of one finding's logit for one input x [1, C, D, H, W]."""
     if method not in METHODS:
@@ -95,9 +95,9 @@ def _expected_calls(model, x, method, ig_steps) -> int:
 
 
 def _occlusion_window(model: FMCTClassifier) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Occlude one patch-sized cube at a time, overlapping by half, so maps are smooth."""
+    """Occlude cubes of 2x2x2 patches, overlapping by half: smooth maps at ~350 forwards for 64^3."""
     patch = tuple(model.encoder.cfg.patch_size)
-    return patch, tuple(max(1, p // 2) for p in patch)
+    return tuple(2 * p for p in patch), patch
 
 
 def _batch(x: torch.Tensor) -> int:

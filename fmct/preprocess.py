@@ -13,7 +13,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from fmct.errors import ConfigError, InputVolumeError
 from fmct.volume import Volume
@@ -140,12 +139,21 @@ class Grid:
 
 @dataclass
 class ModelInput:
-    """The tensor for the model and the two grids that link it to the CT."""
+    """The model's input and the two grids that link it to the CT.
 
-    tensor: torch.Tensor  # [1, C, D, H, W] float32
+    Kept as numpy so reading and preprocessing never import torch (the ONNX path runs without it).
+    """
+
+    array: np.ndarray  # [1, C, D, H, W] float32
     model_grid: Grid
     input_grid: Grid
     head_center_mm: tuple[float, float, float]
+
+    @property
+    def tensor(self) -> "torch.Tensor":  # noqa: F821
+        import torch
+
+        return torch.from_numpy(self.array)
 
 
 class Preprocessor:
@@ -165,7 +173,7 @@ class Preprocessor:
         grid = self.model_grid(center)
         hu = grid.resample(image, sitk.sitkLinear, AIR_HU)
         channels = np.stack([w.apply(hu) for w in self.spec.windows]).astype(np.float32)
-        return ModelInput(torch.from_numpy(channels)[None], grid, Grid.of(volume), center)
+        return ModelInput(channels[None], grid, Grid.of(volume), center)
 
     def model_grid(self, center: Sequence[float]) -> Grid:
         spacing = np.asarray(self.spec.spacing_mm, dtype=np.float64)

@@ -9,13 +9,19 @@ from fmct.models.vit3d import ViT3D, ViT3DConfig
 
 
 class FMCTClassifier(nn.Module):
-    """Volume tensor [B, C, D, H, W] -> logits [B, num_tasks]."""
+    """Volume tensor [B, C, D, H, W] -> logits [B, num_tasks].
+
+    With num_tasks=0 it is a bare pretrained encoder (no head): same weight names
+    ("encoder.*"), so a pretrained bundle's weights load straight into a fine-tuning model.
+    """
 
     def __init__(self, cfg: ViT3DConfig, num_tasks: int) -> None:
         super().__init__()
         self.encoder = ViT3D(cfg)
-        self.head = MultiLabelHead(cfg.embed_dim, num_tasks)
+        self.head = MultiLabelHead(cfg.embed_dim, num_tasks) if num_tasks > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise RuntimeError("this model has no task head (a pretrained encoder); fine-tune it first")
         feats = self.encoder.forward_features(x)
         return self.head(feats["cls"], feats["patch"])

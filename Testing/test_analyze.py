@@ -1,0 +1,88 @@
+"""Analyzer and explanations with a small random bundle: plumbing, geometry, progress, cancel.
+
+Whether saliency lands in the lesion is tested with the trained demo model in test_demo_model.py.
+"""
+import numpy as np
+import pytest
+import torch
+
+from fmct.analyze import Analyzer, resolve_device
+from fmct.errors import Cancelled, ConfigError
+from fmct.explain import METHODS, explain
+from fmct.bundle import load_bundle
+from fmct_testing import ball_ct, oblique_direction, tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def analyzer(tmp_path_factory):
+    path, _, _ = tiny_bundle(tmp_path_factory.mktemp("b") / "bundle")
+    return Analyzer(path, device="cpu")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_gives_a_normalised_map_on_the_ct_grid(analyzer, method):
+    ct, _ = ball_ct(direction=oblique_direction(15.0), spacing=(1.5, 1.2, 4.0))
+    result = analyzer.analyze(ct, explain_method=method, explain_findings="all")
+    assert [f.name for f in result.findings] == ["bleed", "fracture"]
+    for f in result.findings:
+        assert 0.0 <= f.probability <= 1.0 and f.positive == (f.probability >= f.threshold)
+    assert set(result.saliency) == {"bleed", "fracture"}
+    for sal in result.saliency.values():
+        assert sal.same_grid(ct)
+        assert sal.array.min() >= 0.0 and 0.5 < sal.array.max() <= 1.0 + 1e-6
+
+
+def test_probabilities_use_the_calibration_temperature(analyzer):
+    ct, _ = ball_ct()
+    mi = analyzer.preprocessor(ct)
+    with torch.no_grad():
+        logits = analyzer.model(mi.tensor)[0].numpy()
+    probs = analyzer.probabilities(mi.tensor)[0]
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits / 1.5)), rtol=1e-5)
+
+
+def test_progress_is_monotonic_and_reaches_one(analyzer):
+    ct, _ = ball_ct()
+    seen = []
+    analyzer.analyze(ct, explain_method="integrated_gradients", explain_findings=["bleed"],
+                     progress=lambda f, m: seen.append(f))
+    assert seen[0] == 0.0 and seen[-1] == 1.0
+    assert all(b >= a for a, b in zip(seen, seen[1:]))
+
+
+def test_cancel_stops_explanation(analyzer):
+    ct, _ = ball_ct()
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(Cancelled):
+        analyzer.analyze(ct, explain_method="occlusion", explain_findings="all", cancel=cancel)
+
+
+def test_bad_options_are_config_errors(analyzer):
+    ct, _ = ball_ct()
+    with pytest.raises(ConfigError, match="explanation method"):
+        analyzer.analyze(ct, explain_method="magic")
+    with pytest.raises(ConfigError, match="unknown finding"):
+        analyzer.analyze(ct, explain_findings=["tumour"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_attention_rollout_differs_from_last_layer(analyzer):
+    x = analyzer.preprocessor(ball_ct()[0]).tensor
+    last = explain(analyzer.model, x, 0, "attention")
+    roll = explain(analyzer.model, x, 0, "attention_rollout")
+    assert last.shape == roll.shape == tuple(x.shape[2:])
+    assert not np.allclose(last, roll)
+
+
+def test_encoder_only_bundle_is_refused_for_analysis(tmp_path):
+    path, _, _ = tiny_bundle(tmp_path / "enc", tasks=())
+    assert load_bundle(path).model.head is None
+    with pytest.raises(ConfigError, match="no task heads"):
+        Analyzer(path, device="cpu")

@@ -1,0 +1,612 @@
+"""DICOM series in and out, the way scanners and PACS exports actually write them.
+
+Exports mix series (scout, bone and soft-tissue kernels, reformats), name files arbitrarily,
+store unsigned pixels with a rescale intercept and sometimes tilt the gantry. Reading therefore
+groups files by series UID, orders slices by their position along the slice normal, checks the
+slice positions describe one regular grid (resampling a gantry tilt onto an orthogonal one) and
+refuses anything else with an error that says what to do. Patient-identifying tags are never
+read into memory we keep, put into `Volume.meta`, or logged.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from fmct.errors import (
+    EmptyInputError,
+    GantryTiltError,
+    InputVolumeError,
+    MissingSlicesError,
+    NonUniformSpacingError,
+    NotCTError,
+    NotVolumeError,
+    UnreadableInputError,
+)
+from fmct.io import FORMATS, format_suffix, validate_ct
+from fmct.volume import Volume
+
+log = logging.getLogger("fmct.io")
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SOP_CLASS_BY_MODALITY = {"CT": CT_IMAGE_STORAGE, "MR": "1.2.840.10008.5.1.4.1.1.4"}
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+AXIAL_MAX_DEG = 30.0
+TILT_MIN_DEG = 0.5
+TILT_TOLERANCE_DEG = 0.5
+NONUNIFORM_TOLERANCE = 0.10
+GAP_MIN_RATIO = 1.5
+GAP_ROUNDING = 0.2
+DUPLICATE_RATIO = 0.05
+LOCALIZER_WORDS = ("LOCALIZER", "SCOUT", "TOPOGRAM")
+# Files that sit next to DICOM images in exports but are never images themselves.
+NOT_DICOM_SUFFIXES = {
+    ".txt", ".xml", ".json", ".html", ".htm", ".pdf", ".jpg", ".jpeg", ".png", ".gif", ".bmp",
+    ".exe", ".dll", ".inf", ".ini", ".nii", ".gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".raw", ".zip",
+    ".csv", ".md", ".py", ".log",
+}
+# SOP classes of DICOM objects without pixels (SR dose reports, RT structures, PDFs, DICOMDIR).
+NON_IMAGE_SOP_PREFIXES = (
+    b"1.2.840.10008.5.1.4.1.1.88.", b"1.2.840.10008.5.1.4.1.1.481.", b"1.2.840.10008.5.1.4.1.1.11.",
+    b"1.2.840.10008.5.1.4.1.1.104.", b"1.2.840.10008.5.1.4.1.1.66", b"1.2.840.10008.1.3.10",
+)
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+@dataclass
+class SliceHeader:
+    """What one file says about itself; read without pixels, and without any patient tag."""
+
+    path: Path
+    series_uid: str
+    modality: str
+    image_type: str
+    description: str
+    series_number: int | None
+    instance_number: int | None
+    size: tuple[int, int, int]  # columns, rows, frames
+    pixel_spacing: tuple[float, float]  # (x, y) = (column step, row step) in mm
+    position: np.ndarray | None  # ImagePositionPatient, LPS mm
+    row: np.ndarray | None  # direction of increasing column index (first IOP triplet)
+    col: np.ndarray | None  # direction of increasing row index (second IOP triplet)
+
+
+@dataclass
+class SeriesInfo:
+    """One DICOM series in a folder, with its files in slice order."""
+
+    uid: str
+    description: str
+    number: int | None
+    modality: str
+    n_files: int
+    normal: tuple[float, float, float]
+    is_localizer: bool
+    is_axial: bool
+    files: list[Path]
+    image_type: str = ""
+    n_slices: int = 0
+    headers: list[SliceHeader] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        kind = "localizer" if self.is_localizer else ("axial" if self.is_axial else "not axial")
+        number = f"series #{self.number}, " if self.number is not None else ""
+        return (f"'{self.description or '(no description)'}' ({number}{self.modality or 'no modality'}, "
+                f"{self.n_slices} slice{'s' if self.n_slices != 1 else ''}, {kind}, UID {self.uid})")
+
+
+@dataclass
+class _Grid:
+    """The regular grid that the slice positions describe."""
+
+    origin: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    normal: np.ndarray
+    pixel_spacing: tuple[float, float]
+    step: np.ndarray  # mean vector from one slice position to the next
+    tilt_deg: float
+
+    @property
+    def slice_spacing(self) -> float:
+        return float(self.step @ self.normal)
+
+
+# --------------------------------------------------------------------------------------------
+# Listing series
+# --------------------------------------------------------------------------------------------
+
+def list_series(folder: str | Path) -> list[SeriesInfo]:
+    """All image series under `folder` (subfolders included), largest first."""
+    folder = _existing_folder(folder)
+    files = _candidate_files(folder)
+    headers = [h for h in (_read_header(p) for p in files) if h is not None]
+    if not headers:
+        raise EmptyInputError(
+            f"No DICOM images found in {folder} ({len(files)} file(s) searched, subfolders included). "
+            + _other_images_hint(folder)
+            + "Point to the folder that holds the exported CT series, or export it from PACS again.")
+    by_uid: dict[str, list[SliceHeader]] = {}
+    for h in headers:
+        by_uid.setdefault(h.series_uid, []).append(h)
+    series = [_series_info(uid, hs) for uid, hs in by_uid.items()]
+    return sorted(series, key=lambda s: -s.n_slices)
+
+
+def _existing_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not folder.exists():
+        raise EmptyInputError(f"{folder} does not exist. Check the path (and that the drive is mounted).")
+    if not folder.is_dir():
+        raise EmptyInputError(f"{folder} is not a folder. Give the folder that holds the DICOM series.")
+    return folder
+
+
+def _candidate_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+        and p.suffix.lower() not in NOT_DICOM_SUFFIXES
+    )
+
+
+def _other_images_hint(folder: Path) -> str:
+    images = [p.name for p in folder.rglob("*") if p.is_file() and format_suffix(p) in FORMATS]
+    return f"It holds image files ({', '.join(images[:3])}): give one of those files instead. " if images else ""
+
+
+def _read_header(path: Path) -> SliceHeader | None:
+    """Header of one file, or None for a file that is not a DICOM image at all."""
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        if _looks_like_dicom(path) and not _is_non_image_dicom(path):
+            raise UnreadableInputError(
+                f"{path.name} looks like DICOM but cannot be read (truncated or corrupt). "
+                "Re-export the complete series from PACS, or remove this file from the folder.") from None
+        log.debug("skipping %s: not a DICOM image", path.name)
+        return None
+    tag = functools.partial(_tag, reader)
+    iop, position = _floats(tag("0020|0037"), 6), _floats(tag("0020|0032"), 3)
+    size = reader.GetSize()
+    if iop is None and len(size) > 2 and size[2] > 1:  # enhanced multi-frame: plane tags are per frame
+        direction = np.array(reader.GetDirection()).reshape(3, 3)
+        iop, position = np.concatenate([direction[:, 0], direction[:, 1]]), np.array(reader.GetOrigin())
+    return SliceHeader(
+        path=path,
+        series_uid=tag("0020|000e") or "(no series UID)",
+        modality=tag("0008|0060").upper(),
+        image_type=tag("0008|0008").upper(),
+        description=tag("0008|103e"),
+        series_number=_int(tag("0020|0011")),
+        instance_number=_int(tag("0020|0013")),
+        size=(int(size[0]), int(size[1]), int(size[2]) if len(size) > 2 else 1),
+        pixel_spacing=(float(reader.GetSpacing()[0]), float(reader.GetSpacing()[1])),
+        position=position,
+        row=None if iop is None else _unit(iop[:3]),
+        col=None if iop is None else _unit(iop[3:]),
+    )
+
+
+def _tag(reader: sitk.ImageFileReader, key: str) -> str:
+    return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    with open(path, "rb") as f:
+        return f.read(132)[128:132] == b"DICM"
+
+
+def _is_non_image_dicom(path: Path) -> bool:
+    """SR dose reports, RT structures and the like: valid DICOM, no pixels, not our business."""
+    data = path.read_bytes()
+    return PIXEL_DATA_TAG not in data and any(p in data[:4096] for p in NON_IMAGE_SOP_PREFIXES)
+
+
+def _floats(text: str, n: int) -> np.ndarray | None:
+    try:
+        values = np.array([float(v) for v in text.split("\\")], dtype=np.float64)
+    except ValueError:
+        return None
+    return values if values.size == n and np.all(np.isfinite(values)) else None
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(float(text))
+    except ValueError:
+        return None
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(v)
+    return v / norm if norm > 0 else v
+
+
+def _series_info(uid: str, headers: list[SliceHeader]) -> SeriesInfo:
+    first = headers[0]
+    oriented = first.row is not None and first.col is not None
+    normal = _unit(np.cross(first.row, first.col)) if oriented else np.zeros(3)
+    headers = sorted(headers, key=lambda h: (_along(h.position, normal), h.instance_number or 0))
+    n_slices = first.size[2] if len(headers) == 1 else len(headers)
+    is_localizer = any(w in first.image_type for w in LOCALIZER_WORDS) or n_slices < 3
+    return SeriesInfo(
+        uid=uid, description=first.description, number=first.series_number, modality=first.modality,
+        n_files=len(headers), normal=tuple(float(x) for x in normal), is_localizer=is_localizer,
+        is_axial=bool(abs(normal[2]) >= math.cos(math.radians(AXIAL_MAX_DEG))),
+        files=[h.path for h in headers], image_type=first.image_type, n_slices=n_slices, headers=headers,
+    )
+
+
+def _along(position: np.ndarray | None, normal: np.ndarray) -> float:
+    return float(position @ normal) if position is not None else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing a series
+# --------------------------------------------------------------------------------------------
+
+def choose_series(series: list[SeriesInfo], series_uid: str | None = None,
+                  reason_for_uid: str = "series_uid was given") -> tuple[SeriesInfo, str]:
+    """The series to analyze and a sentence saying why, so the user can check or override it."""
+    if series_uid is not None:
+        match = [s for s in series if s.uid == series_uid]
+        if not match:
+            raise EmptyInputError(
+                f"No series with UID {series_uid} here. Available series: "
+                + "; ".join(s.summary() for s in series) + ". Pass one of these UIDs as series_uid (--series).")
+        return match[0], f"Picked series {match[0].summary()} because {reason_for_uid}."
+    chosen = max(series, key=lambda s: (s.modality == "CT", not s.is_localizer, s.is_axial, s.n_slices))
+    others = [s for s in series if s is not chosen]
+    if not others:
+        why = "the only series found"
+    elif chosen.is_axial and not chosen.is_localizer:
+        why = "the axial, non-localizer series with the most slices"
+    else:
+        why = "no axial non-localizer series was found, so the largest remaining one"
+    sentence = f"Picked series {chosen.summary()}: {why}."
+    if others:
+        sentence += " Other series: " + "; ".join(s.summary() for s in others) + ". Pass series_uid (--series) to choose another."
+    return chosen, sentence
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a series
+# --------------------------------------------------------------------------------------------
+
+def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
+    """Read one series as a float32 HU Volume in LPS; a file path means that file's series."""
+    source = str(folder)
+    folder, series_uid, reason = _folder_and_uid(Path(folder), series_uid)
+    series, sentence = choose_series(list_series(folder), series_uid, reason)
+    log.info(sentence)
+    _check_is_ct(series)
+    _check_enough_slices(series)
+    if series.n_files == 1:
+        volume = _read_multiframe(series.files[0])
+    else:
+        volume = _read_slices(series)
+    volume.meta.update({
+        "source": source, "format": "dicom", "series_uid": series.uid,
+        "series_description": series.description, "series_number": series.number,
+        "n_slices": series.n_slices, "series_choice": sentence,
+    })
+    validate_ct(volume, source)
+    return volume
+
+
+def _folder_and_uid(path: Path, series_uid: str | None) -> tuple[Path, str | None, str]:
+    if not path.is_file():
+        return path, series_uid, "series_uid was given"
+    if series_uid is not None:
+        return path.parent, series_uid, "series_uid was given"
+    header = _read_header(path)
+    if header is None:
+        raise UnreadableInputError(f"{path.name} is not a DICOM image. Give a DICOM file or the folder of the series.")
+    return path.parent, header.series_uid, f"it holds the file you gave ({path.name})"
+
+
+def _check_is_ct(series: SeriesInfo) -> None:
+    if series.modality != "CT":
+        raise NotCTError(
+            f"Series {series.summary()} has modality '{series.modality or 'missing'}', not CT. "
+            "FMCT analyzes head CTs only; pick the CT series (series_uid / --series) or export the CT study.")
+
+
+def _check_enough_slices(series: SeriesInfo) -> None:
+    if series.n_slices < 3:
+        raise NotVolumeError(
+            f"Series {series.summary()} is not a 3D volume (only {series.n_slices} slice(s); localizers and "
+            "single images are skipped). Export the complete axial head CT series from PACS.")
+
+
+def _read_slices(series: SeriesInfo) -> Volume:
+    grid = _slice_grid(series)
+    array = _read_pixels(series.files)
+    if grid.tilt_deg >= TILT_MIN_DEG:
+        log.info("Gantry tilt of %.1f degrees detected; resampled the slices onto an orthogonal grid.", grid.tilt_deg)
+        volume = _resample_tilted(array, grid)
+        volume.meta["gantry_tilt_deg"] = round(grid.tilt_deg, 2)
+        return volume
+    direction = np.column_stack([grid.row, grid.col, grid.normal])
+    return Volume(array, (*grid.pixel_spacing, grid.slice_spacing), tuple(grid.origin), direction)
+
+
+def _read_multiframe(path: Path) -> Volume:
+    """A single multi-frame file (enhanced CT): GDCM computes the frame geometry."""
+    try:
+        image = sitk.ReadImage(str(path), outputPixelType=sitk.sitkFloat32, imageIO="GDCMImageIO")
+    except RuntimeError:
+        raise UnreadableInputError(
+            f"{path.name} cannot be read (truncated or corrupt). Re-export the complete series from PACS.") from None
+    return Volume.from_sitk(image)
+
+
+def _read_pixels(files: list[Path]) -> np.ndarray:
+    """Pixels in the given order, rescaled to HU by GDCM (slope/intercept of each file)."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    reader.SetFileNames([str(p) for p in files])
+    try:
+        image = reader.Execute()
+    except RuntimeError:
+        bad = _first_unreadable(files)
+        raise UnreadableInputError(
+            f"{bad.name if bad else 'a file of the series'} cannot be read (truncated or corrupt pixel data). "
+            "Re-export the complete series from PACS.") from None
+    return sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+
+
+def _first_unreadable(files: list[Path]) -> Path | None:
+    for path in files:
+        try:
+            sitk.ReadImage(str(path), imageIO="GDCMImageIO")
+        except RuntimeError:
+            return path
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Slice geometry: one regular grid, or a clear refusal
+# --------------------------------------------------------------------------------------------
+
+def _slice_grid(series: SeriesInfo) -> _Grid:
+    headers = series.headers
+    _check_plane_tags(headers)
+    _check_same_plane_and_size(headers)
+    row, col = headers[0].row, headers[0].col
+    normal = _unit(np.cross(row, col))
+    positions = np.stack([h.position for h in headers])
+    along = positions @ normal
+    _check_duplicates(along)
+    _check_gaps_and_spacing(along)
+    step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    return _Grid(positions[0], row, col, normal, headers[0].pixel_spacing, step, _tilt_deg(positions, normal))
+
+
+def _check_plane_tags(headers: list[SliceHeader]) -> None:
+    for h in headers:
+        if h.position is None or h.row is None:
+            raise UnreadableInputError(
+                f"{h.path.name} has no usable Image Position/Orientation (Patient), so its slice cannot be placed. "
+                "Export the original CT series (not secondary captures or screenshots).")
+
+
+def _check_same_plane_and_size(headers: list[SliceHeader]) -> None:
+    first = headers[0]
+    for h in headers[1:]:
+        if not (np.allclose(h.row, first.row, atol=1e-3) and np.allclose(h.col, first.col, atol=1e-3)):
+            raise InputVolumeError(
+                f"{h.path.name} is oriented differently from {first.path.name}: the series mixes image planes. "
+                "Export a single reconstruction (one orientation) of the CT.")
+        if h.size != first.size or not np.allclose(h.pixel_spacing, first.pixel_spacing, rtol=1e-3):
+            raise InputVolumeError(
+                f"{h.path.name} has a different image size or pixel spacing from {first.path.name}. "
+                "Export a single reconstruction of the CT.")
+
+
+def _check_duplicates(along: np.ndarray) -> None:
+    steps = np.diff(along)
+    typical = float(np.median(np.abs(steps)))
+    duplicate = np.abs(steps) <= max(DUPLICATE_RATIO * typical, 1e-3)
+    if duplicate.any():
+        where = ", ".join(f"{along[i]:.2f} mm" for i in np.flatnonzero(duplicate)[:5])
+        raise MissingSlicesError(
+            f"{int(duplicate.sum())} slice(s) repeat the position of another slice (at {where} along the slice "
+            "normal). The folder may hold the same series twice, or several acquisitions or time points under one "
+            "series UID. Remove the duplicate files or export one acquisition.")
+
+
+def _check_gaps_and_spacing(along: np.ndarray) -> None:
+    steps = np.diff(along)
+    typical = float(np.median(steps))
+    ratios = steps / typical
+    gaps = np.flatnonzero((ratios >= GAP_MIN_RATIO) & (np.abs(ratios - np.round(ratios)) <= GAP_ROUNDING))
+    if gaps.size:
+        missing = int(sum(round(ratios[i]) - 1 for i in gaps))
+        where = "; ".join(f"between {along[i]:.2f} and {along[i + 1]:.2f} mm (step {steps[i]:.2f} mm)" for i in gaps[:5])
+        raise MissingSlicesError(
+            f"About {missing} slice(s) are missing: slice positions jump {where} along the slice normal, where the "
+            f"usual step is {typical:.2f} mm. Re-export the complete series from PACS.")
+    off = np.flatnonzero(np.abs(ratios - 1) > NONUNIFORM_TOLERANCE)
+    if off.size:
+        i = off[0]
+        raise NonUniformSpacingError(
+            f"Slices are unevenly spaced: steps range from {steps.min():.2f} to {steps.max():.2f} mm (usual "
+            f"{typical:.2f} mm; e.g. {steps[i]:.2f} mm between {along[i]:.2f} and {along[i + 1]:.2f} mm). "
+            "The series may combine acquisitions with different slice spacing. Export a uniformly spaced "
+            "reconstruction, or resample it to one slice spacing first.")
+
+
+def _tilt_deg(positions: np.ndarray, normal: np.ndarray) -> float:
+    """Angle between the slice stacking direction and the slice normal; refuses a varying one."""
+    steps = np.diff(positions, axis=0)
+    heights = steps @ normal
+    shear = (steps - np.outer(heights, normal)) / heights[:, None]  # in-plane shift per mm along the normal
+    mean = shear.mean(axis=0)
+    if np.max(np.linalg.norm(shear - mean, axis=1)) > math.tan(math.radians(TILT_TOLERANCE_DEG)):
+        raise GantryTiltError(
+            "The slice positions are not stacked along one direction (the gantry tilt or table path varies "
+            "from slice to slice), so no single grid describes the series. Export an axial reconstruction "
+            "without tilt (most scanners can reformat to a non-tilted axial series).")
+    return math.degrees(math.atan(float(np.linalg.norm(mean))))
+
+
+def _resample_tilted(array: np.ndarray, grid: _Grid) -> Volume:
+    """Resample a sheared (tilted) stack onto the orthogonal grid [row, col, normal] that covers it.
+
+    The source image is given identity geometry so that its physical space is its index space;
+    the transform then maps output LPS points through the inverse of the true index->LPS affine.
+    """
+    dx, dy = grid.pixel_spacing
+    affine = np.column_stack([dx * grid.row, dy * grid.col, grid.step])
+    direction = np.column_stack([grid.row, grid.col, grid.normal])
+    spacing = np.array([dx, dy, grid.slice_spacing])
+    nz, ny, nx = array.shape
+    corners = np.array([[i, j, k] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)], dtype=float)
+    local = (affine @ corners.T).T @ direction  # corner offsets from the origin in the output frame
+    low, high = local.min(axis=0), local.max(axis=0)
+    size = [int(n) for n in np.floor((high - low) / spacing + 1e-6) + 1]
+    origin = grid.origin + direction @ low
+
+    inverse = np.linalg.inv(affine)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(inverse.ravel().tolist())
+    transform.SetTranslation((-inverse @ grid.origin).tolist())
+    resampled = sitk.Resample(
+        sitk.GetImageFromArray(array), size, transform, sitk.sitkLinear, origin.tolist(), spacing.tolist(),
+        direction.ravel().tolist(), -1024.0, sitk.sitkFloat32)
+    return Volume.from_sitk(resampled)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing a series
+# --------------------------------------------------------------------------------------------
+
+def write_dicom_series(
+    volume: Volume,
+    folder: str | Path,
+    *,
+    series_description: str = "FMCT phantom",
+    modality: str = "CT",
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    series_number: int = 1,
+    image_type: str = "ORIGINAL\\PRIMARY\\AXIAL",
+    storage: str = "int16",
+    shuffle_names_seed: int | None = None,
+    gantry_tilt_deg: float = 0.0,
+    patient_name: str = "ANONYMOUS",
+    patient_id: str = "FMCT-PHANTOM",
+) -> list[Path]:
+    """Write one file per slice, as a scanner would, so readers can be tested on realistic series.
+
+    storage="uint16" stores HU + 1024 with RescaleIntercept -1024, which proves a reader applies
+    the rescale. GDCM applies the inverse rescale itself when writing, so it is given HU values
+    (as float32) together with the rescale and pixel-representation tags. With a gantry tilt,
+    slice k keeps array[k] but its position moves along the column direction by k*dz*tan(tilt),
+    as in tilted acquisitions. Returns the paths in slice order.
+    """
+    if storage not in ("int16", "uint16"):
+        raise ValueError(f"storage must be 'int16' or 'uint16', got {storage!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = volume.array.shape[0]
+    names = _file_names(n, series_number, shuffle_names_seed)
+    shared = _series_tags(volume, modality, series_uid or new_uid(), study_uid or new_uid(), series_number,
+                          series_description, image_type, storage, gantry_tilt_deg, patient_name, patient_id)
+    shift = volume.spacing[2] * math.tan(math.radians(gantry_tilt_deg)) * volume.direction[:, 1]
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    paths = []
+    for k in range(n):
+        position = (volume.index_to_physical @ [0.0, 0.0, k, 1.0])[:3] + k * shift
+        image = _slice_image(volume, k, position, storage)
+        for key, value in {**shared, **_slice_tags(k, position)}.items():
+            image.SetMetaData(key, value)
+        writer.SetFileName(str(folder / names[k]))
+        writer.Execute(image)
+        paths.append(folder / names[k])
+    return paths
+
+
+def new_uid() -> str:
+    """A globally unique DICOM UID under the 2.25 (UUID-derived) root."""
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def _file_names(n: int, series_number: int, seed: int | None) -> list[str]:
+    if seed is None:
+        return [f"IM_{series_number:04d}_{k + 1:04d}.dcm" for k in range(n)]
+    rng = np.random.default_rng(seed)
+    return [f"{uuid.UUID(bytes=rng.bytes(16))}.dcm" for _ in range(n)]
+
+
+def _series_tags(volume: Volume, modality: str, series_uid: str, study_uid: str, series_number: int,
+                 description: str, image_type: str, storage: str, tilt_deg: float,
+                 patient_name: str, patient_id: str) -> dict[str, str]:
+    row, col = volume.direction[:, 0], volume.direction[:, 1]
+    tags = {
+        "0008|0016": SOP_CLASS_BY_MODALITY.get(modality.upper(), SECONDARY_CAPTURE),
+        "0008|0060": modality,
+        "0008|0008": image_type,
+        "0008|103e": description,
+        "0010|0010": patient_name,
+        "0010|0020": patient_id,
+        "0020|000d": study_uid,
+        "0020|000e": series_uid,
+        "0020|0011": str(series_number),
+        "0020|0052": study_uid + ".1",  # frame of reference shared by the study's series
+        "0020|0037": "\\".join(_ds(v) for v in (*row, *col)),
+        "0018|0050": _ds(volume.spacing[2]),
+        "0018|1120": _ds(tilt_deg),
+        "0028|1053": "1",
+    }
+    if storage == "uint16":
+        tags.update({"0028|1052": "-1024", "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "0"})
+    else:
+        tags["0028|1052"] = "0"
+    return tags
+
+
+def _slice_tags(k: int, position: np.ndarray) -> dict[str, str]:
+    return {
+        "0008|0018": new_uid(),
+        "0020|0013": str(k + 1),
+        "0020|0032": "\\".join(_ds(v) for v in position),
+    }
+
+
+def _slice_image(volume: Volume, k: int, position: np.ndarray, storage: str) -> sitk.Image:
+    hu = np.round(volume.array[k : k + 1].astype(np.float64))
+    if storage == "uint16":
+        pixels = np.clip(hu, -1024, 65535 - 1024).astype(np.float32)  # GDCM stores it as HU + 1024
+    else:
+        pixels = np.clip(hu, -32768, 32767).astype(np.int16)
+    image = sitk.GetImageFromArray(pixels)
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(position.tolist())
+    image.SetDirection(volume.direction.ravel().tolist())
+    return image
+
+
+def _ds(value: float) -> str:
+    """A DICOM decimal string: at most 16 characters."""
+    value = 0.0 if abs(value) < 1e-9 else float(value)
+    for digits in range(12, 0, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    return "0"
