@@ -4,6 +4,9 @@ model.safetensors holds the weights and fmct.json everything else (encoder confi
 preprocessing, tasks with threshold and calibration temperature, provenance, metrics), so any
 bundle runs with no code change. Nothing is ever unpickled. A bundle that does not validate
 is refused with a message naming the field.
+
+Reading the metadata needs no torch (torch and safetensors.torch are imported only where weights
+are loaded or saved), so the onnxruntime path of Analyze runs on a machine without torch.
 """
 from __future__ import annotations
 
@@ -15,16 +18,17 @@ import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
+from typing import TYPE_CHECKING, Any
 
 from fmct import __version__
 from fmct.errors import BundleError, ConfigError
-from fmct.models import FMCTClassifier, ViT3DConfig
+from fmct.models.config import ViT3DConfig
 from fmct.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from fmct.models import FMCTClassifier
 
 FORMAT = "fmct-bundle"
 FORMAT_VERSION = 1
@@ -145,10 +149,13 @@ def _parse_task(i: int, t: Any) -> Task:
 
 @dataclass
 class Bundle:
-    """A loaded bundle: its metadata and a ready model (without a head when it has no tasks)."""
+    """A loaded bundle: its metadata and a ready model (without a head when it has no tasks).
+
+    model is None when it was loaded with load_model=False (metadata and ONNX only, no torch).
+    """
 
     meta: BundleMeta
-    model: FMCTClassifier
+    model: FMCTClassifier | None
     path: Path | None = None
     onnx_bytes: bytes | None = None
 
@@ -162,6 +169,8 @@ def default_bundle_path() -> Path:
 
 
 def build_model(meta: BundleMeta) -> FMCTClassifier:
+    from fmct.models import FMCTClassifier
+
     return FMCTClassifier(meta.encoder, len(meta.tasks))
 
 
@@ -180,7 +189,8 @@ def _read_members(path: Path) -> dict[str, bytes]:
     raise BundleError(f"{path} is neither a bundle folder nor a .zip of one")
 
 
-def load_bundle(path: str | Path, load_onnx: bool = False) -> Bundle:
+def read_bundle(path: str | Path) -> tuple[BundleMeta, dict[str, bytes]]:
+    """Validated metadata and the raw files of a bundle, without building a model (no torch)."""
     path = Path(path)
     members = _read_members(path)
     if META_FILE not in members:
@@ -192,15 +202,26 @@ def load_bundle(path: str | Path, load_onnx: bool = False) -> Bundle:
     meta = BundleMeta.from_dict(raw)
     if WEIGHTS_FILE not in members:
         raise BundleError(f"{path}: {WEIGHTS_FILE} is missing")
+    return meta, members
+
+
+def load_bundle(path: str | Path, load_onnx: bool = False, load_model: bool = True) -> Bundle:
+    """Load a bundle; load_model=False skips the torch model (the onnxruntime path needs none)."""
+    path = Path(path)
+    meta, members = read_bundle(path)
+    onnx = members.get(ONNX_FILE) if load_onnx else None
+    if not load_model:
+        return Bundle(meta, None, path, onnx)
     model = build_model(meta)
     load_weights(model, members[WEIGHTS_FILE], where=str(path))
     model.eval()
-    onnx = members.get(ONNX_FILE) if load_onnx else None
     return Bundle(meta, model, path, onnx)
 
 
 def load_weights(model: torch.nn.Module, data: bytes, where: str = "bundle") -> None:
     """Load safetensors bytes into model, refusing any missing, extra or mis-shaped tensor."""
+    from safetensors.torch import load as load_safetensors_bytes
+
     try:
         state = load_safetensors_bytes(data)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
@@ -223,8 +244,16 @@ def load_weights(model: torch.nn.Module, data: bytes, where: str = "bundle") -> 
 
 
 def save_bundle(model: torch.nn.Module, meta: BundleMeta, path: str | Path, onnx_bytes: bytes | None = None) -> Path:
-    """Write a bundle folder (or .zip when path ends with .zip), atomically: a reader never sees half of one."""
+    """Write a bundle folder (or .zip when path ends with .zip), atomically: a reader never sees half of one.
+
+    Without onnx_bytes the bundle has no model.onnx, so any ONNX check record in meta.onnx
+    (which describes a model.onnx of earlier weights) is dropped.
+    """
+    from safetensors.torch import save as save_safetensors_bytes
+
     meta.check_consistency()
+    if onnx_bytes is None:
+        meta.onnx = None
     path = Path(path)
     meta.provenance.setdefault("code_version", __version__)
     meta.provenance.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

@@ -1,4 +1,4 @@
-"""The `fmct` command line: demo, analyze, phantom.
+"""The `fmct` command line: demo, analyze (one CT or a batch), export, phantom.
 
 User mistakes (bad input, bad bundle, bad option) exit with code 2 and one line saying what
 to do; --debug shows the traceback.
@@ -6,7 +6,6 @@ to do; --debug shows the traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fmct import __version__
-from fmct.errors import Cancelled, FMCTError
+from fmct.errors import Cancelled, ConfigError, FMCTError
 
 log = logging.getLogger("fmct")
 EXPLAIN_CHOICES = ("integrated_gradients", "occlusion", "attention", "attention_rollout", "none")
@@ -37,45 +36,35 @@ class TqdmProgress:
         self.bar.close()
 
 
-def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
+def _explain_method(args: argparse.Namespace) -> str | None:
+    """--explain, defaulting to integrated_gradients on torch and none on onnx (which has no gradients)."""
+    explain = args.explain or ("none" if getattr(args, "backend", "torch") == "onnx" else "integrated_gradients")
+    return None if explain == "none" else explain
+
+
+def _make_analyzer(args: argparse.Namespace, device: str | None = None):
     from fmct.analyze import Analyzer
-    from fmct.io import write_volume
-    from fmct.report import write_report
+
+    return Analyzer(args.model, device=device or args.device, backend=getattr(args, "backend", "torch"),
+                    compile=getattr(args, "compile", False))
+
+
+def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
+    from fmct.outputs import write_study_outputs
 
     t_start = time.perf_counter()
-    analyzer = Analyzer(args.model, device=args.device)
-    method = None if args.explain == "none" else args.explain
+    analyzer = _make_analyzer(args)
+    method = _explain_method(args)
+    analyzer.check_explain_method(method)
     progress = TqdmProgress("analyze")
     try:
         result = analyzer.analyze(volume, explain_method=method, explain_findings=args.findings, progress=progress)
     finally:
         progress.close()
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    if save_ct:
-        written.append(write_volume(volume, out / "ct.nii.gz"))
-    for name, sal in result.saliency.items():
-        written.append(write_volume(sal, out / f"saliency_{name}.nii.gz"))
-    written.append(write_report(volume, result, out / "report.png", analyzer.bundle.meta.name))
-    timings = {**{k: round(v, 3) for k, v in result.timings.items()}, "total_s": round(time.perf_counter() - t_start, 3)}
-    payload = {
-        "model": analyzer.bundle.meta.name,
-        "fmct_version": __version__,
-        "device": str(analyzer.device),
-        "explain_method": method,
-        "input": {
-            "size_xyz": list(volume.size),
-            "spacing_mm_xyz": [round(s, 4) for s in volume.spacing],
-            "series_description": volume.meta.get("series_description"),
-            "gantry_tilt_deg": volume.meta.get("gantry_tilt_deg"),
-        },
-        "findings": [f.to_dict() for f in result.findings],
-        "saliency_files": {n: f"saliency_{n}.nii.gz" for n in result.saliency},
-        "timings": timings,
-    }
-    (out / "findings.json").write_text(json.dumps(payload, indent=2))
-    written.insert(0, out / "findings.json")
-    _print_summary(result, analyzer.bundle.meta.name, written, timings)
+    timings = {**result.timings, "total_s": time.perf_counter() - t_start}
+    payload, written = write_study_outputs(out, volume, result, analyzer.bundle.meta.name, str(analyzer.device),
+                                           analyzer.backend, save_ct=save_ct, timings=timings)
+    _print_summary(result, analyzer.bundle.meta.name, written, payload["timings"])
     return 0
 
 
@@ -95,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fmct.phantom import make_phantom
 
     print("Making a sample head CT (synthetic, 512 x 512, 5 mm slices) ...", file=sys.stderr)
-    phantom = make_phantom(args.seed, findings=["subdural", "mass_effect"], slices="thick")
+    phantom = make_phantom(args.seed, findings=["subdural"], slices="thick")
     args.findings = "positive"
     code = _run_analysis(phantom.volume, args, Path(args.out), save_ct=True)
     truth = [t for t, v in phantom.labels.items() if v]
@@ -104,12 +93,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from fmct.batch import is_manifest
+
+    findings = args.findings if args.findings in ("positive", "all") else args.findings.split(",")
+    args.findings = findings
+    if args.batch or is_manifest(args.input):
+        return _run_batch(args)
+    if args.workers is not None:
+        raise ConfigError("--workers applies to a batch (a folder of studies with --batch, or a manifest .csv)")
     from fmct.io import read_volume
 
     volume = read_volume(args.input, series_uid=args.series)
-    findings = args.findings if args.findings in ("positive", "all") else args.findings.split(",")
-    args.findings = findings
     return _run_analysis(volume, args, Path(args.out), save_ct=args.save_ct)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from fmct.batch import discover_studies, rank_device, rank_from_env, run_batch
+
+    if args.series is not None:
+        raise ConfigError("--series applies to one DICOM folder, not to a batch; give each study its own folder")
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError("--workers must be 0 (decode in this process) or more")
+    rank = rank_from_env()
+    out = Path(args.out)
+    studies = discover_studies(args.input, exclude=[out])
+    analyzer = _make_analyzer(args, device=rank_device(args.device, args.backend, rank))
+    method = _explain_method(args)
+    where = f" (rank {rank.rank} of {rank.world}: {len(studies[rank.rank::rank.world])} studies)" if rank.world > 1 else ""
+    print(f"Batch: {len(studies)} studies from {args.input} -> {out}{where}", file=sys.stderr)
+    progress = TqdmProgress("batch") if rank.rank == 0 else None
+    try:
+        report = run_batch(analyzer, args.input, out, explain_method=method, explain_findings=args.findings,
+                           save_ct=args.save_ct, report=args.report, num_workers=args.workers, rank=rank,
+                           progress=progress,
+                           studies=studies)
+    finally:
+        if progress is not None:
+            progress.close()
+    print(f"\nFMCT batch ({analyzer.bundle.meta.name}; research use only, not for diagnosis)")
+    print(f"  {report.line()}")
+    for row in report.rows:
+        if row["status"] == "error":
+            print(f"  error  {row['study_id']}: {row['error']}")
+    print(f"  summary: {report.summary_path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not args.onnx:
+        raise ConfigError("nothing to export: give --onnx (writes model.onnx into the bundle and checks it)")
+    from fmct.onnx_backend import onnx_summary
+    from fmct.onnx_export import export_onnx
+
+    progress = TqdmProgress("export")
+    try:
+        record = export_onnx(args.bundle, opset=args.opset, progress=progress)
+    finally:
+        progress.close()
+    print(f"Wrote {Path(args.bundle) / 'model.onnx'}: {onnx_summary(record)} (recorded in fmct.json)")
+    return 0
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -134,8 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", default=None, help="model bundle folder or .zip (default: the bundled demo model)")
         sp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto picks CUDA when present")
-        sp.add_argument("--explain", default="integrated_gradients", choices=EXPLAIN_CHOICES,
-                        help="saliency method for positive findings (default: integrated_gradients)")
+        sp.add_argument("--explain", default=None, choices=EXPLAIN_CHOICES,
+                        help="saliency method for positive findings (default: integrated_gradients; none with --backend onnx)")
+        sp.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+                        help="torch (default), or onnx: the bundle's checked model.onnx on onnxruntime, without torch "
+                             "(findings only; see `fmct export --onnx`)")
+        sp.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on a GPU over many studies)")
 
     d = sub.add_parser("demo", help="make a sample head CT and analyze it with the bundled model")
     d.add_argument("--out", default="fmct_demo", help="output folder (default: ./fmct_demo)")
@@ -143,14 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(d)
     d.set_defaults(func=cmd_demo)
 
-    a = sub.add_parser("analyze", help="analyze a head CT: DICOM folder, NIfTI, NRRD or MHA")
-    a.add_argument("input", help="DICOM series folder or a .nii/.nii.gz/.nrrd/.mha file")
-    a.add_argument("--out", default="fmct_out", help="output folder (default: ./fmct_out)")
+    a = sub.add_parser("analyze", help="analyze a head CT (DICOM folder, NIfTI, NRRD or MHA), or a batch of them")
+    a.add_argument("input", help="DICOM series folder or a .nii/.nii.gz/.nrrd/.mha file; with --batch a folder of "
+                                 "studies; or a manifest .csv (columns study_id,path)")
+    a.add_argument("--out", default="fmct_out", help="output folder (default: ./fmct_out); a batch writes one "
+                                                     "folder per study and summary.csv")
+    a.add_argument("--batch", action="store_true", help="INPUT is a folder of studies: each subfolder or image file is "
+                                                        "one study. Studies already in --out are skipped (resume)")
+    a.add_argument("--report", action="store_true", help="batch: also write report.png per study (one is always "
+                                                         "written for a single CT)")
+    a.add_argument("--workers", type=int, default=None,
+                   help="batch: processes decoding studies ahead of the model (default min(4, CPUs) with a GPU, "
+                        "CPUs/4 without; 0: decode in this process)")
     a.add_argument("--series", default=None, help="SeriesInstanceUID to use when the folder holds several series")
     a.add_argument("--findings", default="positive", help="which findings get a saliency map: positive (default), all, or a comma-separated list")
     a.add_argument("--save-ct", action="store_true", help="also write the CT as ct.nii.gz (to overlay the saliency in any viewer)")
     model_options(a)
     a.set_defaults(func=cmd_analyze)
+
+    e = sub.add_parser("export", help="export a bundle's model: --onnx writes model.onnx checked against torch")
+    e.add_argument("bundle", help="model bundle folder")
+    e.add_argument("--onnx", action="store_true", help="write model.onnx and record the torch/onnxruntime check in fmct.json")
+    e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    e.set_defaults(func=cmd_export)
 
     ph = sub.add_parser("phantom", help="write synthetic head CTs with findings, lesion masks and a labels CSV")
     ph.add_argument("out", help="output folder")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fmct.analyze import resolve_device
-from fmct.bundle import BundleMeta, Task, save_bundle
+from fmct.bundle import BundleMeta, Task, save_bundle, write_meta
 from fmct.evaluate import auroc, pointing_game, saliency_in_mask
 from fmct.explain import explain
 from fmct.models import FMCTClassifier, preset
@@ -44,7 +44,7 @@ TASK_DESCRIPTIONS = {
     "midline_shift": "Midline shift of 5 mm or more",
 }
 SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000, "saliency": 4_000_000}
-IN_PLANE_SIZES = (128, 160, 192)
+IN_PLANE_SIZES = (128, 160)
 
 
 def _one_case(args: tuple) -> tuple[np.ndarray, np.ndarray, str]:
@@ -151,8 +151,6 @@ def main(argv: list[str] | None = None) -> None:
         metrics["test_prevalence"][name] = float(test_y[:, i].mean())
     for name, row in metrics["test_auroc"].items():
         log.info("AUROC %-18s all %.3f thick %.3f thin %.3f", name, row["all"], row["thick"], row["thin"])
-    metrics["saliency"] = measure_saliency(model.cpu(), spec, torch.device("cpu"), args.saliency_cases,
-                                           ["integrated_gradients", "occlusion", "attention"])
     metrics["n_test"] = int(len(test_y))
 
     meta = BundleMeta(
@@ -174,8 +172,12 @@ def main(argv: list[str] | None = None) -> None:
         },
         metrics=metrics,
     )
-    save_bundle(model.cpu(), meta, args.out)
-    log.info("wrote %s", args.out)
+    save_bundle(model.cpu(), meta, args.out)  # saved before the slow part, so a cut-off run keeps its model
+    log.info("wrote %s; measuring saliency", args.out)
+    meta.metrics["saliency"] = measure_saliency(model.to(device), spec, device, args.saliency_cases,
+                                                ["integrated_gradients", "occlusion", "attention"])
+    write_meta(meta, args.out)
+    log.info("saliency metrics added to %s", args.out)
 
 
 if __name__ == "__main__":

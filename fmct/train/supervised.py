@@ -47,6 +47,8 @@ def train_classifier(
     """Train on x [N, C, D, H, W] (any float dtype) and multi-label y [N, T]; returns epoch losses."""
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device).train()
+    if device.type == "cuda":
+        x, y = x.to(device), y.to(device)  # a phantom set fits in GPU memory; saves a copy per step
     pos = y.float().mean(0).clamp(1e-3, 1 - 1e-3)
     pos_weight = ((1 - pos) / pos).clamp(max=cfg.max_pos_weight).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -63,8 +65,8 @@ def train_classifier(
         epoch_loss = 0.0
         for i in range(steps_per_epoch):
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            xb = augment(x[idx].to(device, non_blocking=True).float(), gen)
-            yb = y[idx].to(device).float()
+            xb = augment(x[idx.to(x.device)].to(device, non_blocking=True).float(), gen)
+            yb = y[idx.to(y.device)].to(device).float()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(xb)
             loss = F.binary_cross_entropy_with_logits(logits.float(), yb, pos_weight=pos_weight)
@@ -73,7 +75,7 @@ def train_classifier(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            epoch_loss += float(loss) * len(idx)
+            epoch_loss += loss.item() * len(idx)
         losses.append(epoch_loss / len(x))
         if progress is not None:
             progress((epoch + 1) / cfg.epochs, f"epoch {epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")

@@ -1,0 +1,77 @@
+"""The bundled demo model really detects hemorrhage, and its saliency points at the lesion.
+
+Fresh phantoms from seeds never used in training (training used 1,000,000.. 4,000,099).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmct.analyze import Analyzer
+from fmct.bundle import default_bundle_path
+from fmct.cli import main
+from fmct.evaluate import auroc, pointing_game, saliency_in_mask
+from fmct.phantom import make_phantom
+
+FRESH_SEED = 9_000_000
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    torch.manual_seed(0)
+    return Analyzer(device="cpu")
+
+
+def test_bundle_is_small_and_documented():
+    path = default_bundle_path()
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size <= 25 * 2**20
+    meta = json.loads((path / "fmct.json").read_text())
+    for key in ("recipe", "seed", "data", "training", "code_version", "created"):
+        assert key in meta["provenance"], key
+    assert meta["metrics"]["test_auroc"]["any_hemorrhage"]["thick"] >= 0.9
+    assert meta["metrics"]["test_auroc"]["any_hemorrhage"]["thin"] >= 0.9
+
+
+@pytest.mark.parametrize("slices", ["thick", "thin"])
+def test_any_hemorrhage_auroc_on_fresh_phantoms(analyzer, slices):
+    labels, scores = [], []
+    for i in range(40):
+        ph = make_phantom(FRESH_SEED + i, slices=slices, in_plane_size=128)
+        probs = analyzer.probabilities(analyzer.preprocessor(ph.volume).tensor)[0]
+        labels.append(ph.labels["any_hemorrhage"])
+        scores.append(probs[0])
+    assert 10 <= sum(labels) <= 30  # both classes well represented
+    assert auroc(np.array(labels), np.array(scores)) >= 0.9
+
+
+def test_integrated_gradients_concentrate_in_the_lesion(analyzer):
+    """Mean over one case per hemorrhage type: saliency enrichment in the lesion and pointing game."""
+    enrichment, hits = [], []
+    for n, finding in enumerate(["subdural", "epidural", "intraparenchymal", "subarachnoid", "intraventricular"]):
+        ph = make_phantom(FRESH_SEED + 100 + n, findings=[finding], slices="thick", in_plane_size=192)
+        result = analyzer.analyze(ph.volume, explain_method="integrated_gradients", explain_findings=[finding])
+        sal = result.saliency[finding]
+        assert sal.same_grid(ph.volume)
+        stats = saliency_in_mask(sal.array, ph.masks[finding], ph.volume.array > -300)
+        enrichment.append(stats["enrichment"])
+        hits.append(pointing_game(sal.array, ph.masks[finding], ph.volume.spacing[::-1], tolerance_mm=15.0))
+    # Chance gives an enrichment of 1; the recipe measured 4-27x per type on 6 cases each
+    # (intraventricular is the weakest: the demo model barely tells it from other bleeds).
+    assert np.mean(enrichment) > 4.0, enrichment
+    assert np.mean(hits) >= 0.6, hits
+
+
+def test_demo_command_writes_everything(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    payload = json.loads((out / "findings.json").read_text())
+    positive = [f["name"] for f in payload["findings"] if f["positive"]]
+    assert "any_hemorrhage" in positive and "subdural" in positive
+    for name in positive:
+        assert (out / f"saliency_{name}.nii.gz").exists()
+    assert (out / "ct.nii.gz").exists() and (out / "report.png").stat().st_size > 20_000
+    printed = capsys.readouterr().out
+    assert "POSITIVE" in printed and "Ground truth" in printed

@@ -1,0 +1,284 @@
+"""Synthetic head CTs: reproducible, labelled as asked, plausible HU, masks where the lesions are."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from fmct.errors import ConfigError
+from fmct.phantom import ANATOMY_PRESETS, HEMORRHAGE_TYPES, TASKS, make_phantom, write_phantom_set
+
+SIZE = 128
+LESIONS = ("intraparenchymal", "intraventricular", "subarachnoid", "subdural", "epidural", "fracture")
+QUIET = replace(ANATOMY_PRESETS["default"], noise_hu=(0.0, 0.0))       # noise-free, for geometry
+
+
+@lru_cache(maxsize=None)
+def phantom(seed: int, findings: tuple[str, ...] | None = None, slices: str = "thick", anatomy="default"):
+    return make_phantom(seed, findings=findings, slices=slices, in_plane_size=SIZE, anatomy=anatomy)
+
+
+def head_mask(ph) -> np.ndarray:
+    return ph.volume.array > -300
+
+
+# --------------------------------------------------------------------------------------------
+# Reproducibility
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("slices", ["thick", "thin"])
+def test_same_seed_same_phantom(slices):
+    a = make_phantom(7, findings=["subdural", "fracture"], slices=slices, in_plane_size=96)
+    b = make_phantom(7, findings=["subdural", "fracture"], slices=slices, in_plane_size=96)
+    assert np.array_equal(a.volume.array, b.volume.array)
+    assert a.volume.same_grid(b.volume)
+    assert a.masks.keys() == b.masks.keys()
+    assert all(np.array_equal(a.masks[k], b.masks[k]) for k in a.masks)
+    assert a.info == b.info and a.labels == b.labels
+
+
+def test_different_seeds_different_heads():
+    a, b = phantom(1), phantom(2)
+    assert a.info["head_semi_axes_mm"] != b.info["head_semi_axes_mm"]
+    assert a.volume.array.shape != b.volume.array.shape or not np.array_equal(a.volume.array, b.volume.array)
+
+
+def test_same_seed_other_findings_same_head():
+    """Anatomy and scan are drawn apart from the findings, so a lesion is the only difference."""
+    a, b = phantom(3, ()), phantom(3, ("epidural",))
+    assert a.volume.same_grid(b.volume)
+    assert a.info["head_semi_axes_mm"] == b.info["head_semi_axes_mm"]
+    differs = a.volume.array != b.volume.array
+    assert differs.any()
+    # away from the lesion the voxels are identical (noise included)
+    assert not differs[~_dilate(b.masks["epidural"], 3)].any()
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    img = sitk.BinaryDilate(sitk.GetImageFromArray(mask.astype(np.uint8)), [r, r, 1], sitk.sitkBox)
+    return sitk.GetArrayFromImage(img).astype(bool)
+
+
+# --------------------------------------------------------------------------------------------
+# Labels and masks
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("finding", LESIONS)
+def test_single_finding_labels_and_masks(finding):
+    ph = phantom(10 + LESIONS.index(finding), (finding,))
+    assert set(ph.labels) == set(TASKS)
+    expected = {finding} | ({"any_hemorrhage"} if finding in HEMORRHAGE_TYPES else set())
+    assert {t for t, v in ph.labels.items() if v} == expected
+    assert set(ph.masks) == expected
+    head = head_mask(ph)
+    for task, mask in ph.masks.items():
+        assert mask.dtype == bool and mask.shape == ph.volume.array.shape
+        assert mask.sum() > 0, task
+        assert head[mask].mean() > 0.95, f"{task} mask leaves the head"
+
+
+def test_normal_phantom_has_no_labels_or_masks():
+    ph = phantom(20, ())
+    assert not any(ph.labels.values()) and ph.masks == {}
+    assert ph.info["lesions"] == {} and ph.info["shift_mm"] == 0
+
+
+def test_any_hemorrhage_is_the_union_of_the_types():
+    ph = phantom(21, ("intraparenchymal", "subarachnoid", "fracture"))
+    union = ph.masks["intraparenchymal"] | ph.masks["subarachnoid"]
+    assert np.array_equal(ph.masks["any_hemorrhage"], union)
+    assert ph.labels["any_hemorrhage"] == 1 and ph.labels["fracture"] == 1
+
+
+def test_any_hemorrhage_alone_adds_a_type():
+    ph = phantom(22, ("any_hemorrhage",))
+    assert ph.labels["any_hemorrhage"] == 1
+    assert sum(ph.labels[t] for t in HEMORRHAGE_TYPES) == 1
+
+
+def test_random_findings_cover_every_task_and_are_consistent():
+    seen = dict.fromkeys(TASKS, 0)
+    bleeding = 0
+    for seed in range(30):
+        ph = make_phantom(seed, in_plane_size=64, slices="thick")
+        bleeding += ph.labels["any_hemorrhage"]
+        assert ph.labels["any_hemorrhage"] == int(any(ph.labels[t] for t in HEMORRHAGE_TYPES))
+        assert set(ph.masks) == {t for t, v in ph.labels.items() if v}
+        assert all(m.any() for m in ph.masks.values())
+        for t in TASKS:
+            seen[t] += ph.labels[t]
+    assert all(seen.values()), seen
+    assert 8 <= bleeding <= 22
+
+
+def test_unknown_finding_and_bad_arguments_are_refused():
+    with pytest.raises(ConfigError, match="bleed"):
+        make_phantom(0, findings=["bleed"])
+    with pytest.raises(ConfigError, match="slices"):
+        make_phantom(0, slices="medium")
+    with pytest.raises(ConfigError, match="anatomy"):
+        make_phantom(0, anatomy="martian")
+
+
+# --------------------------------------------------------------------------------------------
+# Hounsfield units
+# --------------------------------------------------------------------------------------------
+
+def test_skull_is_bone_background_is_air_and_padding():
+    ph = phantom(30, ())
+    a = ph.volume.array
+    assert a.dtype == np.float32
+    assert a.max() > 1000 and 0.01 < (a > 600).mean() < 0.2
+    assert np.all(a[:, 0, 0] == ANATOMY_PRESETS["default"].background_hu)       # outside the scan circle
+    edge = a[:, SIZE // 2, 2:8]                                                  # inside the circle, beside the head
+    assert abs(float(np.median(edge)) + 1000) < 15
+    brain = a[a.shape[0] // 2, SIZE // 2 - 5:SIZE // 2 + 5, SIZE // 2 - 20:SIZE // 2 - 10]
+    assert 10 < float(np.median(brain)) < 50
+
+
+def test_lesions_are_hyperdense_in_their_ranges():
+    ph = phantom(31, ("intraparenchymal", "subdural", "epidural", "intraventricular", "subarachnoid"))
+    a = ph.volume.array
+    for task, (lo, hi) in {"intraparenchymal": (48, 92), "subdural": (45, 85), "epidural": (55, 95),
+                           "intraventricular": (35, 85), "subarachnoid": (30, 75)}.items():
+        median = float(np.median(a[ph.masks[task]]))
+        assert lo < median < hi, (task, median)
+
+
+def test_hematoma_brighter_than_the_brain_around_it():
+    ph = make_phantom(32, findings=["intraparenchymal"], slices="thick", in_plane_size=SIZE, anatomy=QUIET)
+    a, mask = ph.volume.array, ph.masks["intraparenchymal"]
+    ring = _dilate(mask, 6) & ~_dilate(mask, 3) & (a > 10) & (a < 60)
+    assert a[mask].mean() > a[ring].mean() + 15
+
+
+def test_fracture_is_a_gap_in_the_bone():
+    ph = make_phantom(33, findings=["fracture"], slices="thin", in_plane_size=SIZE, anatomy=QUIET)
+    normal = make_phantom(33, findings=[], slices="thin", in_plane_size=SIZE, anatomy=QUIET)
+    mask = ph.masks["fracture"]
+    assert ph.volume.array[mask].mean() < normal.volume.array[mask].mean() - 150
+    assert (normal.volume.array[mask] > 600).mean() > 0.2        # the mask sits on the skull
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------
+
+def test_thick_and_thin_slices():
+    thick, thin = phantom(40, slices="thick"), phantom(40, slices="thin")
+    assert thick.volume.spacing[2] in (4.0, 4.5, 5.0) and 28 <= thick.volume.array.shape[0] <= 50
+    assert 0.5 <= thin.volume.spacing[2] <= 1.0 and 140 <= thin.volume.array.shape[0] <= 420
+    for ph in (thick, thin):
+        v = ph.volume
+        assert v.array.shape[1:] == (SIZE, SIZE)
+        assert v.spacing[:2] == pytest.approx((230.0 / SIZE,) * 2)
+        assert np.allclose(v.direction, np.eye(3))
+        assert v.origin[0] == pytest.approx(-115.0 + v.spacing[0] / 2)
+        extent = v.spacing[2] * v.array.shape[0]
+        assert 140 <= extent <= 210
+        assert ph.info["slice_thickness_mm"] == v.spacing[2]
+
+
+def test_lesion_centre_lies_in_its_mask():
+    ph = phantom(41, ("intraparenchymal",))
+    centre = np.asarray(ph.info["lesions"]["intraparenchymal"]["centre_mm"])
+    ijk = np.round(np.linalg.solve(ph.volume.index_to_physical, [*centre, 1.0])[:3]).astype(int)
+    assert ph.masks["intraparenchymal"][ijk[2], ijk[1], ijk[0]]
+
+
+def test_mass_effect_shifts_midline_away_from_the_lesion():
+    plain = make_phantom(50, findings=["subdural"], slices="thick", in_plane_size=SIZE, anatomy=QUIET)
+    shifted = make_phantom(50, findings=["subdural", "midline_shift"], slices="thick", in_plane_size=SIZE, anatomy=QUIET)
+    info = shifted.info
+    assert info["shift_mm"] >= 5 and shifted.labels["midline_shift"] == shifted.labels["mass_effect"] == 1
+    assert info["mass_effect_cause"] == "subdural"
+    side = info["lesions"]["subdural"]["side"]                # +1 = patient left = +x
+    assert info["shift_direction"] == ("right" if side > 0 else "left")
+    dx = _ventricle_centroid_x(shifted) - _ventricle_centroid_x(plain)
+    assert -side * dx > 0.5 * info["shift_mm"], (dx, info["shift_mm"])
+    mask = shifted.masks["mass_effect"]
+    assert np.array_equal(mask, shifted.masks["midline_shift"])
+    assert (mask & ~shifted.masks["subdural"]).sum() > 50       # displaced midline structures, not just the lesion
+    assert plain.labels["mass_effect"] == 0 and "mass_effect" not in plain.masks
+
+
+def _ventricle_centroid_x(ph) -> float:
+    """x (mm) of the CSF near the head centre: the ventricles."""
+    a, v = ph.volume.array, ph.volume
+    centre = np.asarray(ph.info["head_centre_mm"])
+    k, j, i = np.nonzero((a > -20) & (a < 15))
+    xyz = (v.index_to_physical @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
+    near = np.all(np.abs(xyz - centre) < [35.0, 45.0, 30.0], axis=1)
+    return float(xyz[near, 0].mean())
+
+
+def test_mass_effect_without_a_cause_adds_one():
+    ph = phantom(51, ("mass_effect",))
+    cause = ph.info["mass_effect_cause"]
+    assert cause in ("intraparenchymal", "subdural", "epidural") and ph.labels[cause] == 1
+    assert 2 <= ph.info["shift_mm"] <= 12
+    assert ph.labels["midline_shift"] == int(ph.info["shift_mm"] >= 5)
+    assert np.all(ph.masks["mass_effect"][ph.masks[cause]])
+
+
+def test_ood_preset_is_measurably_different():
+    def csf_ml(anatomy, seed):
+        ph = make_phantom(seed, findings=[], slices="thick", in_plane_size=96, anatomy=anatomy)
+        a = ph.volume.array
+        return ((a > -20) & (a < 15)).sum() * np.prod(ph.volume.spacing) / 1000
+
+    def air_noise(anatomy, seed):
+        ph = phantom(seed, (), anatomy=anatomy)
+        a = ph.volume.array
+        return float(a[:, SIZE // 2, 2:6].std())
+
+    quiet_ood = replace(ANATOMY_PRESETS["ood"], noise_hu=(0.0, 0.0))
+    assert np.mean([csf_ml(quiet_ood, s) for s in (60, 61)]) > 1.5 * np.mean([csf_ml(QUIET, s) for s in (60, 61)])
+    assert np.mean([air_noise("ood", s) for s in (62, 63)]) > 1.3 * np.mean([air_noise("default", s) for s in (62, 63)])
+    assert phantom(62, (), anatomy="ood").volume.array.min() == ANATOMY_PRESETS["ood"].background_hu
+    assert phantom(62, (), anatomy="ood").info["anatomy"] == "ood"
+
+
+def test_info_is_json():
+    ph = phantom(70, ("epidural", "fracture", "mass_effect"))
+    info = json.loads(json.dumps(ph.info))
+    assert info["seed"] == 70 and info["anatomy"] == "default"
+    assert set(info["lesions"]) == {"epidural", "fracture"}
+    assert info["spacing_mm"] == list(ph.volume.spacing)
+
+
+# --------------------------------------------------------------------------------------------
+# A dataset on disk
+# --------------------------------------------------------------------------------------------
+
+def test_write_phantom_set_nifti(tmp_path):
+    calls = []
+    out = write_phantom_set(tmp_path / "set", 3, seed=5, slices="thick", in_plane_size=64,
+                            progress=lambda f, msg: calls.append(f))
+    with open(out / "labels.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames == ["case_id", "path", *TASKS, "slice_thickness_mm", "anatomy"]
+    assert len(rows) == 3 and len({r["case_id"] for r in rows}) == 3
+    assert calls[-1] == pytest.approx(1.0) and len(calls) == 3
+    seeds = set()
+    for row in rows:
+        ct = sitk.ReadImage(str(out / row["path"]))
+        assert ct.GetSize()[:2] == (64, 64) and row["anatomy"] == "default"
+        assert float(row["slice_thickness_mm"]) == pytest.approx(ct.GetSpacing()[2])
+        info = json.loads((out / row["case_id"] / "info.json").read_text())
+        seeds.add(info["seed"])
+        for task in TASKS:
+            mask_file = out / row["case_id"] / f"mask_{task}.nii.gz"
+            assert mask_file.exists() == (row[task] == "1"), (row["case_id"], task)
+            if mask_file.exists():
+                mask = sitk.ReadImage(str(mask_file))
+                assert mask.GetPixelID() == sitk.sitkUInt8 and mask.GetSize() == ct.GetSize()
+                assert mask.GetOrigin() == pytest.approx(ct.GetOrigin())
+                assert sitk.GetArrayViewFromImage(mask).max() == 1
+    assert len(seeds) == 3

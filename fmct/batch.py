@@ -1,0 +1,516 @@
+"""Batch analysis: many studies through one loaded model, streamed, resumable and sharded.
+
+Decoding a DICOM series and preprocessing it costs far more CPU time than the model costs GPU
+time, so it runs ahead in worker processes (a torch DataLoader; a process pool on the
+onnxruntime path, which must not import torch) while the main process runs the model.
+Mapping saliency back onto the CT and writing files run in writer threads for the same reason.
+Each study gets the result folder a single `fmct analyze` writes; summary.csv has one row per
+study. A study whose findings.json exists is skipped, so re-running a batch resumes it. A bad
+study becomes an error row and the batch goes on. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK)
+each process takes studies[rank::world] and writes summary_rank<r>.csv; the last to finish
+merges them into summary.csv.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import logging
+import os
+import time
+import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from fmct.errors import ConfigError, FMCTError
+from fmct.io import FORMATS, format_suffix
+from fmct.outputs import read_findings, write_study_outputs
+from fmct.preprocess import ModelInput, Preprocessor, PreprocessSpec
+from fmct.volume import Volume
+
+log = logging.getLogger("fmct.batch")
+Progress = Callable[[float, str], None]
+SUMMARY_FILE = "summary.csv"
+MAX_PENDING_WRITES = 4  # studies waiting for their files to be written (bounds memory)
+
+
+# --------------------------------------------------------------------------------------------
+# Which studies
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Study:
+    study_id: str
+    path: Path
+
+
+def is_manifest(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".csv" and Path(path).is_file()
+
+
+def discover_studies(source: str | Path, exclude: Sequence[str | Path] = ()) -> list[Study]:
+    """The studies of a manifest CSV (columns study_id, path) or of a folder of studies.
+
+    In a folder, every subfolder (a DICOM series, or a study holding several) and every image
+    file (.nii.gz, .nrrd, .mha, ...) is one study, named after it; other files are ignored.
+    Relative paths in a manifest are relative to the manifest's folder.
+    """
+    source = Path(source)
+    if is_manifest(source):
+        studies = _read_manifest(source)
+    elif source.is_dir():
+        skip = {Path(p).resolve() for p in exclude}
+        studies = []
+        for p in sorted(source.iterdir()):
+            if p.name.startswith(".") or p.resolve() in skip:
+                continue
+            if p.is_dir():
+                studies.append(Study(p.name, p))
+            elif p.is_file() and format_suffix(p) in FORMATS:
+                studies.append(Study(p.name[: -len(format_suffix(p))], p))
+    else:
+        raise ConfigError(f"{source} is neither a folder of studies nor a manifest .csv (columns study_id,path)")
+    if not studies:
+        raise ConfigError(f"{source} holds no studies: expected subfolders (DICOM series) or image files "
+                          f"({', '.join(FORMATS)}), or manifest rows")
+    ids = [s.study_id for s in studies]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"{source}: study id(s) {dupes[:5]} occur more than once; each study needs its own id")
+    return studies
+
+
+def _read_manifest(path: Path) -> list[Study]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"study_id", "path"} - set(reader.fieldnames or [])
+        if missing:
+            raise ConfigError(f"manifest {path} lacks column(s) {sorted(missing)}; it needs study_id,path")
+        studies = []
+        for n, row in enumerate(reader, start=2):
+            sid, p = (row.get("study_id") or "").strip(), (row.get("path") or "").strip()
+            if not sid or not p:
+                raise ConfigError(f"manifest {path}, line {n}: study_id and path must both be filled in")
+            if sid in (".", "..") or any(c in sid for c in '/\\:*?"<>|') or sid.startswith("."):
+                raise ConfigError(f"manifest {path}, line {n}: study_id {sid!r} cannot be a folder name; "
+                                  "use letters, digits, '-', '_' or '.' (not first)")
+            studies.append(Study(sid, (path.parent / p) if not Path(p).is_absolute() else Path(p)))
+    return studies
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+
+def rank_from_env(env: dict[str, str] | None = None) -> Rank:
+    """This process's place among torchrun's processes (RANK, WORLD_SIZE, LOCAL_RANK); one process without them."""
+    env = os.environ if env is None else env
+    try:
+        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+        local = int(env.get("LOCAL_RANK", rank))
+    except ValueError as e:
+        raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({e})") from e
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ConfigError(f"RANK={rank} / WORLD_SIZE={world} are inconsistent; RANK must be in [0, WORLD_SIZE)")
+    return Rank(rank, world, local)
+
+
+def rank_device(device: str, backend: str, rank: Rank) -> str:
+    """Under torchrun, give each local process its own GPU (cuda:LOCAL_RANK); otherwise the device as given."""
+    if rank.world == 1 or device not in ("auto", "cuda"):
+        return device
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        return f"cuda:{rank.local_rank}" if "CUDAExecutionProvider" in ort.get_available_providers() else device
+    import torch
+
+    n = torch.cuda.device_count()
+    if n == 0:
+        return device
+    torch.cuda.set_device(rank.local_rank % n)
+    return f"cuda:{rank.local_rank % n}"
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding + preprocessing in workers
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """One study read and preprocessed by a worker, or the reason it could not be."""
+
+    index: int
+    study: Study
+    volume: Volume | None = None
+    model_input: ModelInput | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class StudyPreparer:
+    """Reads and preprocesses study i; never raises for a bad study (the error travels in the result).
+
+    share=True hands the big arrays over as torch tensors, which a DataLoader passes through shared
+    memory instead of pickling hundreds of megabytes through a pipe.
+    """
+
+    def __init__(self, studies: Sequence[Study], spec: PreprocessSpec, share: bool = False) -> None:
+        self.studies = list(studies)
+        self.spec = spec
+        self.share = share
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def __getitem__(self, i: int) -> Prepared:
+        from fmct.io import read_volume
+
+        study = self.studies[i]
+        t0 = time.perf_counter()
+        try:
+            volume = read_volume(study.path)
+            model_input = Preprocessor(self.spec)(volume)
+        except FMCTError as e:
+            return Prepared(i, study, error=str(e), seconds=time.perf_counter() - t0)
+        except Exception as e:  # a library choking on a corrupt file must not stop the batch
+            log.debug("study %s failed:\n%s", study.study_id, traceback.format_exc())
+            return Prepared(i, study, error=f"unexpected {type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+        prepared = Prepared(i, study, volume, model_input, seconds=time.perf_counter() - t0)
+        if self.share:
+            import torch
+
+            volume.array = torch.from_numpy(np.ascontiguousarray(volume.array))
+            model_input.array = torch.from_numpy(model_input.array)
+        return prepared
+
+
+def _unshare(p: Prepared) -> Prepared:
+    if p.volume is not None and not isinstance(p.volume.array, np.ndarray):
+        p.volume.array = p.volume.array.numpy()
+    if p.model_input is not None and not isinstance(p.model_input.array, np.ndarray):
+        p.model_input.array = p.model_input.array.numpy()
+    return p
+
+
+def _first(batch: list[Prepared]) -> Prepared:
+    return batch[0]
+
+
+def _init_worker(sitk_threads: int, *_: Any) -> None:
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, sitk_threads))
+    for name in ("fmct.io", "fmct.dicom"):  # one "Read ..." line per study would drown the progress bar
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def default_workers(gpu: bool) -> int:
+    """Decoding processes: min(4, CPUs) beside a GPU; on CPU the model needs the cores itself.
+
+    With the model on the CPU, decoding ahead only moves work between cores the model already
+    uses (and oversubscribed OpenMP threads slow it down), so a worker is added per 4 cores only.
+    """
+    cpus = os.cpu_count() or 1
+    return min(4, cpus) if gpu else min(4, cpus // 4)
+
+
+def iter_prepared(preparer: StudyPreparer, num_workers: int, use_torch: bool) -> Iterator[Prepared]:
+    """Prepared studies in order, decoded ahead by num_workers processes (0: in this process)."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, num_workers))
+    if num_workers == 0:
+        for i in range(len(preparer)):
+            yield preparer[i]
+        return
+    if use_torch:
+        from torch.utils.data import DataLoader
+
+        preparer.share = True
+        loader = DataLoader(preparer, batch_size=1, shuffle=False, num_workers=num_workers, collate_fn=_first,
+                            worker_init_fn=functools.partial(_init_worker, threads), prefetch_factor=2)
+        for p in loader:
+            yield _unshare(p)
+        return
+    yield from _pool_prepared(preparer, num_workers, threads)
+
+
+def _pool_prepared(preparer: StudyPreparer, num_workers: int, threads: int) -> Iterator[Prepared]:
+    """The torch-free prefetcher: a process pool with at most 2 studies per worker in flight."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(threads,)) as pool:
+        pending: deque[Future] = deque()
+        next_index = 0
+        while next_index < len(preparer) or pending:
+            while next_index < len(preparer) and len(pending) < 2 * num_workers:
+                pending.append(pool.submit(preparer.__getitem__, next_index))
+                next_index += 1
+            yield pending.popleft().result()
+
+
+# --------------------------------------------------------------------------------------------
+# The batch
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class BatchReport:
+    """What a batch did, and where the time went (for `fmct analyze` and the benchmarks)."""
+
+    rows: list[dict[str, Any]]
+    summary_path: Path
+    wall_s: float = 0.0
+    wait_s: float = 0.0          # the main loop waiting for the next decoded study
+    first_wait_s: float = 0.0    # of which: filling the pipeline (worker start-up, first study)
+    model_s: float = 0.0         # predict + explain
+    write_wait_s: float = 0.0    # the main loop waiting for writer threads (back-pressure)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def processed(self) -> int:
+        return self.counts.get("ok", 0) + self.counts.get("error", 0)
+
+    @property
+    def data_wait_share(self) -> float:
+        return self.wait_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def model_busy_share(self) -> float:
+        return self.model_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def studies_per_hour(self) -> float:
+        return 3600.0 * self.processed / self.wall_s if self.wall_s > 0 else 0.0
+
+    def line(self) -> str:
+        c = self.counts
+        return (f"{c.get('ok', 0)} ok, {c.get('error', 0)} error, {c.get('skipped', 0)} skipped in {self.wall_s:.1f} s "
+                f"({self.studies_per_hour:.0f} studies/h); model busy {100 * self.model_busy_share:.0f}%, "
+                f"waiting for data {100 * self.data_wait_share:.0f}% (pipeline fill {self.first_wait_s:.1f} s)")
+
+
+def summary_columns(task_names: Sequence[str]) -> list[str]:
+    return ["study_id", "path", "status", "error", *[f"p_{t}" for t in task_names], "positive", "seconds"]
+
+
+def run_batch(
+    analyzer: Any,
+    source: str | Path,
+    out: str | Path,
+    explain_method: str | None = "integrated_gradients",
+    explain_findings: str | Sequence[str] = "positive",
+    save_ct: bool = False,
+    report: bool = False,
+    num_workers: int | None = None,
+    rank: Rank | None = None,
+    progress: Progress | None = None,
+    studies: Sequence[Study] | None = None,
+    writers: int | None = None,
+) -> BatchReport:
+    """Analyze every study of a folder or manifest into out/<study_id>/ and write out/summary.csv.
+
+    report=True adds report.png per study (about a CPU second each, so off by default at scale).
+    num_workers decode ahead of the model (default: see default_workers); writers (default 2 to 8
+    threads beside a GPU, 1 on CPU) map saliency back and write files while the model moves on.
+    """
+    t_start = time.perf_counter()
+    analyzer.check_explain_method(explain_method)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank = rank or rank_from_env()
+    every = list(studies) if studies is not None else discover_studies(source, exclude=[out])
+    mine = every[rank.rank::rank.world]
+    tasks = analyzer.bundle.meta.task_names
+    report_progress = progress or (lambda f, m: None)
+    rows: dict[int, dict[str, Any]] = {}
+
+    todo = []
+    for i, study in enumerate(mine):
+        done = read_findings(out / study.study_id)
+        if done is not None:
+            rows[i] = _row_from_findings(study, done, tasks)
+        else:
+            todo.append(study)
+    n_skipped = len(rows)
+    index_of = {s.study_id: i for i, s in enumerate(mine)}
+    gpu = str(analyzer.device).startswith("cuda")
+    workers = default_workers(gpu) if num_workers is None else max(0, int(num_workers))
+    preparer = StudyPreparer(todo, analyzer.bundle.meta.preprocessing)
+    result = BatchReport([], out / SUMMARY_FILE)
+    report_progress(n_skipped / max(1, len(mine)), f"{n_skipped} already done")
+
+    pending: deque[tuple[int, Future]] = deque()
+    # Writing gzipped float32 saliency NIfTIs is the slowest step beside a GPU (benchmarks/RESULTS.md);
+    # SimpleITK releases the GIL while it compresses, so writer threads scale with cores.
+    n_writers = writers or (min(8, max(2, (os.cpu_count() or 1) // 2)) if gpu else 1)
+    with ThreadPoolExecutor(max_workers=n_writers, thread_name_prefix="fmct-writer") as writer:
+        stream = iter_prepared(preparer, workers, use_torch=analyzer.backend == "torch")
+        for n in range(len(todo)):
+            t0 = time.perf_counter()
+            prepared = next(stream)
+            waited = time.perf_counter() - t0
+            result.wait_s += waited
+            if n == 0:
+                result.first_wait_s = waited
+            i = index_of[prepared.study.study_id]
+            if prepared.error is not None:
+                rows[i] = _row(prepared.study, "error", prepared.error, None, tasks, prepared.seconds)
+            else:
+                t0 = time.perf_counter()
+                try:
+                    res = analyzer.analyze_prepared(prepared.model_input, explain_method, explain_findings,
+                                                    map_back=False)
+                except FMCTError as e:
+                    rows[i] = _row(prepared.study, "error", str(e), None, tasks, prepared.seconds)
+                    res = None
+                except Exception as e:  # e.g. out of GPU memory on one huge study: report it, go on
+                    log.debug("study %s failed:\n%s", prepared.study.study_id, traceback.format_exc())
+                    rows[i] = _row(prepared.study, "error", f"unexpected {type(e).__name__}: {e}", None, tasks,
+                                   prepared.seconds)
+                    res = None
+                result.model_s += time.perf_counter() - t0
+                if res is not None:
+                    while len(pending) >= MAX_PENDING_WRITES + n_writers:
+                        t0 = time.perf_counter()
+                        j, fut = pending.popleft()
+                        rows[j] = fut.result()
+                        result.write_wait_s += time.perf_counter() - t0
+                    pending.append((i, writer.submit(_finish, analyzer, prepared, res, out, save_ct, report, tasks)))
+            done_n = n_skipped + n + 1
+            report_progress(done_n / max(1, len(mine)), f"{done_n}/{len(mine)} studies")
+        for j, fut in pending:
+            rows[j] = fut.result()
+
+    result.rows = [rows[i] for i in range(len(mine))]
+    result.counts = {s: sum(r["status"] == s for r in result.rows) for s in ("ok", "error", "skipped")}
+    result.wall_s = time.perf_counter() - t_start
+    result.summary_path = _write_summary(out, result.rows, tasks, rank, [s.study_id for s in every])
+    report_progress(1.0, "done")
+    return result
+
+
+def _finish(analyzer: Any, prepared: Prepared, res: Any, out: Path, save_ct: bool, report: bool,
+            tasks: Sequence[str]) -> dict[str, Any]:
+    """Writer thread: saliency onto the CT's grid, the study's folder, its summary row."""
+    t0 = time.perf_counter()
+    try:
+        for name in res.model_saliency:
+            res.saliency[name] = analyzer.map_back(res, name)
+        timings = {"decode_preprocess_s": prepared.seconds, **res.timings, "map_back_s": time.perf_counter() - t0}
+        timings["total_s"] = sum(timings.values())  # writing the files is not included (it happens after)
+        write_study_outputs(out / prepared.study.study_id, prepared.volume, res, analyzer.bundle.meta.name,
+                            str(analyzer.device), analyzer.backend, save_ct=save_ct, report=report, timings=timings)
+    except Exception as e:  # a full disk or an unwritable name: this study fails, the batch goes on
+        log.debug("writing study %s failed:\n%s", prepared.study.study_id, traceback.format_exc())
+        return _row(prepared.study, "error", f"writing results failed: {type(e).__name__}: {e}", None, tasks,
+                    prepared.seconds + sum(res.timings.values()) + time.perf_counter() - t0)
+    probs = {f.name: f.probability for f in res.findings}
+    positive = [f.name for f in res.findings if f.positive]
+    seconds = prepared.seconds + sum(res.timings.values()) + time.perf_counter() - t0  # with writing
+    return _row(prepared.study, "ok", "", probs, tasks, seconds, positive)
+
+
+def _row(study: Study, status: str, error: str, probs: dict[str, float] | None, tasks: Sequence[str],
+         seconds: float | None, positive: Sequence[str] = ()) -> dict[str, Any]:
+    row: dict[str, Any] = {"study_id": study.study_id, "path": str(study.path), "status": status,
+                           "error": " ".join(error.split())}
+    for t in tasks:
+        row[f"p_{t}"] = "" if probs is None or t not in probs else f"{probs[t]:.6f}"
+    row["positive"] = ";".join(positive)
+    row["seconds"] = "" if seconds is None else f"{seconds:.3f}"
+    return row
+
+
+def _row_from_findings(study: Study, payload: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    findings = [f for f in payload["findings"] if isinstance(f, dict)]
+    probs = {f["name"]: float(f["probability"]) for f in findings if "name" in f and "probability" in f}
+    positive = [f["name"] for f in findings if f.get("positive")]
+    return _row(study, "skipped", "", probs, tasks, None, positive)
+
+
+# --------------------------------------------------------------------------------------------
+# summary.csv
+# --------------------------------------------------------------------------------------------
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _write_summary(out: Path, rows: list[dict[str, Any]], tasks: Sequence[str], rank: Rank,
+                   order: Sequence[str]) -> Path:
+    """One process: summary.csv. Several: this rank's part, then a merge of all parts under a lock.
+
+    Every rank writes its part before it merges and merges are serialised, so the last merge sees
+    every rank's final part, whatever order the ranks finish in.
+    """
+    columns = summary_columns(tasks)
+    target = out / SUMMARY_FILE
+    if rank.world == 1:
+        _write_csv(target, rows, columns)
+        return target
+    _write_csv(out / f"summary_rank{rank.rank}.csv", rows, columns)
+    if _distributed_barrier():
+        if rank.rank == 0:
+            _merge_parts(out, rank.world, columns, order)
+        return target
+    with _lock(out / ".summary.lock"):
+        _merge_parts(out, rank.world, columns, order)
+    return target
+
+
+def _merge_parts(out: Path, world: int, columns: Sequence[str], order: Sequence[str]) -> None:
+    merged: dict[str, dict[str, Any]] = {}
+    for r in range(world):
+        part = out / f"summary_rank{r}.csv"
+        if part.is_file():
+            with open(part, newline="", encoding="utf-8") as f:
+                merged.update({row["study_id"]: row for row in csv.DictReader(f)})
+    position = {sid: n for n, sid in enumerate(order)}
+    rows = sorted(merged.values(), key=lambda row: position.get(row["study_id"], len(position)))
+    _write_csv(out / SUMMARY_FILE, rows, columns)
+
+
+def _distributed_barrier() -> bool:
+    """When torch.distributed is initialised (a torchrun job that set up a process group), wait for all ranks."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    dist.barrier()
+    return True
+
+
+class _lock:
+    """An exclusive advisory file lock (POSIX); without fcntl (Windows) merging is unlocked."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> "_lock":
+        self.f = open(self.path, "a+")
+        try:
+            import fcntl
+
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()  # closing releases the lock

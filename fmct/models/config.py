@@ -1,0 +1,74 @@
+"""Encoder configuration as a dataclass, and the named model sizes.
+
+Kept free of torch so that reading a bundle's metadata (and running its ONNX export with
+onnxruntime alone) never imports torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from fmct.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ViT3DConfig:
+    """Encoder hyper-parameters. Sizes are in tensor order (D, H, W) = (z, y, x)."""
+
+    img_size: tuple[int, int, int] = (64, 64, 64)
+    patch_size: tuple[int, int, int] = (8, 8, 8)
+    in_chans: int = 3
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+    layerscale_init: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"encoder.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        for n, (i, p) in enumerate(zip(self.img_size, self.patch_size)):
+            if p <= 0 or i % p:
+                raise ConfigError(f"encoder.img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+
+    @property
+    def grid_size(self) -> tuple[int, int, int]:
+        return tuple(i // p for i, p in zip(self.img_size, self.patch_size))
+
+    @property
+    def num_patches(self) -> int:
+        return math.prod(self.grid_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": "vit3d", **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ViT3DConfig":
+        d = dict(d)
+        family = d.pop("family", "vit3d")
+        if family != "vit3d":
+            raise ConfigError(f"encoder.family '{family}' is not known to this version of fmct (expected 'vit3d')")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"encoder: unknown field(s) {unknown}; was the bundle written by a newer fmct?")
+        for key in ("img_size", "patch_size"):
+            if key in d:
+                d[key] = tuple(int(v) for v in d[key])
+        return cls(**d)
+
+
+PRESETS: dict[str, ViT3DConfig] = {
+    "tiny": ViT3DConfig(embed_dim=192, depth=6, num_heads=3),
+    "small": ViT3DConfig(embed_dim=384, depth=12, num_heads=6, img_size=(96, 96, 96), patch_size=(12, 12, 12)),
+    "base": ViT3DConfig(embed_dim=768, depth=12, num_heads=12, img_size=(128, 128, 128), patch_size=(16, 16, 16)),
+}
+
+
+def preset(name: str, **overrides: Any) -> ViT3DConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model size '{name}'; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)

@@ -1,0 +1,123 @@
+"""Run a bundle's model.onnx with onnxruntime alone: the deployment path that needs no torch.
+
+The ONNX graph maps the model tensor [B, C, D, H, W] to logits [B, T]; calibration (temperature
+and sigmoid) is applied here in numpy, exactly as the torch path does. A model.onnx is only
+trusted when fmct.json records that it was checked against the weights it sits next to:
+`fmct export --onnx` records the SHA-256 of both files, so an edited, swapped or stale
+model.onnx (the weights were retrained after the export) is refused instead of silently giving
+different answers.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from fmct.bundle import ONNX_FILE, WEIGHTS_FILE, BundleMeta, read_bundle
+from fmct.errors import BundleError, ConfigError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+TOLERANCE = 1e-4  # max |p_onnx - p_torch| accepted at export time
+RECORD_FIELDS = ("opset", "max_abs_diff_probability", "checked_on", "onnxruntime_version", "torch_version",
+                 "onnx_sha256", "weights_sha256")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def calibrated_probabilities(logits: np.ndarray, temperatures: Sequence[float]) -> np.ndarray:
+    """sigmoid(logit / temperature) per task, in numpy (stable for any logit)."""
+    z = np.asarray(logits, dtype=np.float64) / np.asarray(temperatures, dtype=np.float64)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+
+
+def check_onnx_record(meta: BundleMeta, members: dict[str, bytes], where: str) -> None:
+    """Refuse a model.onnx that fmct.json does not vouch for (missing, unchecked, edited or stale)."""
+    if ONNX_FILE not in members:
+        raise BundleError(f"{where} has no {ONNX_FILE}. Run `fmct export {where} --onnx` first, or use --backend torch.")
+    record = meta.onnx
+    if not isinstance(record, dict):
+        raise BundleError(f"{where}/fmct.json: field 'onnx' is missing, so {ONNX_FILE} was never checked against the "
+                          f"weights. Re-run `fmct export {where} --onnx`.")
+    missing = [k for k in RECORD_FIELDS if k not in record]
+    if missing:
+        raise BundleError(f"{where}/fmct.json: field 'onnx' lacks {missing}. Re-run `fmct export {where} --onnx`.")
+    diff = record["max_abs_diff_probability"]
+    if not isinstance(diff, (int, float)) or not 0 <= diff <= TOLERANCE:
+        raise BundleError(f"{where}/fmct.json: field 'onnx.max_abs_diff_probability' is {diff!r}; it must be at most "
+                          f"{TOLERANCE:g}. Re-run `fmct export {where} --onnx`.")
+    if sha256(members[ONNX_FILE]) != record["onnx_sha256"]:
+        raise BundleError(f"{where}/{ONNX_FILE} is not the file that was checked at export (its SHA-256 differs from "
+                          f"'onnx.onnx_sha256'); it was edited or replaced. Re-run `fmct export {where} --onnx`.")
+    if sha256(members[WEIGHTS_FILE]) != record["weights_sha256"]:
+        raise BundleError(f"{where}/{ONNX_FILE} was exported from other weights than {WEIGHTS_FILE} (stale export). "
+                          f"Re-run `fmct export {where} --onnx`.")
+
+
+def providers_for(device: str) -> list:
+    """onnxruntime execution providers for an fmct device name: auto prefers CUDA when onnxruntime has it."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "auto":
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    index = device.partition(":")[2]
+    if device == "cuda" or (device.startswith("cuda:") and index.isdigit()):
+        if "CUDAExecutionProvider" not in available:
+            raise ConfigError("device 'cuda' was asked for but this onnxruntime has no CUDA provider "
+                              "(install onnxruntime-gpu); use --device cpu or auto")
+        return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+    raise ConfigError(f"unknown device '{device}'; choose auto, cpu, cuda or cuda:N")
+
+
+class OnnxModel:
+    """An onnxruntime session over model.onnx: model tensor (numpy) in, logits out."""
+
+    def __init__(self, onnx_bytes: bytes, device: str = "auto", threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ConfigError("--backend onnx needs onnxruntime: pip install 'fmct[onnx]'") from e
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        # No busy-waiting between runs: decoding workers and writer threads need those cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=providers_for(device))
+        except ConfigError:
+            raise
+        except Exception as e:  # onnxruntime raises its own types for invalid graphs
+            raise BundleError(f"{ONNX_FILE} cannot be loaded by onnxruntime ({e})") from e
+        self.providers = self.session.get_providers()
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def logits(self, array: np.ndarray) -> np.ndarray:
+        """[B, C, D, H, W] float32 -> [B, T] float32."""
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(array, dtype=np.float32)})[0]
+
+
+def load_onnx_bundle(path: str | Path, device: str = "auto", threads: int | None = None) -> tuple[BundleMeta, OnnxModel]:
+    """The bundle's metadata and a checked onnxruntime model (never imports torch)."""
+    meta, members = read_bundle(path)
+    check_onnx_record(meta, members, str(path))
+    return meta, OnnxModel(members[ONNX_FILE], device, threads)
+
+
+def onnx_summary(record: dict[str, Any] | None) -> str:
+    """One line about a bundle's ONNX check, for messages."""
+    if not record:
+        return "no ONNX export"
+    return (f"ONNX opset {record.get('opset')}, max |p_onnx - p_torch| = {record.get('max_abs_diff_probability'):.2e} "
+            f"on {record.get('checked_on')}")

@@ -1,0 +1,143 @@
+"""`fmct export BUNDLE --onnx`: write model.onnx from the bundle's own weights, and prove it agrees.
+
+The export is only kept if onnxruntime and torch give the same calibrated probabilities (within
+1e-4) on a generated head CT; the check, the versions and the SHA-256 of both model files are
+recorded in fmct.json under "onnx", which is what lets the onnxruntime path trust the file later.
+Both files are replaced atomically, model.onnx first: a crash in between leaves a record that no
+longer matches, which the onnxruntime path refuses rather than trusting a half-finished export.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fmct.bundle import ONNX_FILE, WEIGHTS_FILE, load_bundle, read_bundle, write_meta
+from fmct.errors import BundleError, ConfigError
+from fmct.onnx_backend import INPUT_NAME, OUTPUT_NAME, TOLERANCE, OnnxModel, calibrated_probabilities, sha256
+from fmct.preprocess import Preprocessor
+
+DEFAULT_OPSET = 17  # first opset with LayerNormalization as one op
+Progress = Callable[[float, str], None]
+
+
+def export_onnx(
+    bundle_path: str | Path,
+    opset: int = DEFAULT_OPSET,
+    tolerance: float = TOLERANCE,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Export model.onnx into a bundle folder, check it against torch, record the check; returns the record.
+
+    Raises BundleError (and leaves the bundle untouched) when the two disagree by more than tolerance.
+    """
+    import onnxruntime
+    import torch
+
+    report = progress or (lambda f, m: None)
+    path = Path(bundle_path)
+    if not path.is_dir():
+        raise BundleError(f"{path} is not a bundle folder; export writes {ONNX_FILE} into one (unzip a .zip bundle first)")
+    if not 7 <= int(opset) <= 20:
+        raise ConfigError(f"ONNX opset {opset} is not supported; use 17 (default) to 20")
+    if tolerance > TOLERANCE:
+        raise ConfigError(f"tolerance {tolerance:g} is looser than the {TOLERANCE:g} the onnxruntime path accepts")
+    report(0.0, "loading bundle")
+    bundle = load_bundle(path)
+    meta = bundle.meta
+    if not meta.tasks:
+        raise BundleError(f"bundle '{meta.name}' has no task heads (a pretrained encoder); fine-tune it before exporting")
+    model = bundle.model.float().eval()
+
+    report(0.1, "making a test CT")
+    x, checked_on = parity_input(meta, seed)
+    report(0.3, "exporting")
+    onnx_bytes = to_onnx_bytes(model, x, opset)
+
+    report(0.7, "checking onnxruntime against torch")
+    temps = [t.temperature for t in meta.tasks]
+    with torch.no_grad():
+        p_torch = torch.sigmoid(model(torch.from_numpy(x)) / torch.tensor(temps)).numpy()
+    p_onnx = calibrated_probabilities(OnnxModel(onnx_bytes, device="cpu").logits(x), temps)
+    diff = float(np.abs(p_onnx.astype(np.float64) - p_torch.astype(np.float64)).max())
+    if not diff <= tolerance:
+        raise BundleError(
+            f"the ONNX export of '{meta.name}' disagrees with torch: max |p_onnx - p_torch| = {diff:.3g} > {tolerance:g} "
+            f"on {checked_on}; model.onnx was not written. Try another --opset, or report it with the bundle.")
+
+    report(0.9, "writing")
+    _, members = read_bundle(path)  # hash exactly the weights on disk, which the ONNX path will check
+    record = {
+        "opset": int(opset),
+        "max_abs_diff_probability": diff,
+        "tolerance": tolerance,
+        "checked_on": checked_on,
+        "onnxruntime_version": onnxruntime.__version__,
+        "torch_version": torch.__version__,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_shape": ["batch", *x.shape[1:]],
+        "onnx_sha256": sha256(onnx_bytes),
+        "weights_sha256": sha256(members[WEIGHTS_FILE]),
+    }
+    _write_atomic(path / ONNX_FILE, onnx_bytes)
+    meta.onnx = record
+    write_meta(meta, path)
+    report(1.0, "done")
+    return record
+
+
+def parity_input(meta, seed: int = 0) -> tuple[np.ndarray, str]:
+    """A batch of two model tensors from a generated head CT (it and its left-right mirror).
+
+    A real-looking CT exercises the weights on the inputs that matter (windows in range, a head
+    in the middle), and a batch of two checks the dynamic batch axis as well.
+    """
+    from fmct.phantom import make_phantom
+
+    phantom = make_phantom(seed, findings=["subdural"], slices="thick", in_plane_size=128)
+    x = Preprocessor(meta.preprocessing)(phantom.volume).array
+    x = np.concatenate([x, x[..., ::-1]], axis=0).astype(np.float32)
+    v = phantom.volume
+    size = "x".join(str(s) for s in v.size)
+    spacing = "x".join(f"{s:.3g}" for s in v.spacing)
+    return np.ascontiguousarray(x), f"fmct.phantom seed {seed} (subdural, {size} voxels at {spacing} mm) and its mirror"
+
+
+def to_onnx_bytes(model, example: np.ndarray, opset: int = DEFAULT_OPSET) -> bytes:
+    """Trace the classifier (model tensor -> logits) to ONNX with a dynamic batch axis.
+
+    Uses the TorchScript exporter (dynamo=False): the torch.export-based one needs onnxscript,
+    which fmct does not depend on. SDPA is exported as plain MatMul/Softmax, which onnxruntime
+    fuses into its own attention kernels.
+    """
+    import torch
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter about the legacy exporter
+        torch.onnx.export(
+            model, (torch.from_numpy(example[:1].copy()),), buf, dynamo=False, opset_version=int(opset),
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    return buf.getvalue()
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
