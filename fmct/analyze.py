@@ -18,6 +18,7 @@ import numpy as np
 
 from fmct.bundle import Bundle, default_bundle_path, load_bundle
 from fmct.errors import Cancelled, ConfigError
+from fmct.io import validate_ct
 from fmct.preprocess import ModelInput, Preprocessor
 from fmct.volume import Volume
 
@@ -165,6 +166,7 @@ class Analyzer:
         report = progress or (lambda f, m: None)
         t0 = time.perf_counter()
         report(0.0, "preprocessing")
+        validate_ct(volume, volume.meta.get("source", "input volume"))  # every caller, not only the readers
         model_input = self.preprocessor(volume)
         preprocess_s = time.perf_counter() - t0
         _check_cancel(cancel)

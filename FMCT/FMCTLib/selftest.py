@@ -1,0 +1,337 @@
+"""Checks of FMCTLogic on a real MRML scene, shared by two runners:
+
+- FMCTTest in FMCT.py: Slicer's self-test, on the application's scene and views;
+- Testing/test_slicer_fmct.py: pytest on `slicer-core` from PyPI, on a headless scene that has
+  the application's slice views and logics (Testing/slicer_testing.py).
+
+Each check takes the scene objects it needs and raises AssertionError with a message; nothing is
+mocked: CTs are synthetic head CTs (fmct.phantom) loaded through Slicer's own readers, and the
+engine runs for real, with the bundled demo model or a small random bundle.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from FMCTLib import geometry, outputs
+from FMCTLib.logic import FMCTLogic
+
+TINY_TASKS = (("any_hemorrhage", 0.01), ("subdural", 0.01), ("fracture", 0.99))  # (name, threshold)
+
+
+# ----------------------------------------------------------------------------------------------
+# Test data: bundles and CTs
+# ----------------------------------------------------------------------------------------------
+
+def tinyBundle(folder: str | Path, seed: int = 0) -> Path:
+    """A random-weights bundle that runs in a fraction of a second.
+
+    Its thresholds make the outcome certain whatever the random logits: two findings are
+    always positive (threshold 0.01), one always negative (0.99).
+    """
+    import torch
+
+    from fmct.bundle import BundleMeta, Task, save_bundle
+    from fmct.models import FMCTClassifier, preset
+    from fmct.preprocess import PreprocessSpec
+
+    torch.manual_seed(seed)
+    spec = PreprocessSpec(spacing_mm=(6.0, 6.0, 6.0), size=(32, 32, 32))
+    encoder = preset("tiny", img_size=spec.tensor_shape, in_chans=spec.in_channels, embed_dim=48, depth=2, num_heads=2)
+    meta = BundleMeta(
+        name="fmct-selftest-random", encoder=encoder, preprocessing=spec,
+        tasks=[Task(name, f"test finding {name}", threshold=t, temperature=1.0) for name, t in TINY_TASKS],
+        provenance={"recipe": "random weights, for testing the Slicer module"},
+    )
+    model = FMCTClassifier(meta.encoder, len(meta.tasks)).eval()
+    return save_bundle(model, meta, Path(folder) / "tiny-bundle")
+
+
+def demoBundle() -> Path | None:
+    """The bundled demo model, if it has been built (the only bundle whose saliency means anything)."""
+    from FMCTLib.logic import defaultBundlePath
+
+    path = defaultBundlePath()
+    return path if (path / "fmct.json").exists() else None
+
+
+def phantom(seed: int = 3, findings: Sequence[str] = ("subdural",), inPlaneSize: int = 128):
+    """A synthetic thick-slice head CT with lesion masks."""
+    from fmct.phantom import make_phantom
+
+    return make_phantom(seed, findings=list(findings), slices="thick", in_plane_size=inPlaneSize)
+
+
+def volumesLogic(scene):
+    """The Volumes module logic, which loads files and DICOM series into volume nodes."""
+    import slicer
+
+    try:
+        logic = slicer.modules.volumes.logic()
+        if logic.GetMRMLScene() is scene:
+            return logic
+    except AttributeError:
+        pass
+    logic = slicer.vtkSlicerVolumesLogic()
+    logic.SetMRMLScene(scene)
+    return logic
+
+
+def loadAsNRRD(scene, volume, folder: str | Path, name: str = "CT", volumes=None):
+    """Load a Volume the way Slicer loads a file: write NRRD, read it with Slicer's reader.
+
+    Slicer's reader does its own LPS-to-RAS conversion, so the node's geometry is independent
+    of FMCTLib.geometry, which the checks then test against it.
+    """
+    from fmct.io import write_volume
+
+    path = write_volume(volume, Path(folder) / f"{name}.nrrd")
+    node = (volumes if volumes is not None else volumesLogic(scene)).AddArchetypeScalarVolume(str(path), name, 0, None)
+    assert node is not None, f"Slicer could not load {path}"
+    return node
+
+
+def loadAsDICOM(scene, volume, folder: str | Path, name: str = "DICOM CT", volumes=None):
+    """Write a DICOM series and load it as Slicer's DICOM module does (DICOMScalarVolumePlugin:
+    the archetype reader over the series' files)."""
+    import vtk
+
+    from fmct.dicom import write_dicom_series
+
+    files = write_dicom_series(volume, Path(folder) / name.replace(" ", "_"))
+    fileList = vtk.vtkStringArray()
+    for f in files:
+        fileList.InsertNextValue(str(f))
+    node = (volumes if volumes is not None else volumesLogic(scene)).AddArchetypeScalarVolume(str(files[0]), name, 0, fileList)
+    assert node is not None, "Slicer could not load the DICOM series"
+    return node
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+
+def checkFindings(result, bundlePath) -> None:
+    """One row per task of the bundle, in order; table and result agree; decisions follow thresholds."""
+    from fmct.bundle import load_bundle
+
+    tasks = load_bundle(bundlePath).meta.tasks
+    assert [f["name"] for f in result.findings] == [t.name for t in tasks], "findings must follow the bundle's tasks"
+    table = result.tableNode
+    assert table is not None and table.IsA("vtkMRMLTableNode")
+    for column in ("name", "probability", "threshold", "positive"):
+        assert table.GetColumnIndex(column) >= 0, f"findings table has no '{column}' column"
+    assert table.GetNumberOfRows() == len(tasks)
+    for row, (f, task) in enumerate(zip(result.findings, tasks)):
+        assert set(f) >= {"name", "probability", "threshold", "positive"}
+        assert 0.0 <= f["probability"] <= 1.0
+        assert f["threshold"] == task.threshold
+        assert f["positive"] == (f["probability"] >= f["threshold"])
+        assert table.GetCellText(row, table.GetColumnIndex("name")) == f["name"]
+        assert abs(float(table.GetCellText(row, table.GetColumnIndex("probability"))) - f["probability"]) < 1e-6
+        assert abs(float(table.GetCellText(row, table.GetColumnIndex("threshold"))) - f["threshold"]) < 1e-9
+        assert table.GetCellText(row, table.GetColumnIndex("positive")) == str(int(f["positive"]))
+
+
+def checkSaliencyGeometry(ctNode, result) -> None:
+    """Each saliency node has exactly the CT node's grid: dimensions and IJK-to-RAS (to 1e-6)."""
+    assert result.saliencyNodes, "no saliency volume was made"
+    expected = geometry.nodeIJKToRAS(ctNode)
+    for name, node in result.saliencyNodes.items():
+        assert node.GetImageData().GetDimensions() == ctNode.GetImageData().GetDimensions(), name
+        difference = np.abs(geometry.nodeIJKToRAS(node) - expected).max()
+        assert difference <= 1e-6, f"{name}: IJK-to-RAS differs from the CT's by {difference}"
+        assert node.GetTransformNodeID() == ctNode.GetTransformNodeID(), f"{name} must follow the CT's transform"
+
+
+def checkSaliencyValues(result, engineSaliency: dict) -> None:
+    """Node voxels are the engine's maps on the CT grid, unchanged (and within 0..1)."""
+    import slicer.util
+
+    for name, node in result.saliencyNodes.items():
+        array = slicer.util.arrayFromVolume(node)
+        assert array.dtype == np.float32
+        assert 0.0 <= float(array.min()) and float(array.max()) <= 1.0 + 1e-6, f"{name} saliency outside 0..1"
+        assert float(array.max()) > 0.0, f"{name} saliency is empty"
+        np.testing.assert_allclose(array, engineSaliency[name].array, atol=1e-5, err_msg=name)
+
+
+def checkDisplay(scene, ctNode, result, logic: FMCTLogic) -> None:
+    """The shown finding is the foreground over the CT in every slice view, in heat colours with a
+    threshold, and volume-rendered in 3D; the other maps are not rendered."""
+    shown = result.shownFinding
+    assert shown in result.saliencyNodes, "a positive finding's map is shown after the analysis"
+    assert logic.shownFinding(ctNode) == shown
+    composites = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+                  for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+    assert composites, "the scene has no slice views"
+    for composite in composites:
+        assert composite.GetBackgroundVolumeID() == ctNode.GetID()
+        assert composite.GetForegroundVolumeID() == result.saliencyNodes[shown].GetID()
+        assert 0.2 <= composite.GetForegroundOpacity() <= 0.8
+    vrLogic = logic.volumeRenderingLogic(scene)
+    for name, node in result.saliencyNodes.items():
+        display = node.GetDisplayNode()
+        assert display.GetColorNodeID() == outputs.HEAT_COLOR_NODE_ID
+        assert display.GetApplyThreshold() and 0.0 < display.GetLowerThreshold() < 1.0
+        assert not display.GetAutoWindowLevel()
+        rendering = vrLogic.GetFirstVolumeRenderingDisplayNode(node)
+        assert rendering is not None, f"{name} has no volume rendering display node"
+        assert bool(rendering.GetVisibility()) == (name == shown)
+        opacity = rendering.GetVolumePropertyNode().GetVolumeProperty().GetScalarOpacity()
+        assert opacity.GetValue(0.05) == 0.0 and opacity.GetValue(1.0) > 0.0
+
+
+def checkSelectingRowsSwitchesOverlay(scene, ctNode, result, logic: FMCTLogic) -> None:
+    """Selecting a finding in the table shows its map; a finding without a map clears the overlay."""
+    table = result.tableNode
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    vrLogic = logic.volumeRenderingLogic(scene)
+    for row, f in enumerate(result.findings):
+        assert logic.showFindingAtRow(table, row) == f["name"]
+        node = result.saliencyNodes.get(f["name"])
+        assert composite.GetForegroundVolumeID() == (node.GetID() if node else None), f["name"]
+        for name, other in result.saliencyNodes.items():
+            assert bool(vrLogic.GetFirstVolumeRenderingDisplayNode(other).GetVisibility()) == (name == f["name"])
+    assert logic.showFindingAtRow(table, len(result.findings)) is None
+
+
+def checkRerunReusesNodes(scene, ctNode, first, logic: FMCTLogic, bundlePath) -> None:
+    """A second run on the same CT updates the same nodes; nothing new piles up."""
+    classes = ("vtkMRMLTableNode", "vtkMRMLScalarVolumeNode", "vtkMRMLScalarVolumeDisplayNode",
+               "vtkMRMLVolumeRenderingDisplayNode", "vtkMRMLVolumePropertyNode")
+    before = {c: scene.GetNumberOfNodesByClass(c) for c in classes}
+    firstIDs = {name: node.GetID() for name, node in first.saliencyNodes.items()}
+    second = logic.analyze(ctNode, bundlePath=bundlePath, device="CPU", explain="attention")
+    assert {c: scene.GetNumberOfNodesByClass(c) for c in classes} == before
+    assert second.tableNode.GetID() == first.tableNode.GetID()
+    assert {name: node.GetID() for name, node in second.saliencyNodes.items()} == firstIDs
+    # Without explanations the maps of the previous run would describe another run: they go.
+    third = logic.analyze(ctNode, bundlePath=bundlePath, device="CPU", explain="none")
+    assert third.saliencyNodes == {} and logic.saliencyNodes(ctNode) == {}
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before["vtkMRMLScalarVolumeNode"] - len(firstIDs)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLVolumeRenderingDisplayNode") == \
+        before["vtkMRMLVolumeRenderingDisplayNode"] - len(firstIDs)
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() is None
+
+
+def checkBadInput(scene, logic: FMCTLogic, bundlePath) -> None:
+    """No input, a single slice, a label map: clear InputVolumeErrors, and no output nodes."""
+    from fmct.errors import InputVolumeError, NotVolumeError
+
+    tablesBefore = scene.GetNumberOfNodesByClass("vtkMRMLTableNode")
+    for bad, expected, words in _badInputs(scene):
+        try:
+            logic.analyze(bad, bundlePath=bundlePath, device="CPU")
+        except expected as error:
+            assert words in str(error).lower(), f"unexpected message: {error}"
+        else:
+            raise AssertionError(f"analyze accepted {bad.GetClassName() if bad else None}")
+    assert issubclass(NotVolumeError, InputVolumeError)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == tablesBefore, "a refused input made outputs"
+
+
+def _badInputs(scene):
+    import slicer.util
+
+    from fmct.errors import InputVolumeError, NotCTError, NotVolumeError
+
+    ct = np.full((1, 64, 64), -1000.0, np.float32)
+    ct[0, 16:48, 16:48] = 40.0
+    singleSlice = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "single slice")
+    singleSlice.SetSpacing(0.5, 0.5, 5.0)
+    slicer.util.updateVolumeFromArray(singleSlice, ct)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "label map")
+    slicer.util.updateVolumeFromArray(labelmap, np.zeros((8, 8, 8), np.uint8))
+    return [(None, InputVolumeError, "no input volume"),
+            (singleSlice, NotVolumeError, "single slice"),
+            (labelmap, NotCTError, "label map")]
+
+
+LESION_SEED = 7  # a subdural phantom; the demo model's saliency enrichment on it is ~5 (2.4 to 5.3 on seeds 1-7)
+
+
+def checkSaliencyInLesion(scene, logic: FMCTLogic, bundlePath, folder, finding: str = "subdural",
+                          minimumEnrichment: float = 2.0, volumes=None) -> dict:
+    """With the trained demo model, a finding's saliency concentrates in its lesion: the share of
+    saliency mass inside the lesion is several times the lesion's share of the head, and the
+    saliency peak lies in (or within 5 mm of) the lesion. Only that finding is explained, to
+    keep the check fast on a CPU."""
+    import slicer.util
+
+    from fmct.evaluate import pointing_game, saliency_in_mask
+
+    ph = phantom(seed=LESION_SEED, findings=(finding,))
+    ct = loadAsNRRD(scene, ph.volume, folder, name="lesion CT", volumes=volumes)
+    result = logic.analyze(ct, bundlePath=bundlePath, device="CPU", explainFindings=[finding])
+    assert finding in result.positive, f"the demo model misses the {finding}: {result.findings}"
+    assert list(result.saliencyNodes) == [finding] and result.shownFinding == finding
+    checkSaliencyGeometry(ct, result)
+    array = slicer.util.arrayFromVolume(result.saliencyNodes[finding])
+    stats = saliency_in_mask(array, ph.masks[finding], ph.volume.array > -300)
+    stats["hit"] = pointing_game(array, ph.masks[finding], ph.volume.spacing[::-1])
+    assert stats["enrichment"] >= minimumEnrichment, f"saliency of {finding} is not in the lesion: {stats}"
+    assert stats["hit"], f"the saliency peak of {finding} is not at the lesion: {stats}"
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# All of it, for Slicer's self-test
+# ----------------------------------------------------------------------------------------------
+
+def obliqueDirection(degrees: float = 20.0) -> np.ndarray:
+    """An orthonormal direction rotated about S then L: no axis is aligned with the scanner's."""
+    a, b = np.deg2rad(degrees), np.deg2rad(degrees / 2)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    return rz @ rx
+
+
+def obliqueVolume(volume):
+    """The same voxels on an oblique grid with anisotropic spacing (as from a tilted DICOM series)."""
+    from fmct.volume import Volume
+
+    return Volume(volume.array, (0.9, 1.1, 4.5), (-100.0, 80.0, -40.0), obliqueDirection(20.0))
+
+
+def engineSaliency(volume, bundlePath, explain: str = "integrated_gradients") -> dict:
+    """The engine's own maps for a Volume, computed without Slicer, to compare the nodes with."""
+    from fmct.analyze import Analyzer
+
+    return Analyzer(bundlePath, device="cpu").analyze(volume, explain_method=explain).saliency
+
+
+def runAll(scene, log=print) -> None:
+    """Every check above on the given scene (the module's self-test calls this in Slicer).
+
+    The plumbing is checked with a small random bundle (fast, and its decisions are certain);
+    where the demo model is built, saliency must also land in the lesion. Runs on the CPU so that
+    the nodes can be compared with the engine's own maps exactly.
+    """
+    with tempfile.TemporaryDirectory(prefix="fmct-selftest-") as work:
+        bundle = tinyBundle(work)
+        logic = FMCTLogic()
+        ph = phantom()
+        ct = loadAsNRRD(scene, ph.volume, work)
+        log("Analyzing a synthetic head CT")
+        result = logic.analyze(ct, bundlePath=bundle, device="CPU")
+        checkFindings(result, bundle)
+        assert set(result.saliencyNodes) == set(result.positive), "one saliency volume per positive finding"
+        checkSaliencyGeometry(ct, result)
+        checkSaliencyValues(result, engineSaliency(ph.volume, bundle))
+        checkDisplay(scene, ct, result, logic)
+        checkSelectingRowsSwitchesOverlay(scene, ct, result, logic)
+        if demoBundle() is not None:
+            log("Demo model: saliency in the lesion")
+            log(str(checkSaliencyInLesion(scene, FMCTLogic(), demoBundle(), work)))
+        log("Oblique, anisotropic DICOM series")
+        dicomCT = loadAsDICOM(scene, obliqueVolume(ph.volume), work)
+        checkSaliencyGeometry(dicomCT, logic.analyze(dicomCT, bundlePath=bundle, device="CPU", explain="attention"))
+        log("Running again reuses the output nodes")
+        checkRerunReusesNodes(scene, ct, result, logic, bundle)
+        log("Bad input")
+        checkBadInput(scene, logic, bundle)
