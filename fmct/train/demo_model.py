@@ -28,7 +28,7 @@ from fmct.models import FMCTClassifier, preset
 from fmct.phantom import HEMORRHAGE_TYPES, TASKS, make_phantom
 from fmct.preprocess import Preprocessor, PreprocessSpec
 from fmct.train.calibration import fit_temperature, youden_threshold
-from fmct.train.supervised import SupervisedConfig, predict_logits, train_classifier
+from fmct.train.supervised import SupervisedConfig, positive_weights, predict_logits, tensor_batches, train_classifier
 
 log = logging.getLogger("fmct.train.demo_model")
 
@@ -127,8 +127,12 @@ def main(argv: list[str] | None = None) -> None:
     model = FMCTClassifier(cfg, len(TASKS))
     train_cfg = SupervisedConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     t0 = time.time()
-    losses = train_classifier(model, splits["train"][0], splits["train"][1], train_cfg, device,
-                              progress=lambda f, m: log.info(m))
+    x_train, y_train = splits["train"][0], splits["train"][1].float()
+    if device.type == "cuda":
+        x_train, y_train = x_train.to(device), y_train.to(device)  # a phantom set fits in GPU memory
+    batches, steps = tensor_batches(x_train, y_train, args.batch_size, args.seed)
+    losses = train_classifier(model, batches, steps, positive_weights(y_train, train_cfg.max_pos_weight), train_cfg,
+                              device, progress=lambda f, m: log.info(m))
     train_s = time.time() - t0
 
     val_logits = predict_logits(model, splits["val"][0], device)

@@ -1,20 +1,24 @@
-"""Supervised training of encoder + heads on preprocessed tensors.
+"""Supervised training of encoder + heads: the loop behind the demo recipe and `fmct finetune`.
 
-Used by the demo-model recipe; the few-label fine-tuning of the training issue builds on it.
+Batches come from a callable (in-memory tensors for phantom recipes, a cached DataLoader for
+real data), so one loop serves both. Unknown labels (NaN) are masked out of the loss, which
+lets partially labelled manifests train every task they do have.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmct.errors import Cancelled
 from fmct.models import FMCTClassifier
 
 Progress = Callable[[float, str], None]
+Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> (x, y) batches
 
 
 @dataclass
@@ -36,47 +40,75 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.roll(x, shifts=shift, dims=(2, 3, 4))
 
 
+def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> tuple[Batches, int]:
+    """Shuffled mini-batches of in-memory tensors; the order depends only on (seed, epoch)."""
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            yield x[idx.to(x.device)], y[idx.to(y.device)]
+
+    return batches, math.ceil(len(x) / batch_size)
+
+
+def positive_weights(y: torch.Tensor, max_weight: float) -> torch.Tensor:
+    """neg/pos ratio per task (known labels only), capped: rare findings are not drowned out."""
+    known = ~torch.isnan(y)
+    pos = (torch.nan_to_num(y) * known).sum(0) / known.sum(0).clamp(min=1)
+    pos = pos.clamp(1e-3, 1 - 1e-3)
+    return ((1 - pos) / pos).clamp(max=max_weight)
+
+
+def masked_bce(logits: torch.Tensor, y: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    known = ~torch.isnan(y)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), pos_weight=pos_weight, reduction="none")
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
 def train_classifier(
     model: FMCTClassifier,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    batches: Batches,
+    steps_per_epoch: int,
+    pos_weight: torch.Tensor,
     cfg: SupervisedConfig,
     device: torch.device,
+    param_groups: list[dict] | None = None,
     progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> list[float]:
-    """Train on x [N, C, D, H, W] (any float dtype) and multi-label y [N, T]; returns epoch losses."""
+    """AdamW with warm-up + cosine decay, bf16 autocast on CUDA; returns the mean loss per epoch."""
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device).train()
-    if device.type == "cuda":
-        x, y = x.to(device), y.to(device)  # a phantom set fits in GPU memory; saves a copy per step
-    pos = y.float().mean(0).clamp(1e-3, 1 - 1e-3)
-    pos_weight = ((1 - pos) / pos).clamp(max=cfg.max_pos_weight).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    params = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for group in opt.param_groups:
+        group["base_lr"] = cfg.lr * group.get("lr_scale", 1.0)
     total = cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1)))
-    )
-    use_amp = device.type == "cuda"
-    losses = []
+    warmup = max(cfg.warmup_epochs * steps_per_epoch, 1)
+    schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1)))  # noqa: E731
+    pos_weight = pos_weight.to(device)
+    losses, step = [], 0
     for epoch in range(cfg.epochs):
-        order = torch.randperm(len(x), generator=gen)
-        epoch_loss = 0.0
-        for i in range(steps_per_epoch):
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            xb = augment(x[idx.to(x.device)].to(device, non_blocking=True).float(), gen)
-            yb = y[idx.to(y.device)].to(device).float()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        total_loss, seen = 0.0, 0
+        for xb, yb in batches(epoch):
+            if cancel is not None and cancel():
+                raise Cancelled("Training cancelled")
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * schedule(step)
+            xb = augment(xb.to(device, non_blocking=True).float(), gen)
+            yb = yb.to(device).float()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(xb)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), yb, pos_weight=pos_weight)
+            loss = masked_bce(logits.float(), yb, pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            sched.step()
-            epoch_loss += loss.item() * len(idx)
-        losses.append(epoch_loss / len(x))
+            step += 1
+            total_loss += loss.item() * len(xb)
+            seen += len(xb)
+        losses.append(total_loss / max(seen, 1))
         if progress is not None:
             progress((epoch + 1) / cfg.epochs, f"epoch {epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
     model.eval()
@@ -84,10 +116,13 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict_logits(model: FMCTClassifier, x: torch.Tensor, device: torch.device, batch_size: int = 16) -> np.ndarray:
+def predict_logits(model: FMCTClassifier, x: torch.Tensor | Iterable[torch.Tensor], device: torch.device,
+                   batch_size: int = 16) -> np.ndarray:
+    """Logits for a tensor [N, C, D, H, W] (batched here) or an iterable of ready batches."""
     model.to(device).eval()
+    chunks = (x[i : i + batch_size] for i in range(0, len(x), batch_size)) if torch.is_tensor(x) else x
     out = []
-    for i in range(0, len(x), batch_size):
+    for xb in chunks:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model(x[i : i + batch_size].to(device).float()).float().cpu())
+            out.append(model(xb.to(device).float()).float().cpu())
     return torch.cat(out).numpy()

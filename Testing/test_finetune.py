@@ -1,0 +1,81 @@
+"""Fine-tuning on generated phantoms: from a pretrained encoder and from scratch, linear and full."""
+import json
+
+import pytest
+import torch
+
+from fmct.analyze import Analyzer
+from fmct.bundle import load_bundle
+from fmct.data import Study
+from fmct.errors import ConfigError
+from fmct.io import read_volume
+from fmct.models import FMCTClassifier
+from fmct.phantom import write_phantom_set
+from fmct.train.finetune import FinetuneConfig, few_label_subset, finetune, layer_decay_groups
+from fmct_testing import tiny_bundle, tiny_meta
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ph")
+    write_phantom_set(root, 12, seed=3, slices="thick", in_plane_size=64)
+    return root
+
+
+def test_linear_probe_from_a_pretrained_encoder_makes_a_working_bundle(tmp_path, phantoms):
+    encoder, enc_model, _ = tiny_bundle(tmp_path / "encoder", tasks=())
+    cfg = FinetuneConfig(data=str(phantoms), out=str(tmp_path / "ft"), encoder=str(encoder), mode="linear",
+                         tasks=["any_hemorrhage", "fracture"], epochs=2, batch_size=4,
+                         cache_dir=str(tmp_path / "cache"), device="cpu")
+    seen = []
+    path = finetune(cfg, progress=lambda f, m: seen.append(f))
+    bundle = load_bundle(path)
+    assert bundle.meta.task_names == ["any_hemorrhage", "fracture"]
+    # linear probe: the encoder is exactly the pretrained one
+    for k, v in enc_model.encoder.state_dict().items():
+        torch.testing.assert_close(bundle.model.encoder.state_dict()[k], v)
+    assert bundle.meta.provenance["config"]["mode"] == "linear"
+    assert bundle.meta.metrics["validation"]["any_hemorrhage"]["n"] == 3
+    assert seen[-1] == 1.0
+    result = Analyzer(path, device="cpu").analyze(read_volume(next(phantoms.glob("*/ct.nii.gz"))), explain_method=None)
+    assert len(result.findings) == 2
+
+
+def test_full_finetune_from_scratch_moves_every_layer(tmp_path, phantoms):
+    cfg = FinetuneConfig(data=str(phantoms), out=str(tmp_path / "ft"), size="tiny", tasks=["any_hemorrhage"],
+                         epochs=1, batch_size=4, labels_per_class=2, cache_dir=str(tmp_path / "cache"), device="cpu")
+    path = finetune(cfg)
+    meta = json.loads((path / "fmct.json").read_text())
+    assert meta["provenance"]["data"]["n_train"] <= 4  # 2 positives + 2 negatives
+    assert meta["provenance"]["initialisation"] == "random (from scratch)"
+
+
+def test_layer_decay_groups():
+    meta = tiny_meta()
+    model = FMCTClassifier(meta.encoder, 2)
+    groups = layer_decay_groups(model, 0.5, 0.05)
+    depth = meta.encoder.depth
+    scales = sorted({g["lr_scale"] for g in groups})
+    assert scales == sorted(0.5 ** (depth + 1 - layer) for layer in range(depth + 2))
+    head = [g for g in groups if any(p is model.head.fc.weight for p in g["params"])][0]
+    embed = [g for g in groups if any(p is model.encoder.patch_embed.proj.weight for p in g["params"])][0]
+    assert head["lr_scale"] == 1.0 and embed["lr_scale"] == 0.5 ** (depth + 1)
+    assert all(g["weight_decay"] == 0.0 for g in groups if any(p.ndim == 1 for p in g["params"]))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_few_label_subset_is_seeded_and_balanced():
+    studies = [Study(f"s{i}", f"/x/{i}", {"a": i % 2, "b": int(i < 3)}) for i in range(20)]
+    sub = few_label_subset(studies, ["a", "b"], 2, seed=1)
+    assert sub == few_label_subset(studies, ["a", "b"], 2, seed=1)
+    assert sum(s.labels["b"] == 1 for s in sub) >= 2 and sum(s.labels["a"] == 1 for s in sub) >= 2
+    assert len(sub) <= 8
+
+
+def test_bad_config_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="mode"):
+        FinetuneConfig(mode="half")
+    with pytest.raises(ConfigError, match="unknown field"):
+        FinetuneConfig.from_dict({"data": "x", "epoch": 3})
+    (tmp_path / "c.yaml").write_text("data: somewhere\nepochs: 3\n")
+    assert FinetuneConfig.from_file(tmp_path / "c.yaml").epochs == 3
