@@ -79,3 +79,20 @@ def test_bad_config_is_refused(tmp_path):
         FinetuneConfig.from_dict({"data": "x", "epoch": 3})
     (tmp_path / "c.yaml").write_text("data: somewhere\nepochs: 3\n")
     assert FinetuneConfig.from_file(tmp_path / "c.yaml").epochs == 3
+
+
+def test_evaluate_bundle_in_and_out_of_distribution(tmp_path, phantoms):
+    from fmct.train.evaluate_bundle import evaluate_bundle
+    from fmct.bundle import default_bundle_path
+
+    ood = tmp_path / "ood"
+    write_phantom_set(ood, 6, seed=4, slices="thin", in_plane_size=64, anatomy="ood")
+    reports = evaluate_bundle(str(default_bundle_path()), str(phantoms), tmp_path / "ev", ood_data=str(ood),
+                              device="cpu", cache_dir=str(tmp_path / "cache"), n_boot=50)
+    assert set(reports) == {"in-distribution", "out-of-distribution"}
+    assert reports["in-distribution"]["any_hemorrhage"]["n"] == 12
+    assert reports["out-of-distribution"]["any_hemorrhage"]["n"] == 6
+    saved = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert saved["reports"]["in-distribution"]["subdural"]["n"] == 12
+    assert (tmp_path / "ev" / "roc.png").stat().st_size > 10_000
+    assert "out-of-distribution AUROC" in (tmp_path / "ev" / "report.txt").read_text()
