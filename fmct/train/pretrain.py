@@ -1,0 +1,413 @@
+"""Self-supervised pretraining loop: DINO + iBOT (+ masked reconstruction) on head CTs.
+
+    python -m fmct.train.pretrain --config cfg.yaml --out RUN_DIR [--resume] [--seed N]
+    torchrun --nproc_per_node 4 -m fmct.train.pretrain --config cfg.yaml --out RUN_DIR
+
+A run folder holds config.json (the resolved config, seed and world size), losses.jsonl (one
+line per step), checkpoints/ (see fmct.train.checkpoint) and, when finished, bundle/: a model
+bundle with no tasks whose weights are the teacher encoder's (``encoder.*``), ready for
+fine-tuning.
+
+Resume is exact: the data order comes from DistributedSampler(seed, epoch), every sample's
+crops from a generator seeded by (seed, epoch, index), the masks from (seed, step, rank), and
+the checkpoint carries everything else (student, teacher, centers, optimizer, scheduler, RNG
+states, step and data position). So a run killed at any point and resumed logs the same losses
+as one that never stopped. Ctrl-C (SIGINT) finishes the current step, saves and exits with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from fmct.errors import Cancelled, ConfigError, FMCTError
+from fmct.ssl.augment import MultiCropAugmentation, collate_crops, sample_generator
+from fmct.ssl.config import SSLConfig
+from fmct.ssl.ema import cosine, teacher_momentum, teacher_temperature
+from fmct.ssl.masking import sample_masks
+from fmct.ssl.meta_arch import SelfDistillation
+from fmct.train import checkpoint as ckpt
+from fmct.train import distributed as ddp
+
+log = logging.getLogger("fmct.train.pretrain")
+Progress = Callable[[float, str], None]
+
+CONFIG_FILE = "config.json"
+LOSS_LOG = "losses.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+BUNDLE_DIR = "bundle"
+_STEP_SLEEP_ENV = "FMCT_PRETRAIN_STEP_SLEEP"  # tests only: slow steps down so a kill lands mid-run
+
+
+# ============================================================================ data
+class VolumeDataset(Protocol):
+    """What the loop needs from a dataset: preprocessed model-grid volumes by index.
+
+    __getitem__ returns a [C, D, H, W] tensor, or a mapping with that tensor under "image"
+    (so fmct.data's datasets plug in unchanged).
+    """
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+class TensorVolumes:
+    """An in-memory dataset of preprocessed volumes x [N, C, D, H, W] (e.g. half precision)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        if x.ndim != 5:
+            raise ConfigError(f"pretraining tensors must be [N, C, D, H, W], got shape {list(x.shape)}")
+        self.x = x
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.x[index]
+
+
+def make_phantom_tensors(n: int, seed: int, spacing_mm: Sequence[float], size: Sequence[int], in_plane_size: int = 128) -> torch.Tensor:
+    """n synthetic head CTs preprocessed to the model grid: [n, 3, D, H, W] float16."""
+    from fmct.phantom import make_phantom
+    from fmct.preprocess import Preprocessor, PreprocessSpec
+
+    pre = Preprocessor(PreprocessSpec(spacing_mm=tuple(spacing_mm), size=tuple(size)))
+    slices = ("thick", "thin")
+    xs = [pre(make_phantom(seed + i, slices=slices[i % 2], in_plane_size=in_plane_size).volume).tensor[0].half() for i in range(n)]
+    return torch.stack(xs)
+
+
+def load_dataset(cfg: SSLConfig) -> TensorVolumes:
+    d = cfg.data
+    if d.source == "tensors":
+        from safetensors.torch import load_file
+
+        path = Path(d.path)
+        if not path.is_file():
+            raise ConfigError(f"data.path {path} does not exist; give a safetensors file with tensor 'x' [N, C, D, H, W]")
+        tensors = load_file(str(path))
+        if "x" not in tensors:
+            raise ConfigError(f"data.path {path} has no tensor 'x' (it has {sorted(tensors)})")
+        return TensorVolumes(tensors["x"])
+    return TensorVolumes(make_phantom_tensors(d.n, d.seed, d.spacing_mm, d.size, d.in_plane_size))
+
+
+def _image(item: Any) -> torch.Tensor:
+    return item["image"] if isinstance(item, dict) else item
+
+
+class StepBatches:
+    """Step -> (epoch, position, crops + masks of this rank's batch), a pure function of the step."""
+
+    def __init__(self, dataset: VolumeDataset, cfg: SSLConfig, info: ddp.DistInfo) -> None:
+        self.dataset, self.cfg, self.info = dataset, cfg, info
+        self.sampler = ddp.distributed_sampler(dataset, info, cfg.run.seed)
+        self.batch_size = cfg.optim.batch_size
+        self.steps_per_epoch = len(self.sampler) // self.batch_size
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"the dataset has {len(dataset)} volumes, too few for batch_size {self.batch_size} on {info.world_size} process(es)")
+        self.augment = MultiCropAugmentation(cfg.crops)
+        self.grid = tuple(s // p for s, p in zip(cfg.crops.global_size, cfg.encoder_config.patch_size))
+        self._order: tuple[int, list[int]] | None = None
+
+    def position(self, step: int) -> tuple[int, int]:
+        return divmod(step, self.steps_per_epoch)
+
+    def indices(self, epoch: int, position: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            self.sampler.set_epoch(epoch)
+            self._order = (epoch, list(self.sampler))
+        return self._order[1][position * self.batch_size:(position + 1) * self.batch_size]
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        epoch, position = self.position(step)
+        seed = self.cfg.run.seed
+        samples = [self.augment(_image(self.dataset[i]), sample_generator(seed, epoch, i)) for i in self.indices(epoch, position)]
+        batch = collate_crops(samples)
+        ib = self.cfg.ibot
+        prob = ib.mask_probability if (ib.enabled or self.cfg.mae.enabled) else 0.0
+        batch["masks"] = sample_masks(batch["global"].shape[0], self.grid, ib.mask_ratio, prob,
+                                      sample_generator(seed, step, self.info.rank, 0x6D61736B))
+        return batch
+
+
+# ============================================================================ optimisation
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, tokens and positions (they have no scale to shrink)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "mask_token", "pos_embed")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(cfg: SSLConfig) -> Callable[[int], float]:
+    o = cfg.optim
+    return lambda step: cosine(step, o.steps, 1.0, o.min_lr / o.lr, o.warmup_steps, 0.0) if o.lr > 0 else 0.0
+
+
+# ============================================================================ the loop
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    steps: int
+    losses: list[dict[str, float]] = field(default_factory=list)
+    bundle: Path | None = None
+    model: SelfDistillation | None = field(default=None, repr=False)  # student + teacher, for callers in-process
+
+
+class _StopRequest:
+    """Turns SIGINT into a flag checked between steps, so a checkpoint is never of half a step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _any_rank(flag: bool, info: ddp.DistInfo, device: torch.device) -> bool:
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _mean_over_ranks(values: dict[str, torch.Tensor], info: ddp.DistInfo) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.stack([values[k].detach().float() for k in keys])
+    if info.enabled:
+        torch.distributed.all_reduce(t)
+        t /= info.world_size
+    return {k: float(v) for k, v in zip(keys, t.cpu())}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _truncate_log(path: Path, step: int) -> list[dict[str, float]]:
+    """Keep only the log lines of steps a resumed run will not redo (a killed run may have logged more)."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if rec.get("step", 0) <= step:
+            kept.append(rec)
+    ckpt.atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+    return kept
+
+
+def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset: VolumeDataset | None = None,
+             progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> PretrainResult:
+    """Run (or continue, with resume=True) self-supervised pretraining into run_dir.
+
+    Raises Cancelled when cancel() turns true and KeyboardInterrupt on Ctrl-C, in both cases
+    after writing a checkpoint that --resume continues from.
+    """
+    run_dir = Path(run_dir)
+    kind = "cuda" if cfg.run.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+    info = ddp.init_from_env(kind)
+    device = ddp.device_for(info, kind if cfg.run.device == "auto" else cfg.run.device)
+    if cfg.run.num_threads > 0:
+        torch.set_num_threads(cfg.run.num_threads)
+    ckpt_dir, log_path = run_dir / CHECKPOINT_DIR, run_dir / LOSS_LOG
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _seed_everything(cfg.run.seed)
+
+    dataset = dataset if dataset is not None else load_dataset(cfg)
+    batches = StepBatches(dataset, cfg, info)
+    model = SelfDistillation(cfg).to(device)
+    student = ddp.wrap_ddp(model.student, info, device)
+    if info.enabled:  # DDP broadcast rank 0's student; the teacher starts as its copy everywhere
+        model.teacher.load_state_dict({k: v for k, v in model.student.state_dict().items()
+                                       if k in model.teacher.state_dict()})
+    opt = torch.optim.AdamW(param_groups(model.student, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+
+    start, history = 0, []
+    if resume:
+        found = ckpt.load_checkpoint(ckpt_dir)
+        if found is None:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_dir)
+        else:
+            model.load_state_dict(ckpt.subset(found.tensors, "model"))
+            ckpt.load_optimizer_state(opt, found.tensors, found.meta["optimizer"])
+            sched.load_state_dict(found.meta["scheduler"])
+            ckpt.set_rng_state(found.tensors, found.meta["rng"])
+            start = found.step
+            log.info("resumed from %s (step %d)", found.path.name, start)
+    if info.is_main:
+        history = _truncate_log(log_path, start) if resume else []
+        if not resume and log_path.exists():
+            log_path.unlink()
+        config_record = {**cfg.resolved_dict(), "seed": cfg.run.seed, "world_size": info.world_size}
+        ckpt.atomic_write(run_dir / CONFIG_FILE, json.dumps(config_record, indent=2).encode())
+    ddp.barrier()
+
+    def save(step: int) -> None:
+        if info.is_main:
+            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+            opt_tensors, opt_meta = ckpt.optimizer_state(opt)
+            rng_tensors, rng_meta = ckpt.rng_state()
+            epoch, position = batches.position(step)
+            sched_state = sched.state_dict()  # JSON-safe: a plain function's lr_lambdas entry is None
+            meta = {"data": {"epoch": epoch, "position": position, "steps_per_epoch": batches.steps_per_epoch},
+                    "optimizer": opt_meta, "scheduler": sched_state, "rng": rng_meta,
+                    "seed": cfg.run.seed, "world_size": info.world_size}
+            ckpt.save_checkpoint(ckpt_dir, step, {**tensors, **opt_tensors, **rng_tensors}, meta, cfg.run.keep_checkpoints)
+        ddp.barrier()
+
+    total = cfg.optim.steps
+    sleep_s = float(os.environ.get(_STEP_SLEEP_ENV, "0") or 0)
+    amp = device.type == "cuda"
+    step, saved_at = start, start
+    log_file = open(log_path, "a") if info.is_main else None
+    try:
+        with _StopRequest() as stop:
+            while step < total:
+                cancelled = cancel is not None and cancel()
+                if _any_rank(stop.requested or cancelled, info, device):
+                    if step != saved_at:
+                        save(step)
+                        saved_at = step
+                    if cancelled:
+                        raise Cancelled(f"pretraining cancelled at step {step}; --resume continues from there")
+                    raise KeyboardInterrupt
+                batch = {k: v.to(device, non_blocking=True) for k, v in batches(step).items()}
+                temp = teacher_temperature(step, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp, cfg.dino.warmup_teacher_temp_steps)
+                momentum = teacher_momentum(step, total, cfg.optim.momentum_teacher, cfg.optim.final_momentum_teacher)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    losses = model(batch, temp, student)
+                if not torch.isfinite(losses["loss"]):
+                    raise FloatingPointError(f"pretraining loss is {float(losses['loss'])} at step {step + 1}; lower optim.lr")
+                opt.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                if cfg.optim.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(model.student.parameters(), cfg.optim.clip_grad)
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                sched.step()
+                model.update_teacher(momentum)
+                step += 1
+                record = {"step": step, **_mean_over_ranks(losses, info), "lr": lr, "teacher_temp": temp, "momentum": momentum}
+                history.append(record)
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                if step % cfg.run.checkpoint_every == 0 or step == total:
+                    save(step)
+                    saved_at = step
+                if progress is not None and info.is_main:
+                    progress(step / total, f"step {step}/{total} loss {record['loss']:.4f}")
+                if sleep_s:
+                    time.sleep(sleep_s)
+    finally:
+        if log_file is not None:
+            log_file.close()
+
+    bundle = _write_bundle(model, cfg, run_dir, step) if info.is_main else None
+    ddp.barrier()
+    return PretrainResult(run_dir, step, history, bundle, model)
+
+
+def _write_bundle(model: SelfDistillation, cfg: SSLConfig, run_dir: Path, steps: int) -> Path:
+    """The teacher encoder as a task-less bundle (DINO's teacher is the better encoder)."""
+    from fmct.bundle import BundleMeta, save_bundle
+    from fmct.models import FMCTClassifier
+    from fmct.preprocess import PreprocessSpec
+
+    enc = cfg.encoder_config
+    encoder = FMCTClassifier(enc, 0)
+    encoder.encoder.load_state_dict(model.teacher.backbone.state_dict())
+    meta = BundleMeta(
+        name=f"fmct-pretrained-{run_dir.name}", encoder=enc,
+        preprocessing=PreprocessSpec(spacing_mm=cfg.data.spacing_mm, size=cfg.data.size),
+        tasks=[], description="Self-supervised (DINO + iBOT) pretrained encoder; fine-tune it to add tasks.",
+        provenance={"recipe": "fmct.train.pretrain", "steps": steps, "seed": cfg.run.seed, "config": cfg.resolved_dict()},
+    )
+    return save_bundle(encoder.cpu(), meta, run_dir / BUNDLE_DIR)
+
+
+# ============================================================================ command line
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fmct.train.pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML or JSON SSL config (see fmct.ssl.config.SSLConfig)")
+    parser.add_argument("--out", required=True, help="run folder: config.json, losses.jsonl, checkpoints/, bundle/")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--seed", type=int, default=None, help="override run.seed")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = SSLConfig.from_file(args.config)
+        if args.seed is not None:
+            cfg.run.seed = args.seed
+        bar = None
+        is_main = int(os.environ.get("RANK", "0")) == 0
+        if is_main and not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.optim.steps, desc="pretrain", unit="step")
+
+        def progress(fraction: float, message: str) -> None:
+            if bar is not None:
+                bar.n = round(fraction * cfg.optim.steps)
+                bar.set_postfix_str(message.split(" ", 2)[-1])  # "loss 1.2345"
+                bar.refresh()
+
+        try:
+            result = pretrain(cfg, args.out, resume=args.resume, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+        if result.bundle is not None:
+            print(f"pretrained encoder bundle: {result.bundle}")
+        return 0
+    except KeyboardInterrupt:
+        print(f"interrupted; checkpoint saved in {Path(args.out) / CHECKPOINT_DIR}; continue with --resume", file=sys.stderr)
+        return 130
+    except FMCTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        ddp.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
