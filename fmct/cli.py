@@ -167,6 +167,64 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from fmct.train.pretrain import main as pretrain_main
+
+    return pretrain_main(args.rest)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from fmct.train.finetune import FinetuneConfig, finetune
+
+    overrides = {k: getattr(args, k) for k in ("data", "out", "encoder", "mode", "labels_per_class", "epochs",
+                                               "batch_size", "lr", "device", "seed", "cache_dir", "name")}
+    if args.tasks:
+        overrides["tasks"] = args.tasks.split(",")
+    if args.config:
+        cfg = FinetuneConfig.from_file(args.config, **overrides)
+    else:
+        cfg = FinetuneConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    progress = TqdmProgress("finetune")
+    try:
+        out = finetune(cfg, progress=progress)
+    finally:
+        progress.close()
+    print(f"Wrote the fine-tuned bundle {out}; run it with: fmct analyze CT --model {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fmct.train.evaluate_bundle import evaluate_bundle
+
+    options = {"model": args.model, "data": args.data, "ood_data": args.ood, "out": args.out, "device": args.device,
+               "cache_dir": args.cache_dir, "n_boot": args.n_boot}
+    if args.config:
+        options = {**_read_config(args.config), **{k: v for k, v in options.items() if v is not None}}
+    if not options.get("data"):
+        raise ConfigError("evaluate needs --data (a labelled manifest CSV or folder), on the command line or in --config")
+    progress = TqdmProgress("evaluate")
+    try:
+        evaluate_bundle(options.get("model"), options["data"], options.get("out") or "fmct_eval",
+                        ood_data=options.get("ood_data"), device=options.get("device") or "auto",
+                        cache_dir=options.get("cache_dir") or ".fmct_cache", n_boot=int(options.get("n_boot") or 1000),
+                        progress=progress)
+    finally:
+        progress.close()
+    return 0
+
+
+def _read_config(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}  # YAML is a superset of JSON
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of option names to values")
+    return data
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmct", description="FMCT head-CT foundation model: analyze head CTs, make synthetic CTs.")
     p.add_argument("--version", action="version", version=f"fmct {__version__}")
@@ -213,6 +271,40 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     e.set_defaults(func=cmd_export)
 
+    pt = sub.add_parser("pretrain", add_help=False,
+                        help="self-supervised pretraining of the encoder (DINO + iBOT); `fmct pretrain --help` for options")
+    pt.set_defaults(func=cmd_pretrain, passthrough=True)
+
+    ft = sub.add_parser("finetune", help="fine-tune task heads on labelled CTs (from a pretrained encoder or from scratch)",
+                        description="Fine-tune task heads. Options override the --config file (YAML or JSON with the same names).")
+    ft.add_argument("--config", help="YAML/JSON config (fields of fmct.train.finetune.FinetuneConfig)")
+    ft.add_argument("--data", help="labelled studies: a manifest CSV, a folder (e.g. from `fmct phantom`), RSNA or CQ500 layout")
+    ft.add_argument("--out", help="output bundle folder")
+    ft.add_argument("--encoder", help="pretrained encoder bundle (from `fmct pretrain`); omit to train from scratch")
+    ft.add_argument("--mode", choices=("full", "linear"), help="full fine-tuning with layer-wise lr decay (default) or a linear probe")
+    ft.add_argument("--labels-per-class", type=int, help="use only K positive and K negative studies per task (seeded)")
+    ft.add_argument("--tasks", help="comma-separated tasks (default: every task the data labels)")
+    ft.add_argument("--epochs", type=int)
+    ft.add_argument("--batch-size", type=int)
+    ft.add_argument("--lr", type=float)
+    ft.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    ft.add_argument("--seed", type=int)
+    ft.add_argument("--cache-dir", help="where preprocessed volumes are cached (default .fmct_cache)")
+    ft.add_argument("--name", help="model name written into the bundle")
+    ft.set_defaults(func=cmd_finetune)
+
+    ev = sub.add_parser("evaluate", help="AUROC with 95%% CIs, AUPRC, sensitivity/specificity, ECE; in- vs out-of-distribution",
+                        description="Evaluate a bundle on labelled studies; writes report.json, report.txt and roc.png.")
+    ev.add_argument("--config", help="YAML/JSON with any of: model, data, ood_data, out, device, cache_dir, n_boot")
+    ev.add_argument("--model", help="model bundle (default: the bundled demo model)")
+    ev.add_argument("--data", help="labelled test set (manifest CSV or folder)")
+    ev.add_argument("--ood", help="a second, out-of-distribution test set")
+    ev.add_argument("--out", help="output folder (default ./fmct_eval)")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--cache-dir")
+    ev.add_argument("--n-boot", type=int, help="bootstrap resamples for the CIs (default 1000)")
+    ev.set_defaults(func=cmd_evaluate)
+
     ph = sub.add_parser("phantom", help="write synthetic head CTs with findings, lesion masks and a labels CSV")
     ph.add_argument("out", help="output folder")
     ph.add_argument("--n", type=int, default=10, help="number of CTs (default 10)")
@@ -226,7 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return args.func(args)

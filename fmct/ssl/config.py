@@ -40,11 +40,14 @@ class DataSection:
 
     source "tensors": a safetensors file whose tensor "x" is [N, C, D, H, W] of preprocessed
     model-grid volumes. source "phantoms": n synthetic head CTs made and preprocessed at start.
-    (Manifest datasets from fmct.data plug in through fmct.train.pretrain.pretrain(dataset=...).)
+    source "manifest": your CTs, `path` being anything fmct.data.load_manifest reads (a folder of
+    DICOM/NIfTI studies, a CSV, the RSNA or CQ500 layout; labels are ignored), preprocessed once
+    into cache_dir.
     """
 
     source: str = "phantoms"
     path: str = ""
+    cache_dir: str = ".fmct_cache"
     n: int = 12
     seed: int = 0
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)  # (x, y, z), as in PreprocessSpec
@@ -154,8 +157,10 @@ class SSLConfig:
             raise ConfigError(f"encoder img_size {list(enc.img_size)} (z, y, x) does not match data.size {list(self.data.size)} (x, y, z)")
         if self.dino.centering not in ("centering", "sinkhorn_knopp"):
             raise ConfigError(f"dino.centering is '{self.dino.centering}'; use 'centering' or 'sinkhorn_knopp'")
-        if self.data.source not in ("phantoms", "tensors"):
-            raise ConfigError(f"data.source is '{self.data.source}'; use 'phantoms' or 'tensors'")
+        if self.data.source not in ("phantoms", "tensors", "manifest"):
+            raise ConfigError(f"data.source is '{self.data.source}'; use 'phantoms', 'tensors' or 'manifest'")
+        if self.data.source == "manifest" and not self.data.path:
+            raise ConfigError("data.path is empty; data.source 'manifest' needs a folder of studies or a manifest CSV")
         if self.data.source == "tensors" and not self.data.path:
             raise ConfigError("data.path is empty; data.source 'tensors' needs a safetensors file with tensor 'x'")
         lo, hi = self.ibot.mask_ratio

@@ -90,8 +90,14 @@ def make_phantom_tensors(n: int, seed: int, spacing_mm: Sequence[float], size: S
     return torch.stack(xs)
 
 
-def load_dataset(cfg: SSLConfig) -> TensorVolumes:
+def load_dataset(cfg: SSLConfig) -> Any:
     d = cfg.data
+    if d.source == "manifest":
+        from fmct.data import CachedVolumeDataset, load_manifest
+        from fmct.preprocess import PreprocessSpec
+
+        spec = PreprocessSpec(spacing_mm=tuple(d.spacing_mm), size=tuple(d.size))
+        return CachedVolumeDataset(load_manifest(d.path), spec, d.cache_dir, tasks=[]).prepare()
     if d.source == "tensors":
         from safetensors.torch import load_file
 
