@@ -28,7 +28,7 @@ def test_linear_probe_from_a_pretrained_encoder_makes_a_working_bundle(tmp_path,
                          tasks=["any_hemorrhage", "fracture"], epochs=2, batch_size=4,
                          cache_dir=str(tmp_path / "cache"), device="cpu")
     seen = []
-    path = finetune(cfg, progress=lambda f, m: seen.append(f))
+    path = finetune(cfg, progress=lambda f, m: seen.append(f)).bundle
     bundle = load_bundle(path)
     assert bundle.meta.task_names == ["any_hemorrhage", "fracture"]
     # linear probe: the encoder is exactly the pretrained one
@@ -44,7 +44,7 @@ def test_linear_probe_from_a_pretrained_encoder_makes_a_working_bundle(tmp_path,
 def test_full_finetune_from_scratch_moves_every_layer(tmp_path, phantoms):
     cfg = FinetuneConfig(data=str(phantoms), out=str(tmp_path / "ft"), size="tiny", tasks=["any_hemorrhage"],
                          epochs=1, batch_size=4, labels_per_class=2, cache_dir=str(tmp_path / "cache"), device="cpu")
-    path = finetune(cfg)
+    path = finetune(cfg).bundle
     meta = json.loads((path / "fmct.json").read_text())
     assert meta["provenance"]["data"]["n_train"] <= 4  # 2 positives + 2 negatives
     assert meta["provenance"]["initialisation"] == "random (from scratch)"

@@ -206,21 +206,32 @@ for k, v in sorted(res.model.state_dict().items()):
     h.update(k.encode())
     h.update(v.detach().cpu().contiguous().numpy().tobytes())
 open(os.path.join(sys.argv[2], "hash-rank%s.txt" % os.environ["RANK"]), "w").write(h.hexdigest())
+
+from fmct.train.finetune import FinetuneConfig, finetune
+ft = finetune(FinetuneConfig(data=sys.argv[3], out=os.path.join(sys.argv[2], "ft"), encoder=os.path.join(sys.argv[2], "bundle"),
+                             tasks=["any_hemorrhage"], epochs=2, batch_size=2, device="cpu",
+                             cache_dir=os.path.join(sys.argv[2], "cache")))
+h = hashlib.sha256()
+for k, v in sorted(ft.model.state_dict().items()):
+    h.update(k.encode())
+    h.update(v.detach().cpu().contiguous().numpy().tobytes())
+open(os.path.join(sys.argv[2], "ft-hash-rank%s.txt" % os.environ["RANK"]), "w").write(h.hexdigest())
 shutdown()
 '''
 
 
 def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path, data_file):
-    """A real torchrun job on CPU (gloo, loopback): after a few steps both ranks hold the same weights.
+    """A real torchrun job on CPU (gloo, loopback) pretrains, then fine-tunes from that encoder;
+    after each, both ranks hold the same weights, and only rank 0 writes."""
+    from fmct.phantom import write_phantom_set
 
-    (The fine-tuning half of this test comes with fmct.train's fine-tune loop.)
-    """
+    labelled = write_phantom_set(tmp_path / "labelled", 8, seed=5, slices="thick", in_plane_size=64)
     config = write_config(tmp_path, data_file, steps=3)
     driver = tmp_path / "driver.py"
     driver.write_text(DDP_DRIVER)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(driver), str(config), str(out)]
+           "--master_port", str(_free_port()), str(driver), str(config), str(out), str(labelled)]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     hashes = [(out / f"hash-rank{r}.txt").read_text() for r in (0, 1)]
@@ -228,3 +239,7 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path, data_file):
     assert sorted(losses(out)) == [1, 2, 3]  # rank 0 alone writes the log and checkpoints
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert json.loads((out / "checkpoints" / "last.json").read_text())["step"] == 3
+    ft_hashes = [(out / f"ft-hash-rank{r}.txt").read_text() for r in (0, 1)]
+    assert ft_hashes[0] == ft_hashes[1] and ft_hashes[0] != hashes[0]
+    tuned = json.loads((out / "ft" / "fmct.json").read_text())
+    assert tuned["provenance"]["training"]["world_size"] == 2

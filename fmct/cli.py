@@ -186,10 +186,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         cfg = FinetuneConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
     progress = TqdmProgress("finetune")
     try:
-        out = finetune(cfg, progress=progress)
+        out = finetune(cfg, progress=progress).bundle
     finally:
         progress.close()
-    print(f"Wrote the fine-tuned bundle {out}; run it with: fmct analyze CT --model {out}")
+    if out is not None:
+        print(f"Wrote the fine-tuned bundle {out}; run it with: fmct analyze CT --model {out}")
     return 0
 
 

@@ -28,6 +28,7 @@ from fmct.evaluate import evaluation_report
 from fmct.models import FMCTClassifier, preset
 from fmct.preprocess import PreprocessSpec
 from fmct.train.calibration import fit_temperature, youden_threshold
+from fmct.train.distributed import barrier, device_for, distributed_sampler, init_from_env, wrap_ddp
 from fmct.train.supervised import SupervisedConfig, positive_weights, predict_logits, train_classifier
 
 log = logging.getLogger("fmct.train.finetune")
@@ -148,13 +149,21 @@ def build_model(cfg: FinetuneConfig, n_tasks: int) -> tuple[FMCTClassifier, Prep
     return model, spec, {"encoder_bundle": None, "initialisation": "random (from scratch)"}
 
 
-def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> Path:
-    """Run one fine-tuning job; returns the bundle path."""
+@dataclass
+class FinetuneResult:
+    bundle: Path | None  # written by rank 0 only
+    model: FMCTClassifier
+
+
+def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> FinetuneResult:
+    """Run one fine-tuning job, on one device or under torchrun (DDP; rank 0 calibrates and writes)."""
     if not cfg.data:
         raise ConfigError("finetune: 'data' (a manifest CSV or a folder of studies) is required")
     torch.manual_seed(cfg.seed)
     report = progress or (lambda f, m: None)
-    device = resolve_device(cfg.device)
+    resolve_device(cfg.device)  # validates the choice with a clear error
+    info = init_from_env("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = device_for(info, cfg.device)
     manifest = load_manifest(cfg.data, cfg.layout)
     tasks = cfg.tasks or manifest.tasks
     if not tasks:
@@ -169,25 +178,40 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Call
 
     model, spec, origin = build_model(cfg, len(tasks))
     report(0.0, "preparing data")
+    if not info.is_main:
+        barrier()  # rank 0 fills the cache first; the others then only read it
     train_ds = CachedVolumeDataset(train_studies, spec, cfg.cache_dir, tasks=tasks).prepare(cancel=cancel)
     val_ds = CachedVolumeDataset(val_studies, spec, cfg.cache_dir, tasks=tasks).prepare(cancel=cancel)
+    if info.is_main:
+        barrier()
     y_train = torch.tensor(np.array([train_ds.label_vector(s) for s in train_ds.studies], dtype=np.float32))
 
+    model.encoder.mask_token.requires_grad_(False)  # only masked image modeling uses it; DDP wants every trained param used
     if cfg.mode == "linear":
         for p in model.encoder.parameters():
             p.requires_grad_(False)
     groups = layer_decay_groups(model, cfg.layer_decay if cfg.mode == "full" else 1.0, cfg.weight_decay)
     train_cfg = SupervisedConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_epochs, seed=cfg.seed)
 
+    sampler = distributed_sampler(train_ds, info, cfg.seed) if info.enabled else None
+
     def batches(epoch: int):
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                             collate_fn=collate_skip_none)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
+                                                 collate_fn=collate_skip_none)
+        else:
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                                 collate_fn=collate_skip_none)
         return ((b["image"], b["labels"]) for b in loader if b is not None)
 
-    steps = -(-len(train_ds) // cfg.batch_size)
-    losses = train_classifier(model, batches, steps, positive_weights(y_train, train_cfg.max_pos_weight), train_cfg,
+    steps = -(-len(train_ds) // (cfg.batch_size * info.world_size))
+    trained = wrap_ddp(model.to(device), info, device)
+    losses = train_classifier(trained, batches, steps, positive_weights(y_train, train_cfg.max_pos_weight), train_cfg,
                               device, groups, progress=lambda f, m: report(0.05 + 0.85 * f, m), cancel=cancel)
+    if not info.is_main:
+        return FinetuneResult(None, model)
 
     report(0.92, "calibrating on the validation split")
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate_skip_none)
@@ -210,10 +234,10 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Call
             "recipe": "fmct finetune", "config": asdict(cfg), "seed": cfg.seed, **origin,
             "data": {"source": cfg.data, "n_train": len(train_ds), "n_val": len(val_ds),
                      "skipped": [s.path for s in train_ds.skipped + val_ds.skipped]},
-            "training": {"final_loss": losses[-1], "losses": losses, "device": str(device)},
+            "training": {"final_loss": losses[-1], "losses": losses, "device": str(device), "world_size": info.world_size},
         },
         metrics=metrics,
     )
     out = save_bundle(model.cpu(), meta, cfg.out)
     report(1.0, "done")
-    return out
+    return FinetuneResult(out, model)
