@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from fmct import __version__
 from fmct.errors import Cancelled, ConfigError, FMCTError

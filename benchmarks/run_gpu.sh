@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU rows of benchmarks/RESULTS.md in one go, on a CUDA machine with fmct's dependencies
+# (plus monai, einops, nibabel for the baselines). JSON results and a log go to $OUT (default
+# ./bench_out). Each benchmark is bounded by `timeout` so one failure leaves the others' rows.
+#   OUT=results bash benchmarks/run_gpu.sh
+set -u
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+DEV=${DEV:-cuda}
+N=${N:-48}
+WORKERS=${WORKERS:-12}
+WORK=${WORK:-/tmp/fmct_bench}
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+cd "$(dirname "$0")"
+{ nvidia-smi -L; nproc; df -h /dev/shm; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } \
+  > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+# Test CTs as DICOM series (thick and thin in parallel), cached in $WORK.
+for kind in thick thin; do
+  python3 -c "from pathlib import Path; from common import dicom_study; dicom_study('$kind', Path('$WORK/$kind'))" \
+    2>&1 | grep -v '^Read' &
+done
+wait
+
+timeout 170 python3 bench_encoder.py --device "$DEV" --compile --compile-sizes base --json "$OUT/encoder_gpu.json" 2>&1 | grep -E '^\[|wrote|Error'
+timeout 120 python3 bench_analyze.py --device "$DEV" --compile --json "$OUT/analyze_gpu.json" 2>&1 | grep -E '^\[|wrote|Error'
+timeout 170 python3 bench_batch.py --device "$DEV" --n "$N" --workers "$WORKERS" --models demo,base --json "$OUT/batch_gpu.json" 2>&1 | grep -E '^\[|wrote|Error'
+exit 0
