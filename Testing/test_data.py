@@ -83,7 +83,7 @@ def test_folder_manifest_with_labels_csv(tmp_path):
 
 def test_csv_manifest_round_trip_and_bad_label(tmp_path):
     root = folder_of_studies(tmp_path / "studies")
-    path = write_csv(root / "labels.csv", [
+    write_csv(root / "labels.csv", [
         ["case_id", "path", "subdural", "epidural", "slice_thickness_mm", "anatomy"],
         ["a", "case_a", "1", "0", "4.5", "default"],
         ["c", "case_c.nii.gz", "NA", "1", "5", "default"],

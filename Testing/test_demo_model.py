@@ -3,7 +3,6 @@
 Fresh phantoms from seeds never used in training (training used 1,000,000.. 4,000,099).
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from fmct.atomic import write_text_atomic
 from fmct.errors import ConfigError, FMCTError
 from fmct.io import FORMATS, format_suffix
 from fmct.outputs import read_findings, write_study_outputs
@@ -443,12 +445,11 @@ def _row_from_findings(study: Study, payload: dict[str, Any], tasks: Sequence[st
 # --------------------------------------------------------------------------------------------
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def _write_summary(out: Path, rows: list[dict[str, Any]], tasks: Sequence[str], rank: Rank,

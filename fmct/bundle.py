@@ -11,6 +11,7 @@ are loaded or saved), so the onnxruntime path of Analyze runs on a machine witho
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fmct import __version__
+from fmct.atomic import write_bytes_atomic, write_text_atomic
 from fmct.errors import BundleError, ConfigError
 from fmct.models.config import ViT3DConfig
 from fmct.preprocess import PreprocessSpec
@@ -268,16 +270,14 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, path: str | Path, onnx
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         if path.suffix == ".zip":
-            target = tmp / path.name
-            with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
                 for name, data in files.items():
                     zf.writestr(name, data)
-            _fsync(target)
-            os.replace(target, path)
+            write_bytes_atomic(path, buf.getvalue())
         else:
             for name, data in files.items():
-                (tmp / name).write_bytes(data)
-                _fsync(tmp / name)
+                write_bytes_atomic(tmp / name, data)
             if path.exists():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             os.replace(tmp, path)
@@ -287,17 +287,8 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, path: str | Path, onnx
     return path
 
 
-def _fsync(file: Path) -> None:
-    with open(file, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def write_meta(meta: BundleMeta, bundle_dir: str | Path) -> None:
     """Rewrite only fmct.json of a bundle folder (metrics, ONNX check), atomically."""
     meta.check_consistency()
-    target = Path(bundle_dir) / META_FILE
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta.to_dict(), indent=2))
-    _fsync(tmp)
-    os.replace(tmp, target)
+    write_text_atomic(Path(bundle_dir) / META_FILE, json.dumps(meta.to_dict(), indent=2))
 

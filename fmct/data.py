@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from fmct.atomic import write_bytes_atomic
 from fmct.errors import Cancelled, ConfigError, EmptyInputError
 from fmct.io import FORMATS, format_suffix, read_volume, validate_ct
 from fmct.phantom import TASKS
@@ -506,15 +507,10 @@ def cache_key(study: Study, spec: PreprocessSpec, cache_dtype: str = "float16") 
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """Write a .npy so that readers see either nothing or the complete file (tmp + os.replace)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write a .npy so that readers see either nothing or the complete file."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 try:

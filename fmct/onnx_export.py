@@ -9,14 +9,13 @@ longer matches, which the onnxruntime path refuses rather than trusting a half-f
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from fmct.atomic import write_bytes_atomic
 from fmct.bundle import ONNX_FILE, WEIGHTS_FILE, load_bundle, read_bundle, write_meta
 from fmct.errors import BundleError, ConfigError
 from fmct.onnx_backend import INPUT_NAME, OUTPUT_NAME, TOLERANCE, OnnxModel, calibrated_probabilities, sha256
@@ -86,7 +85,7 @@ def export_onnx(
         "onnx_sha256": sha256(onnx_bytes),
         "weights_sha256": sha256(members[WEIGHTS_FILE]),
     }
-    _write_atomic(path / ONNX_FILE, onnx_bytes)
+    write_bytes_atomic(path / ONNX_FILE, onnx_bytes)
     meta.onnx = record
     write_meta(meta, path)
     report(1.0, "done")
@@ -128,16 +127,3 @@ def to_onnx_bytes(model, example: np.ndarray, opset: int = DEFAULT_OPSET) -> byt
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
     return buf.getvalue()
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -7,11 +7,11 @@ which is what a resumed batch relies on to skip a study.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from fmct import __version__
+from fmct.atomic import write_text_atomic
 from fmct.volume import Volume
 
 FINDINGS_FILE = "findings.json"
@@ -61,10 +61,7 @@ def write_study_outputs(
         "saliency_files": {n: f"saliency_{n}.nii.gz" for n in result.saliency},
         "timings": {k: round(v, 3) for k, v in (timings if timings is not None else result.timings).items()},
     }
-    target = out / FINDINGS_FILE
-    tmp = out / f".{FINDINGS_FILE}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, target)
+    target = write_text_atomic(out / FINDINGS_FILE, json.dumps(payload, indent=2))
     written.insert(0, target)
     return payload, written
 

@@ -11,9 +11,7 @@ new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fmct.atomic import write_bytes_atomic
 from fmct.errors import ConfigError
 
 LAST = "last.json"
@@ -36,32 +35,7 @@ class Checkpoint:
     path: Path
 
 
-# ----------------------------------------------------------------------------------- atomic I/O
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes so that path holds either its old content or all of data, even after a crash."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows; rename is enough there
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+atomic_write = write_bytes_atomic  # checkpoints, the run log and the resolved config all go through it
 
 
 # ----------------------------------------------------------------------------------- flattening
