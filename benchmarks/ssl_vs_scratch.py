@@ -1,6 +1,6 @@
 """Does self-supervised pretraining help when labels are scarce? (the FM-CT claim, on phantoms)
 
-    python benchmarks/ssl_vs_scratch.py                 # full run: tiny encoder, ~1 h on 2 CPU cores
+    python benchmarks/ssl_vs_scratch.py                 # full run: tiny encoder, about an hour on 2 CPU cores
     python benchmarks/ssl_vs_scratch.py --quick         # minutes: checks the pipeline, numbers meaningless
 
 1. Pretrain the tiny 3D ViT (DINO + iBOT) on unlabeled phantoms ("default" anatomy).
@@ -72,9 +72,17 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/ssl_vs_scratch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-unlabeled", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=300, help="pretraining steps (batch 8)")
+    ap.add_argument("--n-labelled", type=int, default=300, help="labelled pool the K-per-class subsets are drawn from")
+    ap.add_argument("--n-test", type=int, default=300, help="out-of-distribution test phantoms")
+    ap.add_argument("--epochs", type=int, default=25, help="fine-tuning epochs (both arms)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    n_unlabeled, steps, n_labelled, n_test, epochs = (16, 4, 40, 24, 2) if args.quick else (300, 300, 300, 300, 25)
+    if args.quick:
+        n_unlabeled, steps, n_labelled, n_test, epochs = 16, 4, 40, 24, 2
+    else:
+        n_unlabeled, steps, n_labelled, n_test, epochs = args.n_unlabeled, args.steps, args.n_labelled, args.n_test, args.epochs
     budgets = (2, 4) if args.quick else (8, 16, 32)
     spec = PreprocessSpec()
     out = Path(args.out)
@@ -117,7 +125,7 @@ def main() -> None:
               + f" {c['auroc']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]      {r['difference']:+.3f}")
     summary = {
         "task": TASK, "quick": args.quick, "threads": args.threads, "pretrain_steps": steps, "pretrain_seconds": round(pretrain_s, 1),
-        "n_unlabeled": n_unlabeled, "n_labelled_pool": n_labelled, "n_test_ood": n_test,
+        "n_unlabeled": n_unlabeled, "n_labelled_pool": n_labelled, "n_test_ood": n_test, "finetune_epochs": epochs,
         "test_prevalence": float(y_test.mean()), "rows": rows, "total_seconds": round(time.time() - t_start, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
