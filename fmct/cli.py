@@ -83,7 +83,7 @@ def _print_summary(result, model_name: str, written: Sequence[Path], timings: di
 def cmd_demo(args: argparse.Namespace) -> int:
     from fmct.phantom import make_phantom
 
-    print("Making a sample head CT (synthetic, 512 x 512, 5 mm slices) ...", file=sys.stderr)
+    print("Making a sample head CT (synthetic, 512 x 512, 4-5 mm slices, a subdural hematoma) ...", file=sys.stderr)
     phantom = make_phantom(args.seed, findings=["subdural"], slices="thick")
     args.findings = "positive"
     code = _run_analysis(phantom.volume, args, Path(args.out), save_ct=True)
