@@ -32,6 +32,81 @@ def encoder_flops(cfg, size) -> float:
     return patch + cfg.depth * per_block
 
 
+def bench_size(name: str, device: str, batch: int, steps: int) -> dict:
+    """Time SSL and supervised steps of one preset; everything it allocates is freed on return."""
+    import torch
+
+    from fmct.models import preset
+    from fmct.models.classifier import FMCTClassifier
+    from fmct.ssl.config import SSLConfig
+    from fmct.ssl.ema import update_teacher
+    from fmct.ssl.masking import sample_masks
+    from fmct.ssl.meta_arch import SelfDistillation
+
+    gpu = device.startswith("cuda")
+    enc = preset(name)
+    size = list(enc.img_size)
+    local = [s // 2 for s in size]
+    cfg = SSLConfig.from_dict({
+        "encoder": {"preset": name},
+        "data": {"source": "tensors", "path": "bench", "size": size[::-1]},
+        "crops": {"global_size": size, "local_size": local, "n_local": 4},
+    })
+    model = SelfDistillation(cfg).to(device)
+    opt = torch.optim.AdamW(model.student.parameters(), lr=1e-4)
+    grid = tuple(s // p for s, p in zip(size, enc.patch_size))
+    gen = torch.Generator().manual_seed(0)
+    data = {
+        "global": torch.rand(2 * batch, enc.in_chans, *size, generator=gen).to(device),
+        "local": torch.rand(4 * batch, enc.in_chans, *local, generator=gen).to(device),
+        "masks": sample_masks(2 * batch, grid, (0.1, 0.5), 0.5, gen).to(device),
+    }
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu)
+
+    def ssl_step() -> None:
+        with amp:
+            losses = model(data, teacher_temp=0.04)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+        update_teacher(model.teacher, model.student, 0.996)
+
+    sup = FMCTClassifier(enc, 9).to(device)
+    sup_opt = torch.optim.AdamW(sup.parameters(), lr=1e-4)
+    target = torch.rand(2 * batch, 9, device=device)
+
+    def sup_step() -> None:
+        with amp:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(sup(data["global"]).float(), target)
+        sup_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sup_opt.step()
+
+    row = {"size": name, "img_size": size, "embed_dim": enc.embed_dim, "depth": enc.depth}
+    for label, fn in (("ssl", ssl_step), ("supervised", sup_step)):
+        fn()  # warm-up
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        seconds = (time.perf_counter() - t0) / steps
+        row[label] = {"step_s": seconds, "volumes_per_s": batch / seconds}
+        if gpu:
+            row[label]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    row["cpu_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    flops = batch * (3 * (2 * encoder_flops(enc, size) + 4 * encoder_flops(enc, local)) + 2 * encoder_flops(enc, size))
+    row["model_tflop_per_step"] = flops / 1e12
+    if gpu:
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+        if peak:
+            row["mfu"] = flops / row["ssl"]["step_s"] / peak
+    row["ssl_cost_vs_supervised_step"] = row["ssl"]["step_s"] / row["supervised"]["step_s"]
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -42,87 +117,18 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     threads = set_threads(args.threads)
-    import torch
-
-    from fmct.models import preset
-    from fmct.models.classifier import FMCTClassifier
-    from fmct.ssl.config import SSLConfig
-    from fmct.ssl.ema import update_teacher
-    from fmct.ssl.masking import sample_masks
-    from fmct.ssl.meta_arch import SelfDistillation
-
     gpu = args.device.startswith("cuda")
     batch = args.batch or (8 if gpu else 2)
     steps = args.steps or (10 if gpu else 2)
     results = {"machine": machine(args.device, threads), "batch": batch, "rows": []}
     for name in args.sizes:
-        enc = preset(name)
-        size = list(enc.img_size)
-        local = [s // 2 for s in size]
-        cfg = SSLConfig.from_dict({
-            "encoder": {"preset": name},
-            "data": {"source": "tensors", "path": "bench", "size": size[::-1]},
-            "crops": {"global_size": size, "local_size": local, "n_local": 4},
-        })
-        model = SelfDistillation(cfg).to(args.device)
-        opt = torch.optim.AdamW(model.student.parameters(), lr=1e-4)
-        grid = tuple(s // p for s, p in zip(size, enc.patch_size))
-        gen = torch.Generator().manual_seed(0)
-        data = {
-            "global": torch.rand(2 * batch, enc.in_chans, *size, generator=gen).to(args.device),
-            "local": torch.rand(4 * batch, enc.in_chans, *local, generator=gen).to(args.device),
-            "masks": sample_masks(2 * batch, grid, (0.1, 0.5), 0.5, gen).to(args.device),
-        }
-        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu)
-
-        def ssl_step() -> None:
-            with amp:
-                losses = model(data, teacher_temp=0.04)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            opt.step()
-            update_teacher(model.teacher, model.student, 0.996)
-
-        sup = FMCTClassifier(enc, 9).to(args.device)
-        sup_opt = torch.optim.AdamW(sup.parameters(), lr=1e-4)
-        target = torch.rand(2 * batch, 9, device=args.device)
-
-        def sup_step() -> None:
-            with amp:
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(sup(data["global"]).float(), target)
-            sup_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sup_opt.step()
-
-        row = {"size": name, "img_size": size, "embed_dim": enc.embed_dim, "depth": enc.depth}
-        for label, fn in (("ssl", ssl_step), ("supervised", sup_step)):
-            fn()  # warm-up
-            if gpu:
-                torch.cuda.reset_peak_memory_stats()
-            sync(args.device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            sync(args.device)
-            seconds = (time.perf_counter() - t0) / steps
-            row[label] = {"step_s": seconds, "volumes_per_s": batch / seconds}
-            if gpu:
-                row[label]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        row["cpu_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        flops = batch * (3 * (2 * encoder_flops(enc, size) + 4 * encoder_flops(enc, local)) + 2 * encoder_flops(enc, size))
-        row["model_tflop_per_step"] = flops / 1e12
-        if gpu:
-            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-            if peak:
-                row["mfu"] = flops / row["ssl"]["step_s"] / peak
-        row["ssl_cost_vs_supervised_step"] = row["ssl"]["step_s"] / row["supervised"]["step_s"]
+        row = bench_size(name, args.device, batch, steps)
         results["rows"].append(row)
         print(f"{name:>5}: SSL step {row['ssl']['step_s']:.3f} s ({row['ssl']['volumes_per_s']:.2f} volumes/s), "
               f"supervised step {row['supervised']['step_s']:.3f} s, ratio {row['ssl_cost_vs_supervised_step']:.2f}x"
               + (f", MFU {row['mfu']:.1%}" if "mfu" in row else "")
               + (f", peak {row['ssl'].get('peak_gib', 0):.1f} GiB" if gpu else f", peak RSS {row['cpu_peak_rss_gib']:.1f} GiB"),
               flush=True)
-        del model, opt, sup, sup_opt, data
     emit(results, args.json)
 
 
