@@ -200,7 +200,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     options = {"model": args.model, "data": args.data, "ood_data": args.ood, "out": args.out, "device": args.device,
                "cache_dir": args.cache_dir, "n_boot": args.n_boot}
     if args.config:
-        options = {**_read_config(args.config), **{k: v for k, v in options.items() if v is not None}}
+        from fmct.config_file import read_config_file
+
+        options = {**read_config_file(args.config), **{k: v for k, v in options.items() if v is not None}}
     if not options.get("data"):
         raise ConfigError("evaluate needs --data (a labelled manifest CSV or folder), on the command line or in --config")
     progress = TqdmProgress("evaluate")
@@ -212,18 +214,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     return 0
-
-
-def _read_config(path: str) -> dict:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}  # YAML is a superset of JSON
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p} must hold a mapping of option names to values")
-    return data
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,11 +7,11 @@ to a default.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from fmct.config_file import read_config_file
 from fmct.errors import ConfigError
 from fmct.models.config import ViT3DConfig, preset
 
@@ -191,22 +191,7 @@ class SSLConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "SSLConfig":
         """Read a .yaml/.yml or .json config; a missing section keeps its defaults."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        text = path.read_text()
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                raw = yaml.safe_load(text) or {}
-            else:
-                raw = json.loads(text)
-        except Exception as e:  # yaml and json raise different types; both mean "fix the file"
-            raise ConfigError(f"{path} is not valid {path.suffix.lstrip('.').upper()} ({e})") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (encoder, data, crops, ...)")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_file(path))
 
 
 def _to_plain(obj: Any) -> Any:

@@ -10,7 +10,6 @@ validation split. The output is a model bundle with its validation metrics, whic
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import asdict, dataclass, field, fields
@@ -22,6 +21,7 @@ import torch
 
 from fmct.analyze import resolve_device
 from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle
+from fmct.config_file import read_config_file
 from fmct.data import CachedVolumeDataset, Manifest, Study, collate_skip_none, load_manifest
 from fmct.errors import ConfigError
 from fmct.evaluate import evaluation_report
@@ -71,16 +71,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "FinetuneConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-        else:
-            raw = json.loads(text)
+        raw = read_config_file(path)
         return cls.from_dict({**raw, **{k: v for k, v in overrides.items() if v is not None}})
 
     @classmethod
