@@ -13,7 +13,7 @@ from fmct.ssl.ema import cosine, teacher_momentum, teacher_temperature, update_t
 from fmct.ssl.heads import DINOHead, patchify
 from fmct.ssl.losses import DINOLoss, IBOTPatchLoss, masked_reconstruction_loss
 from fmct.ssl.masking import BlockMasking3D, sample_masks
-from fmct.ssl.meta_arch import SelfDistillation
+from fmct.ssl.meta_arch import SelfDistillation, normalized_entropy
 
 TINY = {
     "encoder": {"preset": "tiny", "overrides": {"embed_dim": 48, "depth": 2, "num_heads": 2, "img_size": [32, 32, 32]}},
@@ -216,7 +216,8 @@ def test_self_distillation_step(sections):
                                   torch.Generator().manual_seed(0))
     model.ibot_loss.center.fill_(1.0)
     losses = model(batch, teacher_temp=0.04)
-    assert set(losses) >= {"loss", "dino"} and torch.isfinite(losses["loss"])
+    assert set(losses) >= {"loss", "dino", "teacher_entropy"} and torch.isfinite(losses["loss"])
+    assert 0.0 <= float(losses["teacher_entropy"]) <= 1.0 + 1e-6
     assert ("ibot" in losses) == cfg.ibot.enabled and ("mae" in losses) == cfg.mae.enabled
     if not batch["masks"].any() or cfg.dino.centering != "centering":  # no masked tokens: the patch center stays put
         assert torch.all(model.ibot_loss.center == 1.0)
@@ -228,3 +229,22 @@ def test_self_distillation_step(sections):
         model.student.backbone.pos_embed.add_(1.0)
     model.update_teacher(0.9)
     assert torch.allclose(model.teacher.backbone.pos_embed, before + 0.1, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ collapse
+def test_normalized_entropy_and_collapse_warning(caplog):
+    from fmct.train.pretrain import CollapseWatch
+
+    k = 64
+    assert float(normalized_entropy(torch.full((5, k), 1.0 / k))) == pytest.approx(1.0, abs=1e-5)
+    assert float(normalized_entropy(torch.eye(k)[:5])) == pytest.approx(0.0, abs=1e-5)
+    cfg = tiny_cfg(dino={"warmup_teacher_temp_steps": 3})
+    watch = CollapseWatch(cfg, patience=5)
+    with caplog.at_level("WARNING", logger="fmct.train.pretrain"):
+        fired = [watch(step, {"teacher_entropy": 0.999}) for step in range(1, 9)]
+        assert fired == [False] * 7 + [True]  # steps 4..8 past the warm-up are the five in a row
+        assert not any(watch(step, {"teacher_entropy": 0.999}) for step in range(9, 40))  # warned once
+    assert "collapsed" in caplog.text and "sinkhorn_knopp" in caplog.text
+    fresh = CollapseWatch(cfg, patience=5)
+    pattern = [0.999, 0.999, 0.999, 0.999, 0.5] * 4  # interrupted runs never reach the patience
+    assert not any(fresh(step, {"teacher_entropy": e}) for step, e in enumerate(pattern, start=4))

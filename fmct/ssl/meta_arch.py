@@ -18,6 +18,17 @@ from fmct.ssl.heads import DINOHead, PixelDecoder, patchify
 from fmct.ssl.losses import DINOLoss, IBOTPatchLoss, masked_reconstruction_loss
 
 
+@torch.no_grad()
+def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the target rows over log(K): 1.0 means the teacher says nothing (uniform collapse).
+
+    DINO's usual failure is silent: the loss settles at log(K) and training "converges" to an
+    encoder that encodes nothing. This number makes that visible in losses.jsonl.
+    """
+    p = probs.float().clamp_min(1e-12)
+    return -(p * p.log()).sum(dim=-1).mean() / float(torch.log(torch.tensor(float(probs.shape[-1]))))
+
+
 class Student(nn.Module):
     """backbone + DINO head (+ iBOT head, + pixel decoder): crops -> logits."""
 
@@ -91,6 +102,7 @@ class SelfDistillation(nn.Module):
         s = student(glob, loc, masks)
         student_views = list(s["cls_logits"].split(b))
         losses = {"dino": self.dino_loss(student_views, list(teacher_probs)) * cfg.dino.loss_weight}
+        losses["teacher_entropy"] = normalized_entropy(torch.cat(teacher_probs))
         total = losses["dino"]
         if cfg.ibot.enabled:
             patch_probs = self.ibot_loss.targets(t["patch_logits"], teacher_temp, cfg.dino.centering)

@@ -167,6 +167,32 @@ def lr_factor(cfg: SSLConfig) -> Callable[[int], float]:
     return lambda step: cosine(step, o.steps, 1.0, o.min_lr / o.lr, o.warmup_steps, 0.0) if o.lr > 0 else 0.0
 
 
+class CollapseWatch:
+    """Warns once when the teacher's targets stay near uniform: the run is learning nothing.
+
+    Past the teacher-temperature warm-up, a normalised target entropy above ``limit`` for
+    ``patience`` consecutive steps means the DINO loss has settled at log(K) (uniform collapse).
+    The run goes on (the user may be watching a known-slow start), but the log says what to change.
+    """
+
+    def __init__(self, cfg: SSLConfig, limit: float = 0.98, patience: int = 20) -> None:
+        self.after, self.limit, self.patience = cfg.dino.warmup_teacher_temp_steps, limit, patience
+        self.run, self.warned = 0, False
+
+    def __call__(self, step: int, record: dict[str, float]) -> bool:
+        """True on the step the warning is issued."""
+        entropy = record.get("teacher_entropy", 0.0)
+        self.run = self.run + 1 if step > self.after and entropy > self.limit else 0
+        if self.warned or self.run < self.patience:
+            return False
+        self.warned = True
+        log.warning("step %d: the teacher's targets have been uniform for %d steps (normalised entropy %.3f): "
+                    "DINO has collapsed and the encoder is learning nothing. Use dino.centering: sinkhorn_knopp, "
+                    "a smaller dino.out_dim, a larger optim.batch_size or a lower dino.teacher_temp.",
+                    step, self.run, entropy)
+        return True
+
+
 # ============================================================================ the loop
 @dataclass
 class PretrainResult:
@@ -303,6 +329,7 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
     sleep_s = float(os.environ.get(_STEP_SLEEP_ENV, "0") or 0)
     amp = device.type == "cuda"
     step, saved_at = start, start
+    watch = CollapseWatch(cfg)
     log_file = open(log_path, "a") if info.is_main else None
     try:
         with _StopRequest() as stop:
@@ -333,6 +360,8 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
                 step += 1
                 record = {"step": step, **_mean_over_ranks(losses, info), "lr": lr, "teacher_temp": temp, "momentum": momentum}
                 history.append(record)
+                if info.is_main:
+                    watch(step, record)
                 if log_file is not None:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
