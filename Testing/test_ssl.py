@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +56,14 @@ def test_config_errors_name_the_key(bad, words):
         d.setdefault(k, {}).update(v)
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
         SSLConfig.from_dict(d)
+
+
+def test_shipped_pretraining_configs_load():
+    configs = sorted((Path(__file__).resolve().parent.parent / "Resources" / "Configs").glob("pretrain*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = SSLConfig.from_file(path)
+        assert cfg.encoder_config.embed_dim > 0 and cfg.optim.steps > 0
 
 
 def test_config_file_errors(tmp_path):
