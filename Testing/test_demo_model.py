@@ -74,3 +74,34 @@ def test_demo_command_writes_everything(tmp_path, capsys):
     assert (out / "ct.nii.gz").exists() and (out / "report.png").stat().st_size > 20_000
     printed = capsys.readouterr().out
     assert "POSITIVE" in printed and "Ground truth" in printed
+
+
+def test_recipe_fine_tunes_a_pretrained_encoder_and_records_it(tmp_path):
+    """The demo recipe from a task-less encoder bundle (what `fmct pretrain` writes); lr 0 keeps its weights."""
+    from fmct.bundle import BundleMeta, load_bundle, save_bundle
+    from fmct.errors import ConfigError
+    from fmct.models import FMCTClassifier, preset
+    from fmct.preprocess import PreprocessSpec
+    from fmct.train import demo_model
+
+    spec = PreprocessSpec()
+    torch.manual_seed(5)
+    encoder = FMCTClassifier(preset("tiny", img_size=spec.tensor_shape, in_chans=spec.in_channels), 0)
+    meta = BundleMeta(name="pretrained-test", encoder=encoder.encoder.cfg, preprocessing=spec, tasks=[],
+                      provenance={"recipe": "fmct.train.pretrain", "steps": 7})
+    enc_path = save_bundle(encoder, meta, tmp_path / "encoder")
+    demo_model.main(["--out", str(tmp_path / "demo"), "--encoder", str(enc_path), "--n-train", "8", "--n-val", "6",
+                     "--n-test", "6", "--epochs", "1", "--batch-size", "8", "--lr", "0", "--device", "cpu",
+                     "--workers", "2", "--saliency-cases", "0"])
+    demo = load_bundle(tmp_path / "demo")
+    for name, value in encoder.encoder.state_dict().items():
+        torch.testing.assert_close(demo.model.encoder.state_dict()[name], value)
+    training = demo.meta.provenance["training"]
+    assert training["kind"] == "fine-tuned from a self-supervised encoder" and training["encoder_bundle"] == "pretrained-test"
+    assert training["encoder_provenance"]["steps"] == 7 and "--encoder" in demo.meta.provenance["recipe"]
+    assert [t.name for t in demo.meta.tasks] == list(demo_model.TASKS)
+
+    coarse = BundleMeta(name="coarse", encoder=encoder.encoder.cfg, preprocessing=PreprocessSpec(spacing_mm=(4.0, 4.0, 4.0)),
+                        tasks=[], provenance={})
+    with pytest.raises(ConfigError, match="preprocessing"):
+        demo_model.initial_model(str(save_bundle(encoder, coarse, tmp_path / "coarse")), spec, 0.75, 0.05)

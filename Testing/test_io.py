@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fmct.dicom import list_series, new_uid, write_dicom_series
+from fmct.dicom import list_series, new_uid, read_dicom_files, read_header, write_dicom_series
 from fmct.errors import (
     AbsurdSpacingError,
     EmptyInputError,
@@ -62,6 +62,24 @@ def test_dicom_int16_shuffled_names_reads_in_position_order(tmp_path):
     np.testing.assert_array_equal(got.array, ct.array)
     assert got.same_grid(ct)
     assert got.meta["format"] == "dicom" and got.meta["n_slices"] == 24
+
+
+def test_read_dicom_files_picks_one_series_from_a_mixed_file_list(tmp_path):
+    """RSNA-style: two series' files in one folder, read by file list rather than by folder."""
+    ct = head_ct()
+    first = write_dicom_series(ct, tmp_path / "mixed", shuffle_names_seed=1)
+    shifted = ct.with_array(ct.array + 10.0)
+    second = write_dicom_series(shifted, tmp_path / "other", series_number=2)
+    header = read_header(second[0])
+    assert header.study_uid and header.series_uid != read_header(first[0]).series_uid
+    files = first + second + [tmp_path / "notes.txt"]
+    (tmp_path / "notes.txt").write_text("not dicom")
+    got = read_dicom_files(files, header.series_uid)
+    np.testing.assert_array_equal(got.array, shifted.array)
+    assert got.same_grid(ct) and got.meta["series_uid"] == header.series_uid
+    np.testing.assert_array_equal(read_dicom_files(first).array, ct.array)
+    with pytest.raises(EmptyInputError, match="No DICOM images"):
+        read_dicom_files([tmp_path / "notes.txt"])
 
 
 def test_dicom_uint16_with_intercept_and_oblique_direction(tmp_path):

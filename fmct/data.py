@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 
 from fmct.atomic import write_bytes_atomic
-from fmct.errors import Cancelled, ConfigError, EmptyInputError
-from fmct.io import FORMATS, format_suffix, read_volume, validate_ct
+from fmct.dicom import read_dicom_files, read_header
+from fmct.errors import Cancelled, ConfigError, EmptyInputError, UnreadableInputError
+from fmct.io import FORMATS, format_suffix, read_volume
 from fmct.phantom import TASKS
 from fmct.preprocess import PreprocessSpec, Preprocessor
 
@@ -356,16 +356,12 @@ def _rsna_slice_labels(csv_path: Path) -> dict[str, dict[str, int]]:
 
 
 def _study_series_uids(path: Path) -> tuple[str, str] | None:
-    """(StudyInstanceUID, SeriesInstanceUID) from the header only; no patient tag is read."""
-    reader = sitk.ImageFileReader()
-    reader.SetImageIO("GDCMImageIO")
-    reader.SetFileName(str(path))
+    """(StudyInstanceUID, SeriesInstanceUID) from the header only, or None for an unreadable file."""
     try:
-        reader.ReadImageInformation()
-    except RuntimeError:
+        header = read_header(path)
+    except UnreadableInputError:
         return None
-    get = lambda key: reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""  # noqa: E731
-    return get("0020|000d"), get("0020|000e")
+    return None if header is None else (header.study_uid, header.series_uid)
 
 
 def _rsna_study(images_dir: Path, uids: tuple[str, str], files: list[Path],
@@ -454,28 +450,7 @@ def read_study(study: Study):
     """The study's CT as a Volume: a DICOM folder or image file, or an explicit list of DICOM files."""
     if study.files is None:
         return read_volume(study.path, study.series_uid)
-    return _read_dicom_files(list(study.files), study.series_uid, str(study.path))
-
-
-def _read_dicom_files(files: list[Path], series_uid: str | None, source: str):
-    """Read a series from explicit files (RSNA keeps all studies in one folder, so a folder is no unit).
-
-    Uses fmct.dicom's header, geometry and pixel readers, so the checks are the same as for folders.
-    """
-    from fmct import dicom
-
-    headers = [h for h in (dicom._read_header(p) for p in files) if h is not None]
-    if series_uid is not None:
-        headers = [h for h in headers if h.series_uid == series_uid]
-    if not headers:
-        raise EmptyInputError(f"No DICOM images among the {len(files)} file(s) of this study in {source}.")
-    series = dicom._series_info(headers[0].series_uid, headers)
-    dicom._check_is_ct(series)
-    dicom._check_enough_slices(series)
-    volume = dicom._read_slices(series)
-    volume.meta.update({"source": source, "format": "dicom", "series_uid": series.uid, "n_slices": series.n_slices})
-    validate_ct(volume, source)
-    return volume
+    return read_dicom_files(list(study.files), study.series_uid, str(study.path))
 
 
 def source_files(study: Study) -> list[Path]:

@@ -75,6 +75,7 @@ class SliceHeader:
     position: np.ndarray | None  # ImagePositionPatient, LPS mm
     row: np.ndarray | None  # direction of increasing column index (first IOP triplet)
     col: np.ndarray | None  # direction of increasing row index (second IOP triplet)
+    study_uid: str = ""
 
 
 @dataclass
@@ -126,7 +127,7 @@ def list_series(folder: str | Path) -> list[SeriesInfo]:
     """All image series under `folder` (subfolders included), largest first."""
     folder = _existing_folder(folder)
     files = _candidate_files(folder)
-    headers = [h for h in (_read_header(p) for p in files) if h is not None]
+    headers = [h for h in (read_header(p) for p in files) if h is not None]
     if not headers:
         raise EmptyInputError(
             f"No DICOM images found in {folder} ({len(files)} file(s) searched, subfolders included). "
@@ -161,8 +162,11 @@ def _other_images_hint(folder: Path) -> str:
     return f"It holds image files ({', '.join(images[:3])}): give one of those files instead. " if images else ""
 
 
-def _read_header(path: Path) -> SliceHeader | None:
-    """Header of one file, or None for a file that is not a DICOM image at all."""
+def read_header(path: Path) -> SliceHeader | None:
+    """Header of one file, or None for a file that is not a DICOM image at all.
+
+    Raises UnreadableInputError for a file that looks like DICOM but cannot be parsed.
+    """
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(path))
@@ -194,6 +198,7 @@ def _read_header(path: Path) -> SliceHeader | None:
         position=position,
         row=None if iop is None else _unit(iop[:3]),
         col=None if iop is None else _unit(iop[3:]),
+        study_uid=tag("0020|000d"),
     )
 
 
@@ -291,16 +296,33 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
     folder, series_uid, reason = _folder_and_uid(Path(folder), series_uid)
     series, sentence = choose_series(list_series(folder), series_uid, reason)
     log.info(sentence)
+    volume = _read_series(series, source)
+    volume.meta["series_choice"] = sentence
+    return volume
+
+
+def read_dicom_files(files: list[Path], series_uid: str | None = None, source: str = "") -> Volume:
+    """Read one series from explicit files rather than a folder (RSNA keeps every study in one folder).
+
+    The series is series_uid, or the one the first readable file belongs to; the checks are
+    those of read_dicom_series.
+    """
+    source = source or (str(files[0].parent) if files else "(no files)")
+    headers = [h for h in (read_header(Path(p)) for p in files) if h is not None]
+    if series_uid is not None:
+        headers = [h for h in headers if h.series_uid == series_uid]
+    if not headers:
+        raise EmptyInputError(f"No DICOM images among the {len(files)} file(s) given in {source}.")
+    return _read_series(_series_info(headers[0].series_uid, headers), source)
+
+
+def _read_series(series: SeriesInfo, source: str) -> Volume:
     _check_is_ct(series)
     _check_enough_slices(series)
-    if series.n_files == 1:
-        volume = _read_multiframe(series.files[0])
-    else:
-        volume = _read_slices(series)
+    volume = _read_multiframe(series.files[0]) if series.n_files == 1 else _read_slices(series)
     volume.meta.update({
         "source": source, "format": "dicom", "series_uid": series.uid,
-        "series_description": series.description, "series_number": series.number,
-        "n_slices": series.n_slices, "series_choice": sentence,
+        "series_description": series.description, "series_number": series.number, "n_slices": series.n_slices,
     })
     validate_ct(volume, source)
     return volume
@@ -311,7 +333,7 @@ def _folder_and_uid(path: Path, series_uid: str | None) -> tuple[Path, str | Non
         return path, series_uid, "series_uid was given"
     if series_uid is not None:
         return path.parent, series_uid, "series_uid was given"
-    header = _read_header(path)
+    header = read_header(path)
     if header is None:
         raise UnreadableInputError(f"{path.name} is not a DICOM image. Give a DICOM file or the folder of the series.")
     return path.parent, header.series_uid, f"it holds the file you gave ({path.name})"

@@ -1,8 +1,10 @@
 """Recipe for the bundled demo model: a tiny 3D ViT trained on synthetic head CTs.
 
     python -m fmct.train.demo_model --out Resources/DemoModel
+    python -m fmct.train.demo_model --encoder runs/pretrain/bundle --out Resources/DemoModel
 
-Trains on phantoms (random findings, thick and thin slices, varied anatomy), calibrates a
+Trains on phantoms (from scratch, or fine-tunes a self-supervised encoder from `fmct pretrain`
+with layer-wise lr decay) (random findings, thick and thin slices, varied anatomy), calibrates a
 temperature and picks a threshold per task on a validation split, and measures AUROC and
 saliency-in-lesion on test phantoms whose seeds never appear in training. Everything it
 did is written into the bundle's fmct.json.
@@ -20,13 +22,15 @@ import numpy as np
 import torch
 
 from fmct.analyze import resolve_device
-from fmct.bundle import BundleMeta, Task, save_bundle, write_meta
+from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle, write_meta
+from fmct.errors import ConfigError
 from fmct.evaluate import auroc, pointing_game, saliency_in_mask
 from fmct.explain import explain
 from fmct.models import FMCTClassifier, preset
 from fmct.phantom import HEMORRHAGE_TYPES, TASKS, make_phantom
 from fmct.preprocess import Preprocessor, PreprocessSpec
 from fmct.train.calibration import fit_temperature, youden_threshold
+from fmct.train.finetune import layer_decay_groups
 from fmct.train.supervised import SupervisedConfig, positive_weights, predict_logits, tensor_batches, train_classifier
 
 log = logging.getLogger("fmct.train.demo_model")
@@ -99,6 +103,24 @@ def measure_saliency(model: FMCTClassifier, spec: PreprocessSpec, device: torch.
     return results
 
 
+def initial_model(encoder: str | None, spec: PreprocessSpec, layer_decay: float, weight_decay: float) -> tuple[FMCTClassifier, list[dict] | None, dict]:
+    """Random init, or the given pretrained encoder with layer-wise lr decay; plus provenance."""
+    if encoder is None:
+        cfg = preset("tiny", img_size=spec.tensor_shape, in_chans=spec.in_channels)
+        return FMCTClassifier(cfg, len(TASKS)), None, {"kind": "supervised from scratch"}
+    pretrained = load_bundle(encoder)
+    if pretrained.meta.preprocessing.to_dict() != spec.to_dict():
+        raise ConfigError(f"{encoder} was pretrained with preprocessing {pretrained.meta.preprocessing.to_dict()}, "
+                          f"the demo model uses {spec.to_dict()}; pretrain with data.spacing_mm {list(spec.spacing_mm)} "
+                          f"and data.size {list(spec.size)}")
+    model = FMCTClassifier(pretrained.meta.encoder, len(TASKS))
+    model.encoder.load_state_dict(pretrained.model.encoder.state_dict())
+    model.encoder.mask_token.requires_grad_(False)
+    origin = {"kind": "fine-tuned from a self-supervised encoder", "layer_decay": layer_decay,
+              "encoder_bundle": pretrained.meta.name, "encoder_provenance": pretrained.meta.provenance}
+    return model, layer_decay_groups(model, layer_decay, weight_decay), origin
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="Resources/DemoModel")
@@ -111,27 +133,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--saliency-cases", type=int, default=10, help="test phantoms per hemorrhage type for saliency metrics")
+    ap.add_argument("--saliency-cases", type=int, default=10, help="test phantoms per hemorrhage type for saliency metrics (0: skip)")
+    ap.add_argument("--encoder", default=None, help="start from this pretrained encoder bundle (fmct pretrain's RUN/bundle)")
+    ap.add_argument("--layer-decay", type=float, default=0.75, help="lr shrink per block below the head, with --encoder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     spec = PreprocessSpec()
-    cfg = preset("tiny", img_size=spec.tensor_shape, in_chans=spec.in_channels)
+    train_cfg = SupervisedConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay)
 
     t0 = time.time()
     splits = {s: make_split(s, n, spec, args.workers) for s, n in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test))}
     log.info("made %d phantoms in %.0f s", sum(len(v[0]) for v in splits.values()), time.time() - t0)
 
-    model = FMCTClassifier(cfg, len(TASKS))
-    train_cfg = SupervisedConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     t0 = time.time()
     x_train, y_train = splits["train"][0], splits["train"][1].float()
     if device.type == "cuda":
         x_train, y_train = x_train.to(device), y_train.to(device)  # a phantom set fits in GPU memory
     batches, steps = tensor_batches(x_train, y_train, args.batch_size, args.seed)
     losses = train_classifier(model, batches, steps, positive_weights(y_train, train_cfg.max_pos_weight), train_cfg,
-                              device, progress=lambda f, m: log.info(m))
+                              device, groups, progress=lambda f, m: log.info(m))
     train_s = time.time() - t0
 
     val_logits = predict_logits(model, splits["val"][0], device)
@@ -158,14 +181,14 @@ def main(argv: list[str] | None = None) -> None:
 
     meta = BundleMeta(
         name="fmct-demo-tiny",
-        description="Demo model: tiny 3D ViT trained supervised on synthetic head CTs (fmct.phantom). "
+        description=f"Demo model: tiny 3D ViT, {origin['kind']}, on synthetic head CTs (fmct.phantom). "
         "For trying the software, not for clinical use.",
-        encoder=cfg,
+        encoder=model.encoder.cfg,
         preprocessing=spec,
         tasks=tasks,
         provenance={
-            "recipe": "python -m fmct.train.demo_model " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
-            "training": {"kind": "supervised from scratch", **asdict(train_cfg), "final_loss": losses[-1], "train_seconds": round(train_s, 1), "device": str(device)},
+            "recipe": "python -m fmct.train.demo_model " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
+            "training": {**origin, **asdict(train_cfg), "final_loss": losses[-1], "train_seconds": round(train_s, 1), "device": str(device)},
             "data": {
                 "source": "fmct.phantom, anatomy preset 'default', half thick (4-5 mm) / half thin (0.5-1 mm) slices, in-plane sizes " + str(IN_PLANE_SIZES),
                 "seeds": {s: f"{SEED_BASE[s]}..{SEED_BASE[s] + n - 1}" for s, n in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test))},
@@ -176,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         metrics=metrics,
     )
     save_bundle(model.cpu(), meta, args.out)  # saved before the slow part, so a cut-off run keeps its model
+    if args.saliency_cases < 1:
+        log.info("wrote %s", args.out)
+        return
     log.info("wrote %s; measuring saliency", args.out)
     meta.metrics["saliency"] = measure_saliency(model.to(device), spec, device, args.saliency_cases,
                                                 ["integrated_gradients", "occlusion", "attention"])
