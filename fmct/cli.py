@@ -1,4 +1,4 @@
-"""The `fmct` command line: demo, analyze (one CT or a batch), export, phantom.
+"""The `fmct` command line: demo, analyze (one CT or a batch), export, phantom, pretrain, finetune, evaluate.
 
 User mistakes (bad input, bad bundle, bad option) exit with code 2 and one line saying what
 to do; --debug shows the traceback.
@@ -6,6 +6,7 @@ to do; --debug shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -35,6 +36,12 @@ class TqdmProgress:
     def close(self) -> None:
         self.bar.close()
 
+    def __enter__(self) -> "TqdmProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _explain_method(args: argparse.Namespace) -> str | None:
     """--explain, defaulting to integrated_gradients on torch and none on onnx (which has no gradients)."""
@@ -56,11 +63,8 @@ def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
     analyzer = _make_analyzer(args)
     method = _explain_method(args)
     analyzer.check_explain_method(method)
-    progress = TqdmProgress("analyze")
-    try:
+    with TqdmProgress("analyze") as progress:
         result = analyzer.analyze(volume, explain_method=method, explain_findings=args.findings, progress=progress)
-    finally:
-        progress.close()
     timings = {**result.timings, "total_s": time.perf_counter() - t_start}
     payload, written = write_study_outputs(out, volume, result, analyzer.bundle.meta.name, str(analyzer.device),
                                            analyzer.backend, save_ct=save_ct, timings=timings)
@@ -121,15 +125,10 @@ def _run_batch(args: argparse.Namespace) -> int:
     method = _explain_method(args)
     where = f" (rank {rank.rank} of {rank.world}: {len(studies[rank.rank::rank.world])} studies)" if rank.world > 1 else ""
     print(f"Batch: {len(studies)} studies from {args.input} -> {out}{where}", file=sys.stderr)
-    progress = TqdmProgress("batch") if rank.rank == 0 else None
-    try:
+    with TqdmProgress("batch") if rank.rank == 0 else contextlib.nullcontext() as progress:
         report = run_batch(analyzer, args.input, out, explain_method=method, explain_findings=args.findings,
                            save_ct=args.save_ct, report=args.report, num_workers=args.workers, rank=rank,
-                           progress=progress,
-                           studies=studies)
-    finally:
-        if progress is not None:
-            progress.close()
+                           progress=progress, studies=studies)
     print(f"\nFMCT batch ({analyzer.bundle.meta.name}; research use only, not for diagnosis)")
     print(f"  {report.line()}")
     for row in report.rows:
@@ -145,11 +144,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fmct.onnx_backend import onnx_summary
     from fmct.onnx_export import export_onnx
 
-    progress = TqdmProgress("export")
-    try:
+    with TqdmProgress("export") as progress:
         record = export_onnx(args.bundle, opset=args.opset, progress=progress)
-    finally:
-        progress.close()
     print(f"Wrote {Path(args.bundle) / 'model.onnx'}: {onnx_summary(record)} (recorded in fmct.json)")
     return 0
 
@@ -157,12 +153,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_phantom(args: argparse.Namespace) -> int:
     from fmct.phantom import write_phantom_set
 
-    progress = TqdmProgress("phantom")
-    try:
+    with TqdmProgress("phantom") as progress:
         out = write_phantom_set(args.out, args.n, args.seed, fmt=args.format, slices=args.slices,
                                 in_plane_size=args.size, anatomy=args.anatomy, progress=progress)
-    finally:
-        progress.close()
     print(f"Wrote {args.n} phantom(s) and labels.csv to {out}")
     return 0
 
@@ -184,11 +177,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         cfg = FinetuneConfig.from_file(args.config, **overrides)
     else:
         cfg = FinetuneConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
-    progress = TqdmProgress("finetune")
-    try:
+    with TqdmProgress("finetune") as progress:
         out = finetune(cfg, progress=progress).bundle
-    finally:
-        progress.close()
     if out is not None:
         print(f"Wrote the fine-tuned bundle {out}; run it with: fmct analyze CT --model {out}")
     return 0
@@ -205,14 +195,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         options = {**read_config_file(args.config), **{k: v for k, v in options.items() if v is not None}}
     if not options.get("data"):
         raise ConfigError("evaluate needs --data (a labelled manifest CSV or folder), on the command line or in --config")
-    progress = TqdmProgress("evaluate")
-    try:
+    with TqdmProgress("evaluate") as progress:
         evaluate_bundle(options.get("model"), options["data"], options.get("out") or "fmct_eval",
                         ood_data=options.get("ood_data"), device=options.get("device") or "auto",
                         cache_dir=options.get("cache_dir") or ".fmct_cache", n_boot=int(options.get("n_boot") or 1000),
                         progress=progress)
-    finally:
-        progress.close()
     return 0
 
 
