@@ -12,7 +12,7 @@ from fmct.ssl.augment import MultiCropAugmentation, collate_crops, sample_genera
 from fmct.ssl.config import CropSection, SSLConfig
 from fmct.ssl.ema import cosine, teacher_momentum, teacher_temperature, update_teacher
 from fmct.ssl.heads import DINOHead, patchify
-from fmct.ssl.losses import DINOLoss, IBOTPatchLoss, masked_reconstruction_loss
+from fmct.ssl.losses import DINOLoss, IBOTPatchLoss, koleo_loss, masked_reconstruction_loss
 from fmct.ssl.masking import BlockMasking3D, sample_masks
 from fmct.ssl.meta_arch import SelfDistillation, normalized_entropy
 
@@ -181,6 +181,22 @@ def test_ibot_loss_weights_images_and_handles_no_masks():
     assert torch.allclose(loss(s, t, masks), expected)
 
 
+def test_koleo_prefers_spread_features_and_pushes_neighbours_apart():
+    torch.manual_seed(0)
+    spread = torch.randn(16, 32)
+    bunched = torch.randn(1, 32) + 0.01 * torch.randn(16, 32)
+    assert koleo_loss(spread) < koleo_loss(bunched)
+    assert float(koleo_loss(spread[:1])) == 0.0  # one feature has no neighbour
+    x = bunched.clone().requires_grad_(True)
+    opt = torch.optim.SGD([x], lr=0.5)
+    before = koleo_loss(x).item()
+    for _ in range(5):
+        opt.zero_grad()
+        koleo_loss(x).backward()
+        opt.step()
+    assert koleo_loss(x).item() < before - 0.5
+
+
 def test_patchify_order_matches_encoder_tokens_and_mae_loss():
     x = torch.zeros(1, 1, 16, 16, 16)
     for i in range(8):  # fill patch i (in D, H, W raster order) with the value i
@@ -213,7 +229,8 @@ def test_ema_update_and_schedules():
 # ------------------------------------------------------------------------------------ one step
 @pytest.mark.parametrize("sections", [{}, {"mae": {"enabled": True}, "ibot": {"separate_head": True}},
                                       {"ibot": {"enabled": False}, "dino": {"centering": "sinkhorn_knopp"}},
-                                      {"ibot": {"mask_probability": 0.0}}, {"ibot": {"mask_probability": 0.0}, "dino": {"centering": "sinkhorn_knopp"}}])
+                                      {"ibot": {"mask_probability": 0.0}}, {"ibot": {"mask_probability": 0.0}, "dino": {"centering": "sinkhorn_knopp"}},
+                                      {"dino": {"koleo_loss_weight": 0.1}}])
 def test_self_distillation_step(sections):
     torch.manual_seed(0)
     cfg = tiny_cfg(**sections)
@@ -228,6 +245,7 @@ def test_self_distillation_step(sections):
     assert set(losses) >= {"loss", "dino", "teacher_entropy"} and torch.isfinite(losses["loss"])
     assert 0.0 <= float(losses["teacher_entropy"]) <= 1.0 + 1e-6
     assert ("ibot" in losses) == cfg.ibot.enabled and ("mae" in losses) == cfg.mae.enabled
+    assert ("koleo" in losses) == (cfg.dino.koleo_loss_weight > 0)
     if not batch["masks"].any() or cfg.dino.centering != "centering":  # no masked tokens: the patch center stays put
         assert torch.all(model.ibot_loss.center == 1.0)
     losses["loss"].backward()

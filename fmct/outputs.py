@@ -25,7 +25,7 @@ SALIENCY_MAX = 255  # stored value of the strongest attribution; divide by it fo
 
 def quantize_saliency(saliency: Volume) -> Volume:
     """A [0, 1] saliency map as uint8 0..SALIENCY_MAX on the same grid (error at most 1/510)."""
-    levels = np.rint(np.clip(saliency.array, 0.0, 1.0) * SALIENCY_MAX)
+    levels = np.clip(saliency.array, 0.0, 1.0) * np.float32(SALIENCY_MAX) + np.float32(0.5)  # round half up
     return saliency.with_array(levels.astype(np.uint8))
 
 

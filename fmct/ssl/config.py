@@ -88,6 +88,7 @@ class DINOSection:
     centering: str = "centering"  # or "sinkhorn_knopp"
     center_momentum: float = 0.9
     loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.0  # DINOv2's KoLeo term on the student's CLS features (0.1 there); 0 = off
 
 
 @dataclass

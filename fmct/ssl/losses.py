@@ -113,6 +113,21 @@ class IBOTPatchLoss(_TeacherTargets):
         return (per_token / counts).sum() / n_images
 
 
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko entropy estimate of L2-normalised features [B, D] (DINOv2), as a loss.
+
+    Minus the mean log distance from each feature to its nearest neighbour in the batch: it
+    pushes a batch's CLS features apart, which keeps DINO off its uniform fixed point when the
+    images all look alike (as CT volumes do to a freshly initialised encoder).
+    """
+    x = F.normalize(features.float(), dim=-1, eps=eps)
+    if x.shape[0] < 2:
+        return x.sum() * 0.0
+    dist = torch.cdist(x, x)
+    dist = dist + torch.eye(len(x), device=x.device, dtype=x.dtype) * 1e9  # never one's own neighbour
+    return -torch.log(dist.min(dim=1).values + eps).mean()
+
+
 def masked_reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
     """Mean squared error over hidden patches only; pred/target [B, N, P], masks [B, N].
 

@@ -15,7 +15,7 @@ from fmct.models.vit3d import ViT3D
 from fmct.ssl.config import SSLConfig
 from fmct.ssl.ema import update_teacher
 from fmct.ssl.heads import DINOHead, PixelDecoder, patchify
-from fmct.ssl.losses import DINOLoss, IBOTPatchLoss, masked_reconstruction_loss
+from fmct.ssl.losses import DINOLoss, IBOTPatchLoss, koleo_loss, masked_reconstruction_loss
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ class Student(nn.Module):
         cls = [g["cls"]]
         if local_crops.shape[0]:
             cls.append(self.backbone.forward_features(local_crops)["cls"])
-        out = {"cls_logits": self.dino_head(torch.cat(cls))}
+        out = {"cls_logits": self.dino_head(torch.cat(cls)), "global_cls": g["cls"]}
         masked_tokens = g["patch"][masks]  # [M, D]
         out["patch_logits"] = self.patch_head()(masked_tokens)
         if self.pixel_decoder is not None:
@@ -104,6 +104,9 @@ class SelfDistillation(nn.Module):
         losses = {"dino": self.dino_loss(student_views, list(teacher_probs)) * cfg.dino.loss_weight}
         losses["teacher_entropy"] = normalized_entropy(torch.cat(teacher_probs))
         total = losses["dino"]
+        if cfg.dino.koleo_loss_weight > 0:
+            losses["koleo"] = sum(koleo_loss(c) for c in s["global_cls"].chunk(n_global)) * cfg.dino.koleo_loss_weight
+            total = total + losses["koleo"]
         if cfg.ibot.enabled:
             patch_probs = self.ibot_loss.targets(t["patch_logits"], teacher_temp, cfg.dino.centering)
             losses["ibot"] = self.ibot_loss(s["patch_logits"], patch_probs, masks) * cfg.ibot.loss_weight
