@@ -271,7 +271,9 @@ def test_normalized_entropy_and_collapse_warning(caplog):
         fired = [watch(step, {"teacher_entropy": 0.999}) for step in range(1, 9)]
         assert fired == [False] * 7 + [True]  # steps 4..8 past the warm-up are the five in a row
         assert not any(watch(step, {"teacher_entropy": 0.999}) for step in range(9, 40))  # warned once
-    assert "collapsed" in caplog.text and "sinkhorn_knopp" in caplog.text
+    assert "collapsed" in caplog.text and "sinkhorn_knopp" in caplog.text and "koleo" in caplog.text
+    tuned = CollapseWatch(tiny_cfg(dino={"centering": "sinkhorn_knopp", "koleo_loss_weight": 0.1}, mae={"enabled": True}))
+    assert "sinkhorn_knopp" not in tuned.remedies() and "koleo" not in tuned.remedies() and "batch_size" in tuned.remedies()
     fresh = CollapseWatch(cfg, patience=5)
     pattern = [0.999, 0.999, 0.999, 0.999, 0.5] * 4  # interrupted runs never reach the patience
     assert not any(fresh(step, {"teacher_entropy": e}) for step, e in enumerate(pattern, start=4))

@@ -168,29 +168,42 @@ def lr_factor(cfg: SSLConfig) -> Callable[[int], float]:
 
 
 class CollapseWatch:
-    """Warns once when the teacher's targets stay near uniform: the run is learning nothing.
+    """Warns once when the teacher's targets stay near uniform: self-distillation is learning nothing.
 
     Past the teacher-temperature warm-up, a normalised target entropy above ``limit`` for
     ``patience`` consecutive steps means the DINO loss has settled at log(K) (uniform collapse).
-    The run goes on (the user may be watching a known-slow start), but the log says what to change.
+    The run goes on (masked reconstruction, if on, still trains the encoder), but the log says
+    what to change, naming only settings this run does not already use.
     """
 
     def __init__(self, cfg: SSLConfig, limit: float = 0.98, patience: int = 20) -> None:
-        self.after, self.limit, self.patience = cfg.dino.warmup_teacher_temp_steps, limit, patience
+        self.cfg, self.limit, self.patience = cfg, limit, patience
         self.run, self.warned = 0, False
 
     def __call__(self, step: int, record: dict[str, float]) -> bool:
         """True on the step the warning is issued."""
         entropy = record.get("teacher_entropy", 0.0)
-        self.run = self.run + 1 if step > self.after and entropy > self.limit else 0
+        self.run = self.run + 1 if step > self.cfg.dino.warmup_teacher_temp_steps and entropy > self.limit else 0
         if self.warned or self.run < self.patience:
             return False
         self.warned = True
         log.warning("step %d: the teacher's targets have been uniform for %d steps (normalised entropy %.3f): "
-                    "DINO has collapsed and the encoder is learning nothing. Use dino.centering: sinkhorn_knopp, "
-                    "a smaller dino.out_dim, a larger optim.batch_size or a lower dino.teacher_temp.",
-                    step, self.run, entropy)
+                    "DINO/iBOT have collapsed and teach the encoder nothing%s. Try %s.", step, self.run, entropy,
+                    " (masked reconstruction still does)" if self.cfg.mae.enabled else "", self.remedies())
         return True
+
+    def remedies(self) -> str:
+        d, tips = self.cfg.dino, []
+        if d.centering != "sinkhorn_knopp":
+            tips.append("dino.centering: sinkhorn_knopp")
+        if d.koleo_loss_weight <= 0:
+            tips.append("dino.koleo_loss_weight: 0.1")
+        if d.out_dim > 1024:
+            tips.append("a smaller dino.out_dim (e.g. 1024)")
+        if not self.cfg.mae.enabled:
+            tips.append("mae.enabled: true")
+        tips += ["a larger optim.batch_size (more processes)", "more varied data"]
+        return ", ".join(tips)
 
 
 # ============================================================================ the loop
