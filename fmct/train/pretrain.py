@@ -188,7 +188,8 @@ class CollapseWatch:
             return False
         self.warned = True
         log.warning("step %d: the teacher's targets have been uniform for %d steps (normalised entropy %.3f): "
-                    "DINO/iBOT have collapsed and teach the encoder nothing%s. Try %s.", step, self.run, entropy,
+                    "DINO/iBOT teach the encoder nothing so far (collapsed, or too slow a start for this run's "
+                    "length)%s. Try %s.", step, self.run, entropy,
                     " (masked reconstruction still does)" if self.cfg.mae.enabled else "", self.remedies())
         return True
 
