@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -65,7 +66,8 @@ def make_split(split: str, n: int, spec: PreprocessSpec, workers: int) -> tuple[
         (base + i, "thick" if i % 2 == 0 else "thin", IN_PLANE_SIZES[(i // 2) % len(IN_PLANE_SIZES)], spec.to_dict())
         for i in range(n)
     ]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawn, not fork: a forked child of a process whose torch thread pool is running can hang
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         cases = list(pool.map(_one_case, jobs, chunksize=4))
     x = torch.from_numpy(np.stack([c[0] for c in cases]))
     y = torch.from_numpy(np.stack([c[1] for c in cases]))
@@ -142,11 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     spec = PreprocessSpec()
     train_cfg = SupervisedConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay)
+    if args.encoder:
+        load_bundle(args.encoder)  # a bad bundle fails now, not after the phantoms are made
 
     t0 = time.time()
     splits = {s: make_split(s, n, spec, args.workers) for s, n in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test))}
     log.info("made %d phantoms in %.0f s", sum(len(v[0]) for v in splits.values()), time.time() - t0)
+    model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay)
 
     t0 = time.time()
     x_train, y_train = splits["train"][0], splits["train"][1].float()
