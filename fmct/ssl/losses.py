@@ -117,8 +117,8 @@ def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Kozachenko-Leonenko entropy estimate of L2-normalised features [B, D] (DINOv2), as a loss.
 
     Minus the mean log distance from each feature to its nearest neighbour in the batch: it
-    pushes a batch's CLS features apart, which keeps DINO off its uniform fixed point when the
-    images all look alike (as CT volumes do to a freshly initialised encoder).
+    pushes a batch's CLS features apart, DINOv2's guard against collapse when the images all
+    look alike. On our phantoms at batch 8 it did not stop the collapse (benchmarks/RESULTS.md).
     """
     x = F.normalize(features.float(), dim=-1, eps=eps)
     if x.shape[0] < 2:
