@@ -3,8 +3,8 @@
     python -m fmct.train.demo_model --out Resources/DemoModel
     python -m fmct.train.demo_model --encoder runs/pretrain/bundle --out Resources/DemoModel
 
-Trains on phantoms (from scratch, or fine-tunes a self-supervised encoder from `fmct pretrain`
-with layer-wise lr decay) (random findings, thick and thin slices, varied anatomy), calibrates a
+Trains on phantoms (random findings, thick and thin slices, varied anatomy), from scratch or
+from a self-supervised encoder made by `fmct pretrain` (with layer-wise lr decay), calibrates a
 temperature and picks a threshold per task on a validation split, and measures AUROC and
 saliency-in-lesion on test phantoms whose seeds never appear in training. Everything it
 did is written into the bundle's fmct.json.
