@@ -7,6 +7,7 @@ forward per backward, and with the mask token always in the graph no parameter g
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     encoder that encodes nothing. This number makes that visible in losses.jsonl.
     """
     p = probs.float().clamp_min(1e-12)
-    return -(p * p.log()).sum(dim=-1).mean() / float(torch.log(torch.tensor(float(probs.shape[-1]))))
+    return -(p * p.log()).sum(dim=-1).mean() / math.log(probs.shape[-1])
 
 
 class Student(nn.Module):

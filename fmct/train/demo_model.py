@@ -144,13 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     spec = PreprocessSpec()
     train_cfg = SupervisedConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    if args.encoder:
-        load_bundle(args.encoder)  # a bad bundle fails now, not after the phantoms are made
+    model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay)  # a bad bundle fails before the phantoms
 
     t0 = time.time()
     splits = {s: make_split(s, n, spec, args.workers) for s, n in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test))}
     log.info("made %d phantoms in %.0f s", sum(len(v[0]) for v in splits.values()), time.time() - t0)
-    model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay)
 
     t0 = time.time()
     x_train, y_train = splits["train"][0], splits["train"][1].float()
