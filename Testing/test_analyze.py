@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fmct.analyze import Analyzer, resolve_device
+from fmct.analyze import Analyzer
+from fmct.runtime import torch_device
 from fmct.errors import Cancelled, ConfigError
-from fmct.explain import METHODS, explain
+from fmct.explain import explain
+from fmct.runtime import EXPLAIN_METHODS as METHODS
 from fmct.bundle import load_bundle
 from fmct_testing import ball_ct, oblique_direction, tiny_bundle
 
@@ -70,7 +72,7 @@ def test_bad_options_are_config_errors(analyzer):
         analyzer.analyze(ct, explain_findings=["tumour"])
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA"):
-            resolve_device("cuda")
+            torch_device("cuda")
 
 
 def test_attention_rollout_differs_from_last_layer(analyzer):
@@ -86,3 +88,14 @@ def test_encoder_only_bundle_is_refused_for_analysis(tmp_path):
     assert load_bundle(path).model.head is None
     with pytest.raises(ConfigError, match="no task heads"):
         Analyzer(path, device="cpu")
+
+
+def test_primary_finding_is_the_clearest_decision_among_explained_or_positive():
+    from fmct.analyze import AnalysisResult, Finding
+
+    findings = [Finding("a", "", 0.95, 0.90, True), Finding("b", "", 0.70, 0.30, True), Finding("c", "", 0.2, 0.5, False)]
+    # Thresholds differ: b is further above its threshold (0.40) than a (0.05), so b is shown first.
+    assert AnalysisResult(findings).primary_finding().name == "b"
+    # With maps, only explained findings compete (the overlay must exist).
+    assert AnalysisResult(findings, model_saliency={"a": np.zeros(1), "c": np.zeros(1)}).primary_finding().name == "a"
+    assert AnalysisResult([findings[2]]).primary_finding() is None

@@ -23,7 +23,8 @@ from fmct.errors import (
     NotVolumeError,
     UnreadableInputError,
 )
-from fmct.io import read_volume, validate_ct, write_volume
+from fmct.io import read_volume, write_volume
+from fmct.volume import validate_ct
 from fmct.volume import Volume
 
 PATIENT_NAME = "DOE^JOHNATHAN"

@@ -16,7 +16,8 @@ from fmct.bundle import load_bundle, save_bundle
 from fmct.cli import main
 from fmct.errors import BundleError, ConfigError
 from fmct.io import write_volume
-from fmct.onnx_backend import TOLERANCE, calibrated_probabilities
+from fmct.onnx_backend import TOLERANCE
+from fmct.runners import calibrated_probabilities
 from fmct_testing import ball_ct, tiny_bundle
 
 REPO = Path(__file__).resolve().parent.parent

@@ -236,7 +236,7 @@ def test_explaining_chosen_findings_only(app, ph, bundle, tmp_path):
 # -- module wiring ----------------------------------------------------------------------------------
 
 def test_module_choices_match_the_engine():
-    from fmct.explain import METHODS
+    from fmct.runtime import EXPLAIN_METHODS as METHODS
 
     assert EXPLAIN_METHODS == (*METHODS, "none")
     assert [engineDevice(d) for d in ("auto", "CPU", "GPU", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]

@@ -9,26 +9,21 @@ imported inside the functions that need it, never at module level.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from fmct.bundle import Bundle, default_bundle_path, load_bundle
-from fmct.errors import Cancelled, ConfigError
-from fmct.io import validate_ct
+from fmct.bundle import Bundle
+from fmct.errors import ConfigError
 from fmct.preprocess import ModelInput, Preprocessor
-from fmct.volume import Volume
+from fmct.runners import calibrated_probabilities, load_runner
+from fmct.runtime import CancelCheck, Progress, check_cancel, check_explain_method, report_to, sub_progress
+from fmct.volume import Volume, validate_ct
 
 if TYPE_CHECKING:
     import torch
-
-BACKENDS = ("torch", "onnx")
-
-Progress = Callable[[float, str], None]
-CancelCheck = Callable[[], bool]
 
 
 @dataclass
@@ -62,24 +57,20 @@ class AnalysisResult:
     def finding(self, name: str) -> Finding:
         return next(f for f in self.findings if f.name == name)
 
+    def primary_finding(self) -> Finding | None:
+        """The finding a person is shown first (report.png, the CLI table, the Slicer overlay).
 
-def resolve_device(device: str = "auto") -> torch.device:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    index = device.partition(":")[2]
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and index.isdigit()):
-        raise ConfigError(f"unknown device '{device}'; choose auto, cpu, cuda or cuda:N")
-    if index and int(index) >= torch.cuda.device_count():
-        raise ConfigError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return torch.device(device)
+        Among the findings that have a saliency map when any do, else among the positive ones: the
+        one furthest above its own threshold (thresholds differ per finding, so the margin, not the
+        raw probability, says which decision is clearest). None when nothing is positive or explained.
+        """
+        explained = set(self.model_saliency) | set(self.saliency)
+        candidates = [f for f in self.findings if f.name in explained] if explained else self.positive
+        return max(candidates, key=lambda f: f.probability - f.threshold) if candidates else None
 
 
 class Analyzer:
-    """Holds a loaded bundle on a device; analyze() may be called for many volumes.
+    """Holds a loaded bundle on a runner; analyze() may be called for many volumes.
 
     backend="torch": device "auto" picks CUDA when present; on CUDA the forward runs under bf16
     autocast, where SDPA dispatches to flash / memory-efficient attention. compile=True wraps the
@@ -90,68 +81,32 @@ class Analyzer:
 
     def __init__(self, bundle: Bundle | str | Path | None = None, device: str = "auto", backend: str = "torch",
                  compile: bool = False, threads: int | None = None) -> None:
-        if backend not in BACKENDS:
-            raise ConfigError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+        self.bundle, self.runner = load_runner(bundle, backend, device, compile, threads)
         self.backend = backend
-        self.onnx: Any = None
-        if backend == "onnx":
-            if compile:
-                raise ConfigError("compile applies to the torch backend only")
-            self._init_onnx(bundle, device, threads)
-        else:
-            self._init_torch(bundle, device, compile)
         if not self.bundle.meta.tasks:
             raise ConfigError(f"bundle '{self.bundle.meta.name}' has no task heads (a pretrained encoder); fine-tune it first")
         self.preprocessor = Preprocessor(self.bundle.meta.preprocessing)
 
-    def _init_torch(self, bundle: Bundle | str | Path | None, device: str, compile: bool) -> None:
-        import torch
+    @property
+    def device(self) -> str:
+        return self.runner.device
 
-        if isinstance(bundle, Bundle) and bundle.model is None:
-            if bundle.path is None:
-                raise ConfigError("this Bundle has no torch model and no path to load one from")
-            bundle = load_bundle(bundle.path)
-        elif not isinstance(bundle, Bundle):
-            bundle = load_bundle(bundle if bundle is not None else default_bundle_path())
-        self.bundle = bundle
-        self.device = resolve_device(device)
-        self.model = bundle.model.to(self.device).eval()
-        self._forward = torch.compile(self.model) if compile else self.model
+    @property
+    def model(self) -> Any:
+        """The torch module (None on the onnxruntime backend)."""
+        return self.runner.module
 
-    def _init_onnx(self, bundle: Bundle | str | Path | None, device: str, threads: int | None) -> None:
-        from fmct.onnx_backend import load_onnx_bundle
-
-        where = bundle.path if isinstance(bundle, Bundle) else bundle
-        where = where if where is not None else default_bundle_path()
-        meta, self.onnx = load_onnx_bundle(where, device, threads)
-        self.bundle = Bundle(meta, None, Path(where))
-        self.model = None
-        self.device = self.onnx.device
-
-    def _autocast(self):
-        import torch
-
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+    @property
+    def can_explain(self) -> bool:
+        return self.runner.module is not None
 
     @property
     def temperatures(self) -> list[float]:
         return [t.temperature for t in self.bundle.meta.tasks]
 
     def probabilities(self, x: "torch.Tensor | np.ndarray") -> np.ndarray:
-        """Calibrated probabilities [B, T]: sigmoid(logit / temperature) per task."""
-        if self.onnx is not None:
-            from fmct.onnx_backend import calibrated_probabilities
-
-            return calibrated_probabilities(self.onnx.logits(np.asarray(x, dtype=np.float32)), self.temperatures)
-        import torch
-
-        x = torch.as_tensor(x)
-        with torch.no_grad(), self._autocast():
-            logits = self._forward(x.to(self.device, non_blocking=True)).float()
-        temps = torch.tensor(self.temperatures, device=logits.device)
-        return torch.sigmoid(logits / temps).cpu().numpy()
+        """Calibrated probabilities [B, T]: sigmoid(logit / temperature) per task, on either backend."""
+        return calibrated_probabilities(self.runner.logits(x), self.temperatures)
 
     def analyze(
         self,
@@ -163,28 +118,23 @@ class Analyzer:
     ) -> AnalysisResult:
         """Findings for one CT, and a saliency map for each positive finding (or the ones named)."""
         self.check_explain_method(explain_method)
-        report = progress or (lambda f, m: None)
+        report = report_to(progress)
         t0 = time.perf_counter()
         report(0.0, "preprocessing")
         validate_ct(volume, volume.meta.get("source", "input volume"))  # every caller, not only the readers
         model_input = self.preprocessor(volume)
         preprocess_s = time.perf_counter() - t0
-        _check_cancel(cancel)
+        check_cancel(cancel)
         result = self.analyze_prepared(model_input, explain_method, explain_findings, progress=report, cancel=cancel)
         result.timings = {"preprocess_s": preprocess_s, **result.timings}
         return result
 
     def check_explain_method(self, explain_method: str | None) -> None:
         """Refuse an unknown method, or any method on the onnxruntime backend (it has no gradients)."""
-        if explain_method is None:
-            return
-        if self.onnx is not None:
+        check_explain_method(explain_method)
+        if explain_method is not None and not self.can_explain:
             raise ConfigError(f"explanation '{explain_method}' needs the torch model (gradients or attention weights); "
                               "with backend onnx use explain none (--explain none), or use --backend torch")
-        from fmct.explain import METHODS
-
-        if explain_method not in METHODS:
-            raise ConfigError(f"unknown explanation method '{explain_method}'; choose one of {', '.join(METHODS)}")
 
     def analyze_prepared(
         self,
@@ -201,7 +151,7 @@ class Analyzer:
         can map it onto the CT's grid elsewhere (a writer thread), keeping the model busy.
         """
         self.check_explain_method(explain_method)
-        report = progress or (lambda f, m: None)
+        report = report_to(progress)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         report(0.1, "predicting")
@@ -218,12 +168,13 @@ class Analyzer:
         if targets:
             from fmct.explain import explain
         for n, name in enumerate(targets):
-            _check_cancel(cancel)
+            check_cancel(cancel)
             lo, span = 0.2 + 0.75 * n / len(targets), 0.75 / len(targets)
-            sub = lambda f, m, lo=lo, span=span, name=name: report(lo + span * f, f"explaining {name}")  # noqa: E731
+            sub = sub_progress(report, lo, lo + span)
             task_index = self.bundle.meta.task_names.index(name)
-            x = model_input.tensor.to(self.device)
-            model_map = explain(self.model, x, task_index, explain_method, sub, cancel)
+            x = self.runner.to_device(model_input.tensor)
+            model_map = explain(self.model, x, task_index, explain_method,
+                                lambda f, m, sub=sub, name=name: sub(f, f"explaining {name}"), cancel)
             result.model_saliency[name] = model_map
             if map_back:
                 result.saliency[name] = self.map_back(result, name)
@@ -247,7 +198,3 @@ class Analyzer:
             raise ConfigError(f"unknown finding(s) {unknown}; this model predicts {self.bundle.meta.task_names}")
         return names
 
-
-def _check_cancel(cancel: CancelCheck | None) -> None:
-    if cancel is not None and cancel():
-        raise Cancelled("Analysis cancelled")

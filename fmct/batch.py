@@ -23,19 +23,19 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from fmct.atomic import write_text_atomic
 from fmct.errors import ConfigError, FMCTError
-from fmct.io import FORMATS, format_suffix
+from fmct.volume import FORMATS, format_suffix
 from fmct.outputs import read_findings, write_study_outputs
 from fmct.preprocess import ModelInput, Preprocessor, PreprocessSpec
 from fmct.volume import Volume
+from fmct.runtime import Progress
 
 log = logging.getLogger("fmct.batch")
-Progress = Callable[[float, str], None]
 SUMMARY_FILE = "summary.csv"
 MAX_PENDING_WRITES = 4  # studies waiting for their files to be written (bounds memory)
 

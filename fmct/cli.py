@@ -15,9 +15,12 @@ from typing import Sequence
 
 from fmct import __version__
 from fmct.errors import Cancelled, ConfigError, FMCTError
+from fmct.runners import BACKENDS
+from fmct.runtime import DEFAULT_EXPLAIN, EXPLAIN_METHODS, explain_method_or_none, parse_device
 
 log = logging.getLogger("fmct")
-EXPLAIN_CHOICES = ("integrated_gradients", "occlusion", "attention", "attention_rollout", "none")
+EXPLAIN_CHOICES = (*EXPLAIN_METHODS, "none")
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
 
 
 class TqdmProgress:
@@ -43,10 +46,18 @@ class TqdmProgress:
         self.close()
 
 
+def _device_arg(text: str) -> str:
+    """argparse type for --device: the one device-name check (fmct.runtime.parse_device)."""
+    try:
+        return parse_device(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _explain_method(args: argparse.Namespace) -> str | None:
     """--explain, defaulting to integrated_gradients on torch and none on onnx (which has no gradients)."""
-    explain = args.explain or ("none" if getattr(args, "backend", "torch") == "onnx" else "integrated_gradients")
-    return None if explain == "none" else explain
+    explain = args.explain or ("none" if getattr(args, "backend", "torch") == "onnx" else DEFAULT_EXPLAIN)
+    return explain_method_or_none(explain)
 
 
 def _make_analyzer(args: argparse.Namespace, device: str | None = None):
@@ -75,8 +86,10 @@ def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
 def _print_summary(result, model_name: str, written: Sequence[Path], timings: dict) -> None:
     print(f"\nFMCT findings ({model_name}; research use only, not for diagnosis)")
     print(f"  {'finding':<20}{'probability':>12}{'threshold':>11}  result")
+    primary = result.primary_finding()
     for f in result.findings:
-        print(f"  {f.name:<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {'POSITIVE' if f.positive else '-'}")
+        shown = "  <- shown in report.png" if primary is not None and f.name == primary.name else ""
+        print(f"  {f.name:<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {'POSITIVE' if f.positive else '-'}{shown}")
     print("\nWrote:")
     for p in written:
         print(f"  {p}")
@@ -211,10 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", default=None, help="model bundle folder or .zip (default: the bundled demo model)")
-        sp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto picks CUDA when present")
+        sp.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP)
         sp.add_argument("--explain", default=None, choices=EXPLAIN_CHOICES,
                         help="saliency method for positive findings (default: integrated_gradients; none with --backend onnx)")
-        sp.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+        sp.add_argument("--backend", default="torch", choices=BACKENDS,
                         help="torch (default), or onnx: the bundle's checked model.onnx on onnxruntime, without torch "
                              "(findings only; see `fmct export --onnx`)")
         sp.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on a GPU over many studies)")
@@ -265,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--epochs", type=int)
     ft.add_argument("--batch-size", type=int)
     ft.add_argument("--lr", type=float)
-    ft.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    ft.add_argument("--device", type=_device_arg, help=DEVICE_HELP)
     ft.add_argument("--seed", type=int)
     ft.add_argument("--cache-dir", help="where preprocessed volumes are cached (default .fmct_cache)")
     ft.add_argument("--name", help="model name written into the bundle")
@@ -278,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="labelled test set (manifest CSV or folder)")
     ev.add_argument("--ood", help="a second, out-of-distribution test set")
     ev.add_argument("--out", help="output folder (default ./fmct_eval)")
-    ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--device", type=_device_arg, help=DEVICE_HELP)
     ev.add_argument("--cache-dir")
     ev.add_argument("--n-boot", type=int, help="bootstrap resamples for the CIs (default 1000)")
     ev.set_defaults(func=cmd_evaluate)

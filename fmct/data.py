@@ -33,13 +33,14 @@ import numpy as np
 from fmct.atomic import write_bytes_atomic
 from fmct.dicom import read_dicom_files, read_header
 from fmct.errors import Cancelled, ConfigError, EmptyInputError, UnreadableInputError
-from fmct.io import FORMATS, format_suffix, read_volume
+from fmct.io import read_volume
+from fmct.volume import FORMATS, format_suffix
 from fmct.phantom import TASKS
 from fmct.preprocess import PreprocessSpec, Preprocessor
+from fmct.runtime import CancelCheck, Progress
 
 log = logging.getLogger("fmct.data")
 
-Progress = Callable[[float, str], None]
 
 CACHE_VERSION = 1
 ID_COLUMNS = ("study_id", "case_id", "id", "name")
@@ -525,7 +526,7 @@ class CachedVolumeDataset(_TorchDataset):
 
     # ---- preparing the cache ----
 
-    def prepare(self, progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> "CachedVolumeDataset":
+    def prepare(self, progress: Progress | None = None, cancel: CancelCheck | None = None) -> "CachedVolumeDataset":
         """Make sure every readable study is cached; skip (log, count) the others."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         index, self.skipped = [], []

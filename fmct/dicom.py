@@ -29,8 +29,7 @@ from fmct.errors import (
     NotVolumeError,
     UnreadableInputError,
 )
-from fmct.io import FORMATS, format_suffix, validate_ct
-from fmct.volume import Volume
+from fmct.volume import FORMATS, Volume, format_suffix, validate_ct
 
 log = logging.getLogger("fmct.io")
 

@@ -7,19 +7,16 @@ the Preprocessor maps back onto the CT's grid.
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from captum.attr import IntegratedGradients, Occlusion
 
-from fmct.errors import Cancelled, ConfigError
+from fmct.errors import Cancelled
 from fmct.models import FMCTClassifier
+from fmct.runtime import CancelCheck, Progress, check_explain_method
 
-METHODS = ("integrated_gradients", "occlusion", "attention", "attention_rollout")
-Progress = Callable[[float, str], None]
-CancelCheck = Callable[[], bool]
 
 
 def explain(
@@ -32,8 +29,7 @@ def explain(
     ig_steps: int = 16,
 ) -> np.ndarray:
     """Saliency of one finding's logit for one input x [1, C, D, H, W]."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown explanation method '{method}'; choose one of {', '.join(METHODS)}")
+    check_explain_method(method)
     if method.startswith("attention"):
         _report(progress, 1.0, method)
         return attention_map(model, x, rollout=method == "attention_rollout")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from fmct.dicom import read_dicom_series
 from fmct.errors import (
     AbsurdSpacingError,
     ConfigError,
@@ -23,15 +24,11 @@ from fmct.errors import (
     NotVolumeError,
     UnreadableInputError,
 )
-from fmct.volume import Volume
+from fmct.volume import FORMATS, Volume, format_suffix, validate_ct
 
 log = logging.getLogger("fmct.io")
 
-FORMATS = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage"}
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
-MAX_SPACING_MM = 20.0
-AIR_HU = -500.0
-MIN_SLICES = 3
 SUPPORTED = "a DICOM folder, " + ", ".join(FORMATS)
 
 
@@ -41,8 +38,6 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     if not path.exists():
         raise EmptyInputError(f"{path} does not exist. Check the path (and that the drive is mounted).")
     if path.is_dir() or _is_dicom_file(path):
-        from fmct.dicom import read_dicom_series  # fmct.dicom imports this module
-
         return read_dicom_series(path, series_uid)
     if series_uid is not None:
         raise ConfigError(f"series_uid (--series) applies to DICOM folders only, but {path.name} is an image file.")
@@ -64,59 +59,9 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     return path
 
 
-def validate_ct(volume: Volume, source: str) -> None:
-    """Refuse what cannot be a head CT in HU, whatever format it came from."""
-    _check_spacing(volume.spacing, source)
-    _check_is_3d(volume.array.shape, source)
-    _check_hounsfield(volume.array, source)
-
-
-# --------------------------------------------------------------------------------------------
-# Checks shared by all formats
-# --------------------------------------------------------------------------------------------
-
-def _check_spacing(spacing: tuple[float, ...], source: str) -> None:
-    if all(math.isfinite(s) and 0 < s <= MAX_SPACING_MM for s in spacing):
-        return
-    shown = " x ".join(f"{s:g}" for s in spacing)
-    raise AbsurdSpacingError(
-        f"{source}: voxel spacing {shown} mm is not plausible for a head CT (each axis must be above 0 and at most "
-        f"{MAX_SPACING_MM:g} mm). The file header is probably broken: re-export the CT, or fix the spacing in the header.")
-
-
-def _check_is_3d(shape_zyx: tuple[int, ...], source: str) -> None:
-    if min(shape_zyx) >= MIN_SLICES:
-        return
-    size = " x ".join(str(n) for n in shape_zyx[::-1])
-    raise NotVolumeError(
-        f"{source}: {size} voxels is a single slice or too thin to be a 3D head CT (at least {MIN_SLICES} voxels "
-        "are needed along every axis). Export the complete axial series, not a single image.")
-
-
-def _check_hounsfield(array: np.ndarray, source: str) -> None:
-    low, high = float(np.nanmin(array)), float(np.nanmax(array))
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise NotCTError(f"{source}: the image contains no finite values. Re-export the CT in Hounsfield units.")
-    if 0.0 <= low and high <= 1.0:
-        raise NotCTError(
-            f"{source}: all values lie in [0, 1]: this looks like a normalised image, a probability map or a mask, "
-            "not a CT in Hounsfield units. Give the original CT.")
-    if low > AIR_HU:
-        raise NotCTError(
-            f"{source}: no voxel is below {AIR_HU:g} HU (lowest {low:g}), but every head CT contains air at about "
-            "-1000 HU. Is this an MR, or a CT exported without rescale intercept? Export the original CT in "
-            "Hounsfield units.")
-
-
 # --------------------------------------------------------------------------------------------
 # Image files
 # --------------------------------------------------------------------------------------------
-
-def format_suffix(path: Path) -> str:
-    """The extension that decides the format ('.nii.gz' counts as one)."""
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
 
 def _is_dicom_file(path: Path) -> bool:
     if format_suffix(path) in DICOM_SUFFIXES:

@@ -1,7 +1,7 @@
 """Run a bundle's model.onnx with onnxruntime alone: the deployment path that needs no torch.
 
-The ONNX graph maps the model tensor [B, C, D, H, W] to logits [B, T]; calibration (temperature
-and sigmoid) is applied here in numpy, exactly as the torch path does. A model.onnx is only
+The ONNX graph maps the model tensor [B, C, D, H, W] to logits [B, T], the same face as the torch
+runner (`fmct.runners`), where the one calibration (temperature and sigmoid) is applied to both. A model.onnx is only
 trusted when fmct.json records that it was checked against the weights it sits next to:
 `fmct export --onnx` records the SHA-256 of both files, so an edited, swapped or stale
 model.onnx (the weights were retrained after the export) is refused instead of silently giving
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from fmct.bundle import ONNX_FILE, WEIGHTS_FILE, BundleMeta, read_bundle
 from fmct.errors import BundleError, ConfigError
+from fmct.runtime import device_index, parse_device
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -27,13 +28,6 @@ RECORD_FIELDS = ("opset", "max_abs_diff_probability", "checked_on", "onnxruntime
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def calibrated_probabilities(logits: np.ndarray, temperatures: Sequence[float]) -> np.ndarray:
-    """sigmoid(logit / temperature) per task, in numpy (stable for any logit)."""
-    z = np.asarray(logits, dtype=np.float64) / np.asarray(temperatures, dtype=np.float64)
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
 
 
 def check_onnx_record(meta: BundleMeta, members: dict[str, bytes], where: str) -> None:
@@ -64,21 +58,21 @@ def providers_for(device: str) -> list:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
+    device = parse_device(device)
     if device == "auto":
         return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    index = device.partition(":")[2]
-    if device == "cuda" or (device.startswith("cuda:") and index.isdigit()):
-        if "CUDAExecutionProvider" not in available:
-            raise ConfigError("device 'cuda' was asked for but this onnxruntime has no CUDA provider "
-                              "(install onnxruntime-gpu); use --device cpu or auto")
-        return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
-    raise ConfigError(f"unknown device '{device}'; choose auto, cpu, cuda or cuda:N")
+    if "CUDAExecutionProvider" not in available:
+        raise ConfigError(f"device '{device}' was asked for but this onnxruntime has no CUDA provider "
+                          "(install onnxruntime-gpu); use --device cpu or auto")
+    return [("CUDAExecutionProvider", {"device_id": device_index(device) or 0}), "CPUExecutionProvider"]
 
 
 class OnnxModel:
-    """An onnxruntime session over model.onnx: model tensor (numpy) in, logits out."""
+    """An onnxruntime session over model.onnx: model tensor (numpy) in, logits out (a runner without gradients)."""
+
+    module = None  # no torch module, so no explanations
 
     def __init__(self, onnx_bytes: bytes, device: str = "auto", threads: int | None = None) -> None:
         try:

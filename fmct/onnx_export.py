@@ -11,18 +11,19 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from fmct.atomic import write_bytes_atomic
 from fmct.bundle import ONNX_FILE, WEIGHTS_FILE, load_bundle, read_bundle, write_meta
 from fmct.errors import BundleError, ConfigError
-from fmct.onnx_backend import INPUT_NAME, OUTPUT_NAME, TOLERANCE, OnnxModel, calibrated_probabilities, sha256
+from fmct.onnx_backend import INPUT_NAME, OUTPUT_NAME, TOLERANCE, OnnxModel, sha256
 from fmct.preprocess import Preprocessor
+from fmct.runners import calibrated_probabilities
+from fmct.runtime import Progress
 
 DEFAULT_OPSET = 17  # first opset with LayerNormalization as one op
-Progress = Callable[[float, str], None]
 
 
 def export_onnx(
@@ -62,7 +63,7 @@ def export_onnx(
     report(0.7, "checking onnxruntime against torch")
     temps = [t.temperature for t in meta.tasks]
     with torch.no_grad():
-        p_torch = torch.sigmoid(model(torch.from_numpy(x)) / torch.tensor(temps)).numpy()
+        p_torch = calibrated_probabilities(model(torch.from_numpy(x)).numpy(), temps)
     p_onnx = calibrated_probabilities(OnnxModel(onnx_bytes, device="cpu").logits(x), temps)
     diff = float(np.abs(p_onnx.astype(np.float64) - p_torch.astype(np.float64)).max())
     if not diff <= tolerance:

@@ -17,8 +17,9 @@ from fmct.volume import Volume  # noqa: E402
 
 
 def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_name: str = "", n_slices: int = 4) -> Path:
-    """Slices through the most salient region of the top positive finding, plus all probabilities."""
-    focus = max(result.positive, key=lambda f: f.probability).name if result.positive else None
+    """Slices through the most salient region of the primary finding, plus all probabilities."""
+    primary = result.primary_finding()
+    focus = primary.name if primary else None
     sal = result.saliency.get(focus) if focus else None
     slices = _pick_slices(ct, sal, n_slices)
     fig = plt.figure(figsize=(4 * n_slices, 8.5), dpi=80)

@@ -1,15 +1,25 @@
-"""The one in-memory CT representation every part of fmct speaks.
+"""The one in-memory CT representation every part of fmct speaks, and what makes one a head CT.
 
 Geometry follows ITK/DICOM (LPS physical space), so a Volume converts to and from SimpleITK
-without loss; Slicer's RAS is handled only at the Slicer boundary.
+without loss; Slicer's RAS is handled only at the Slicer boundary. `validate_ct` holds the sanity
+checks every reader (and every caller of the Analyzer) ends in, whatever the format.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+
+from fmct.errors import AbsurdSpacingError, NotCTError, NotVolumeError
+
+FORMATS = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage"}
+MAX_SPACING_MM = 20.0
+AIR_HU = -500.0
+MIN_SLICES = 3
 
 
 @dataclass
@@ -79,3 +89,53 @@ class Volume:
             and np.allclose(self.origin, other.origin, atol=atol)
             and np.allclose(self.direction, other.direction, atol=atol)
         )
+
+
+def format_suffix(path: Path) -> str:
+    """The extension that decides the format ('.nii.gz' counts as one)."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def validate_ct(volume: Volume, source: str) -> None:
+    """Refuse what cannot be a head CT in HU, whatever format it came from."""
+    _check_spacing(volume.spacing, source)
+    _check_is_3d(volume.array.shape, source)
+    _check_hounsfield(volume.array, source)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks shared by all formats
+# --------------------------------------------------------------------------------------------
+
+def _check_spacing(spacing: tuple[float, ...], source: str) -> None:
+    if all(math.isfinite(s) and 0 < s <= MAX_SPACING_MM for s in spacing):
+        return
+    shown = " x ".join(f"{s:g}" for s in spacing)
+    raise AbsurdSpacingError(
+        f"{source}: voxel spacing {shown} mm is not plausible for a head CT (each axis must be above 0 and at most "
+        f"{MAX_SPACING_MM:g} mm). The file header is probably broken: re-export the CT, or fix the spacing in the header.")
+
+
+def _check_is_3d(shape_zyx: tuple[int, ...], source: str) -> None:
+    if min(shape_zyx) >= MIN_SLICES:
+        return
+    size = " x ".join(str(n) for n in shape_zyx[::-1])
+    raise NotVolumeError(
+        f"{source}: {size} voxels is a single slice or too thin to be a 3D head CT (at least {MIN_SLICES} voxels "
+        "are needed along every axis). Export the complete axial series, not a single image.")
+
+
+def _check_hounsfield(array: np.ndarray, source: str) -> None:
+    low, high = float(np.nanmin(array)), float(np.nanmax(array))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise NotCTError(f"{source}: the image contains no finite values. Re-export the CT in Hounsfield units.")
+    if 0.0 <= low and high <= 1.0:
+        raise NotCTError(
+            f"{source}: all values lie in [0, 1]: this looks like a normalised image, a probability map or a mask, "
+            "not a CT in Hounsfield units. Give the original CT.")
+    if low > AIR_HU:
+        raise NotCTError(
+            f"{source}: no voxel is below {AIR_HU:g} HU (lowest {low:g}), but every head CT contains air at about "
+            "-1000 HU. Is this an MR, or a CT exported without rescale intercept? Export the original CT in "
+            "Hounsfield units.")

@@ -162,7 +162,7 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         report = progress or (lambda fraction, message: None)
         self._cancelRequested = False
         self.dependencies.requireEngine()
-        from fmct.io import validate_ct
+        from fmct.volume import validate_ct
 
         started = time.perf_counter()
         report(0.0, "reading the input volume")

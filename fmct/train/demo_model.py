@@ -22,7 +22,6 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from fmct.analyze import resolve_device
 from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle, write_meta
 from fmct.errors import ConfigError
 from fmct.evaluate import auroc, pointing_game, saliency_in_mask
@@ -33,6 +32,7 @@ from fmct.preprocess import Preprocessor, PreprocessSpec
 from fmct.train.calibration import fit_temperature, youden_threshold
 from fmct.train.finetune import layer_decay_groups
 from fmct.train.supervised import SupervisedConfig, positive_weights, predict_logits, tensor_batches, train_classifier
+from fmct.runtime import EXPLAIN_METHODS, torch_device
 
 log = logging.getLogger("fmct.train.demo_model")
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
+    device = torch_device(args.device)
     spec = PreprocessSpec()
     train_cfg = SupervisedConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay)  # a bad bundle fails before the phantoms
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     log.info("wrote %s; measuring saliency", args.out)
     meta.metrics["saliency"] = measure_saliency(model.to(device), spec, device, args.saliency_cases,
-                                                ["integrated_gradients", "occlusion", "attention"])
+                                                [m for m in EXPLAIN_METHODS if m != "attention_rollout"])
     write_meta(meta, args.out)
     log.info("saliency metrics added to %s", args.out)
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fmct.runtime import torch_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -45,12 +47,16 @@ def init_from_env(device_kind: str = "cpu", timeout_s: float = 600.0) -> DistInf
 
 
 def device_for(info: DistInfo, requested: str = "auto") -> torch.device:
-    """The device of this process: its local GPU under torchrun, else the requested one."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
+    """The device of this process: its local GPU under torchrun, else the requested one (checked)."""
+    device = torch_device(requested)
+    if device.type == "cuda" and device.index is None:
         return torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
-    return torch.device(requested)
+    return device
+
+
+def process_group_kind(requested: str = "auto") -> str:
+    """'cuda' when this run's processes use GPUs (NCCL), else 'cpu' (gloo)."""
+    return torch_device(requested).type
 
 
 def barrier() -> None:

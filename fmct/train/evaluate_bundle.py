@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -16,9 +15,9 @@ from fmct.analyze import Analyzer
 from fmct.data import CachedVolumeDataset, collate_skip_none, load_manifest
 from fmct.errors import ConfigError
 from fmct.evaluate import evaluation_report, format_table, plot_roc, write_report_json
+from fmct.runtime import Progress
 
 log = logging.getLogger("fmct.evaluate")
-Progress = Callable[[float, str], None]
 
 
 def predict_dataset(analyzer: Analyzer, source: str, cache_dir: str, layout: str = "auto",

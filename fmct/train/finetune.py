@@ -14,12 +14,11 @@ import logging
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from fmct.analyze import resolve_device
 from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle
 from fmct.config_file import read_config_file
 from fmct.data import CachedVolumeDataset, Manifest, Study, collate_skip_none, load_manifest
@@ -28,11 +27,11 @@ from fmct.evaluate import evaluation_report
 from fmct.models import FMCTClassifier, preset
 from fmct.preprocess import PreprocessSpec
 from fmct.train.calibration import fit_temperature, youden_threshold
-from fmct.train.distributed import barrier, device_for, distributed_sampler, init_from_env, wrap_ddp
+from fmct.train.distributed import barrier, device_for, distributed_sampler, init_from_env, process_group_kind, wrap_ddp
 from fmct.train.supervised import SupervisedConfig, positive_weights, predict_logits, train_classifier
+from fmct.runtime import CancelCheck, Progress
 
 log = logging.getLogger("fmct.train.finetune")
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -146,14 +145,13 @@ class FinetuneResult:
     model: FMCTClassifier
 
 
-def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> FinetuneResult:
+def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: CancelCheck | None = None) -> FinetuneResult:
     """Run one fine-tuning job, on one device or under torchrun (DDP; rank 0 calibrates and writes)."""
     if not cfg.data:
         raise ConfigError("finetune: 'data' (a manifest CSV or a folder of studies) is required")
     torch.manual_seed(cfg.seed)
     report = progress or (lambda f, m: None)
-    resolve_device(cfg.device)  # validates the choice with a clear error
-    info = init_from_env("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    info = init_from_env(process_group_kind(cfg.device))  # also refuses an unknown or absent device
     device = device_for(info, cfg.device)
     manifest = load_manifest(cfg.data, cfg.layout)
     tasks = cfg.tasks or manifest.tasks

@@ -40,9 +40,9 @@ from fmct.ssl.masking import sample_masks
 from fmct.ssl.meta_arch import SelfDistillation
 from fmct.train import checkpoint as ckpt
 from fmct.train import distributed as ddp
+from fmct.runtime import CancelCheck, Progress, autocast
 
 log = logging.getLogger("fmct.train.pretrain")
-Progress = Callable[[float, str], None]
 
 CONFIG_FILE = "config.json"
 LOSS_LOG = "losses.jsonl"
@@ -279,14 +279,14 @@ def _truncate_log(path: Path, step: int) -> list[dict[str, float]]:
 
 
 def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset: VolumeDataset | None = None,
-             progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> PretrainResult:
+             progress: Progress | None = None, cancel: CancelCheck | None = None) -> PretrainResult:
     """Run (or continue, with resume=True) self-supervised pretraining into run_dir.
 
     Raises Cancelled when cancel() turns true and KeyboardInterrupt on Ctrl-C, in both cases
     after writing a checkpoint that --resume continues from.
     """
     run_dir = Path(run_dir)
-    kind = "cuda" if cfg.run.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+    kind = ddp.process_group_kind(cfg.run.device)
     info = ddp.init_from_env(kind)
     device = ddp.device_for(info, kind if cfg.run.device == "auto" else cfg.run.device)
     if cfg.run.num_threads > 0:
@@ -341,7 +341,6 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
 
     total = cfg.optim.steps
     sleep_s = float(os.environ.get(_STEP_SLEEP_ENV, "0") or 0)
-    amp = device.type == "cuda"
     step, saved_at = start, start
     watch = CollapseWatch(cfg)
     log_file = open(log_path, "a") if info.is_main else None
@@ -359,7 +358,7 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batches(step).items()}
                 temp = teacher_temperature(step, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp, cfg.dino.warmup_teacher_temp_steps)
                 momentum = teacher_momentum(step, total, cfg.optim.momentum_teacher, cfg.optim.final_momentum_teacher)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                with autocast(device):
                     losses = model(batch, temp, student)
                 if not torch.isfinite(losses["loss"]):
                     raise FloatingPointError(f"pretraining loss is {float(losses['loss'])} at step {step + 1}; lower optim.lr")

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from fmct.errors import Cancelled
 from fmct.models import FMCTClassifier
+from fmct.runtime import CancelCheck, Progress, autocast
 
-Progress = Callable[[float, str], None]
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> (x, y) batches
 
 
@@ -75,7 +75,7 @@ def train_classifier(
     device: torch.device,
     param_groups: list[dict] | None = None,
     progress: Progress | None = None,
-    cancel: Callable[[], bool] | None = None,
+    cancel: CancelCheck | None = None,
 ) -> list[float]:
     """AdamW with warm-up + cosine decay, bf16 autocast on CUDA; returns the mean loss per epoch."""
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -98,7 +98,7 @@ def train_classifier(
                 group["lr"] = group["base_lr"] * schedule(step)
             xb = augment(xb.to(device, non_blocking=True).float(), gen)
             yb = yb.to(device).float()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 logits = model(xb)
             loss = masked_bce(logits.float(), yb, pos_weight)
             opt.zero_grad(set_to_none=True)
@@ -123,6 +123,6 @@ def predict_logits(model: FMCTClassifier, x: torch.Tensor | Iterable[torch.Tenso
     chunks = (x[i : i + batch_size] for i in range(0, len(x), batch_size)) if torch.is_tensor(x) else x
     out = []
     for xb in chunks:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             out.append(model(xb.to(device).float()).float().cpu())
     return torch.cat(out).numpy()

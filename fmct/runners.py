@@ -1,0 +1,85 @@
+"""The two ways to run a bundle's model, with one face: a model tensor in, logits out.
+
+`TorchRunner` holds the torch module (so it can also explain); `fmct.onnx_backend.OnnxModel` runs
+the checked model.onnx with onnxruntime alone (findings only, torch never imported). The Analyzer
+talks to either through `logits(array)` and `device`, calibrates once with
+`calibrated_probabilities`, and offers explanations exactly when `runner.module` is not None.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+import numpy as np
+
+from fmct.bundle import Bundle, default_bundle_path, load_bundle
+from fmct.errors import ConfigError
+from fmct.runtime import autocast, parse_device, torch_device
+
+if TYPE_CHECKING:
+    import torch
+
+BACKENDS = ("torch", "onnx")
+
+
+class Runner(Protocol):
+    """What the Analyzer needs of a backend."""
+
+    device: str
+    module: Any  # the torch module when there is one (explanations need it), else None
+
+    def logits(self, array: np.ndarray) -> np.ndarray:
+        """[B, C, D, H, W] float32 model tensor -> [B, T] float32 logits."""
+
+
+class TorchRunner:
+    """A bundle's torch model on a device: bf16 autocast and SDPA attention on CUDA, optional torch.compile."""
+
+    def __init__(self, module: "torch.nn.Module", device: str = "auto", compile: bool = False) -> None:
+        import torch
+
+        self.torch_device = torch_device(device)
+        self.device = str(self.torch_device)
+        self.module = module.to(self.torch_device).eval()
+        self._forward = torch.compile(self.module) if compile else self.module
+
+    def logits(self, array: "np.ndarray | torch.Tensor") -> np.ndarray:
+        import torch
+
+        x = torch.as_tensor(array).to(self.torch_device, non_blocking=True)
+        with torch.no_grad(), autocast(self.torch_device):
+            return self._forward(x).float().cpu().numpy()
+
+    def to_device(self, tensor: "torch.Tensor") -> "torch.Tensor":
+        return tensor.to(self.torch_device)
+
+
+def calibrated_probabilities(logits: np.ndarray, temperatures: Sequence[float]) -> np.ndarray:
+    """sigmoid(logit / temperature) per task, in numpy (stable for any logit): the one calibration."""
+    z = np.asarray(logits, dtype=np.float64) / np.asarray(temperatures, dtype=np.float64)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+
+
+def load_runner(bundle: Bundle | str | Path | None = None, backend: str = "torch", device: str = "auto",
+                compile: bool = False, threads: int | None = None) -> tuple[Bundle, Runner]:
+    """A bundle (the bundled demo model when None) and a runner for it on the chosen backend."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    device = parse_device(device)
+    if backend == "onnx":
+        if compile:
+            raise ConfigError("compile applies to the torch backend only")
+        from fmct.onnx_backend import load_onnx_bundle
+
+        where = bundle.path if isinstance(bundle, Bundle) else bundle
+        where = Path(where) if where is not None else default_bundle_path()
+        meta, model = load_onnx_bundle(where, device, threads)
+        return Bundle(meta, None, where), model
+    if isinstance(bundle, Bundle) and bundle.model is None:
+        if bundle.path is None:
+            raise ConfigError("this Bundle has no torch model and no path to load one from")
+        bundle = load_bundle(bundle.path)
+    elif not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle if bundle is not None else default_bundle_path())
+    return bundle, TorchRunner(bundle.model, device, compile)

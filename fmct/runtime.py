@@ -1,0 +1,112 @@
+"""The engine's run-time conventions, in one torch-free place.
+
+Progress and cancel: every long engine function takes an optional ``progress(fraction, message)``
+callback and an optional ``cancel()`` check; the CLI maps progress to tqdm, scripts and the Slicer
+modules read JSON lines. Devices: the user names one device string ("auto", "cpu", "cuda",
+"cuda:N"); it is checked here, once, and resolved to torch or onnxruntime terms by the caller's
+backend. Autocast: bf16 on CUDA, nothing on CPU. Explanation methods: their names live here so the
+CLI and the Slicer module offer exactly what `fmct.explain` implements.
+
+torch is imported inside the functions that need it, so the onnxruntime path never imports it.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
+
+from fmct.errors import Cancelled, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+Progress = Callable[[float, str], None]
+CancelCheck = Callable[[], bool]
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+EXPLAIN_METHODS = ("integrated_gradients", "occlusion", "attention", "attention_rollout")
+DEFAULT_EXPLAIN = "integrated_gradients"
+
+
+def no_progress(fraction: float, message: str) -> None:
+    """The progress callback of callers that did not ask for one."""
+
+
+def report_to(progress: Progress | None) -> Progress:
+    """A callable progress reporter, whether or not the caller gave one."""
+    return progress or no_progress
+
+
+def sub_progress(progress: Progress | None, lo: float, hi: float, prefix: str = "") -> Progress:
+    """A progress callback for one stage that fills [lo, hi] of the caller's bar."""
+    report = report_to(progress)
+
+    def sub(fraction: float, message: str) -> None:
+        report(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), f"{prefix}{message}" if prefix else message)
+
+    return sub
+
+
+def check_cancel(cancel: CancelCheck | None, what: str = "Analysis") -> None:
+    """Raise Cancelled when the caller's cancel check says so."""
+    if cancel is not None and cancel():
+        raise Cancelled(f"{what} cancelled")
+
+
+def parse_device(device: str | None) -> str:
+    """Check a user's device name and return it normalised: auto, cpu, cuda or cuda:N.
+
+    Names only; whether that device exists is for `torch_device` / the onnxruntime providers.
+    """
+    name = (device or "auto").strip().lower()
+    if name in ("auto", "cpu", "cuda"):
+        return name
+    if name.startswith("cuda:") and name[5:].isdigit():
+        return name
+    raise ConfigError(f"unknown device '{device}'; choose auto, cpu, cuda or cuda:N")
+
+
+def device_index(device: str) -> int | None:
+    """N of cuda:N, else None."""
+    name = parse_device(device)
+    return int(name[5:]) if name.startswith("cuda:") else None
+
+
+def torch_device(device: str | None = "auto") -> "torch.device":
+    """The torch device for a user's device name, refusing a GPU that is not there."""
+    import torch
+
+    name = parse_device(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{name}' was asked for but no CUDA GPU is available; use --device cpu or auto")
+        index = device_index(name)
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return torch.device(name)
+
+
+def autocast(device: "torch.device | str") -> ContextManager[Any]:
+    """bf16 autocast on CUDA (where SDPA dispatches to flash / memory-efficient attention), else nothing."""
+    kind = device if isinstance(device, str) else device.type
+    if str(kind).startswith("cuda"):
+        import torch
+
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def check_explain_method(method: str | None) -> None:
+    """Refuse an explanation method fmct.explain does not implement (None means no explanation)."""
+    if method is not None and method not in EXPLAIN_METHODS:
+        raise ConfigError(f"unknown explanation method '{method}'; choose one of {', '.join(EXPLAIN_METHODS)} or none")
+
+
+def explain_method_or_none(method: str | None) -> str | None:
+    """A user's --explain value: 'none' (any case) or empty means no explanation."""
+    if method is None or str(method).strip().lower() in ("", "none"):
+        return None
+    method = str(method).strip().lower()
+    check_explain_method(method)
+    return method
