@@ -87,3 +87,35 @@ def test_spec_validation_names_the_field():
 
 def test_ras_orientation_flips_axes():
     np.testing.assert_array_equal(orientation_direction("RAS"), np.diag([-1.0, -1.0, 1.0]))
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, 1.0, -1.0]), np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0.0]])],
+                         ids=["LPS", "flipped", "permuted"])
+def test_map_back_matches_itk_linear_resampling(direction):
+    """The separable map back is ITK's trilinear resampling, up to float rounding, in any axis order."""
+    import SimpleITK as sitk
+
+    ct, _ = ball_ct(shape_zyx=(37, 101, 90), spacing=(0.9, 1.3, 4.5), direction=direction, origin=(-40.3, 17.1, -60.0))
+    pre = Preprocessor(SPEC)
+    mi = pre(ct)
+    model_map = np.random.default_rng(0).random(SPEC.tensor_shape, dtype=np.float32)
+    fast = pre.to_input_grid(model_map, mi)
+    itk = mi.input_grid.resample(mi.model_grid.image(model_map), sitk.sitkLinear, 0.0)
+    assert fast.same_grid(ct)
+    np.testing.assert_allclose(fast.array, itk, atol=2e-5)
+
+
+def test_padding_below_air_counts_as_air():
+    """Real CTs pad outside the reconstruction circle with -2048 or -3024 HU; the model sees air there."""
+    ct, _ = ball_ct()
+    padded = ct.array.copy()
+    outside = np.zeros(padded.shape, bool)
+    outside[:, :14, :] = True  # the edge of the field of view, where the head also begins
+    padded[outside & (padded < -900)] = -3024.0
+    padded[:, 14, :] = np.where(padded[:, 14, :] < -900, -2048.0, padded[:, 14, :])
+    assert (padded[:, :14, :] > 0).any()  # the padded rows also cut through the head
+    as_air = np.maximum(padded, -1024.0)  # what "treated as air" means: no darker than air
+    a = Preprocessor(SPEC)(ct.with_array(as_air)).array
+    b = Preprocessor(SPEC)(ct.with_array(padded)).array
+    assert np.abs(a - b).max() < 1e-6
+    assert np.abs(b - Preprocessor(SPEC)(ct).array).max() < 0.02  # and close to the unpadded CT (air -1000 here)

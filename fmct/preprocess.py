@@ -5,6 +5,13 @@ spacing, fixed size, centred on the head) and turns HU into one channel per wind
 inverse map resamples anything computed on that grid (saliency, attention) back onto the
 input's own grid. Both use the same geometry record, so an overlay cannot drift from the
 CT it explains.
+
+The same physical CT gives the same tensor however it is stored (axis order, flips, format,
+origin moved with the grid): the array is first reoriented losslessly to the canonical axes
+(a transpose and flips, which numpy does as a view, no copy), and the block averaging, the head
+centre and the resampling all happen there. Only a truly oblique grid is interpolated, after the
+same lossless step has brought it within 45 degrees of the canonical axes. The block averaging
+runs over slabs, so a 2 GB int16 CT is never copied whole to float32.
 """
 from __future__ import annotations
 
@@ -164,16 +171,34 @@ class Preprocessor:
         self.direction = orientation_direction(spec.orientation)
 
     def __call__(self, volume: Volume) -> ModelInput:
-        image = volume.to_sitk()
-        if image.GetPixelID() != sitk.sitkFloat32:
-            image = sitk.Cast(image, sitk.sitkFloat32)
-        if self.spec.antialias:
-            image = self._antialias(image)
+        canonical = canonical_view(volume, self.direction)
+        image = self.reduced_image(canonical)
         center = head_center(image)
         grid = self.model_grid(center)
         hu = grid.resample(image, sitk.sitkLinear, AIR_HU)
         channels = np.stack([w.apply(hu) for w in self.spec.windows]).astype(np.float32)
         return ModelInput(channels[None], grid, Grid.of(volume), center)
+
+    def block_factors(self, canonical: "CanonicalView") -> tuple[int, int, int]:
+        """Voxels averaged per block along each canonical (x, y, z) axis.
+
+        Plain interpolation of a 0.5 mm series onto a 3 mm grid samples the noise instead of
+        averaging it; box-averaging first keeps thin- and thick-slice inputs looking alike to
+        the model, and makes the resampling that follows ~30x cheaper on a thin series.
+        """
+        if not self.spec.antialias:
+            return (1, 1, 1)
+        target = float(min(self.spec.spacing_mm))
+        return tuple(max(1, int(target // s)) if n >= 4 else 1 for s, n in zip(canonical.spacing, canonical.size))
+
+    def reduced_image(self, canonical: "CanonicalView") -> sitk.Image:
+        """The canonical CT block-averaged (float32 HU, values below air clamped to air), as an image."""
+        factors = self.block_factors(canonical)
+        array = block_average(canonical.array, factors[::-1], floor=AIR_HU)
+        spacing = np.asarray(canonical.spacing) * np.asarray(factors)
+        # A block's value sits at the centre of the voxels it averages.
+        origin = np.asarray(canonical.origin) + canonical.direction @ (np.asarray(canonical.spacing) * (np.asarray(factors) - 1) / 2.0)
+        return Grid(tuple(int(n) for n in array.shape[::-1]), tuple(spacing), tuple(origin), canonical.direction).image(array)
 
     def model_grid(self, center: Sequence[float]) -> Grid:
         spacing = np.asarray(self.spec.spacing_mm, dtype=np.float64)
@@ -182,35 +207,37 @@ class Preprocessor:
         return Grid(tuple(int(s) for s in self.spec.size), tuple(spacing), tuple(origin), self.direction.copy())
 
     def to_input_grid(self, model_map: np.ndarray, model_input: ModelInput, **meta: Any) -> Volume:
-        """Resample a [D, H, W] map on the model grid onto the input CT's grid (0 outside)."""
+        """Resample a [D, H, W] map on the model grid onto the input CT's grid (0 outside).
+
+        On an axis-aligned CT the model grid and the CT's canonical view share their axes, so
+        trilinear interpolation separates into three 1D passes, the last one written slab by slab
+        straight into the CT's own array order: the same values as ITK's linear resampling at a
+        fraction of its time. Oblique CTs go through ITK.
+        """
         expected = self.spec.tensor_shape
         if tuple(model_map.shape) != expected:
             raise ValueError(f"model map has shape {model_map.shape}, expected {expected}")
-        src = model_input.model_grid.image(model_map)
         dst = model_input.input_grid
-        array = dst.resample(src, sitk.sitkLinear, 0.0)
-        return Volume(array, dst.spacing, dst.origin, dst.direction.copy(), dict(meta))
+        grid = model_input.model_grid
+        out = Volume(np.empty(dst.size[::-1], np.float32), dst.spacing, dst.origin, dst.direction.copy(), dict(meta))
+        canonical = canonical_view(out, self.direction)
+        if canonical.axis_aligned and np.allclose(grid.direction, self.direction):
+            _separable_linear(np.asarray(model_map, np.float32), grid, canonical)
+        else:
+            out.array[...] = dst.resample(grid.image(model_map), sitk.sitkLinear, 0.0)
+        return out
 
     def to_model_grid(self, volume: Volume, model_input: ModelInput, nearest: bool = False) -> np.ndarray:
         """Resample something on the input grid (a lesion mask, say) onto the model grid."""
         interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
         return model_input.model_grid.resample(volume.to_sitk(), interp, 0.0)
 
-    def _antialias(self, image: sitk.Image) -> sitk.Image:
-        """Average blocks of voxels along input axes much finer than the model grid.
-
-        Plain interpolation of a 0.5 mm series onto a 3 mm grid samples the noise instead of
-        averaging it; box-averaging first keeps thin- and thick-slice inputs looking alike to
-        the model, and makes the resampling that follows ~30x cheaper on a thin series.
-        """
-        target = float(min(self.spec.spacing_mm))
-        factors = [max(1, int(target // s)) if n >= 4 else 1 for s, n in zip(image.GetSpacing(), image.GetSize())]
-        return sitk.BinShrink(image, factors) if any(f > 1 for f in factors) else image
 
 def head_center(image: sitk.Image) -> tuple[float, float, float]:
     """Physical centre of the largest connected non-air object (the head, not the couch).
 
-    Computed on a ~4 mm copy: precise enough to centre a crop, and cheap on 512x512x300.
+    Computed on a ~4 mm copy of the canonical, block-averaged CT: precise enough to centre a crop,
+    cheap on 512x512x300, and the same for every storage of the same CT.
     """
     factors = [max(1, int(round(4.0 / s))) for s in image.GetSpacing()]
     small = sitk.BinShrink(image, factors) if any(f > 1 for f in factors) else image
@@ -223,3 +250,129 @@ def head_center(image: sitk.Image) -> tuple[float, float, float]:
             "No head found: no voxel is above -300 HU. Check that the input is a CT in Hounsfield units."
         )
     return tuple(float(c) for c in stats.GetCentroid(1))
+
+
+# --------------------------------------------------------------------------------------------
+# Lossless reorientation and slab-wise block averaging
+# --------------------------------------------------------------------------------------------
+
+AXIS_ALIGNED_TOLERANCE = 1e-4  # |cos| of the axis angles within this of 1 counts as axis-aligned (< 0.9 degree)
+
+
+@dataclass
+class CanonicalView:
+    """The CT's voxels with their axes permuted and flipped to follow the canonical axes.
+
+    array is a numpy view of the Volume's array (no copy), indexed [z, y, x] along the canonical
+    axes; direction equals the canonical direction exactly when the input grid is axis-aligned,
+    and is the residual (< 45 degree) rotation otherwise.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: np.ndarray
+    axis_aligned: bool
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.array.shape[::-1])
+
+
+def canonical_view(volume: Volume, canonical_direction: np.ndarray) -> CanonicalView:
+    """Reorient a Volume to the canonical axes by permuting and flipping its array (lossless)."""
+    # Column j of m: input axis j expressed along the canonical axes.
+    m = np.asarray(canonical_direction).T @ volume.direction
+    axes = np.argmax(np.abs(m), axis=1)  # canonical axis a takes input axis axes[a]
+    if sorted(axes.tolist()) != [0, 1, 2]:  # two canonical axes closest to the same input axis: 45 degrees
+        axes = np.array(_best_permutation(m))
+    signs = np.sign(m[np.arange(3), axes])
+    size = np.asarray(volume.size)
+    spacing = np.asarray(volume.spacing)
+    # Index along each input axis of the canonical first voxel: 0, or the last index where flipped.
+    first = np.zeros(3)
+    for a in range(3):
+        if signs[a] < 0:
+            first[axes[a]] = size[axes[a]] - 1
+    origin = np.asarray(volume.origin) + volume.direction @ (spacing * first)
+    # numpy axis of ITK axis j is 2 - j; the canonical array is [z, y, x] = ITK axes (2, 1, 0).
+    array = np.transpose(volume.array, [2 - axes[2], 2 - axes[1], 2 - axes[0]])
+    flip = tuple(2 - a for a in range(3) if signs[a] < 0)
+    if flip:
+        array = np.flip(array, axis=flip)
+    aligned = bool(np.all(np.abs(np.abs(m[np.arange(3), axes]) - 1.0) <= AXIS_ALIGNED_TOLERANCE))
+    direction = np.asarray(canonical_direction, dtype=np.float64).copy() if aligned else volume.direction[:, axes] * signs
+    return CanonicalView(array, tuple(float(x) for x in spacing[axes]), tuple(float(x) for x in origin), direction, aligned)
+
+
+def _best_permutation(m: np.ndarray) -> tuple[int, int, int]:
+    """The axis assignment with the largest total |cos| (for grids near 45 degrees)."""
+    from itertools import permutations
+
+    return max(permutations(range(3)), key=lambda p: sum(abs(m[a, p[a]]) for a in range(3)))
+
+
+def block_average(array: np.ndarray, factors_zyx: Sequence[int], floor: float | None = None,
+                  slab_bytes: int = 64 << 20) -> np.ndarray:
+    """Mean of each factors_zyx block of array, as float32, reading the input one slab at a time.
+
+    Blocks start at index 0 of each axis; a last, partial block averages the voxels it has.
+    Values below floor (padding outside the field of view, e.g. -2048 or -3024 HU) count as floor
+    (air), so padding neither darkens the blocks at the edge of the field of view nor needs a copy.
+    Works on any strided view (a transposed or flipped array) and any numeric dtype.
+    """
+    fz, fy, fx = (int(f) for f in factors_zyx)
+    nz, ny, nx = array.shape
+    bz, by, bx = -(-nz // fz), -(-ny // fy), -(-nx // fx)
+    out = np.empty((bz, by, bx), np.float32)
+    count_y = np.minimum(fy, ny - fy * np.arange(by)).astype(np.float32)
+    count_x = np.minimum(fx, nx - fx * np.arange(bx)).astype(np.float32)
+    blocks_per_slab = max(1, slab_bytes // max(1, fz * ny * nx * 4))
+    slab = np.zeros((fz * blocks_per_slab, by * fy, bx * fx), np.float32)
+    for z0 in range(0, bz, blocks_per_slab):
+        z1 = min(bz, z0 + blocks_per_slab)
+        lo, hi = z0 * fz, min(nz, z1 * fz)
+        view = slab[: (z1 - z0) * fz]
+        view[:] = 0.0
+        view[: hi - lo, :ny, :nx] = array[lo:hi]
+        if floor is not None:
+            np.maximum(view[: hi - lo, :ny, :nx], floor, out=view[: hi - lo, :ny, :nx])
+        sums = view.reshape(z1 - z0, fz, by, fy, bx, fx).sum(axis=(1, 3, 5), dtype=np.float64)
+        count_z = np.minimum(fz, nz - fz * np.arange(z0, z1)).astype(np.float64)
+        out[z0:z1] = sums / (count_z[:, None, None] * count_y[None, :, None] * count_x[None, None, :])
+    return out
+
+
+def _axis_weights(n_out: int, out_origin: float, out_spacing: float, n_in: int, in_origin: float,
+                  in_spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbour indices and weights of 1D linear interpolation, as ITK does it.
+
+    ITK takes a point as inside when its continuous index lies in [-0.5, n - 0.5] and clamps the
+    neighbours to the buffer there; outside, the value is the default (0 here: no saliency).
+    """
+    u = (out_origin + out_spacing * np.arange(n_out) - in_origin) / in_spacing
+    inside = (u >= -0.5) & (u <= n_in - 0.5)
+    i0 = np.floor(u).astype(np.int64)
+    w1 = (u - i0).astype(np.float32)
+    w0 = (1.0 - w1).astype(np.float32)
+    w0[~inside] = 0.0
+    w1[~inside] = 0.0
+    return np.clip(i0, 0, n_in - 1), np.clip(i0 + 1, 0, n_in - 1), w0, w1
+
+
+def _separable_linear(model_map: np.ndarray, grid: Grid, canonical: CanonicalView, slab: int = 16) -> None:
+    """Trilinear resampling of a model-grid map into canonical.array (a view of the output), in place."""
+    # Both grids are along the canonical axes: positions along axis a are origin . d_a + spacing * index.
+    d = np.asarray(grid.direction)
+    weights = [
+        _axis_weights(canonical.size[a], float(np.dot(canonical.origin, d[:, a])), canonical.spacing[a],
+                      grid.size[a], float(np.dot(grid.origin, d[:, a])), grid.spacing[a])
+        for a in range(3)
+    ]
+    (x0, x1, wx0, wx1), (y0, y1, wy0, wy1), (z0, z1, wz0, wz1) = weights
+    along_x = model_map[:, :, x0] * wx0 + model_map[:, :, x1] * wx1  # [Dm, Hm, X]
+    along_y = along_x[:, y0, :] * wy0[None, :, None] + along_x[:, y1, :] * wy1[None, :, None]  # [Dm, Y, X]
+    target = canonical.array
+    for k in range(0, target.shape[0], slab):
+        ks = slice(k, min(k + slab, target.shape[0]))
+        target[ks] = along_y[z0[ks]] * wz0[ks, None, None] + along_y[z1[ks]] * wz1[ks, None, None]
