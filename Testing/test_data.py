@@ -29,7 +29,8 @@ from fmct.data import (
 from fmct.dicom import new_uid, write_dicom_series
 from fmct.errors import ConfigError
 from fmct.io import write_volume
-from fmct.phantom import TASKS, write_phantom_set
+from fmct.phantom import write_phantom_set
+from fmct.tasks import TASKS
 from fmct.preprocess import PreprocessSpec, Window
 from fmct_testing import ball_ct
 

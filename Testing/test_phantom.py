@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from fmct.errors import ConfigError
-from fmct.phantom import ANATOMY_PRESETS, HEMORRHAGE_TYPES, TASKS, make_phantom, write_phantom_set
+from fmct.phantom import ANATOMY_PRESETS, make_phantom, write_phantom_set
+from fmct.tasks import HEMORRHAGE_TYPES, TASKS
 
 SIZE = 128
 LESIONS = ("intraparenchymal", "intraventricular", "subarachnoid", "subdural", "epidural", "fracture")

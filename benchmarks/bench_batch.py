@@ -29,7 +29,7 @@ def base_bundle(work: Path) -> Path:
 
     from fmct.bundle import BundleMeta, Task, save_bundle
     from fmct.models import FMCTClassifier, preset
-    from fmct.phantom import TASKS
+    from fmct.tasks import TASKS
     from fmct.preprocess import PreprocessSpec
 
     target = work / "bundle_base"

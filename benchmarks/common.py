@@ -127,7 +127,7 @@ def demo_bundle(folder: Path) -> Path:
     import torch
 
     from fmct.models import FMCTClassifier, preset
-    from fmct.phantom import TASKS
+    from fmct.tasks import TASKS
     from fmct.preprocess import PreprocessSpec
 
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 A *manifest* is a list of `Study` records (where the CT is, which labels it has). It can be built
 from a folder of studies, from a CSV, or from the public layouts of RSNA Intracranial Hemorrhage
 2019 and CQ500, so training code never needs to know where the data came from. Labels use the
-task names of `fmct.phantom.TASKS`; a missing label is None (unlabeled data is fine for
+task names of `fmct.tasks.TASKS`; a missing label is None (unlabeled data is fine for
 pretraining).
 
 `CachedVolumeDataset` turns a manifest into tensors. Decoding DICOM and resampling dominates the
@@ -35,7 +35,7 @@ from fmct.dicom import read_dicom_files, read_header
 from fmct.errors import Cancelled, ConfigError, EmptyInputError, UnreadableInputError
 from fmct.io import read_volume
 from fmct.volume import FORMATS, format_suffix
-from fmct.phantom import TASKS
+from fmct.tasks import TASKS
 from fmct.preprocess import PreprocessSpec, Preprocessor
 from fmct.runtime import CancelCheck, Progress
 

@@ -27,26 +27,16 @@ from fmct.errors import ConfigError
 from fmct.evaluate import auroc, pointing_game, saliency_in_mask
 from fmct.explain import explain
 from fmct.models import FMCTClassifier, preset
-from fmct.phantom import HEMORRHAGE_TYPES, TASKS, make_phantom
+from fmct.phantom import make_phantom
 from fmct.preprocess import Preprocessor, PreprocessSpec
 from fmct.train.calibration import fit_temperature, youden_threshold
 from fmct.train.finetune import layer_decay_groups
 from fmct.train.supervised import SupervisedConfig, positive_weights, predict_logits, tensor_batches, train_classifier
 from fmct.runtime import EXPLAIN_METHODS, torch_device
+from fmct.tasks import HEMORRHAGE_TYPES, TASK_DESCRIPTIONS, TASKS
 
 log = logging.getLogger("fmct.train.demo_model")
 
-TASK_DESCRIPTIONS = {
-    "any_hemorrhage": "Any intracranial hemorrhage",
-    "intraparenchymal": "Intraparenchymal hemorrhage",
-    "intraventricular": "Intraventricular hemorrhage",
-    "subarachnoid": "Subarachnoid hemorrhage",
-    "subdural": "Subdural hematoma",
-    "epidural": "Epidural hematoma",
-    "fracture": "Skull fracture",
-    "mass_effect": "Mass effect",
-    "midline_shift": "Midline shift of 5 mm or more",
-}
 SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000, "saliency": 4_000_000}
 IN_PLANE_SIZES = (128, 160)
 
