@@ -1,4 +1,4 @@
-"""fmct.data: manifests from folder, CSV, RSNA ICH and CQ500 layouts built from generated DICOMs,
+"""fmct.manifests and fmct.data: manifests from folder, CSV, RSNA ICH and CQ500 layouts built from generated DICOMs,
 and the on-disk cache of preprocessed volumes (hits, misses, unreadable studies)."""
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import fmct.data as data
-from fmct.data import (
-    CachedVolumeDataset,
+import fmct.manifests as manifests
+from fmct.data import CachedVolumeDataset, collate_skip_none
+from fmct.manifests import (
     Study,
-    collate_skip_none,
     load_manifest,
     majority,
     manifest_from_cq500,
@@ -132,9 +132,9 @@ def rsna_tree(root: Path) -> tuple[Path, dict[str, list[str]]]:
     rows = [["ID", "Label"]]
     for i, name in enumerate(pos):
         bleed = int(i == 3)
-        rows += [[f"{name}_{sub}", str(bleed if sub in ("subdural", "any") else 0)] for sub in data.RSNA_SUBTYPES]
+        rows += [[f"{name}_{sub}", str(bleed if sub in ("subdural", "any") else 0)] for sub in manifests.RSNA_SUBTYPES]
     for name in neg:
-        rows += [[f"{name}_{sub}", "0"] for sub in data.RSNA_SUBTYPES]
+        rows += [[f"{name}_{sub}", "0"] for sub in manifests.RSNA_SUBTYPES]
     write_csv(root / "stage_2_train.csv", rows)
     return images, names
 
@@ -187,7 +187,7 @@ def test_cq500_majority_of_three_readers(tmp_path):
     first, second = manifest
     assert first.labels["any_hemorrhage"] == 1 and first.labels["subdural"] == 1 and first.labels["fracture"] == 0
     assert second.labels["any_hemorrhage"] == 0 and "BleedLocation-Left" not in first.labels
-    assert set(first.labels) == set(data.CQ500_FINDINGS.values())
+    assert set(first.labels) == set(manifests.CQ500_FINDINGS.values())
     assert manifest_from_cq500(tmp_path)[0].labels == {}
     assert majority([1, None, 0]) == 0 and majority([1, 1, None]) == 1 and majority([None]) is None
 

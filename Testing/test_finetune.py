@@ -6,7 +6,7 @@ import torch
 
 from fmct.analyze import Analyzer
 from fmct.bundle import load_bundle
-from fmct.data import Study
+from fmct.manifests import Study
 from fmct.errors import ConfigError
 from fmct.io import read_volume
 from fmct.models import FMCTClassifier

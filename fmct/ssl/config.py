@@ -40,7 +40,7 @@ class DataSection:
 
     source "tensors": a safetensors file whose tensor "x" is [N, C, D, H, W] of preprocessed
     model-grid volumes. source "phantoms": n synthetic head CTs made and preprocessed at start.
-    source "manifest": your CTs, `path` being anything fmct.data.load_manifest reads (a folder of
+    source "manifest": your CTs, `path` being anything fmct.manifests.load_manifest reads (a folder of
     DICOM/NIfTI studies, a CSV, the RSNA or CQ500 layout; labels are ignored), preprocessed once
     into cache_dir.
     """

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from fmct.analyze import Analyzer
-from fmct.data import CachedVolumeDataset, collate_skip_none, load_manifest
+from fmct.data import CachedVolumeDataset, collate_skip_none
 from fmct.errors import ConfigError
 from fmct.evaluate import evaluation_report, format_table, plot_roc, write_report_json
+from fmct.manifests import load_manifest
 from fmct.runtime import Progress
 
 log = logging.getLogger("fmct.evaluate")

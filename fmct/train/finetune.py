@@ -21,9 +21,10 @@ import torch
 
 from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle
 from fmct.config_file import read_config_file
-from fmct.data import CachedVolumeDataset, Manifest, Study, collate_skip_none, load_manifest
+from fmct.data import CachedVolumeDataset, collate_skip_none
 from fmct.errors import ConfigError
 from fmct.evaluate import evaluation_report
+from fmct.manifests import Manifest, Study, load_manifest
 from fmct.models import FMCTClassifier, preset
 from fmct.preprocess import PreprocessSpec
 from fmct.train.calibration import fit_temperature, youden_threshold

@@ -93,7 +93,8 @@ def make_phantom_tensors(n: int, seed: int, spacing_mm: Sequence[float], size: S
 def load_dataset(cfg: SSLConfig) -> Any:
     d = cfg.data
     if d.source == "manifest":
-        from fmct.data import CachedVolumeDataset, load_manifest
+        from fmct.data import CachedVolumeDataset
+        from fmct.manifests import load_manifest
         from fmct.preprocess import PreprocessSpec
 
         spec = PreprocessSpec(spacing_mm=tuple(d.spacing_mm), size=tuple(d.size))
