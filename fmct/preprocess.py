@@ -209,23 +209,16 @@ class Preprocessor:
     def to_input_grid(self, model_map: np.ndarray, model_input: ModelInput, **meta: Any) -> Volume:
         """Resample a [D, H, W] map on the model grid onto the input CT's grid (0 outside).
 
-        On an axis-aligned CT the model grid and the CT's canonical view share their axes, so
-        trilinear interpolation separates into three 1D passes, the last one written slab by slab
-        straight into the CT's own array order: the same values as ITK's linear resampling at a
-        fraction of its time. Oblique CTs go through ITK.
+        ITK's threaded linear resampling, straight onto the CT's own grid in its own storage order
+        (measured: a separable numpy pass over the canonical view was 1.1-2x slower on 2 cores).
         """
         expected = self.spec.tensor_shape
         if tuple(model_map.shape) != expected:
             raise ValueError(f"model map has shape {model_map.shape}, expected {expected}")
+        src = model_input.model_grid.image(model_map)
         dst = model_input.input_grid
-        grid = model_input.model_grid
-        out = Volume(np.empty(dst.size[::-1], np.float32), dst.spacing, dst.origin, dst.direction.copy(), dict(meta))
-        canonical = canonical_view(out, self.direction)
-        if canonical.axis_aligned and np.allclose(grid.direction, self.direction):
-            _separable_linear(np.asarray(model_map, np.float32), grid, canonical)
-        else:
-            out.array[...] = dst.resample(grid.image(model_map), sitk.sitkLinear, 0.0)
-        return out
+        array = dst.resample(src, sitk.sitkLinear, 0.0)
+        return Volume(array, dst.spacing, dst.origin, dst.direction.copy(), dict(meta))
 
     def to_model_grid(self, volume: Volume, model_input: ModelInput, nearest: bool = False) -> np.ndarray:
         """Resample something on the input grid (a lesion mask, say) onto the model grid."""
@@ -342,37 +335,3 @@ def block_average(array: np.ndarray, factors_zyx: Sequence[int], floor: float | 
         out[z0:z1] = sums / (count_z[:, None, None] * count_y[None, :, None] * count_x[None, None, :])
     return out
 
-
-def _axis_weights(n_out: int, out_origin: float, out_spacing: float, n_in: int, in_origin: float,
-                  in_spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Neighbour indices and weights of 1D linear interpolation, as ITK does it.
-
-    ITK takes a point as inside when its continuous index lies in [-0.5, n - 0.5] and clamps the
-    neighbours to the buffer there; outside, the value is the default (0 here: no saliency).
-    """
-    u = (out_origin + out_spacing * np.arange(n_out) - in_origin) / in_spacing
-    inside = (u >= -0.5) & (u <= n_in - 0.5)
-    i0 = np.floor(u).astype(np.int64)
-    w1 = (u - i0).astype(np.float32)
-    w0 = (1.0 - w1).astype(np.float32)
-    w0[~inside] = 0.0
-    w1[~inside] = 0.0
-    return np.clip(i0, 0, n_in - 1), np.clip(i0 + 1, 0, n_in - 1), w0, w1
-
-
-def _separable_linear(model_map: np.ndarray, grid: Grid, canonical: CanonicalView, slab: int = 16) -> None:
-    """Trilinear resampling of a model-grid map into canonical.array (a view of the output), in place."""
-    # Both grids are along the canonical axes: positions along axis a are origin . d_a + spacing * index.
-    d = np.asarray(grid.direction)
-    weights = [
-        _axis_weights(canonical.size[a], float(np.dot(canonical.origin, d[:, a])), canonical.spacing[a],
-                      grid.size[a], float(np.dot(grid.origin, d[:, a])), grid.spacing[a])
-        for a in range(3)
-    ]
-    (x0, x1, wx0, wx1), (y0, y1, wy0, wy1), (z0, z1, wz0, wz1) = weights
-    along_x = model_map[:, :, x0] * wx0 + model_map[:, :, x1] * wx1  # [Dm, Hm, X]
-    along_y = along_x[:, y0, :] * wy0[None, :, None] + along_x[:, y1, :] * wy1[None, :, None]  # [Dm, Y, X]
-    target = canonical.array
-    for k in range(0, target.shape[0], slab):
-        ks = slice(k, min(k + slab, target.shape[0]))
-        target[ks] = along_y[z0[ks]] * wz0[ks, None, None] + along_y[z1[ks]] * wz1[ks, None, None]

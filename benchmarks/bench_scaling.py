@@ -1,0 +1,137 @@
+"""Cost that grows with the work, not the file: read, preprocess, map back and write, by CT size.
+
+Three CTs stored as uncompressed int16 NIfTI: 5 mm (512x512x40), thin (512x512x300) and very large
+(1024x1024x1000, 2 GB). Each stage is timed in a fresh process per CT, whose peak RSS is reported
+(beyond the imports) against the int16 size of the input. The baseline in the same run is the ITK
+preprocessing fmct used before: the CT cast to float32 whole, then sitk.BinShrink (fmct now
+reorients losslessly and block-averages slab by slab). Both map back with ITK's resampling.
+Ratios above 1: fmct's path is faster / smaller. The mapping back and writing of one saliency map
+should cost far less than reading the CT.
+
+    python benchmarks/bench_scaling.py                 # all three (the large one needs ~8 GB of RAM and 2 GB disk)
+    python benchmarks/bench_scaling.py --kinds thick thin
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import emit, head_ct, machine
+
+SHAPES = {"thick": (40, 512, 512), "thin": (300, 512, 512), "large": (1000, 1024, 1024)}
+
+
+def write_ct(kind: str, folder: Path) -> Path:
+    """The benchmark CT of `kind` as an uncompressed int16 NIfTI (the large one upsampled from the thin one)."""
+    import SimpleITK as sitk
+
+    path = folder / f"{kind}.nii"
+    if path.exists():
+        return path
+    base = head_ct("thin" if kind == "large" else kind)
+    image = base.to_sitk()
+    if kind == "large":
+        nz, ny, nx = SHAPES[kind]
+        size = image.GetSize()
+        spacing = [image.GetSpacing()[0] * size[0] / nx, image.GetSpacing()[1] * size[1] / ny,
+                   image.GetSpacing()[2] * size[2] / nz]
+        image = sitk.Resample(image, [nx, ny, nz], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
+                              image.GetDirection(), -1024.0, sitk.sitkInt16)
+    else:
+        image = sitk.Cast(image, sitk.sitkInt16)
+    sitk.WriteImage(image, str(path), useCompression=False)
+    return path
+
+
+def run_stages(path: str, mode: str) -> dict:
+    """In this (fresh) process: each stage once, its seconds, and the peak RSS."""
+    import SimpleITK as sitk
+
+    from fmct.bundle import default_bundle_path, read_bundle
+    from fmct.io import read_volume, write_volume
+    from fmct.outputs import quantize_saliency
+    from fmct.preprocess import Preprocessor
+
+    spec = read_bundle(default_bundle_path())[0].preprocessing
+    pre = Preprocessor(spec)
+    out: dict = {"rss_after_imports_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    t = time.perf_counter()
+    volume = read_volume(path)
+    out["read_s"] = time.perf_counter() - t
+    out["rss_after_read_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    if mode == "fmct":
+        mi = pre(volume)
+    else:  # the ITK path: a whole float32 copy, BinShrink, then the same centring and resampling
+        from fmct.preprocess import AIR_HU, Grid, ModelInput, head_center
+
+        image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
+        target = float(min(spec.spacing_mm))
+        factors = [max(1, int(target // s)) for s in image.GetSpacing()]
+        image = sitk.BinShrink(image, factors)
+        centre = head_center(image)
+        grid = pre.model_grid(centre)
+        hu = grid.resample(image, sitk.sitkLinear, AIR_HU)
+        mi = ModelInput(np.stack([w.apply(hu) for w in spec.windows]).astype(np.float32)[None], grid, Grid.of(volume), centre)
+    out["preprocess_s"] = time.perf_counter() - t
+    model_map = mi.array[0, 0] / max(float(mi.array[0, 0].max()), 1e-6)
+    t = time.perf_counter()
+    if mode == "fmct":
+        back = pre.to_input_grid(model_map, mi)
+    else:
+        back = volume.with_array(mi.input_grid.resample(mi.model_grid.image(model_map), sitk.sitkLinear, 0.0))
+    out["map_back_s"] = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        write_volume(quantize_saliency(back), Path(tmp) / "saliency.nii.gz")
+        out["write_map_s"] = time.perf_counter() - t
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def measure(path: Path, mode: str) -> dict:
+    code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_scaling as b; "
+            f"print(json.dumps(b.run_stages({str(path)!r}, {mode!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--dir", help="where the CTs are written (kept for re-runs); default a temporary folder")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="fmct_scaling_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {"machine": machine(), "cts": {}}
+    for kind in args.kinds:
+        path = write_ct(kind, folder)
+        input_mb = np.prod(SHAPES[kind]) * 2 / 2**20
+        row = {"shape_zyx": SHAPES[kind], "input_int16_mb": round(float(input_mb), 1)}
+        for mode in ("itk", "fmct"):
+            row[mode] = measure(path, mode)
+        new, old = row["fmct"], row["itk"]
+        if "error" not in new:
+            # Peak RSS beyond what the imports (numpy, SimpleITK, ...) hold, against the int16 input.
+            row["fmct_peak_rss_over_input"] = round((new["peak_rss_mb"] - new["rss_after_imports_mb"]) / input_mb, 2)
+            row["fmct_map_back_plus_write_over_read"] = round((new["map_back_s"] + new["write_map_s"]) / new["read_s"], 2)
+        if "error" not in new and "error" not in old:
+            row["ratio_itk_over_fmct"] = {k: round(old[k] / max(new[k], 1e-9), 2)
+                                          for k in ("preprocess_s", "map_back_s", "peak_rss_mb")}
+        results["cts"][kind] = row
+        print(kind, json.dumps(row))
+    emit(results, args.json)
+
+
+if __name__ == "__main__":
+    main()
