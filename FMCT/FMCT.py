@@ -3,22 +3,25 @@
 Module (metadata), Widget (the panel: forwards clicks to the logic and shows progress; it
 decides nothing), Test (Slicer's self-test, running the checks in FMCTLib/selftest.py).
 All decisions and all MRML work are in FMCTLib/logic.py (FMCTLogic), which scripts and the
-pytest suite use directly.
+pytest suite use directly; the analysis itself runs in a separate process (FMCTLib/worker.py),
+which the panel polls with a timer, so Slicer keeps repainting while the model works.
 
 Nothing here imports torch or the fmct engine at module import: Slicer loads this module at
 startup, before those packages are installed. They are installed on first use, after asking.
+
+FMCT needs Slicer 5.10 or newer (Python 3.12). This file is kept loadable by older Slicers
+(no syntax or annotation they cannot read before the version check), so that they show one
+clear message in the module panel instead of a load error.
 """
 import logging
+import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Optional
 
+import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode
-from slicer.i18n import tr as _
-from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleTest,
@@ -26,15 +29,42 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from FMCTLib.dependencies import MissingDependencyError
-from FMCTLib.logic import (
-    DEFAULT_EXPLAIN,
-    DEVICES,
-    EXPLAIN_METHODS,
-    FMCTLogic,
-    bundlePathFromChoice,
-    canAnalyze,
-)
+from FMCTLib.slicerversion import applicationVersion, unsupportedMessage
+
+# None on a Slicer that can run FMCT; else what the panel says instead of loading the rest.
+UNSUPPORTED = unsupportedMessage(sys.version_info, applicationVersion())
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # a Slicer older than 5.4 (which then only shows UNSUPPORTED)
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+if UNSUPPORTED is None:
+    from typing import Annotated
+
+    from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode
+    from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+
+    from FMCTLib.dependencies import MissingDependencyError
+    from FMCTLib.logic import (
+        DEFAULT_EXPLAIN,
+        DEVICES,
+        EXPLAIN_METHODS,
+        FMCTLogic,
+        bundlePathFromChoice,
+        canAnalyze,
+        canExplain,
+        deviceNotice,
+    )
+
+# Polling interval of a running analysis: short enough for a smooth progress bar, long enough
+# to cost nothing (each poll reads a queue; it never waits on the worker).
+POLL_MS = 100
 
 
 #
@@ -52,24 +82,28 @@ class FMCT(ScriptedLoadableModule):
         self.parent.title = _("FMCT Head CT")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = []
-        self.parent.contributors = ["FMCT contributors"]
+        self.parent.contributors = ["FMCT contributors (FMCT project)"]
         self.parent.helpText = _("""
 Finds intracranial hemorrhage (and its subtypes), skull fracture, mass effect and midline shift on a
 non-contrast head CT with the FMCT 3D foundation model, and shows where the model looked: select the
-CT, click <b>Analyze</b>. Results: a findings table, and for each positive finding a saliency map
-shown as a heat overlay over the CT and rendered in 3D; select a finding in the table to switch.
+CT, click <b>Analyze</b>. Results: a findings table, and saliency maps shown as a heat overlay over
+the CT and rendered in 3D; select a finding in the table to switch. Without a GPU only the top finding
+is explained at first: select another and click <b>Explain selected finding</b>.
 <br><b>Research software: not for clinical use.</b> The bundled demo model is trained on synthetic CTs.
 """)
+        if UNSUPPORTED is not None:
+            self.parent.helpText = UNSUPPORTED
         self.parent.acknowledgementText = _("""
 Built after "3D Foundation AI Model for Generalizable Disease Detection in Head Computed Tomography"
-(FM-CT, 2025). Uses PyTorch, MONAI and Captum.
+(FM-CT, 2025). Uses PyTorch and Captum.
 """)
 
 
 def ensureDependencies(dependencies, status=logging.info) -> bool:
-    """Ask before installing torch and the fmct engine, then install them (FMCTTraining uses it too).
+    """Ask before installing torch and the engine's requirements, then install them (FMCTTraining uses it too).
 
-    Returns whether everything is in place; False if the user declined or installing failed.
+    Returns whether everything is in place; False if the user declined or installing failed
+    (the failure is shown in a dialog with the details, once, and not raised again).
     """
     try:
         plan = dependencies.installPlan()
@@ -81,35 +115,40 @@ def ensureDependencies(dependencies, status=logging.info) -> bool:
     message, details = dependencies.confirmationText(plan)
     if not slicer.util.confirmOkCancelDisplay(message, _("FMCT: install Python packages"), detailedText=details):
         return False
-    with slicer.util.tryWithErrorDisplay(_("Installing FMCT's Python packages failed."), waitCursor=True):
-        dependencies.install(plan, log=status)
-        return True
-    return False
+    try:
+        with slicer.util.WaitCursor():
+            dependencies.install(plan, log=status)
+    except Exception as error:
+        slicer.util.errorDisplay(_("Installing FMCT's Python packages failed: {error}").format(error=error),
+                                 detailedText=traceback.format_exc())
+        return False
+    return True
 
 
 #
 # FMCTParameterNode
 #
 
+if UNSUPPORTED is None:
 
-@parameterNodeWrapper
-class FMCTParameterNode:
-    """What the panel shows, saved with the scene.
+    @parameterNodeWrapper
+    class FMCTParameterNode:
+        """What the panel shows, saved with the scene.
 
-    inputVolume - the CT to analyze.
-    useDemoModel - use the bundled demo model instead of bundlePath.
-    bundlePath - a model bundle folder (or .zip).
-    device - auto, CPU or GPU.
-    explainMethod - saliency method for positive findings, or none.
-    findingsTable - the findings table of the last analysis (shown in the panel).
-    """
+        inputVolume - the CT to analyze.
+        useDemoModel - use the bundled demo model instead of bundlePath.
+        bundlePath - a model bundle folder (or .zip).
+        device - auto, CPU or GPU.
+        explainMethod - saliency method, or none.
+        findingsTable - the findings table of the last analysis (shown in the panel).
+        """
 
-    inputVolume: vtkMRMLScalarVolumeNode
-    useDemoModel: bool = True
-    bundlePath: Path
-    device: Annotated[str, Choice(list(DEVICES))] = "auto"
-    explainMethod: Annotated[str, Choice(list(EXPLAIN_METHODS))] = DEFAULT_EXPLAIN
-    findingsTable: vtkMRMLTableNode
+        inputVolume: vtkMRMLScalarVolumeNode
+        useDemoModel: bool = True
+        bundlePath: Path
+        device: Annotated[str, Choice(list(DEVICES))] = "auto"
+        explainMethod: Annotated[str, Choice(list(EXPLAIN_METHODS))] = DEFAULT_EXPLAIN
+        findingsTable: vtkMRMLTableNode
 
 
 #
@@ -128,30 +167,57 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = False
+        self._job = None
+        self._timer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        if UNSUPPORTED is not None:
+            label = qt.QLabel(UNSUPPORTED)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/FMCT.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = FMCTLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MS)
+        self._timer.connect("timeout()", self.onPoll)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.analyzeButton.connect("clicked(bool)", self.onAnalyzeButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.explainSelectedButton.connect("clicked(bool)", self.onExplainSelectedButton)
+        self.ui.segmentationButton.connect("clicked(bool)", self.onSegmentationButton)
         self.ui.findingsTableView.connect("selectionChanged()", self.onFindingSelected)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.removeObservers()
+        if self.logic is not None:
+            self.logic.requestCancel()  # closing Slicer ends a running analysis, not the other way round
+        if self._timer is not None:
+            self._timer.stop()
+
+    def onReload(self) -> None:
+        """Reload FMCTLib's modules too (Slicer's Reload re-reads only FMCT.py), dependencies first."""
+        import importlib
+
+        for name in ("slicerversion", "geometry", "process", "dependencies", "outputs", "worker", "logic", "selftest"):
+            module = sys.modules.get(f"FMCTLib.{name}")
+            if module is not None:
+                importlib.reload(module)
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if UNSUPPORTED is None:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -160,6 +226,7 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.logic.requestCancel()  # the results would have no scene to go to
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -173,7 +240,7 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = firstVolumeNode
 
-    def setParameterNode(self, inputParameterNode: FMCTParameterNode | None) -> None:
+    def setParameterNode(self, inputParameterNode: Optional["FMCTParameterNode"]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
@@ -185,34 +252,95 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.findingsTableView.setMRMLTableNode(self._parameterNode.findingsTable)
             self._updateButtons()
 
+    def _running(self) -> bool:
+        return self._job is not None
+
     def _updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode
         enabled, reason = canAnalyze(p.inputVolume if p else None, p.useDemoModel if p else True,
-                                     p.bundlePath if p else None, self._running)
+                                     p.bundlePath if p else None, self._running())
         self.ui.analyzeButton.enabled = enabled
-        self.ui.analyzeButton.toolTip = _(reason)
-        self.ui.cancelButton.enabled = self._running
+        self.ui.analyzeButton.toolTip = reason
+        self.ui.cancelButton.enabled = self._running()
+        explainEnabled, explainReason = canExplain(self.ui.findingsTableView.mrmlTableNode(),
+                                                   self._selectedTableRow(), self._running())
+        self.ui.explainSelectedButton.enabled = explainEnabled
+        self.ui.explainSelectedButton.toolTip = explainReason
+        self.ui.segmentationButton.enabled = not self._running() and self._shownMap() is not None
 
-    # -- Analyze, Cancel, progress ----------------------------------------------------------------
+    # -- Analyze, Explain, Cancel, progress --------------------------------------------------------
 
     def onAnalyzeButton(self) -> None:
-        """Install what is missing (after asking), then run the logic with the panel's choices."""
+        """Install what is missing (after asking), then start the analysis with the panel's choices."""
         if not self._ensureDependencies():
             return
+        p = self._parameterNode
+        self._start(lambda: self.logic.startAnalysis(
+            p.inputVolume, bundlePath=bundlePathFromChoice(p.useDemoModel, p.bundlePath),
+            device=p.device, explain=p.explainMethod))
+
+    def onExplainSelectedButton(self) -> None:
+        """Compute the selected finding's map (on a CPU the first click explains only the top one)."""
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        table = self.ui.findingsTableView.mrmlTableNode()
+        from FMCTLib import outputs
+
+        finding = outputs.findingAtRow(table, self._selectedTableRow())
+        ct = outputs.inputNodeOf(table)
+        method = p.explainMethod if p.explainMethod != "none" else DEFAULT_EXPLAIN
+        self._start(lambda: self.logic.explainFinding(
+            ct, finding, bundlePath=bundlePathFromChoice(p.useDemoModel, p.bundlePath), device=p.device,
+            explain=method))
+
+    def _start(self, startJob) -> None:
+        from fmct.errors import FMCTError
+
+        try:
+            self._job = startJob()
+        except FMCTError as error:  # a user mistake, refused before any process started
+            slicer.util.errorDisplay(str(error))
+            return
+        except Exception as error:
+            slicer.util.errorDisplay(_("FMCT analysis failed: {error}").format(error=error),
+                                     detailedText=traceback.format_exc())
+            return
+        self.ui.progressBar.value = 0
+        self.ui.deviceNoticeLabel.text = ""
+        self.ui.inputsCollapsibleButton.enabled = False
+        self._updateButtons()
+        self._timer.start()
+
+    def onPoll(self) -> None:
+        """Show the worker's progress; when it has finished, load its results (one short step)."""
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        job.poll()
+        self.ui.progressBar.value = int(round(100 * job.fraction))
+        self.ui.statusLabel.text = job.message
+        self.ui.deviceNoticeLabel.text = deviceNotice(job.gpu, self._parameterNode.explainMethod
+                                                      if self._parameterNode else None)
+        if job.running:
+            return
+        self._timer.stop()
+        self._finish(job)
+
+    def _finish(self, job) -> None:
         from fmct.errors import Cancelled, FMCTError
 
-        p = self._parameterNode
-        self._setRunning(True)
         try:
-            result = self.logic.analyze(
-                p.inputVolume, bundlePath=bundlePathFromChoice(p.useDemoModel, p.bundlePath),
-                device=p.device, explain=p.explainMethod, progress=self.onProgress)
-            p.findingsTable = result.tableNode
+            result = self.logic.finishAnalysis(job)
+            if self._parameterNode is not None:
+                self._parameterNode.findingsTable = result.tableNode
             self.ui.findingsTableView.setMRMLTableNode(result.tableNode)
             slicer.util.resetThreeDViews()  # centre the 3D view on the rendered map
+            self.ui.progressBar.value = 100
             positive = ", ".join(result.positive) or _("none")
-            self.ui.statusLabel.text = _("Done in {seconds:.0f} s. Positive: {positive}.").format(
-                seconds=result.timings.get("total_s", 0.0), positive=positive)
+            self.ui.statusLabel.text = _("Done in {seconds:.0f} s. Positive: {positive}. Shown: {shown}.").format(
+                seconds=result.timings.get("wall_s", 0.0), positive=positive, shown=result.shownFinding or _("none"))
         except Cancelled:
             self.ui.statusLabel.text = _("Cancelled.")
         except FMCTError as error:  # a user mistake: the message says what to do
@@ -223,35 +351,21 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("FMCT analysis failed: {error}").format(error=error),
                                      detailedText=traceback.format_exc())
         finally:
-            self._setRunning(False)
+            self._job = None
+            self.ui.inputsCollapsibleButton.enabled = True
+            self._updateButtons()
 
     def onCancelButton(self) -> None:
+        """Kill the analysis process now; the next poll reports it and the scene keeps its earlier results."""
         self.logic.requestCancel()
         self.ui.statusLabel.text = _("Cancelling...")
-
-    def onProgress(self, fraction: float, message: str) -> None:
-        """The engine's progress(fraction, message), on the progress bar.
-
-        Processing events here keeps Slicer responsive and lets the Cancel button be clicked
-        while the analysis runs on this thread.
-        """
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.statusLabel.text = message
-        slicer.app.processEvents()
-
-    def _setRunning(self, running: bool) -> None:
-        self._running = running
-        if running:
-            self.ui.progressBar.value = 0
-        self.ui.inputsCollapsibleButton.enabled = not running
-        self._updateButtons()
 
     def _ensureDependencies(self) -> bool:
         return ensureDependencies(self.logic.dependencies, self._showInstallStep)
 
     def _showInstallStep(self, message: str) -> None:
         self.ui.statusLabel.text = message
-        slicer.app.processEvents()
+        slicer.app.processEvents()  # the installer blocks; show which step it is on
 
     # -- Findings table -------------------------------------------------------------------------
 
@@ -261,6 +375,23 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finding = self.logic.showFindingAtRow(tableNode, self._selectedTableRow())
         if finding:
             self.ui.statusLabel.text = _("Showing: {finding}").format(finding=finding)
+        self._updateButtons()
+
+    def onSegmentationButton(self) -> None:
+        shown = self._shownMap()
+        if shown is None:
+            return
+        ct, finding = shown
+        segmentation = self.logic.saliencyToSegmentation(ct, finding)
+        self.ui.statusLabel.text = _("Segmentation: {name}").format(name=segmentation.GetName())
+
+    def _shownMap(self):
+        """(CT node, finding) of the map on screen, or None."""
+        from FMCTLib import outputs
+
+        ct = outputs.inputNodeOf(self.ui.findingsTableView.mrmlTableNode())
+        finding = self.logic.shownFinding(ct) if ct is not None else None
+        return (ct, finding) if finding else None
 
     def _selectedTableRow(self) -> int:
         """The table node row of the view's current row (the view may sort its rows)."""
@@ -280,38 +411,55 @@ class FMCTTest(ScriptedLoadableModuleTest):
     """Slicer's self-test: the checks of FMCTLib/selftest.py on the application's scene, then the
     panel driven as a user would. Uses ScriptedLoadableModuleTest base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+
+    It never installs anything: "Reload and Test" (and the extension build machines, which run
+    the tests of every extension) must not download gigabytes of PyTorch. It runs where testing
+    is enabled and torch and the engine's requirements are already in place, and otherwise says
+    why it is skipped.
     """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        reason = self.skipReason()
+        if reason:
+            self.delayDisplay(f"FMCT test skipped: {reason}")
+            return
         self.setUp()
         self.test_FMCT_logic()
         self.setUp()
         self.test_FMCT_panel()
 
-    def _installDependencies(self):
-        logic = FMCTLogic()
-        if logic.dependencies.installPlan():
-            self.delayDisplay("Installing torch and the fmct engine")
-            logic.dependencies.install(log=logging.info)
+    @staticmethod
+    def skipReason() -> str:
+        if UNSUPPORTED is not None:
+            return UNSUPPORTED
+        if not slicer.app.testingEnabled():
+            return "testing is not enabled (start Slicer with --testing, or use the Developer Tools' Reload and Test)"
+        try:
+            missing = FMCTLogic().dependencies.missingPackages()
+        except MissingDependencyError as error:
+            return str(error)
+        if missing:
+            return (f"{', '.join(missing)} not installed; click Analyze once to install them, then run the test again "
+                    "(the test never installs packages)")
+        return ""
 
     def test_FMCT_logic(self):
-        """Findings table, saliency geometry and values, overlays, 3D, re-runs, bad input."""
-        self._installDependencies()
+        """Findings table, saliency geometry and values, overlays, 3D, re-runs, cancel, bad input."""
         from FMCTLib import selftest
 
         selftest.runAll(slicer.mrmlScene, log=self.delayDisplay)
         self.delayDisplay("FMCT logic test passed")
 
     def test_FMCT_panel(self):
-        """Select a CT and a bundle in the panel, click Analyze, select a finding in the table."""
+        """Select a CT and a bundle in the panel, click Analyze, wait for the worker, select a finding."""
         import tempfile
+        import time
 
         from FMCTLib import outputs, selftest
 
-        self._installDependencies()
         slicer.util.selectModule("FMCT")
         widget = slicer.util.getModuleWidget("FMCT")
         with tempfile.TemporaryDirectory(prefix="fmct-paneltest-") as work:
@@ -324,6 +472,11 @@ class FMCTTest(ScriptedLoadableModuleTest):
             widget.ui.explainComboBox.currentText = "attention"
             self.assertTrue(widget.ui.analyzeButton.enabled)
             widget.ui.analyzeButton.click()
+            self.assertTrue(widget.ui.cancelButton.enabled, "Cancel is offered while the worker runs")
+            deadline = time.monotonic() + 300
+            while widget._job is not None and time.monotonic() < deadline:
+                slicer.app.processEvents()  # the panel's timer polls the worker; the GUI stays live
+                time.sleep(0.02)
             table = widget.ui.findingsTableView.mrmlTableNode()
             self.assertIsNotNone(table)
             self.assertIs(table, outputs.findingsTableNode(ct))

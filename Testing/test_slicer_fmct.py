@@ -1,8 +1,10 @@
 """The FMCT Slicer module's logic on a real MRML scene (slicer-core from PyPI, headless).
 
 CTs are synthetic head CTs loaded through Slicer's own readers (NRRD, and a DICOM series the
-way the DICOM module loads it); the engine runs for real. The checks themselves live in
-FMCT/FMCTLib/selftest.py, so that the module's self-test in Slicer runs the same ones.
+way the DICOM module loads it); the engine runs for real, in the module's worker process
+(FMCTLib/worker.py, started here with this interpreter as Slicer starts it with PythonSlicer).
+The checks themselves live in FMCT/FMCTLib/selftest.py, so that the module's self-test in
+Slicer runs the same ones.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from slicer_testing import REPO, headless_slicer  # noqa: E402
 
 from FMCTLib import outputs, selftest  # noqa: E402
 from FMCTLib.logic import EXPLAIN_METHODS, FMCTLogic, engineDevice  # noqa: E402
-from fmct.errors import BundleError, Cancelled, ConfigError  # noqa: E402
+from FMCTLib.process import processGroupAlive  # noqa: E402
+from fmct.errors import BundleError, Cancelled, ConfigError, InputVolumeError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,8 @@ def analyzed(bundle, ph, tmp_path_factory):
         ct = selftest.loadAsNRRD(app.scene, ph.volume, tmp_path_factory.mktemp("ct"), volumes=app.volumesLogic)
         logic = FMCTLogic()
         seen = []
-        result = logic.analyze(ct, bundlePath=bundle, device="CPU", progress=lambda f, m: seen.append((f, m)))
+        result = logic.analyze(ct, bundlePath=bundle, device="CPU", explainFindings="positive",
+                               progress=lambda f, m: seen.append((f, m)))
         yield app, ct, logic, result, seen
 
 
@@ -91,7 +95,7 @@ def test_slice_view_shows_heat_colours_over_the_ct(analyzed):
     """What the Red slice view draws (the slice logic's blended layers, as Slicer renders them):
     heat colours where the shown map is moderately strong, the plain grey CT where it is weak."""
     app, ct, logic, result, _ = analyzed
-    saliency = slicer.util.arrayFromVolume(result.saliencyNodes[result.shownFinding])
+    saliency = slicer.util.arrayFromVolume(result.saliencyNodes[result.shownFinding]) / outputs.SALIENCY_MAX
     mid = np.argwhere((saliency > 0.45) & (saliency < 0.6))  # PET heat at ~0.5 is yellow-orange
     weak = np.argwhere(saliency < 0.5 * outputs.DISPLAY_THRESHOLD)
     assert len(mid) and len(weak)
@@ -233,17 +237,113 @@ def test_explaining_chosen_findings_only(app, ph, bundle, tmp_path):
         FMCTLogic().analyze(other, bundlePath=bundle, device="CPU", explainFindings=["tumour"])
 
 
+# -- the worker process: CPU default, on demand, cancel, responsiveness ---------------------------------
+
+def test_cpu_first_click_explains_only_the_top_finding(app, ph, bundle, tmp_path):
+    ct = load_ct(app, tmp_path, ph.volume)
+    logic = FMCTLogic()
+    result = logic.analyze(ct, bundlePath=bundle, device="CPU")  # the panel's defaults: integrated gradients, auto
+    selftest.checkCPUExplainsTheTopFindingFirst(result)
+    assert result.shownFinding == max(
+        (f for f in result.findings if f["positive"]), key=lambda f: f["probability"] - f["threshold"])["name"]
+    selftest.checkSaliencyGeometry(ct, result)
+    added = selftest.checkExplainOnDemand(app.scene, ct, result, logic, bundle)
+    assert added.findings == result.findings
+
+
+def test_cancel_mid_run_kills_the_worker_and_adds_nothing(app, ph, bundle, tmp_path):
+    ct = load_ct(app, tmp_path, ph.volume)
+    logic = FMCTLogic()
+    logic.analyze(ct, bundlePath=bundle, device="CPU", explain="attention")
+    selftest.checkCancelKillsTheWorker(app.scene, ct, logic, bundle)
+    # and on a CT that was never analyzed: no table, no maps
+    fresh = load_ct(app, tmp_path, ph.volume, name="fresh")
+    tables = app.scene.GetNumberOfNodesByClass("vtkMRMLTableNode")
+    selftest.checkCancelKillsTheWorker(app.scene, fresh, logic, bundle)
+    assert outputs.findingsTableNode(fresh) is None and outputs.saliencyNodes(fresh) == {}
+    assert app.scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == tables
+
+
+def test_worker_progress_arrives_while_the_gui_thread_stays_free(app, ph, bundle, tmp_path):
+    """The GUI thread's share of an analysis: starting the job, each poll, loading the results.
+    None of them waits on the model, so Slicer can repaint between timer ticks."""
+    import time
+
+    ct = load_ct(app, tmp_path, ph.volume)
+    logic = FMCTLogic()
+    t0 = time.perf_counter()
+    job = logic.startAnalysis(ct, bundlePath=bundle, device="CPU", explain="integrated_gradients",
+                              explainFindings="positive")
+    start_s = time.perf_counter() - t0
+    polls, events = [], []
+    while job.running:
+        t0 = time.perf_counter()
+        events += job.poll()
+        polls.append(time.perf_counter() - t0)
+        time.sleep(0.02)
+    t0 = time.perf_counter()
+    result = logic.finishAnalysis(job)
+    load_s = time.perf_counter() - t0
+    progress = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert progress[0] == 0.0 and progress[-1] == 1.0 and progress == sorted(progress)
+    assert [e["event"] for e in events if e["event"] != "progress"] == ["device", "done"]
+    assert any("explaining" in e.get("message", "") for e in events)
+    assert start_s < 2.0 and max(polls) < 0.2 and load_s < 2.0, (start_s, max(polls), load_s)
+    assert not processGroupAlive(job.pid) and not job.workDir.exists()
+    selftest.checkSaliencyGeometry(ct, result)
+
+
+def test_a_ct_removed_during_the_analysis_gets_no_outputs(app, ph, bundle, tmp_path):
+    ct = load_ct(app, tmp_path, ph.volume)
+    logic = FMCTLogic()
+    job = logic.startAnalysis(ct, bundlePath=bundle, device="CPU", explain="attention")
+    app.scene.RemoveNode(ct)
+    selftest.waitFor(job)
+    with pytest.raises(InputVolumeError, match="removed"):
+        logic.finishAnalysis(job)
+    assert app.scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 0
+
+
+def test_saliency_maps_are_uint8_on_the_ct_grid(analyzed):
+    _, ct, _, result, _ = analyzed
+    for node in result.saliencyNodes.values():
+        assert slicer.util.arrayFromVolume(node).dtype == np.uint8
+        assert node.GetImageData().GetScalarSize() == 1
+        assert node.GetImageData().GetDimensions() == ct.GetImageData().GetDimensions()
+
+
+def test_saliency_to_segmentation(app, ph, bundle, tmp_path):
+    ct = load_ct(app, tmp_path, ph.volume)
+    logic = FMCTLogic()
+    result = logic.analyze(ct, bundlePath=bundle, device="CPU", explain="attention")
+    shown = result.shownFinding
+    segmentation = logic.saliencyToSegmentation(ct, shown)
+    assert segmentation.IsA("vtkMRMLSegmentationNode") and shown in segmentation.GetName()
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+    labelmap = app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(segmentation, labelmap)
+    voxels = int(np.count_nonzero(slicer.util.arrayFromVolume(labelmap)))
+    saliency = slicer.util.arrayFromVolume(result.saliencyNodes[shown])
+    assert voxels == int(np.count_nonzero(saliency >= np.ceil(outputs.DISPLAY_THRESHOLD * outputs.SALIENCY_MAX)))
+    assert logic.saliencyToSegmentation(ct, shown) is segmentation  # updated in place
+    with pytest.raises(KeyError):
+        logic.saliencyToSegmentation(ct, "fracture")
+
+
 # -- module wiring ----------------------------------------------------------------------------------
 
 def test_module_choices_match_the_engine():
+    from fmct.outputs import SALIENCY_MAX
     from fmct.runtime import EXPLAIN_METHODS as METHODS
 
     assert EXPLAIN_METHODS == (*METHODS, "none")
+    assert outputs.SALIENCY_MAX == SALIENCY_MAX
     assert [engineDevice(d) for d in ("auto", "CPU", "GPU", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
 
 
 def test_logic_imports_without_torch_or_the_engine():
     """Slicer loads the module before its dependencies are installed: importing the logic must not need them."""
-    code = ("import sys; sys.path.insert(0, 'FMCT'); import FMCTLib.logic, FMCTLib.selftest; "
+    code = ("import sys; sys.path.insert(0, 'FMCT'); import FMCTLib.logic, FMCTLib.selftest, FMCTLib.worker, "
+            "FMCTLib.process, FMCTLib.slicerversion; "
             "bad = [m for m in ('torch', 'fmct') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)

@@ -110,3 +110,60 @@ def explain_method_or_none(method: str | None) -> str | None:
     method = str(method).strip().lower()
     check_explain_method(method)
     return method
+
+
+# ============================================================================ JSON-lines progress
+# A process that works for another one (the Slicer module's analysis worker, a training run
+# followed by a panel) reports on its stdout, one JSON object per line, so the reader needs no
+# regex over a progress bar: {"event": "progress", "fraction": 0.42, "message": "explaining subdural"}
+# and other events ({"event": "done", ...}, {"event": "error", "type": ..., "message": ...}).
+PROGRESS_EVENT = "progress"
+
+
+class JsonLinesProgress:
+    """A ``progress(fraction, message)`` callback that writes JSON lines, plus ``event(kind, **fields)``.
+
+    Each line is flushed at once (the reader is waiting on a pipe). ``min_interval_s`` drops
+    progress lines that come faster than the reader can use (an Integrated Gradients run calls
+    progress per batch); the first, the last (fraction 1) and every other event always go out.
+    """
+
+    def __init__(self, stream: Any = None, min_interval_s: float = 0.0) -> None:
+        import sys
+
+        self.stream = stream if stream is not None else sys.stdout
+        self.min_interval_s = min_interval_s
+        self._last = float("-inf")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        import time
+
+        now = time.monotonic()
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        if fraction < 1.0 and now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        self.event(PROGRESS_EVENT, fraction=round(fraction, 4), message=str(message))
+
+    def event(self, kind: str, **fields: Any) -> None:
+        import json
+
+        self.stream.write(json.dumps({"event": kind, **fields}) + "\n")
+        self.stream.flush()
+
+
+def read_json_line(line: str | bytes) -> dict[str, Any] | None:
+    """The event of one line written by JsonLinesProgress, or None for any other line (a library's
+    own print, a partial line): readers skip what they do not understand instead of failing."""
+    import json
+
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", errors="replace")
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None

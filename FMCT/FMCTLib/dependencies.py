@@ -1,20 +1,31 @@
 """The Python packages FMCT needs inside Slicer, and how they get there on first use.
 
-Slicer's Python does not ship PyTorch or the fmct engine. Installing them when the module is
-imported would stall Slicer's startup (torch is gigabytes) and would happen without consent,
-so nothing is installed at import time: when an analysis is first asked for, the widget shows
-the plan made here in a confirmation dialog, and only then runs it. This is how widely used
-Slicer AI extensions (TotalSegmentator, MONAIAuto3DSeg) do it:
+Slicer's Python does not ship PyTorch or the engine's requirements (Captum, safetensors, ...).
+Installing them when the module is imported would stall Slicer's startup (torch is gigabytes)
+and would happen without consent, so nothing is installed at import time: when an analysis is
+first asked for, the widget shows the plan made here in a confirmation dialog, and only then
+runs it. Three rules, each from a way this goes wrong for Slicer users:
 
-- torch through the PyTorch extension's installer when that extension is present (it picks the
-  CUDA build that matches the GPU driver); otherwise `slicer.util.pip_install` of the CPU build
-  (on Linux and Windows from PyTorch's CPU index, as PyPI's default Linux wheel bundles CUDA).
-- the fmct engine from this repository: from the engine source that travels with the
-  extension (or the checkout the module is loaded from), installed with --no-deps, followed by
-  its requirements except torch (done above) and SimpleITK (Slicer's own build, which has
-  Slicer's ITK IO factories: replacing it would break Slicer).
+- **Never change the torch that is there.** Other extensions (PyTorch, TotalSegmentator,
+  MONAIAuto3DSeg) install the torch build that matches the GPU driver, and it may already be
+  imported in this Slicer. An unconstrained `pip install captum` would replace torch 2.4 with the
+  newest torch and its CUDA wheels (captum 0.9 needs torch>=2.3, monai 1.6 torch>=2.8). So every
+  pip install here runs with a constraints file that pins the installed torch, its companions
+  (torchvision, torchaudio, triton, nvidia-*) and Slicer's numpy; pip then picks the newest
+  version of each requirement that works with them (captum 0.8 for a torch 2.2), or stops
+  with a conflict instead of replacing them. torch itself, when missing, comes from the PyTorch
+  extension's installer (the build for the GPU driver), else pip's CPU build.
+- **Only what the Analyze path imports.** The engine's requirements from its pyproject.toml,
+  minus torch (its own step) and SimpleITK (Slicer's own build, with Slicer's ITK IO factories),
+  with upper bounds at the newest versions tested (TESTED_BELOW). MONAI is not among them: the
+  engine does not import it (it is in the engine's `bench` extra, for benchmarks).
+- **The engine that runs is the one that came with the module.** The engine is pure Python, so
+  it is not pip-installed at all: its source folder (the copy inside the extension, or the
+  checkout the module is loaded from) is put first on sys.path (useEngineSource), in Slicer and
+  in the analysis worker. Editing `fmct/` in a checkout, or updating the extension, takes effect
+  at once, and a read-only install location is no obstacle.
 
-Decisions live here, in plain functions of what is importable, so they are testable without
+Decisions live here, in plain functions of what is installed, so they are testable without
 Slicer's GUI; only `install` needs Slicer's pip_install.
 """
 from __future__ import annotations
@@ -24,16 +35,24 @@ import importlib.metadata
 import importlib.util
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
-TORCH_REQUIREMENT = ">=2.2"
 CPU_TORCH_INDEX_URL = "https://download.pytorch.org/whl/cpu"
 ENGINE_PACKAGE = "fmct"
 ENGINE_FOLDER_IN_EXTENSION = "FMCTEngine"  # see the top-level CMakeLists.txt
-# Packages never installed or replaced by FMCT: torch has its own step, SimpleITK is Slicer's.
+# Packages never installed or replaced by the requirements step: torch has its own step,
+# SimpleITK is Slicer's.
 NOT_INSTALLED_BY_PIP = ("torch", "simpleitk")
+# Installed packages pinned while pip installs anything: torch and what is built against it, and
+# Slicer's numpy (replacing it under a running Slicer breaks Slicer's own modules).
+PINNED_NAMES = ("torch", "torchvision", "torchaudio", "torchtext", "torchdata", "triton", "numpy")
+PINNED_PREFIXES = ("nvidia-",)
+# The newest versions FMCT is tested with: the installer stays below the next minor release.
+TESTED_BELOW = {"captum": "0.10", "safetensors": "1", "matplotlib": "4", "pyyaml": "7", "tqdm": "5"}
+TESTED_VERSIONS = "torch 2.13 (CPU), captum 0.9.0, safetensors 0.7, numpy 2.4, Slicer 5.10 / slicer-core 5.13"
 
 PYTORCH_EXTENSION = "PyTorch extension"
 PIP = "pip"
@@ -45,7 +64,7 @@ class MissingDependencyError(RuntimeError):
 
 @dataclass(frozen=True)
 class InstallStep:
-    """One package to install, and how; `detail` is what the confirmation dialog shows."""
+    """One thing to install, and how; `detail` is what the confirmation dialog shows."""
 
     package: str
     method: str
@@ -60,6 +79,21 @@ def isImportable(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+def installedDistributions() -> dict[str, str]:
+    """Normalised distribution name -> version, for everything installed in this Python."""
+    found = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            found.setdefault(normalizeName(name), dist.version)
+    return found
+
+
+def normalizeName(name: str) -> str:
+    """PEP 503 name normalisation (Pillow == pillow, typing_extensions == typing-extensions)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def moduleDir() -> Path:
@@ -77,23 +111,45 @@ def engineSourceDir(fromModuleDir: Path | None = None) -> Path | None:
     return None
 
 
+def useEngineSource(source: Path | None) -> None:
+    """Put the engine source first on sys.path, so `import fmct` is this copy, not an old one in site-packages."""
+    if source is None:
+        return
+    text = str(source)
+    if text in sys.path:
+        if sys.path[0] == text:
+            return
+        sys.path.remove(text)
+    sys.path.insert(0, text)
+    importlib.invalidate_caches()
+
+
 def sourceVersion(source: Path) -> str | None:
     """The engine version declared in the source's pyproject.toml."""
     match = re.search(r'^version\s*=\s*"([^"]+)"', (source / "pyproject.toml").read_text(), re.MULTILINE)
     return match.group(1) if match else None
 
 
-def installedEngineVersion() -> str | None:
-    """The version pip installed, or None when fmct is not pip-installed (e.g. on sys.path from a checkout)."""
-    try:
-        return importlib.metadata.version(ENGINE_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def sourceRequirements(source: Path) -> list[str]:
+    """The engine's core requirements as its pyproject.toml declares them (extras excluded)."""
+    import tomllib
+
+    return list(tomllib.loads((source / "pyproject.toml").read_text())["project"].get("dependencies", []))
 
 
-def torchPipArgs(platform: str = sys.platform) -> tuple[str, ...]:
+def torchRequirement(requires: list[str]) -> str:
+    """The engine's torch requirement (e.g. 'torch>=2.2'), used when torch must be installed."""
+    from packaging.requirements import Requirement
+
+    for text in requires:
+        requirement = Requirement(text)
+        if normalizeName(requirement.name) == "torch":
+            return str(requirement)
+    return "torch"
+
+
+def torchPipArgs(requirement: str = "torch>=2.2", platform: str = sys.platform) -> tuple[str, ...]:
     """pip arguments for the CPU build of torch on this platform."""
-    requirement = f"torch{TORCH_REQUIREMENT}"
     if platform == "darwin":  # macOS wheels on PyPI are the CPU/MPS build already
         return (requirement,)
     return (requirement, "--index-url", CPU_TORCH_INDEX_URL)
@@ -108,67 +164,114 @@ def engineRequirements(requires: list[str] | None) -> list[str]:
         requirement = Requirement(text)
         if requirement.marker is not None and "extra" in str(requirement.marker):
             continue
-        if requirement.name.lower() in NOT_INSTALLED_BY_PIP:
+        if normalizeName(requirement.name) in NOT_INSTALLED_BY_PIP:
             continue
         kept.append(str(requirement))
     return kept
+
+
+def unsatisfied(requirements: list[str], installed: Mapping[str, str]) -> list[str]:
+    """The requirements the installed versions do not meet (missing, or outside the specifier)."""
+    from packaging.requirements import Requirement
+
+    missing = []
+    for text in requirements:
+        requirement = Requirement(text)
+        version = installed.get(normalizeName(requirement.name))
+        if version is None or not requirement.specifier.contains(version, prereleases=True):
+            missing.append(text)
+    return missing
+
+
+def constraints(installed: Mapping[str, str]) -> list[str]:
+    """Lines of the pip constraints file: the installed torch family and numpy pinned exactly,
+    the tested upper bounds of the engine's requirements."""
+    pins = [f"{name}=={version}" for name, version in sorted(installed.items())
+            if name in PINNED_NAMES or name.startswith(PINNED_PREFIXES)]
+    caps = [f"{name}<{below}" for name, below in sorted(TESTED_BELOW.items())]
+    return pins + caps
 
 
 class DependencyLogic:
     """Works out what is missing and installs it (the latter only inside Slicer)."""
 
     def __init__(self, importable: Callable[[str], bool] = isImportable, platform: str = sys.platform,
-                 engineSource: Path | None | bool = True) -> None:
-        """importable and engineSource are parameters so that every branch of the plan can be
-        exercised in tests; engineSource=True means "look for it next to this module"."""
+                 engineSource: Path | None | bool = True,
+                 installed: Callable[[], Mapping[str, str]] | Mapping[str, str] = installedDistributions) -> None:
+        """importable, engineSource and installed are parameters so that every branch of the plan
+        can be exercised in tests (a stand-in environment with an older torch, no engine source);
+        engineSource=True means "look for it next to this module"."""
         self.importable = importable
         self.platform = platform
         self.engineSource = engineSourceDir() if engineSource is True else engineSource
+        self._installed = installed
 
-    # -- what is missing ---------------------------------------------------------------------
+    # -- what is there ---------------------------------------------------------------------------
+
+    def installed(self) -> dict[str, str]:
+        """Normalised name -> version of what is installed (asked again each time: installs change it)."""
+        found = self._installed() if callable(self._installed) else self._installed
+        return {normalizeName(name): version for name, version in found.items()}
+
+    def engineAvailable(self) -> bool:
+        return self.engineSource is not None or self.importable(ENGINE_PACKAGE)
+
+    def requirements(self) -> list[str]:
+        """What the Analyze path needs besides torch: the engine source's requirements."""
+        if self.engineSource is not None:
+            requires = sourceRequirements(self.engineSource)
+        else:
+            try:
+                requires = importlib.metadata.requires(ENGINE_PACKAGE) or []
+            except importlib.metadata.PackageNotFoundError:
+                requires = []
+        return requires
 
     def missingPackages(self) -> list[str]:
-        return [name for name in ("torch", ENGINE_PACKAGE) if not self.importable(name)]
+        missing = [] if self.importable("torch") else ["torch"]
+        if not self.engineAvailable():
+            missing.append(ENGINE_PACKAGE)
+        return missing + unsatisfied(engineRequirements(self.requirements()), self.installed())
 
-    def engineOutdated(self) -> bool:
-        """A pip-installed engine older or newer than the source this module came with."""
-        if self.engineSource is None or not self.importable(ENGINE_PACKAGE):
-            return False
-        installed = installedEngineVersion()
-        return installed is not None and installed != sourceVersion(self.engineSource)
+    def constraints(self) -> list[str]:
+        return constraints(self.installed())
+
+    # -- the plan -----------------------------------------------------------------------------
 
     def installPlan(self) -> list[InstallStep]:
         """The steps to run, in order; empty when everything is in place."""
+        if not self.engineAvailable():
+            raise MissingDependencyError(
+                "The fmct engine was not found next to the FMCT module, and it is not installed. Use the FMCT "
+                "extension from the Extensions Manager, or add the FMCT and FMCTTraining folders of a checkout of "
+                "the FMCT repository to Slicer's Additional module paths.")
+        requires = self.requirements()
         plan = []
         if not self.importable("torch"):
-            plan.append(self._torchStep())
-        if not self.importable(ENGINE_PACKAGE) or self.engineOutdated():
-            plan.append(self._engineStep())
+            plan.append(self._torchStep(torchRequirement(requires)))
+        needed = unsatisfied(engineRequirements(requires), self.installed())
+        if needed:
+            plan.append(InstallStep(
+                "requirements", PIP,
+                f"{', '.join(needed)} with pip; the installed PyTorch (and numpy) stay exactly as they are",
+                pipArgs=tuple(needed)))
         return plan
 
-    def _torchStep(self) -> InstallStep:
+    def _torchStep(self, requirement: str) -> InstallStep:
         if self.importable("PyTorchUtils"):
             return InstallStep("torch", PYTORCH_EXTENSION,
-                               f"PyTorch (torch{TORCH_REQUIREMENT}) with the PyTorch extension's installer, "
-                               "which picks the GPU build that matches your NVIDIA driver, or the CPU build")
-        args = torchPipArgs(self.platform)
+                               f"PyTorch ({requirement}) with the PyTorch extension's installer, "
+                               "which picks the GPU build that matches your NVIDIA driver, or the CPU build",
+                               pipArgs=(requirement,))
+        args = torchPipArgs(requirement, self.platform)
         return InstallStep("torch", PIP, f"PyTorch, CPU build: pip install {' '.join(args)}", pipArgs=args)
-
-    def _engineStep(self) -> InstallStep:
-        if self.engineSource is None:
-            raise MissingDependencyError(
-                "The fmct engine is not installed and its source was not found next to the FMCT module. "
-                "Install it into Slicer's Python with: PythonSlicer -m pip install <path to the FMCT repository>")
-        return InstallStep(ENGINE_PACKAGE, PIP,
-                           f"the FMCT engine (fmct {sourceVersion(self.engineSource)}) from {self.engineSource}, "
-                           "with MONAI, Captum, safetensors and its other requirements",
-                           pipArgs=(str(self.engineSource), "--no-deps", "--upgrade"), source=self.engineSource)
 
     def confirmationText(self, plan: list[InstallStep]) -> tuple[str, str]:
         """(message, details) for the dialog that asks before anything is installed."""
         message = ("FMCT needs Python packages that are not installed in Slicer yet. Installing them needs a "
                    "network connection and may take several minutes (PyTorch is large). Install now?")
         details = "\n".join(f"- {step.detail}" for step in plan)
+        details += f"\n\nTested with {TESTED_VERSIONS}."
         return message, details
 
     def requireEngine(self) -> None:
@@ -178,8 +281,13 @@ class DependencyLogic:
             raise MissingDependencyError(
                 f"FMCT needs the Python package(s) {', '.join(missing)}. Open the FMCT module and click Analyze to "
                 "install them (you will be asked first), or call FMCTLogic().dependencies.install().")
+        useEngineSource(self.engineSource)
 
     # -- installing (inside Slicer) ------------------------------------------------------------
+
+    def pipArguments(self, step: InstallStep, constraintsFile: Path) -> list[str]:
+        """pip's arguments for a step: the packages, and the constraints that hold torch in place."""
+        return [*step.pipArgs, "--constraint", str(constraintsFile)]
 
     def install(self, plan: list[InstallStep] | None = None, log: Callable[[str], None] = print) -> None:
         """Run the plan with Slicer's installers. Callers ask the user first (see confirmationText)."""
@@ -191,17 +299,16 @@ class DependencyLogic:
                 import PyTorchUtils
 
                 torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                    askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
+                    askConfirmation=False, torchVersionRequirement=step.pipArgs[0].removeprefix("torch"))
                 if torch is None:
                     raise MissingDependencyError("PyTorch was not installed; FMCT cannot run without it.")
-            elif step.package == ENGINE_PACKAGE:
+            elif step.package == "torch":
                 slicer.util.pip_install(list(step.pipArgs))
-                importlib.invalidate_caches()
-                requirements = engineRequirements(importlib.metadata.requires(ENGINE_PACKAGE))
-                if requirements:
-                    slicer.util.pip_install(requirements)
             else:
-                slicer.util.pip_install(list(step.pipArgs))
+                with tempfile.TemporaryDirectory(prefix="fmct-pip-") as folder:
+                    constraintsFile = Path(folder) / "constraints.txt"
+                    constraintsFile.write_text("\n".join(self.constraints()) + "\n")  # after torch's own step
+                    slicer.util.pip_install(self.pipArguments(step, constraintsFile))
             importlib.invalidate_caches()
         self.requireEngine()
         log("FMCT's Python packages are installed.")

@@ -59,9 +59,12 @@ def checkInputNode(node) -> None:
             "not a CT. Select the original grey-scale CT.")
 
 
-def volumeFromNode(node) -> "Volume":
-    """The node's voxels (copied, float32) and geometry as an LPS Volume for the engine.
+def volumeFromNode(node, copy: bool = True) -> "Volume":
+    """The node's voxels and geometry as an LPS Volume for the engine.
 
+    copy=True: a float32 copy (the engine's in-memory convention). copy=False: a view of the
+    node's own voxels in their own type (int16 for most CTs), to export the CT to a file for the
+    analysis worker without a 4-byte-per-voxel copy in Slicer's memory.
     Only geometry and voxels cross the boundary: the node's name (which may come from DICOM
     tags) is not put into meta, so it can never reach an engine log.
     """
@@ -70,7 +73,9 @@ def volumeFromNode(node) -> "Volume":
     checkInputNode(node)
     import slicer.util
 
-    array = np.array(slicer.util.arrayFromVolume(node), dtype=np.float32, copy=True)
+    array = slicer.util.arrayFromVolume(node)
+    if copy:
+        array = np.array(array, dtype=np.float32, copy=True)
     directions = np.zeros((3, 3))
     node.GetIJKToRASDirections(directions)
     return Volume(

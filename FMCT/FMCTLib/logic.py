@@ -1,33 +1,44 @@
 """FMCTLogic: a CT volume node in, a findings table and saliency overlays in the scene out.
 
 Every decision of the FMCT module is made here, so scripts, tests and the widget behave alike:
-which bundle and device, what counts as a valid input, which nodes are created or reused,
-which finding is shown first, how overlays look. The widget only forwards clicks and shows
-progress. The numerical work is the engine's (fmct.analyze.Analyzer); this class moves data
-between MRML nodes and the engine.
+which bundle and device, what counts as a valid input, which findings are explained, which
+nodes are created or reused, which finding is shown first, how overlays look. The widget only
+forwards clicks and shows progress.
+
+The numerical work runs in a separate process (FMCTLib/worker.py, on Slicer's own Python), not
+on Slicer's GUI thread: importing torch, loading a model and Integrated Gradients take seconds
+to minutes, during which Slicer would stop repainting ("Not responding" on Windows after 5 s)
+and a processEvents() mid-run would let the user close the scene under the running analysis.
+The logic exports the CT node to a temporary NRRD (LPS, the node's own voxel type), starts the
+worker, reads its JSON-lines progress while the GUI polls (AnalysisJob.poll, from a QTimer), and
+loads the result folder into nodes in one short step at the end. Cancel kills the worker's
+process tree; nothing is added to the scene before the worker has finished.
 
 Importing this module imports neither torch nor fmct (Slicer must start, and the module must
-load, before they are installed); they are imported when an analysis runs.
+load, before they are installed).
 
 Scripting (Slicer's Python console, or any Python with slicer-core)::
 
     from FMCTLib.logic import FMCTLogic
-    result = FMCTLogic().analyze(ctNode)                      # bundled demo model, device auto
+    result = FMCTLogic().analyze(ctNode)                      # bundled demo model, device auto; blocks
     result.findings        # [{"name", "description", "probability", "threshold", "positive"}, ...]
     result.tableNode       # vtkMRMLTableNode
-    result.saliencyNodes   # {"subdural": vtkMRMLScalarVolumeNode, ...}
+    result.saliencyNodes   # {"subdural": vtkMRMLScalarVolumeNode (uint8, 0-255), ...}
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-from FMCTLib import geometry, outputs
-from FMCTLib.dependencies import DependencyLogic, engineSourceDir
+from FMCTLib import geometry, outputs, worker
+from FMCTLib.dependencies import DependencyLogic, engineSourceDir, useEngineSource
+from FMCTLib.process import ChildProcess, pythonExecutable
 
 try:
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
@@ -36,15 +47,19 @@ except ImportError:  # slicer-core from PyPI has MRML and the module logics, not
 
 log = logging.getLogger("FMCT")
 
-Progress = Callable[[float, str], None]
-CancelCheck = Callable[[], bool]
-
 DEVICES = ("auto", "CPU", "GPU")
+# The engine's methods (fmct.runtime.EXPLAIN_METHODS) and "none"; spelled out here because the
+# panel needs them before the engine is installed. A test checks they match the engine.
 EXPLAIN_METHODS = ("integrated_gradients", "occlusion", "attention", "attention_rollout", "none")
 DEFAULT_EXPLAIN = "integrated_gradients"
+DEFAULT_EXPLAIN_FINDINGS = worker.AUTO
 
-# Share of the progress bar for each stage: the model's forward and explanations dominate.
-_LOAD_END, _ENGINE_END = 0.05, 0.95
+# Share of the progress bar for each stage: the worker's work dominates.
+_EXPORT_END, _WORKER_END = 0.03, 0.97
+# A CPU-only first click: what the panel says, so a laptop user knows why it takes a while.
+CPU_NOTICE = ("No GPU is used: the analysis runs on the CPU, where each saliency map takes about 30 s or more. "
+              "Only the top finding is explained; select another finding in the table and click "
+              "'Explain selected finding' for its map.")
 
 
 @dataclass
@@ -58,10 +73,13 @@ class FMCTResult:
     modelName: str = ""
     device: str = ""
     timings: dict = field(default_factory=dict)
+    gpu: bool = False
+    explained: list[str] = field(default_factory=list)
 
     @property
     def positive(self) -> list[str]:
         return [f["name"] for f in self.findings if f["positive"]]
+
 
 
 def defaultBundlePath() -> Path:
@@ -82,25 +100,33 @@ def defaultBundlePath() -> Path:
 
 
 def engineDevice(device: str | None) -> str:
-    """Map the module's device choice (auto, CPU, GPU; any case; or the engine's own names) to the engine's."""
-    choice = (device or "auto").strip().lower()
-    names = {"auto": "auto", "cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}
-    if choice not in names and not choice.startswith("cuda:"):
-        from fmct.errors import ConfigError
+    """Map the module's device choice (auto, CPU, GPU; any case; or the engine's own names) to the
+    engine's, checked by the engine's one device parser (fmct.runtime.parse_device)."""
+    from fmct.runtime import parse_device
 
-        raise ConfigError(f"Unknown device '{device}': choose auto, CPU or GPU.")
-    return names.get(choice, choice)
+    choice = (device or "auto").strip().lower()
+    return parse_device({"gpu": "cuda"}.get(choice, choice))
 
 
 def engineExplainMethod(explain: str | None) -> str | None:
-    """The engine's method name, or None for no explanation ('none' or None)."""
-    if explain is None or explain == "none":
-        return None
-    if explain not in EXPLAIN_METHODS:
+    """The engine's method name, or None for no explanation ('none' or None); the engine checks it."""
+    from fmct.runtime import explain_method_or_none
+
+    return explain_method_or_none(explain)
+
+
+def engineExplainFindings(explainFindings: str | Sequence[str]) -> str:
+    """The worker's --findings value: auto, top, positive, all, or names joined by commas."""
+    if isinstance(explainFindings, str):
+        if explainFindings in worker.EXPLAIN_CHOICES:
+            return explainFindings
+        return explainFindings.strip()
+    names = [str(n).strip() for n in explainFindings]
+    if not names or any(not n or "," in n for n in names):
         from fmct.errors import ConfigError
 
-        raise ConfigError(f"Unknown explanation method '{explain}': choose one of {', '.join(EXPLAIN_METHODS)}.")
-    return explain
+        raise ConfigError(f"explainFindings must name findings (got {list(explainFindings)!r})")
+    return ",".join(names)
 
 
 def bundlePathFromChoice(useDemoModel: bool, bundlePath: str | Path | None) -> Path | None:
@@ -127,89 +153,263 @@ def canAnalyze(inputVolumeNode, useDemoModel: bool, bundlePath: str | Path | Non
     return True, "Find hemorrhage, fracture, mass effect and midline shift, and show where the model looked."
 
 
-def shownFindingAfterAnalysis(findings: list[dict], explained: list[str]) -> str | None:
-    """The overlay shown first: the explained finding the model is most confident about."""
-    candidates = [f for f in findings if f["name"] in explained]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda f: f["probability"] - f["threshold"])["name"]
+def canExplain(tableNode, row: int, running: bool) -> tuple[bool, str]:
+    """Whether 'Explain selected finding' is enabled: a finding without a map is selected."""
+    if running:
+        return False, "An analysis is running."
+    finding = outputs.findingAtRow(tableNode, row)
+    inputNode = outputs.inputNodeOf(tableNode)
+    if finding is None or inputNode is None:
+        return False, "Select a finding in the table."
+    if finding in outputs.saliencyNodes(inputNode):
+        return False, f"{finding} already has a saliency map."
+    return True, f"Compute the saliency map of {finding}."
+
+
+def deviceNotice(gpu: bool | None, explain: str | None,
+                 explainFindings: str | Sequence[str] = DEFAULT_EXPLAIN_FINDINGS) -> str:
+    """What the panel says about the device once the worker has chosen it: nothing on a GPU (or
+    before it is known); on a CPU, that no GPU is used and what that costs."""
+    if gpu is not False:
+        return ""
+    if engineExplainMethod(explain) is None or explainFindings != worker.AUTO:
+        return "No GPU is used: the analysis runs on the CPU."
+    return CPU_NOTICE
+
+
+class AnalysisJob:
+    """One analysis running in the worker process: poll() it from the GUI, cancel() it, then
+    FMCTLogic.finishAnalysis(job) loads it into the scene.
+
+    State: "running", then "done", "failed" (error holds the worker's error event) or "cancelled".
+    fraction and message are the overall progress (export, worker, loading).
+    """
+
+    def __init__(self, inputNode, workDir: Path, child: ChildProcess, keepOtherMaps: bool) -> None:
+        self.inputNode = inputNode
+        self.workDir = workDir
+        self.child = child
+        self.keepOtherMaps = keepOtherMaps
+        self.state = "running"
+        self.fraction, self.message = _EXPORT_END, "starting the analysis process"
+        self.device: str | None = None
+        self.gpu: bool | None = None
+        self.modelName = ""
+        self.done: dict | None = None
+        self.error: dict | None = None
+        self.started = time.perf_counter()
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def poll(self) -> list[dict]:
+        """Read what the worker printed since the last call (never blocks); returns its events.
+
+        When the worker has exited and all its output is read, the state becomes done or failed.
+        """
+        from fmct.runtime import PROGRESS_EVENT, read_json_line
+
+        if self.state != "running":
+            return []
+        events = []
+        for line in self.child.lines():
+            event = read_json_line(line)
+            if event is None:
+                log.debug("FMCT worker: %s", line.rstrip())
+                continue
+            events.append(event)
+            kind = event.get("event")
+            if kind == PROGRESS_EVENT:
+                self.fraction = _EXPORT_END + (_WORKER_END - _EXPORT_END) * float(event.get("fraction", 0.0))
+                self.message = str(event.get("message", ""))
+            elif kind == "device":
+                self.device, self.gpu, self.modelName = event.get("device"), bool(event.get("gpu")), event.get("model", "")
+            elif kind == "done":
+                self.done = event
+            elif kind == "error":
+                self.error = event
+        if not self.child.running() and self.child.outputClosed:
+            self.state = "done" if self.done is not None and self.child.returncode() == 0 else "failed"
+            self.child.close()
+        return events
+
+    def cancel(self) -> None:
+        """Kill the worker and everything it started, and delete its files; the scene is untouched."""
+        if self.state in ("running", "done", "failed"):
+            self.child.stop()
+            self.state = "cancelled"
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workDir, ignore_errors=True)
+
+    def raiseError(self) -> None:
+        """Raise what made the worker fail: the engine's own exception type for a user mistake."""
+        import fmct.errors
+
+        if self.error is not None:
+            kind = getattr(fmct.errors, str(self.error.get("type")), None)
+            message = str(self.error.get("message", ""))
+            if isinstance(kind, type) and issubclass(kind, fmct.errors.FMCTError):
+                raise kind(message)
+            detail = self.error.get("traceback") or self.child.stderrTail()
+            raise RuntimeError(f"FMCT analysis failed: {message}\n{detail}")
+        raise RuntimeError(f"The FMCT analysis process ended with exit code {self.child.returncode()} "
+                           f"before finishing:\n{self.child.stderrTail()}")
 
 
 class FMCTLogic(ScriptedLoadableModuleLogic):
     """Runs FMCT on volume nodes and manages the output nodes. Usable without the widget."""
 
-    def __init__(self, dependencies: DependencyLogic | None = None) -> None:
+    def __init__(self, dependencies: DependencyLogic | None = None, python: str | None = None) -> None:
         super().__init__()
         self.dependencies = dependencies or DependencyLogic()
-        self._analyzers: dict[tuple, object] = {}
+        self.python = python or pythonExecutable()
         self._volumeRenderingLogics: dict[int, object] = {}
+        self._jobs: list[AnalysisJob] = []
         self._cancelRequested = False
 
     # -- the one-click analysis ------------------------------------------------------------------
 
     def analyze(self, inputVolumeNode, bundlePath: str | Path | None = None, device: str = "auto",
-                explain: str | None = DEFAULT_EXPLAIN, progress: Progress | None = None,
-                cancel: CancelCheck | None = None, explainFindings: str | Sequence[str] = "positive") -> FMCTResult:
-        """Analyze one CT node; fill (or update) its findings table and saliency volumes, show them.
+                explain: str | None = DEFAULT_EXPLAIN, progress=None, cancel=None,
+                explainFindings: str | Sequence[str] = DEFAULT_EXPLAIN_FINDINGS,
+                pollSeconds: float = 0.05) -> FMCTResult:
+        """Analyze one CT node and wait for it; fill (or update) its findings table and saliency volumes.
 
+        The blocking form of startAnalysis/finishAnalysis for scripts: the same worker process.
         bundlePath: a model bundle folder or .zip; None for the bundled demo model.
         device: auto (GPU when present), CPU or GPU.
-        explain: one of EXPLAIN_METHODS; saliency maps are made for the positive findings, or for
-        explainFindings ("positive", "all", or a list of names: as the CLI's --findings).
+        explain: one of EXPLAIN_METHODS; explainFindings: "auto" (every positive finding on a GPU,
+        the top one on a CPU), "top", "positive", "all", or a list of names.
         progress(fraction, message) is called as the work advances; cancel() -> True stops it
-        (as does requestCancel()), raising fmct.errors.Cancelled and leaving earlier outputs as they were.
+        (as does requestCancel()): the worker is killed, fmct.errors.Cancelled raised, and the
+        scene keeps its earlier outputs.
         """
+        from fmct.errors import Cancelled
+
         report = progress or (lambda fraction, message: None)
         self._cancelRequested = False
-        self.dependencies.requireEngine()
-        from fmct.volume import validate_ct
-
-        started = time.perf_counter()
         report(0.0, "reading the input volume")
-        volume = geometry.volumeFromNode(inputVolumeNode)
-        validate_ct(volume, "The input volume")
-        method = engineExplainMethod(explain)
-        report(0.01, "loading the model")
-        analyzer = self.analyzer(bundlePath, device)
-        engineResult = analyzer.analyze(
-            volume, explain_method=method, explain_findings=explainFindings,
-            progress=lambda f, m: report(_LOAD_END + (_ENGINE_END - _LOAD_END) * f, m),
-            cancel=lambda: self._cancelRequested or bool(cancel and cancel()),
-        )
-        report(_ENGINE_END, "creating output nodes")
-        result = self._writeOutputs(inputVolumeNode, engineResult, analyzer)
-        result.timings = {**engineResult.timings, "total_s": time.perf_counter() - started}
-        log.info("FMCT: analyzed a %s volume with %s on %s in %.1f s; positive: %s", "x".join(map(str, volume.size)),
-                 result.modelName, result.device, result.timings["total_s"], ", ".join(result.positive) or "none")
+        job = self.startAnalysis(inputVolumeNode, bundlePath, device, explain, explainFindings)
+        try:
+            while job.running:
+                job.poll()
+                report(job.fraction, job.message)
+                if self._cancelRequested or (cancel is not None and cancel()):
+                    job.cancel()
+                    raise Cancelled("Analysis cancelled")
+                if job.running:
+                    time.sleep(pollSeconds)
+            result = self.finishAnalysis(job)
+        finally:
+            if job.running:
+                job.cancel()
         report(1.0, "done")
         return result
 
+    def startAnalysis(self, inputVolumeNode, bundlePath: str | Path | None = None, device: str = "auto",
+                      explain: str | None = DEFAULT_EXPLAIN,
+                      explainFindings: str | Sequence[str] = DEFAULT_EXPLAIN_FINDINGS,
+                      keepOtherMaps: bool = False) -> AnalysisJob:
+        """Check the choices, export the CT and start the worker; returns at once.
+
+        Everything that can be refused cheaply is refused here, before any process starts: no or
+        a wrong node, a CT that is not one, an unknown device or method, a missing bundle.
+        """
+        self.dependencies.requireEngine()
+        useEngineSource(self.dependencies.engineSource)
+        from fmct.errors import BundleError
+        from fmct.io import write_volume
+        from fmct.volume import validate_ct
+
+        geometry.checkInputNode(inputVolumeNode)
+        engineName = engineDevice(device)
+        method = engineExplainMethod(explain)
+        findings = engineExplainFindings(explainFindings)
+        bundle = Path(bundlePath) if bundlePath else defaultBundlePath()
+        if not bundle.exists():
+            raise BundleError(f"Model bundle {bundle} not found: choose a bundle folder (with fmct.json) or a .zip of one.")
+        volume = geometry.volumeFromNode(inputVolumeNode, copy=False)
+        validate_ct(volume, "The input volume")
+        workDir = Path(tempfile.mkdtemp(prefix="fmct-analysis-"))
+        try:
+            ctFile = write_volume(volume, workDir / "ct.nrrd")  # uncompressed, the node's voxel type
+            del volume
+            command = [self.python, str(Path(worker.__file__).resolve()), "--input", str(ctFile),
+                       "--out", str(workDir / "result"), "--bundle", str(bundle.resolve()), "--device", engineName,
+                       "--explain", method or "none", "--findings", findings]
+            if self.dependencies.engineSource is not None:
+                command += ["--engine-source", str(self.dependencies.engineSource)]
+            child = ChildProcess(command, env=self.workerEnvironment(), stderrPath=workDir / "worker.log")
+        except BaseException:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        job = AnalysisJob(inputVolumeNode, workDir, child, keepOtherMaps)
+        self._jobs = [j for j in self._jobs if j.running] + [job]
+        log.info("FMCT: analysis process %d started (%s, %s)", child.pid, engineName, method or "no explanation")
+        return job
+
+    def workerEnvironment(self) -> dict[str, str]:
+        """Unbuffered UTF-8 output, so progress arrives as it happens."""
+        return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+
+    def finishAnalysis(self, job: AnalysisJob) -> FMCTResult:
+        """Load a finished job's results into the scene in one step (or raise what made it fail).
+
+        Nothing was added to the scene before this call, so a failed or cancelled analysis leaves
+        the previous outputs of this CT as they were.
+        """
+        from fmct.errors import Cancelled, InputVolumeError
+
+        try:
+            if job.state == "cancelled":
+                raise Cancelled("Analysis cancelled")
+            if job.state == "running":
+                raise RuntimeError("finishAnalysis() was called while the analysis is still running")
+            if job.state == "failed":
+                job.raiseError()
+            node = job.inputNode
+            if node.GetScene() is None:
+                raise InputVolumeError("The CT was removed from the scene while it was being analyzed.")
+            done = job.done
+            folder = Path(done["folder"])
+            maps = {name: outputs.readSaliencyFile(folder / file, node) for name, file in done["saliency_files"].items()}
+            shown = done.get("primary")
+            if job.keepOtherMaps:
+                shown = next(iter(maps), shown)
+            tableNode = outputs.updateFindingsTable(node, done["findings"])
+            saliencyNodes = outputs.updateSaliencyNodes(node, maps, replace=not job.keepOtherMaps)
+            del maps
+            self.showFinding(node, shown)
+            timings = {**done.get("timings", {}), "wall_s": time.perf_counter() - job.started}
+            result = FMCTResult(done["findings"], tableNode, saliencyNodes, shown if shown in saliencyNodes else None,
+                                done.get("model", job.modelName), done.get("device", job.device or ""), timings,
+                                bool(done.get("gpu")), list(done.get("explained", [])))
+        finally:
+            job.cleanup()
+        log.info("FMCT: analyzed on %s in %.1f s; positive: %s", result.device, timings["wall_s"],
+                 ", ".join(result.positive) or "none")
+        return result
+
+    def explainFinding(self, inputVolumeNode, finding: str, bundlePath: str | Path | None = None,
+                       device: str = "auto", explain: str | None = DEFAULT_EXPLAIN) -> AnalysisJob:
+        """Start computing one more finding's map for a CT that was analyzed (the panel's on-demand
+        explanation); finishAnalysis adds it next to the maps already there and shows it."""
+        return self.startAnalysis(inputVolumeNode, bundlePath, device, explain, [finding], keepOtherMaps=True)
+
     def requestCancel(self) -> None:
-        """Ask a running analyze() to stop at the engine's next check (the widget's Cancel button)."""
+        """Stop the running analyses now (the widget's Cancel button): their processes are killed."""
         self._cancelRequested = True
-
-    def analyzer(self, bundlePath: str | Path | None = None, device: str = "auto"):
-        """A loaded engine Analyzer, kept for the next run with the same bundle file and device."""
-        from fmct.analyze import Analyzer
-
-        path = Path(bundlePath) if bundlePath else defaultBundlePath()
-        key = (str(path.resolve()), _modificationTime(path), engineDevice(device))
-        if key not in self._analyzers:
-            self._analyzers.clear()  # one model in memory at a time: bundles can be large
-            self._analyzers[key] = Analyzer(path, device=engineDevice(device))
-        return self._analyzers[key]
-
-    def _writeOutputs(self, inputNode, engineResult, analyzer) -> FMCTResult:
-        findings = [
-            {"name": f.name, "description": f.description, "probability": float(f.probability),
-             "threshold": float(f.threshold), "positive": bool(f.positive)}
-            for f in engineResult.findings
-        ]
-        tableNode = outputs.updateFindingsTable(inputNode, findings)
-        saliencyNodes = outputs.updateSaliencyNodes(inputNode, engineResult.saliency)
-        shown = shownFindingAfterAnalysis(findings, list(saliencyNodes))
-        self.showFinding(inputNode, shown)
-        return FMCTResult(findings, tableNode, saliencyNodes, shown, analyzer.bundle.meta.name, str(analyzer.device))
+        for job in self._jobs:
+            if job.running:
+                job.cancel()
+        self._jobs = []
 
     # -- showing results --------------------------------------------------------------------------
 
@@ -244,6 +444,14 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
     def saliencyNodes(self, inputVolumeNode) -> dict:
         return outputs.saliencyNodes(inputVolumeNode)
 
+    def saliencyToSegmentation(self, inputVolumeNode, finding: str, fraction: float = outputs.DISPLAY_THRESHOLD):
+        """A segmentation of where a finding's saliency is at least `fraction` of its peak (for export,
+        measurement or editing in Segment Editor); updated in place on a second call."""
+        nodes = outputs.saliencyNodes(inputVolumeNode)
+        if finding not in nodes:
+            raise KeyError(f"{finding} has no saliency map; explain it first")
+        return outputs.thresholdToSegmentation(nodes[finding], fraction)
+
     def volumeRenderingLogic(self, scene):
         """The application's volume rendering logic when it serves this scene, else our own.
 
@@ -267,8 +475,3 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
             self._volumeRenderingLogics[key] = (scene, vrLogic)  # keep the scene alive with its logic
         return self._volumeRenderingLogics[key][1]
 
-
-def _modificationTime(path: Path) -> float:
-    """Changes when a bundle is rewritten, so a retrained bundle at the same path is reloaded."""
-    meta = path / "fmct.json" if path.is_dir() else path
-    return meta.stat().st_mtime if meta.exists() else 0.0

@@ -5,18 +5,20 @@ volume per explained finding), so running again on the same CT updates the same 
 of piling up new ones, and the links survive saving and reloading the scene. Each output also
 points back at its CT, so selecting a row of a findings table is enough to show its overlay.
 
-Nothing here does numerical work: the saliency arrays arrive finished from the engine.
+Saliency volumes hold the engine's uint8 maps (0-255, 255 = the strongest attribution in that
+CT, as fmct.outputs writes them), a quarter of float32's memory: seven maps of a 512x512x165 CT
+take 300 MB instead of 1.2 GB. They are displayed over 0-255 with the heat colour table.
+
+Nothing here does numerical work: the saliency maps arrive finished from the engine's worker.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from FMCTLib import geometry
-
-if TYPE_CHECKING:
-    from fmct.volume import Volume
 
 # Node reference roles and attributes (no ':' or ';', which the scene file uses as separators).
 TABLE_ROLE = "FMCTFindingsTable"      # input CT -> its findings table
@@ -30,8 +32,9 @@ COLUMN_TITLES = {"name": "Finding", "description": "Description", "probability":
                  "threshold": "Threshold", "positive": "Positive"}
 
 HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
-# Saliency maps are scaled by the engine to a maximum of 1. Below 0.2 of the peak they are
-# mostly diffuse background, which would tint the whole brain: those voxels are transparent.
+SALIENCY_MAX = 255  # = fmct.outputs.SALIENCY_MAX (a test checks it): the stored value of a map's peak
+# Below 0.2 of the peak a map is mostly diffuse background, which would tint the whole brain:
+# those voxels are transparent.
 DISPLAY_THRESHOLD = 0.2
 OVERLAY_OPACITY = 0.5       # the CT must stay readable under the heat map
 RENDERING_MAX_OPACITY = 0.6  # in 3D the peak stays see-through, so the inside of a blob shows
@@ -116,16 +119,44 @@ def findingAtRow(tableNode, row: int) -> str | None:
 # Saliency volumes
 # ----------------------------------------------------------------------------------------------
 
-def updateSaliencyNodes(inputNode, saliency: dict[str, "Volume"]) -> dict:
-    """Make this CT's saliency volumes exactly the given maps: update, add, remove stale ones."""
+def readSaliencyFile(path: str | Path, inputNode) -> np.ndarray:
+    """The uint8 voxels [k, j, i] of a saliency file the worker wrote on this CT's grid.
+
+    The file's geometry is checked against the CT node (so a map can never be shown on a grid it
+    was not computed for) but not used: the node gets the CT's own IJK-to-RAS, exactly, rather
+    than the float32 copy a NIfTI header holds.
+    """
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    dims = inputNode.GetImageData().GetDimensions()
+    if tuple(image.GetSize()) != tuple(dims):
+        raise ValueError(f"{Path(path).name}: {image.GetSize()} voxels, but the CT has {dims}")
+    fileIJKToRAS = np.eye(4)
+    fileIJKToRAS[:3, :3] = geometry.LPS_TO_RAS @ np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    fileIJKToRAS[:3, 3] = geometry.LPS_TO_RAS @ np.array(image.GetOrigin())
+    if not np.allclose(fileIJKToRAS, geometry.nodeIJKToRAS(inputNode), atol=1e-3, rtol=1e-4):
+        raise ValueError(f"{Path(path).name} is not on the CT's voxel grid")
+    array = sitk.GetArrayFromImage(image)
+    return array if array.dtype == np.uint8 else np.clip(array, 0, SALIENCY_MAX).astype(np.uint8)
+
+
+def updateSaliencyNodes(inputNode, maps: dict[str, np.ndarray], replace: bool = True) -> dict:
+    """Give this CT a saliency volume per map (uint8 [k, j, i] on the CT's grid): update or add them.
+
+    replace=True makes the CT's maps exactly these (the maps of another run would describe
+    another run, so they are removed); replace=False adds to the maps already there (a finding
+    explained on demand). Returns the finding -> node of the maps given.
+    """
     existing = saliencyNodes(inputNode)
-    for name, node in existing.items():
-        if name not in saliency:
-            removeOutputNode(node)
+    if replace:
+        for name, node in existing.items():
+            if name not in maps:
+                removeOutputNode(node)
     nodes = {}
-    for name, volume in saliency.items():
+    for name, array in maps.items():
         node = existing.get(name) or _newSaliencyNode(inputNode, name)
-        _writeSaliency(node, volume, inputNode)
+        _writeSaliency(node, array, inputNode)
         configureSaliencyDisplay(node)
         nodes[name] = node
     return nodes
@@ -141,12 +172,17 @@ def _newSaliencyNode(inputNode, finding: str):
     return node
 
 
-def _writeSaliency(node, volume: "Volume", inputNode) -> None:
-    """Voxels and geometry of the map; it follows the CT's parent transform, as the CT does."""
+def _writeSaliency(node, array: np.ndarray, inputNode) -> None:
+    """Voxels (uint8) and the CT's exact geometry; the map follows the CT's parent transform, as the CT does."""
     import slicer.util
+    import vtk
 
-    geometry.setNodeGeometry(node, volume)
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(volume.array, dtype=np.float32))
+    if array.shape != tuple(inputNode.GetImageData().GetDimensions())[::-1]:
+        raise ValueError(f"saliency map of shape {array.shape} is not on the CT's grid")
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, dtype=np.uint8))
+    matrix = vtk.vtkMatrix4x4()
+    inputNode.GetIJKToRASMatrix(matrix)
+    node.SetIJKToRASMatrix(matrix)
     node.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
 
 
@@ -190,16 +226,16 @@ def heatColorNode(scene):
 
 
 def configureSaliencyDisplay(node) -> None:
-    """Heat colours over the map's 0..1 range; weak saliency is transparent, not dark red."""
+    """Heat colours over the map's 0..255 range; weak saliency is transparent, not dark red."""
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     wasModifying = display.StartModify()
     display.SetAndObserveColorNodeID(heatColorNode(node.GetScene()).GetID())
     display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetWindowLevelMinMax(0.0, SALIENCY_MAX)
     display.AutoThresholdOff()
-    display.SetThreshold(DISPLAY_THRESHOLD, 1.0)
+    display.SetThreshold(DISPLAY_THRESHOLD * SALIENCY_MAX, SALIENCY_MAX)
     display.ApplyThresholdOn()
     display.SetInterpolate(True)
     display.EndModify(wasModifying)
@@ -224,7 +260,14 @@ def volumeRenderingDisplayNode(vrLogic, node):
     """The map's volume rendering display node, made (with the heat transfer functions) if missing."""
     display = vrLogic.GetFirstVolumeRenderingDisplayNode(node)
     if display is None:
-        display = vrLogic.CreateDefaultVolumeRenderingNodes(node)
+        # Made here rather than by CreateDefaultVolumeRenderingNodes, which would first look up a
+        # preset for a uint8 volume only to have the heat transfer functions replace it.
+        scene = node.GetScene()
+        display = scene.AddNewNodeByClass(vrLogic.GetDefaultRenderingMethod()
+                                          or "vtkMRMLGPURayCastVolumeRenderingDisplayNode")
+        propertyNode = scene.AddNewNodeByClass("vtkMRMLVolumePropertyNode", f"{node.GetName()} rendering")
+        display.SetAndObserveVolumePropertyNodeID(propertyNode.GetID())
+        node.AddAndObserveDisplayNodeID(display.GetID())
     setHeatTransferFunctions(display.GetVolumePropertyNode(), heatColorNode(node.GetScene()))
     return display
 
@@ -238,22 +281,85 @@ def setHeatTransferFunctions(volumePropertyNode, colorNode) -> None:
     low, high = lut.GetRange()
     for value in np.linspace(0.0, 1.0, 11):
         r, g, b = lut.GetColor(low + value * (high - low))
-        colors.AddRGBPoint(float(value), r, g, b)
+        colors.AddRGBPoint(float(value) * SALIENCY_MAX, r, g, b)
     opacity = prop.GetScalarOpacity()
     opacity.RemoveAllPoints()
     opacity.AddPoint(0.0, 0.0)
-    opacity.AddPoint(DISPLAY_THRESHOLD, 0.0)
-    opacity.AddPoint(1.0, RENDERING_MAX_OPACITY)
+    opacity.AddPoint(DISPLAY_THRESHOLD * SALIENCY_MAX, 0.0)
+    opacity.AddPoint(SALIENCY_MAX, RENDERING_MAX_OPACITY)
     prop.SetInterpolationTypeToLinear()
     prop.ShadeOff()
     volumePropertyNode.Modified()
 
 
 def showIn3D(vrLogic, nodes: dict, shownFinding: str | None) -> None:
-    """Volume-render the shown finding's map and hide the others."""
+    """Volume-render the shown finding's map and hide the others.
+
+    Rendering nodes are made only for a map when it is first shown: making them for every map
+    up front was most of the seconds the results took to appear.
+    """
     for name, node in nodes.items():
-        display = volumeRenderingDisplayNode(vrLogic, node)
-        display.SetVisibility(name == shownFinding)
+        if name == shownFinding:
+            volumeRenderingDisplayNode(vrLogic, node).SetVisibility(True)
+        else:
+            display = vrLogic.GetFirstVolumeRenderingDisplayNode(node)
+            if display is not None:
+                display.SetVisibility(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: saliency thresholded to a segmentation
+# ----------------------------------------------------------------------------------------------
+
+SEGMENTATION_ROLE = "FMCTSaliencySegmentation"  # saliency volume -> its thresholded segmentation
+
+
+def thresholdToSegmentation(saliencyNode, fraction: float = DISPLAY_THRESHOLD):
+    """A segmentation (one segment) of the voxels at or above fraction of the map's peak.
+
+    For export (the segmentation saves as NRRD/NIfTI/DICOM SEG and STL), for measuring its
+    volume in Segment Statistics, or for editing in Segment Editor. Made on the first call,
+    updated in place on the next ones, and placed next to the CT.
+    """
+    import slicer
+    import slicer.util
+
+    scene = saliencyNode.GetScene()
+    finding = saliencyNode.GetAttribute(FINDING_ATTRIBUTE) or "saliency"
+    inputNode = inputNodeOf(saliencyNode)
+    array = slicer.util.arrayFromVolume(saliencyNode)
+    mask = (array >= max(1, int(np.ceil(fraction * SALIENCY_MAX)))).astype(np.uint8)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "FMCT saliency labelmap (temporary)")
+    try:
+        slicer.util.updateVolumeFromArray(labelmap, mask)
+        import vtk
+
+        matrix = vtk.vtkMatrix4x4()
+        saliencyNode.GetIJKToRASMatrix(matrix)
+        labelmap.SetIJKToRASMatrix(matrix)
+        segmentation = saliencyNode.GetNodeReference(SEGMENTATION_ROLE)
+        if segmentation is None:
+            name = f"{inputNode.GetName() if inputNode else ''} FMCT {finding} saliency segmentation".strip()
+            segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+            segmentation.SetNodeReferenceID(INPUT_ROLE, inputNode.GetID() if inputNode else None)
+            saliencyNode.SetNodeReferenceID(SEGMENTATION_ROLE, segmentation.GetID())
+            if inputNode is not None:
+                _placeNextTo(inputNode, segmentation)
+        segmentation.GetSegmentation().RemoveAllSegments()
+        if inputNode is not None:
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputNode)
+        segmentation.SetAndObserveTransformNodeID(saliencyNode.GetTransformNodeID())
+        logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        logic.SetMRMLScene(scene)
+        if not logic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
+            raise RuntimeError("could not convert the thresholded saliency to a segmentation")
+        segment = segmentation.GetSegmentation().GetNthSegment(0)
+        if segment is not None:
+            segment.SetName(f"{finding} saliency >= {fraction:.0%} of peak")
+            segment.SetColor(1.0, 0.55, 0.0)
+    finally:
+        scene.RemoveNode(labelmap)
+    return segmentation
 
 
 # ----------------------------------------------------------------------------------------------

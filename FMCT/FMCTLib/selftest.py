@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from FMCTLib import geometry, outputs
-from FMCTLib.logic import FMCTLogic
+from FMCTLib.logic import FMCTLogic, FMCTResult
 
 TINY_TASKS = (("any_hemorrhage", 0.01), ("subdural", 0.01), ("fracture", 0.99))  # (name, threshold)
 
@@ -27,27 +27,15 @@ TINY_TASKS = (("any_hemorrhage", 0.01), ("subdural", 0.01), ("fracture", 0.99)) 
 # ----------------------------------------------------------------------------------------------
 
 def tinyBundle(folder: str | Path, seed: int = 0) -> Path:
-    """A random-weights bundle that runs in a fraction of a second.
+    """A random-weights bundle that runs in a fraction of a second (the engine's test fixture).
 
     Its thresholds make the outcome certain whatever the random logits: two findings are
     always positive (threshold 0.01), one always negative (0.99).
     """
-    import torch
+    from fmct.fixtures import tiny_bundle
 
-    from fmct.bundle import BundleMeta, Task, save_bundle
-    from fmct.models import FMCTClassifier, preset
-    from fmct.preprocess import PreprocessSpec
-
-    torch.manual_seed(seed)
-    spec = PreprocessSpec(spacing_mm=(6.0, 6.0, 6.0), size=(32, 32, 32))
-    encoder = preset("tiny", img_size=spec.tensor_shape, in_chans=spec.in_channels, embed_dim=48, depth=2, num_heads=2)
-    meta = BundleMeta(
-        name="fmct-selftest-random", encoder=encoder, preprocessing=spec,
-        tasks=[Task(name, f"test finding {name}", threshold=t, temperature=1.0) for name, t in TINY_TASKS],
-        provenance={"recipe": "random weights, for testing the Slicer module"},
-    )
-    model = FMCTClassifier(meta.encoder, len(meta.tasks)).eval()
-    return save_bundle(model, meta, Path(folder) / "tiny-bundle")
+    return tiny_bundle(Path(folder) / "tiny-bundle", seed=seed, tasks=TINY_TASKS, temperature=1.0,
+                       name="fmct-selftest-random", recipe="random weights, for testing the Slicer module")[0]
 
 
 def demoBundle() -> Path | None:
@@ -148,22 +136,26 @@ def checkSaliencyGeometry(ctNode, result) -> None:
 
 
 def checkSaliencyValues(result, engineSaliency: dict) -> None:
-    """Node voxels are the engine's maps on the CT grid, unchanged (and within 0..1)."""
+    """Node voxels are the engine's maps on the CT grid as the engine stores them (uint8 0-255),
+    unchanged."""
     import slicer.util
+
+    from fmct.outputs import quantize_saliency
 
     for name, node in result.saliencyNodes.items():
         array = slicer.util.arrayFromVolume(node)
-        assert array.dtype == np.float32
-        assert 0.0 <= float(array.min()) and float(array.max()) <= 1.0 + 1e-6, f"{name} saliency outside 0..1"
-        assert float(array.max()) > 0.0, f"{name} saliency is empty"
-        np.testing.assert_allclose(array, engineSaliency[name].array, atol=1e-5, err_msg=name)
+        assert array.dtype == np.uint8, f"{name}: saliency is {array.dtype}, not uint8"
+        assert int(array.max()) > 0, f"{name} saliency is empty"
+        expected = quantize_saliency(engineSaliency[name]).array
+        difference = np.abs(array.astype(np.int16) - expected.astype(np.int16)).max()
+        assert difference <= 1, f"{name}: node voxels differ from the engine's map by {difference} of 255"
 
 
 def checkDisplay(scene, ctNode, result, logic: FMCTLogic) -> None:
     """The shown finding is the foreground over the CT in every slice view, in heat colours with a
     threshold, and volume-rendered in 3D; the other maps are not rendered."""
     shown = result.shownFinding
-    assert shown in result.saliencyNodes, "a positive finding's map is shown after the analysis"
+    assert shown in result.saliencyNodes, "an explained finding's map is shown after the analysis"
     assert logic.shownFinding(ctNode) == shown
     composites = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
                   for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
@@ -176,13 +168,19 @@ def checkDisplay(scene, ctNode, result, logic: FMCTLogic) -> None:
     for name, node in result.saliencyNodes.items():
         display = node.GetDisplayNode()
         assert display.GetColorNodeID() == outputs.HEAT_COLOR_NODE_ID
-        assert display.GetApplyThreshold() and 0.0 < display.GetLowerThreshold() < 1.0
-        assert not display.GetAutoWindowLevel()
+        assert display.GetApplyThreshold() and 0.0 < display.GetLowerThreshold() < outputs.SALIENCY_MAX
+        assert not display.GetAutoWindowLevel() and display.GetWindow() == outputs.SALIENCY_MAX
         rendering = vrLogic.GetFirstVolumeRenderingDisplayNode(node)
-        assert rendering is not None, f"{name} has no volume rendering display node"
-        assert bool(rendering.GetVisibility()) == (name == shown)
-        opacity = rendering.GetVolumePropertyNode().GetVolumeProperty().GetScalarOpacity()
-        assert opacity.GetValue(0.05) == 0.0 and opacity.GetValue(1.0) > 0.0
+        assert isRendered(vrLogic, node) == (name == shown), f"{name} rendered: {isRendered(vrLogic, node)}"
+        if name == shown:
+            opacity = rendering.GetVolumePropertyNode().GetVolumeProperty().GetScalarOpacity()
+            assert opacity.GetValue(0.05 * outputs.SALIENCY_MAX) == 0.0 and opacity.GetValue(outputs.SALIENCY_MAX) > 0.0
+
+
+def isRendered(vrLogic, node) -> bool:
+    """Whether a map is volume-rendered (rendering nodes are made only when a map is first shown)."""
+    rendering = vrLogic.GetFirstVolumeRenderingDisplayNode(node)
+    return rendering is not None and bool(rendering.GetVisibility())
 
 
 def checkSelectingRowsSwitchesOverlay(scene, ctNode, result, logic: FMCTLogic) -> None:
@@ -195,8 +193,18 @@ def checkSelectingRowsSwitchesOverlay(scene, ctNode, result, logic: FMCTLogic) -
         node = result.saliencyNodes.get(f["name"])
         assert composite.GetForegroundVolumeID() == (node.GetID() if node else None), f["name"]
         for name, other in result.saliencyNodes.items():
-            assert bool(vrLogic.GetFirstVolumeRenderingDisplayNode(other).GetVisibility()) == (name == f["name"])
+            assert isRendered(vrLogic, other) == (name == f["name"])
     assert logic.showFindingAtRow(table, len(result.findings)) is None
+
+
+def primaryFinding(findings: list, explained) -> str | None:
+    """The finding the engine shows first (fmct.analyze.AnalysisResult.primary_finding), from findings dicts."""
+    from fmct.analyze import AnalysisResult, Finding
+
+    result = AnalysisResult([Finding(**f) for f in findings])
+    result.model_saliency = {name: None for name in explained}
+    primary = result.primary_finding()
+    return primary.name if primary is not None else None
 
 
 def checkRerunReusesNodes(scene, ctNode, first, logic: FMCTLogic, bundlePath) -> None:
@@ -252,6 +260,86 @@ def _badInputs(scene):
             (labelmap, NotCTError, "label map")]
 
 
+def checkCPUExplainsTheTopFindingFirst(result) -> None:
+    """On a CPU the default explains only the finding shown first (the engine's margin rule); the
+    panel says that no GPU is used."""
+    from FMCTLib.logic import CPU_NOTICE, deviceNotice
+
+    assert result.device == "cpu" and not result.gpu
+    top = primaryFinding(result.findings, [])
+    assert top is not None and result.explained == [top] and list(result.saliencyNodes) == [top], result.explained
+    assert result.shownFinding == top
+    assert deviceNotice(result.gpu, "integrated_gradients") == CPU_NOTICE and "No GPU" in CPU_NOTICE
+    assert deviceNotice(True, "integrated_gradients") == ""
+
+
+def checkExplainOnDemand(scene, ctNode, result, logic: FMCTLogic, bundlePath) -> FMCTResult:
+    """Explaining a finding without a map adds its map (next to the others) and shows it."""
+    from FMCTLib.logic import canExplain
+
+    missing = [f["name"] for f in result.findings if f["name"] not in result.saliencyNodes]
+    assert missing, "every finding is explained already"
+    row = [f["name"] for f in result.findings].index(missing[0])
+    assert canExplain(result.tableNode, row, running=False)[0]
+    before = {name: node.GetID() for name, node in outputs.saliencyNodes(ctNode).items()}
+    job = logic.explainFinding(ctNode, missing[0], bundlePath=bundlePath, device="CPU", explain="attention")
+    waitFor(job)
+    added = logic.finishAnalysis(job)
+    now = outputs.saliencyNodes(ctNode)
+    assert set(now) == set(before) | {missing[0]}, sorted(now)
+    assert {name: now[name].GetID() for name in before} == before, "the maps already there are kept"
+    assert logic.shownFinding(ctNode) == missing[0] and added.shownFinding == missing[0]
+    assert not canExplain(result.tableNode, row, running=False)[0]
+    checkSaliencyGeometry(ctNode, added)
+    return added
+
+
+def waitFor(job, timeout: float = 300.0) -> list:
+    """Poll a job as the panel's timer does, until it ends; returns every event it printed."""
+    import time
+
+    events, deadline = [], time.monotonic() + timeout
+    while job.running and time.monotonic() < deadline:
+        events += job.poll()
+        time.sleep(0.02)
+    assert not job.running, "the analysis did not finish in time"
+    return events
+
+
+def checkCancelKillsTheWorker(scene, ctNode, logic: FMCTLogic, bundlePath) -> None:
+    """Cancel mid-run: the worker's whole process group is gone at once, nothing is added to the
+    scene, and the CT's previous outputs are unchanged."""
+    import time
+
+    from FMCTLib.process import processGroupAlive, waitUntil
+    from fmct.errors import Cancelled
+
+    classes = ("vtkMRMLTableNode", "vtkMRMLScalarVolumeNode", "vtkMRMLScalarVolumeDisplayNode",
+               "vtkMRMLVolumeRenderingDisplayNode")
+    before = {c: scene.GetNumberOfNodesByClass(c) for c in classes}
+    maps = {name: node.GetImageData().GetScalarRange() for name, node in outputs.saliencyNodes(ctNode).items()}
+    job = logic.startAnalysis(ctNode, bundlePath=bundlePath, device="CPU", explain="occlusion", explainFindings="all")
+    deadline = time.monotonic() + 300
+    seen = []
+    while job.running and time.monotonic() < deadline and not any("explaining" in e.get("message", "") for e in seen):
+        seen += job.poll()
+        time.sleep(0.02)
+    assert job.running, f"the worker ended before it could be cancelled: {seen[-3:]}"
+    pid = job.pid
+    logic.requestCancel()
+    assert job.state == "cancelled"
+    assert waitUntil(lambda: not processGroupAlive(pid), 5.0), "the worker's processes are still running"
+    assert not job.workDir.exists(), "the worker's files are left behind"
+    try:
+        logic.finishAnalysis(job)
+    except Cancelled:
+        pass
+    else:
+        raise AssertionError("a cancelled analysis was loaded")
+    assert {c: scene.GetNumberOfNodesByClass(c) for c in classes} == before, "cancel left partial nodes"
+    assert {name: node.GetImageData().GetScalarRange() for name, node in outputs.saliencyNodes(ctNode).items()} == maps
+
+
 LESION_SEED = 7  # a subdural phantom; the demo model's saliency enrichment on it is ~5 (2.4 to 5.3 on seeds 1-7)
 
 
@@ -284,11 +372,10 @@ def checkSaliencyInLesion(scene, logic: FMCTLogic, bundlePath, folder, finding: 
 # ----------------------------------------------------------------------------------------------
 
 def obliqueDirection(degrees: float = 20.0) -> np.ndarray:
-    """An orthonormal direction rotated about S then L: no axis is aligned with the scanner's."""
-    a, b = np.deg2rad(degrees), np.deg2rad(degrees / 2)
-    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    return rz @ rx
+    """An orthonormal direction rotated about S then L (the engine's test fixture)."""
+    from fmct.fixtures import oblique_direction
+
+    return oblique_direction(degrees)
 
 
 def obliqueVolume(volume):
@@ -317,14 +404,20 @@ def runAll(scene, log=print) -> None:
         logic = FMCTLogic()
         ph = phantom()
         ct = loadAsNRRD(scene, ph.volume, work)
-        log("Analyzing a synthetic head CT")
-        result = logic.analyze(ct, bundlePath=bundle, device="CPU")
+        log("Analyzing a synthetic head CT in the worker process")
+        result = logic.analyze(ct, bundlePath=bundle, device="CPU", explainFindings="positive")
         checkFindings(result, bundle)
         assert set(result.saliencyNodes) == set(result.positive), "one saliency volume per positive finding"
         checkSaliencyGeometry(ct, result)
         checkSaliencyValues(result, engineSaliency(ph.volume, bundle))
         checkDisplay(scene, ct, result, logic)
         checkSelectingRowsSwitchesOverlay(scene, ct, result, logic)
+        log("On a CPU the first click explains the top finding; others on demand")
+        top = logic.analyze(ct, bundlePath=bundle, device="CPU", explain="attention")
+        checkCPUExplainsTheTopFindingFirst(top)
+        checkExplainOnDemand(scene, ct, top, logic, bundle)
+        log("Cancel kills the worker")
+        checkCancelKillsTheWorker(scene, ct, logic, bundle)
         if demoBundle() is not None:
             log("Demo model: saliency in the lesion")
             log(str(checkSaliencyInLesion(scene, FMCTLogic(), demoBundle(), work)))
@@ -332,6 +425,7 @@ def runAll(scene, log=print) -> None:
         dicomCT = loadAsDICOM(scene, obliqueVolume(ph.volume), work)
         checkSaliencyGeometry(dicomCT, logic.analyze(dicomCT, bundlePath=bundle, device="CPU", explain="attention"))
         log("Running again reuses the output nodes")
-        checkRerunReusesNodes(scene, ct, result, logic, bundle)
+        checkRerunReusesNodes(scene, ct, logic.analyze(ct, bundlePath=bundle, device="CPU", explain="attention"),
+                              logic, bundle)
         log("Bad input")
         checkBadInput(scene, logic, bundle)
