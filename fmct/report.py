@@ -1,6 +1,8 @@
 """A one-page PNG report: axial slices with the saliency overlay, and probability bars.
 
-Contains no patient data: only the findings, the slices and the model's name.
+Slices are shown in the radiological view whatever the file's storage order: anterior up, the
+patient's right on the image's left, inferior to superior from left to right. Contains no patient
+data: only the findings, the slices and the model's name.
 """
 from __future__ import annotations
 
@@ -20,18 +22,20 @@ def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_nam
     """Slices through the most salient region of the primary finding, plus all probabilities."""
     primary = result.primary_finding()
     focus = primary.name if primary else None
-    sal = result.saliency.get(focus) if focus else None
-    slices = _pick_slices(ct, sal, n_slices)
+    view, aspect = radiological_view(ct)
+    sal_view = radiological_view(result.saliency[focus])[0] if focus in result.saliency else None
+    slices = _pick_slices(view, sal_view, n_slices)
     fig = plt.figure(figsize=(4 * n_slices, 8.5), dpi=80)
     grid = fig.add_gridspec(2, n_slices, height_ratios=[1.0, 0.9])
-    aspect = ct.spacing[1] / ct.spacing[0]
     for col, k in enumerate(slices):
         ax = fig.add_subplot(grid[0, col])
-        ax.imshow(ct.array[k], cmap="gray", vmin=0, vmax=80, aspect=aspect)
-        if sal is not None:
-            overlay = np.ma.masked_less(sal.array[k], 0.2)
+        ax.imshow(view[k], cmap="gray", vmin=0, vmax=80, aspect=aspect)
+        if sal_view is not None:
+            overlay = np.ma.masked_less(sal_view[k], 0.2)
             ax.imshow(overlay, cmap="hot", vmin=0, vmax=1, alpha=0.55, aspect=aspect)
-        ax.set_title(f"slice {k + 1}/{ct.array.shape[0]}", fontsize=10)
+        ax.set_title(f"axial {k + 1}/{view.shape[0]} (inferior to superior)", fontsize=10)
+        ax.text(0.02, 0.5, "R", color="yellow", transform=ax.transAxes, va="center", fontsize=12)
+        ax.text(0.5, 0.98, "A", color="yellow", transform=ax.transAxes, ha="center", va="top", fontsize=12)
         ax.axis("off")
     ax = fig.add_subplot(grid[1, :])
     _bars(ax, result)
@@ -47,10 +51,24 @@ def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_nam
     return path
 
 
-def _pick_slices(ct: Volume, sal: Volume | None, n: int) -> list[int]:
-    depth = ct.array.shape[0]
-    if sal is not None and sal.array.max() > 0:
-        per_slice = sal.array.reshape(depth, -1).sum(1)
+def radiological_view(volume: Volume) -> tuple[np.ndarray, float]:
+    """The voxels as axial images in the radiological convention, and the pixel aspect ratio.
+
+    The LPS canonical view (a lossless permutation and flip, no copy) already is that convention
+    when drawn with row 0 at the top: rows run anterior to posterior, columns from the patient's
+    right to left, and slices inferior to superior.
+    """
+    from fmct.preprocess import canonical_view, orientation_direction
+
+    canonical = canonical_view(volume, orientation_direction("LPS"))
+    return canonical.array, canonical.spacing[1] / canonical.spacing[0]
+
+
+def _pick_slices(view: np.ndarray, sal: np.ndarray | None, n: int) -> list[int]:
+    """n axial slices around the one that holds the most of the shown finding's saliency."""
+    depth = view.shape[0]
+    if sal is not None and sal.max() > 0:
+        per_slice = sal.reshape(depth, -1).sum(1)
         centre = int(np.argmax(per_slice))
     else:
         centre = depth // 2
