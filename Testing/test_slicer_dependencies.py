@@ -1,12 +1,21 @@
 """What the FMCT module installs into Slicer's Python on first use, and how it decides.
 
-The plan depends on what is importable and on where the engine's source is; these tests give the
-DependencyLogic those facts directly (the real ones where they exist here) and check each branch.
+The plan depends on what is importable, what is installed and where the engine's source is; these
+tests give the DependencyLogic those facts directly (the real ones where they exist here) and check
+each branch. The rule that matters most, that the torch already there never changes, is checked
+with pip itself: in a stand-in environment with an older torch, pip resolves the plan's install
+against a local index that also offers a newer torch and a captum that would want it.
 Installing itself runs Slicer's pip_install and the PyTorch extension, which only exist in Slicer.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -41,41 +50,48 @@ def test_engine_source_is_found_in_a_checkout_and_in_an_extension(tmp_path):
 
 def test_torch_comes_from_the_pytorch_extension_when_it_is_there():
     logic = DependencyLogic(importable=lambda name: name in ("fmct", "PyTorchUtils"))
-    (step,) = logic.installPlan()
+    step = logic.installPlan()[0]
     assert step.package == "torch" and step.method == deps.PYTORCH_EXTENSION
-    assert "GPU build" in step.detail
+    assert "GPU build" in step.detail and step.pipArgs == ("torch>=2.2",)
 
 
 @pytest.mark.parametrize("platform, index", [("linux", True), ("win32", True), ("darwin", False)])
 def test_otherwise_torch_is_the_cpu_build_from_pip(platform, index):
     logic = DependencyLogic(importable=lambda name: name == "fmct", platform=platform)
-    (step,) = logic.installPlan()
+    step = logic.installPlan()[0]
     assert step.method == deps.PIP and step.pipArgs[0] == "torch>=2.2"
     assert (deps.CPU_TORCH_INDEX_URL in step.pipArgs) == index
     assert "CPU build" in step.detail
 
 
-def test_engine_is_installed_from_the_source_that_came_with_the_module():
-    logic = DependencyLogic(importable=importable_except("fmct", "torch"))
-    torch_step, engine_step = logic.installPlan()
-    assert torch_step.package == "torch"
-    assert engine_step.package == "fmct" and engine_step.source == REPO
-    assert engine_step.pipArgs == (str(REPO), "--no-deps", "--upgrade")
-    message, details = logic.confirmationText(logic.installPlan())
-    assert "Install now?" in message and f"fmct {deps.sourceVersion(REPO)}" in details and "PyTorch" in details
+def test_the_engine_runs_from_the_source_that_came_with_the_module(tmp_path):
+    """No pip install of the engine (a stale copy in site-packages, a read-only extension folder):
+    its source goes first on sys.path, so an edit in a checkout takes effect at once."""
+    logic = DependencyLogic()
+    assert logic.engineSource == REPO
+    assert not any(step.package == "fmct" for step in DependencyLogic(importable=lambda n: False).installPlan())
+    stale = tmp_path / "site-packages"
+    (stale / "fmct").mkdir(parents=True)
+    (stale / "fmct" / "__init__.py").write_text("STALE = True\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]); "
+            "from FMCTLib.dependencies import DependencyLogic, useEngineSource; "
+            "useEngineSource(DependencyLogic().engineSource); import fmct; "
+            "assert not hasattr(fmct, 'STALE'), fmct.__file__; print(fmct.__file__)")
+    run = subprocess.run([sys.executable, "-c", code, str(stale), str(REPO / "FMCT")], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert Path(run.stdout.strip()).resolve() == (REPO / "fmct" / "__init__.py").resolve()
 
 
-def test_engine_without_its_source_says_how_to_install_it():
+def test_engine_without_its_source_says_where_to_get_it():
     logic = DependencyLogic(importable=importable_except("fmct"), engineSource=None)
-    with pytest.raises(MissingDependencyError, match="pip install"):
+    with pytest.raises(MissingDependencyError, match="Additional module paths"):
         logic.installPlan()
     with pytest.raises(MissingDependencyError, match="fmct"):
         logic.requireEngine()
 
 
 def test_engine_requirements_leave_torch_and_slicers_simpleitk_alone():
-    if sys.version_info < (3, 11):
-        pytest.skip("tomllib needs Python 3.11")
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -83,9 +99,119 @@ def test_engine_requirements_leave_torch_and_slicers_simpleitk_alone():
     kept = deps.engineRequirements(project["dependencies"] + extras)
     names = {r.split(">")[0].split("=")[0].split("<")[0].strip().lower() for r in kept}
     assert "torch" not in names and "simpleitk" not in names
-    assert {"numpy", "monai", "captum", "safetensors"} <= names
+    assert {"numpy", "captum", "safetensors"} <= names
+    assert "monai" not in names, "fmct/ does not import monai: the Analyze path must not install it"
+    assert any(r.startswith("monai") for r in project["optional-dependencies"]["bench"])
     assert not any("extra" in r for r in kept)
 
 
+def test_fmct_never_imports_monai():
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "fmct").rglob("*.py")
+                 if "import monai" in p.read_text() or "from monai" in p.read_text()]
+    assert offenders == []
+
+
 def test_torch_pip_args_are_a_cpu_build_on_linux():
-    assert deps.torchPipArgs("linux") == ("torch>=2.2", "--index-url", "https://download.pytorch.org/whl/cpu")
+    assert deps.torchPipArgs("torch>=2.2", "linux") == ("torch>=2.2", "--index-url", "https://download.pytorch.org/whl/cpu")
+
+
+STAND_IN = {"torch": "2.4.0+cu121", "torchvision": "0.19.0+cu121", "nvidia-cublas-cu12": "12.1.3.1",
+            "numpy": "1.26.4", "captum": "0.6.0", "safetensors": "0.4.5", "tqdm": "4.66.0", "matplotlib": "3.9.0",
+            "PyYAML": "6.0.2", "SimpleITK": "2.3.1"}
+
+
+def test_plan_for_an_older_torch_pins_everything_torch_related():
+    """A Slicer where the PyTorch extension installed torch 2.4 (CUDA 12.1) and an old captum."""
+    logic = DependencyLogic(importable=lambda name: name in ("torch", "fmct"), installed=STAND_IN)
+    (step,) = logic.installPlan()
+    assert step.package == "requirements" and step.pipArgs == ("captum>=0.7",)
+    assert not any("torch" in a or "nvidia" in a or "numpy" in a for a in step.pipArgs)
+    pins = logic.constraints()
+    assert {"torch==2.4.0+cu121", "torchvision==0.19.0+cu121", "nvidia-cublas-cu12==12.1.3.1", "numpy==1.26.4"} <= set(pins)
+    assert "captum<0.10" in pins
+    args = logic.pipArguments(step, Path("/tmp/c.txt"))
+    assert args[-2:] == ["--constraint", "/tmp/c.txt"]
+    message, details = logic.confirmationText([step])
+    assert "stay exactly as they are" in details and "Install now?" in message
+
+
+def test_nothing_to_install_where_everything_is_there():
+    logic = DependencyLogic()
+    assert deps.isImportable("torch")
+    assert logic.installPlan() == [] and logic.missingPackages() == []
+    logic.requireEngine()
+
+
+# -- pip itself, in a stand-in environment with an older torch -----------------------------------------
+
+def _wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
+    """A minimal valid wheel (metadata only) of a package, so pip can resolve and install it offline."""
+    dist = f"{name.replace('-', '_')}-{version}"
+    path = folder / f"{dist}-py3-none-any.whl"
+    files = {
+        f"{name.replace('-', '_')}_stub/__init__.py": "",
+        f"{dist}.dist-info/METADATA": "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}".format(
+            name, version, "".join(f"Requires-Dist: {r}\n" for r in requires)),
+        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: fmct-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    with zipfile.ZipFile(path, "w") as archive:
+        for arcname, text in files.items():
+            data = text.encode()
+            archive.writestr(arcname, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{arcname},sha256={digest},{len(data)}")
+        record.append(f"{dist}.dist-info/RECORD,,")
+        archive.writestr(f"{dist}.dist-info/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+def _pip(python: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "--no-input", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    """A Python environment with torch 2.4 and numpy 1.26 installed, and a local index that offers
+    torch 2.14, numpy 2.4, captum 0.9 (needing torch>=2.8, as monai 1.6 does) and captum 0.8."""
+    root = tmp_path_factory.mktemp("stand-in")
+    wheels = root / "wheels"
+    wheels.mkdir()
+    for name, version, requires in [("torch", "2.4.0", ()), ("torch", "2.14.0", ()), ("numpy", "1.26.4", ()),
+                                    ("numpy", "2.4.0", ()), ("captum", "0.9.0", ("torch>=2.8", "numpy>=2")),
+                                    ("captum", "0.8.0", ("torch>=1.10", "numpy")), ("safetensors", "0.4.5", ())]:
+        _wheel(wheels, name, version, requires)
+    env = root / "env"
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, timeout=300)
+    python = env / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    installed = _pip(python, "install", "--no-index", "--find-links", str(wheels), "torch==2.4.0", "numpy==1.26.4")
+    assert installed.returncode == 0, installed.stderr
+    return python, wheels, root
+
+
+def _resolve(python: Path, wheels: Path, root: Path, args: list[str]) -> dict[str, str]:
+    report = root / "report.json"
+    run = _pip(python, "install", "--dry-run", "--no-index", "--find-links", str(wheels), "--report", str(report), *args)
+    assert run.returncode == 0, run.stderr
+    return {item["metadata"]["name"]: item["metadata"]["version"] for item in json.loads(report.read_text())["install"]}
+
+
+def test_pip_keeps_the_older_torch_with_the_plans_constraints(stand_in):
+    python, wheels, root = stand_in
+    listing = subprocess.run([str(python), "-c", "import importlib.metadata as m, json; "
+                              "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"],
+                             capture_output=True, text=True, check=True, timeout=120)
+    installed = json.loads(listing.stdout)
+    assert installed["torch"] == "2.4.0"
+    logic = DependencyLogic(importable=lambda name: name in ("torch", "fmct"), installed=installed)
+    (step,) = [s for s in logic.installPlan() if s.package == "requirements"]
+    constraintsFile = root / "constraints.txt"
+    constraintsFile.write_text("\n".join(logic.constraints()) + "\n")
+    args = [a for a in logic.pipArguments(step, constraintsFile) if a.split(">")[0].split("<")[0] in
+            ("captum", "safetensors", "--constraint", str(constraintsFile))]  # what the stand-in index offers
+    unconstrained = _resolve(python, wheels, root, [a for a in args if a not in ("--constraint", str(constraintsFile))])
+    assert unconstrained.get("torch") == "2.14.0", "without the constraints pip would replace torch (the bug)"
+    planned = _resolve(python, wheels, root, args)
+    assert "torch" not in planned and "numpy" not in planned, f"the plan changes torch/numpy: {planned}"
+    assert planned["captum"] == "0.8.0", "pip picks the captum that works with the torch that is there"
