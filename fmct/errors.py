@@ -46,12 +46,28 @@ class AbsurdSpacingError(InputVolumeError):
     """Voxel spacing is zero, negative or implausibly large for a head CT."""
 
 
+class VolumeTooLargeError(InputVolumeError):
+    """The volume would need more memory than this machine has (its header says how big it is)."""
+
+
+class OutputFolderError(FMCTError):
+    """The output folder cannot be created or written, or holds the results of another study."""
+
+
 class BundleError(FMCTError):
     """A model bundle is missing, malformed, or does not match this version of the code."""
 
 
 class ConfigError(FMCTError):
     """A configuration value is invalid."""
+
+
+class ResumeMismatchError(ConfigError):
+    """--resume was asked with a config (seed, data, model, losses, crops) other than the run's own."""
+
+
+class TrainingDivergedError(FMCTError, FloatingPointError):
+    """Training produced a non-finite loss; the message says which setting to change."""
 
 
 class Cancelled(FMCTError):

@@ -9,7 +9,9 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from fmct.errors import (
     NotVolumeError,
     UnreadableInputError,
 )
-from fmct.volume import FORMATS, Volume, format_suffix, validate_ct
+from fmct.volume import FORMATS, Volume, check_memory, format_suffix, nonfinite_message, quiet_readers, validate_ct
 
 log = logging.getLogger("fmct.io")
 
@@ -37,12 +39,14 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     path = Path(path)
     if not path.exists():
         raise EmptyInputError(f"{path} does not exist. Check the path (and that the drive is mounted).")
-    if path.is_dir() or _is_dicom_file(path):
-        return read_dicom_series(path, series_uid)
-    if series_uid is not None:
-        raise ConfigError(f"series_uid (--series) applies to DICOM folders only, but {path.name} is an image file.")
-    volume = _read_image_file(path)
-    validate_ct(volume, str(path))
+    check_readable(path)
+    with quiet_readers():
+        if path.is_dir() or _is_dicom_file(path):
+            return read_dicom_series(path, series_uid)
+        if series_uid is not None:
+            raise ConfigError(f"series_uid (--series) applies to DICOM folders only, but {path.name} is an image file.")
+        volume = _read_image_file(path)
+        validate_ct(volume, str(path))
     log.info("Read %s image %s: %s voxels, spacing %s mm", volume.meta["format"], path.name,
              " x ".join(map(str, volume.size)), " x ".join(f"{s:g}" for s in volume.spacing))
     return volume
@@ -59,9 +63,26 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     return path
 
 
+def check_readable(path: Path) -> None:
+    """Refuse a file or folder we have no permission to read, naming it (not 'corrupt' or 'no DICOM')."""
+    try:
+        if path.is_dir():
+            next(os.scandir(path), None)
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        raise UnreadableInputError(
+            f"{path}: permission denied: fmct may not read this {'folder' if path.is_dir() else 'file'}. Fix its "
+            "permissions (e.g. chmod a+r, and a+x for a folder) or copy it to a place you can read.") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Image files
 # --------------------------------------------------------------------------------------------
+
+# Integer pixel types that hold exact HU: kept as they are (no float32 copy of a large CT).
+_KEEP_INTEGER = {np.dtype(np.int16), np.dtype(np.int32), np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.uint16)}
 
 def _is_dicom_file(path: Path) -> bool:
     if format_suffix(path) in DICOM_SUFFIXES:
@@ -80,20 +101,60 @@ def _read_image_file(path: Path) -> Volume:
         raise EmptyInputError(f"{path.name} is empty (0 bytes). Copy or export the file again.")
     if fmt == "NIfTI":
         _check_nifti_pixdim(path)
+    _check_header(path, fmt)
+    if fmt == "NIfTI":
+        _check_nifti_data(path)
     image = _read_sitk(path, fmt)
     image = _as_3d(image, path.name)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise NotCTError(
             f"{path.name} has {image.GetNumberOfComponentsPerPixel()} values per voxel (a colour or vector image), "
             "not a CT. Give the original grey-scale CT.")
-    volume = Volume.from_sitk(image, {"source": str(path), "format": fmt})
-    volume.array = volume.array.astype(np.float32, copy=False)
-    return volume
+    meta = {"source": str(path), "format": fmt}
+    array = array_of(image)
+    if array.dtype not in _KEEP_INTEGER and array.dtype != np.float32:
+        array = array.astype(np.float32)  # float64 (or int64) files: values as float32 HU
+    return Volume(array, image.GetSpacing(), image.GetOrigin(), np.array(image.GetDirection()).reshape(3, 3), meta)
+
+
+class _ImageBuffer:
+    """Exposes a SimpleITK image's own buffer to numpy and keeps the image alive as the array's base."""
+
+    def __init__(self, image: sitk.Image) -> None:
+        self.image = image
+        interface = dict(sitk.GetArrayViewFromImage(image).__array_interface__)
+        interface["data"] = (interface["data"][0], False)  # writable: this image is ours alone
+        self.__array_interface__ = interface
+
+
+def array_of(image: sitk.Image) -> np.ndarray:
+    """The voxels of image as a writable numpy array [z, y, x] without copying them."""
+    return np.asarray(_ImageBuffer(image))
+
+
+def _check_header(path: Path, fmt: str) -> None:
+    """From the header alone: the volume fits in memory (before any pixel is read)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # _read_sitk gives the precise message
+    size = reader.GetSize()
+    pixel = reader.GetPixelID()
+    nbytes = max(1, sitk.Image(1, 1, pixel).GetSizeOfPixelComponent() if pixel != sitk.sitkUnknown else 4)
+    components = reader.GetNumberOfComponents()
+    # scaled integer files (NIfTI scl_slope) come out as float32 or float64
+    check_memory(size, max(nbytes, 4 if _nifti_scaled(path) else nbytes) * components, str(path),
+                 sitk.GetPixelIDValueAsString(pixel))
 
 
 def _read_sitk(path: Path, fmt: str) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
+    except PermissionError:
+        check_readable(path)
+        raise
     except RuntimeError as error:
         if "Zero-valued spacing" in str(error):
             raise AbsurdSpacingError(
@@ -133,6 +194,15 @@ def _check_nifti_pixdim(path: Path) -> None:
 
 def _nifti_pixdim(path: Path) -> list[float] | None:
     """pixdim of the spatial axes from a NIfTI-1 or NIfTI-2 header, or None if it is not one."""
+    header = _nifti_header(path)
+    if header is None:
+        return None
+    n_spatial = min(max(int(header["dim"][0]), 0), 3)
+    return [float(p) for p in header["pixdim"][1 : 1 + n_spatial]]
+
+
+def _nifti_header(path: Path) -> dict | None:
+    """dim, pixdim, bitpix, vox_offset and scaling of a NIfTI-1 or NIfTI-2 header, or None if it is not one."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -144,11 +214,88 @@ def _nifti_pixdim(path: Path) -> list[float] | None:
             return None
         header_size = struct.unpack_from(endian + "i", head, 0)[0]
         if header_size == 348:
-            dim, pixdim = struct.unpack_from(endian + "8h", head, 40), struct.unpack_from(endian + "8f", head, 76)
-        elif header_size == 540 and len(head) >= 540:
-            dim, pixdim = struct.unpack_from(endian + "8q", head, 16), struct.unpack_from(endian + "8d", head, 104)
-        else:
-            continue
-        n_spatial = min(max(int(dim[0]), 0), 3)
-        return [float(p) for p in pixdim[1 : 1 + n_spatial]]
+            return {"size": 348, "endian": endian, "datatype": struct.unpack_from(endian + "h", head, 70)[0],
+                    "dim": struct.unpack_from(endian + "8h", head, 40), "pixdim": struct.unpack_from(endian + "8f", head, 76),
+                    "bitpix": struct.unpack_from(endian + "h", head, 72)[0],
+                    "vox_offset": struct.unpack_from(endian + "f", head, 108)[0],
+                    "scl": struct.unpack_from(endian + "2f", head, 112)}
+        if header_size == 540 and len(head) >= 540:
+            return {"size": 540, "endian": endian, "datatype": struct.unpack_from(endian + "h", head, 12)[0],
+                    "dim": struct.unpack_from(endian + "8q", head, 16), "pixdim": struct.unpack_from(endian + "8d", head, 104),
+                    "bitpix": struct.unpack_from(endian + "h", head, 14)[0],
+                    "vox_offset": struct.unpack_from(endian + "q", head, 168)[0],
+                    "scl": struct.unpack_from(endian + "2d", head, 176)}
     return None
+
+
+def _nifti_scaled(path: Path) -> bool:
+    header = _nifti_header(path) if format_suffix(path) in (".nii", ".nii.gz") else None
+    if header is None:
+        return False
+    slope, inter = header["scl"]
+    return math.isfinite(slope) and slope not in (0.0, 1.0) or (math.isfinite(inter) and inter != 0.0)
+
+
+def _check_nifti_data(path: Path) -> None:
+    """What ITK's NIfTI reader hides, checked by streaming through the file (never holding it):
+
+    a truncated file (ITK fills the rest with zeros), a corrupt .nii.gz stream or CRC (ITK reads
+    the garbage), and NaN / infinite voxels (ITK turns them into 0 HU).
+    """
+    header = _nifti_header(path)
+    if header is None:
+        return  # not NIfTI-1/2: ITK's reader decides
+    dim, bitpix = header["dim"], int(header["bitpix"])
+    n = min(max(int(dim[0]), 0), 7)
+    if bitpix <= 0 or bitpix % 8 or any(int(d) < 0 for d in dim[1 : 1 + n]):
+        return  # a broken header: ITK's reader gives the message
+    offset = header["vox_offset"]
+    offset = int(offset) if math.isfinite(offset) and offset >= header["size"] else header["size"] + 4
+    expected = offset + math.prod(int(d) for d in dim[1 : 1 + n]) * bitpix // 8
+    dtype = _NIFTI_FLOATS.get(int(header["datatype"]))
+    if dtype is not None:
+        dtype = np.dtype(dtype).newbyteorder(header["endian"])
+    counter = _NonFiniteCounter(offset, expected, dtype)
+    compressed = format_suffix(path) == ".nii.gz"
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            while chunk := f.read(1 << 24):
+                counter.feed(chunk)  # reading to the end also makes gzip check the CRC
+    except EOFError:
+        raise UnreadableInputError(
+            f"{path.name} is truncated: the compressed data ends early (after {counter.seen} of {expected} bytes). "
+            "Copy or export the file again.") from None
+    except (OSError, zlib.error) as e:
+        raise UnreadableInputError(
+            f"{path.name} is corrupt: its compressed data fails the integrity check ({e}). "
+            "Copy or export the file again.") from None
+    if counter.seen < expected:
+        raise UnreadableInputError(
+            f"{path.name} is truncated: the header describes {expected} bytes but the file holds {counter.seen}"
+            f"{' once decompressed' if compressed else ''}. Copy or export the file again.")
+    if counter.bad:
+        raise NotCTError(nonfinite_message(str(path), counter.bad, counter.voxels))
+
+
+_NIFTI_FLOATS = {16: np.float32, 64: np.float64}
+
+
+class _NonFiniteCounter:
+    """Counts bytes, and the non-finite values of float voxel data, over a stream of chunks."""
+
+    def __init__(self, offset: int, end: int, dtype: np.dtype | None) -> None:
+        self.offset, self.end, self.dtype = offset, end, dtype
+        self.seen = self.bad = self.voxels = 0
+        self.carry = b""
+
+    def feed(self, chunk: bytes) -> None:
+        lo, hi = self.seen, self.seen + len(chunk)
+        self.seen = hi
+        if self.dtype is None or hi <= self.offset or lo >= self.end:
+            return
+        data = self.carry + chunk[max(0, self.offset - lo) : len(chunk) - max(0, hi - self.end)]
+        usable = len(data) - len(data) % self.dtype.itemsize
+        self.carry = data[usable:]
+        values = np.frombuffer(data, self.dtype, usable // self.dtype.itemsize)
+        self.voxels += values.size
+        self.bad += values.size - int(np.count_nonzero(np.isfinite(values)))

@@ -6,7 +6,10 @@ checks every reader (and every caller of the Analyzer) ends in, whatever the for
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,19 +17,29 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from fmct.errors import AbsurdSpacingError, NotCTError, NotVolumeError
+from fmct.errors import AbsurdSpacingError, NotCTError, NotVolumeError, VolumeTooLargeError
 
 FORMATS = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage"}
 MAX_SPACING_MM = 20.0
+MIN_SPACING_MM = 0.05  # finer than any clinical CT (micro-CT is not a head CT)
+MIN_EXTENT_MM = 30.0  # along every axis: a head CT covers at least this much
 AIR_HU = -500.0
 MIN_SLICES = 3
+# No scanner writes values outside the 16-bit range (padding of -3024 or -32768 and extended-scale
+# metal included): beyond it the file is damaged (flipped bytes give values like 3.4e38).
+MIN_PLAUSIBLE_HU, MAX_PLAUSIBLE_HU = -32768.0, 65535.0
+SLAB_VOXELS = 1 << 24  # finiteness is counted slab by slab: no whole-volume temporary
+MEMORY_ENV = "FMCT_MAX_MEMORY_GB"
+MEMORY_FACTOR = 2.0  # reading + preprocessing need about twice the voxels' own size
 
 
 @dataclass
 class Volume:
     """A 3D image with physical geometry.
 
-    array: voxel values indexed [k, j, i] = [z, y, x] (numpy/SimpleITK order), float32 HU for CTs.
+    array: voxel values indexed [k, j, i] = [z, y, x] (numpy/SimpleITK order), in HU for CTs: float32,
+        or the stored integer type (int16, int32) when the values are exact HU, so that reading a
+        large CT never makes a float32 copy of it.
     spacing, origin: (x, y, z) in mm, LPS.
     direction: 3x3 matrix whose columns are the physical directions of the i, j, k axes.
     meta: non-identifying facts about the source (path, series description); never patient data.
@@ -102,6 +115,74 @@ def validate_ct(volume: Volume, source: str) -> None:
     _check_spacing(volume.spacing, source)
     _check_is_3d(volume.array.shape, source)
     _check_hounsfield(volume.array, source)
+    _check_extent(volume.array.shape, volume.spacing, source)
+
+
+def check_memory(size_xyz: tuple[int, ...], bytes_per_voxel: int, source: str, kind: str = "") -> None:
+    """Refuse, from the header alone, a volume that would need more memory than is available.
+
+    The limit is the memory available now (cgroup limit included), or $FMCT_MAX_MEMORY_GB when set.
+    """
+    voxels = math.prod(int(n) for n in size_xyz)
+    need = voxels * bytes_per_voxel * MEMORY_FACTOR
+    limit, where = memory_limit()
+    if limit is None or need <= limit:
+        return
+    size = " x ".join(str(int(n)) for n in size_xyz)
+    raise VolumeTooLargeError(
+        f"{source}: {size} voxels{f' of {kind}' if kind else ''} ({voxels * bytes_per_voxel / 1e9:.2f} GB) need about "
+        f"{need / 1e9:.2f} GB of memory to analyze, but {where} is {limit / 1e9:.2f} GB. Free memory, crop or "
+        f"downsample the CT, or set the environment variable {MEMORY_ENV} to raise the limit.")
+
+
+def memory_limit() -> tuple[float | None, str]:
+    """(bytes, what it is): $FMCT_MAX_MEMORY_GB, else the memory available to this process, else (None, '')."""
+    text = os.environ.get(MEMORY_ENV, "").strip()
+    if text:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and value > 0):
+            from fmct.errors import ConfigError
+
+            raise ConfigError(f"{MEMORY_ENV}={text!r} must be a positive number of gigabytes")
+        return value * 1e9, f"the limit {MEMORY_ENV}={text}"
+    available = _available_memory()
+    return (available, "the memory available") if available else (None, "")
+
+
+def _available_memory() -> float | None:
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = float(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    try:  # a container's cgroup (v2) limit may be far below the machine's memory
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit != "max":
+            available = min(available or math.inf, float(limit) - float(used))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+@contextlib.contextmanager
+def quiet_readers():
+    """No ITK or numpy warning lines on the terminal while a file is read and checked: a bad file
+    gets one clear message from fmct, not library chatter ahead of it."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,12 +190,23 @@ def validate_ct(volume: Volume, source: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def _check_spacing(spacing: tuple[float, ...], source: str) -> None:
-    if all(math.isfinite(s) and 0 < s <= MAX_SPACING_MM for s in spacing):
+    if all(math.isfinite(s) and MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
         return
     shown = " x ".join(f"{s:g}" for s in spacing)
     raise AbsurdSpacingError(
-        f"{source}: voxel spacing {shown} mm is not plausible for a head CT (each axis must be above 0 and at most "
-        f"{MAX_SPACING_MM:g} mm). The file header is probably broken: re-export the CT, or fix the spacing in the header.")
+        f"{source}: voxel spacing {shown} mm is not plausible for a head CT (each axis must be between "
+        f"{MIN_SPACING_MM:g} and {MAX_SPACING_MM:g} mm). The file header is probably broken: re-export the CT, "
+        "or fix the spacing in the header.")
+
+
+def _check_extent(shape_zyx: tuple[int, ...], spacing: tuple[float, ...], source: str) -> None:
+    extent = [n * s for n, s in zip(shape_zyx[::-1], spacing)]
+    if min(extent) >= MIN_EXTENT_MM:
+        return
+    shown = " x ".join(f"{e:g}" for e in extent)
+    raise NotVolumeError(
+        f"{source}: the image covers {shown} mm, too small for a head CT (at least {MIN_EXTENT_MM:g} mm along "
+        "every axis). Is it a crop, a thumbnail or a test image? Give the complete head CT.")
 
 
 def _check_is_3d(shape_zyx: tuple[int, ...], source: str) -> None:
@@ -126,10 +218,33 @@ def _check_is_3d(shape_zyx: tuple[int, ...], source: str) -> None:
         "are needed along every axis). Export the complete axial series, not a single image.")
 
 
+def count_nonfinite(array: np.ndarray) -> int:
+    """NaN and infinite voxels, counted slab by slab (integer arrays have none)."""
+    if array.dtype.kind not in "fc":
+        return 0
+    flat = array.reshape(array.shape[0], -1)
+    step = max(1, SLAB_VOXELS // max(1, flat.shape[1]))
+    return int(sum(flat[k : k + step].size - np.count_nonzero(np.isfinite(flat[k : k + step]))
+                   for k in range(0, flat.shape[0], step)))
+
+
+def nonfinite_message(source: str, bad: int, total: int) -> str:
+    return (f"{source}: {bad} voxel(s) are not finite (NaN or infinity) out of {total}. No scanner writes them: the "
+            "file is damaged or came from a faulty conversion, and fmct does not guess what they should be. "
+            "Re-export the CT in Hounsfield units.")
+
+
 def _check_hounsfield(array: np.ndarray, source: str) -> None:
-    low, high = float(np.nanmin(array)), float(np.nanmax(array))
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise NotCTError(f"{source}: the image contains no finite values. Re-export the CT in Hounsfield units.")
+    with np.errstate(all="ignore"):
+        bad = count_nonfinite(array)
+        if bad:
+            raise NotCTError(nonfinite_message(source, bad, array.size))
+        low, high = float(array.min()), float(array.max())
+    if low < MIN_PLAUSIBLE_HU or high > MAX_PLAUSIBLE_HU:
+        raise NotCTError(
+            f"{source}: voxel values range from {low:.4g} to {high:.4g}, beyond what any scanner writes in Hounsfield "
+            f"units ({MIN_PLAUSIBLE_HU:g} to {MAX_PLAUSIBLE_HU:g}): the file is corrupt (damaged bytes) or not a CT. "
+            "Copy or export it again.")
     if 0.0 <= low and high <= 1.0:
         raise NotCTError(
             f"{source}: all values lie in [0, 1]: this looks like a normalised image, a probability map or a mask, "
