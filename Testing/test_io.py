@@ -59,7 +59,7 @@ def test_dicom_int16_shuffled_names_reads_in_position_order(tmp_path):
     paths = write_dicom_series(ct, tmp_path / "s", shuffle_names_seed=3)
     assert sorted(p.name for p in paths) != [p.name for p in paths]  # names carry no order
     got = read_volume(tmp_path / "s")
-    assert got.array.dtype == np.float32
+    assert got.array.dtype == np.int16  # exact HU keep the stored type: no float32 copy of the series
     np.testing.assert_array_equal(got.array, ct.array)
     assert got.same_grid(ct)
     assert got.meta["format"] == "dicom" and got.meta["n_slices"] == 24

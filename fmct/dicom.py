@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fmct.errors import (
+    AbsurdSpacingError,
     EmptyInputError,
     GantryTiltError,
     InputVolumeError,
@@ -29,7 +30,7 @@ from fmct.errors import (
     NotVolumeError,
     UnreadableInputError,
 )
-from fmct.volume import FORMATS, Volume, format_suffix, validate_ct
+from fmct.volume import FORMATS, Volume, check_memory, format_suffix, validate_ct
 
 log = logging.getLogger("fmct.io")
 
@@ -40,6 +41,8 @@ AXIAL_MAX_DEG = 30.0
 TILT_MIN_DEG = 0.5
 TILT_TOLERANCE_DEG = 0.5
 NONUNIFORM_TOLERANCE = 0.10
+DRIFT_TOLERANCE = 0.5  # of a slice: how far any slice may sit from the regular grid the series claims
+READ_CHUNK_SLICES = 32  # slices decoded at a time into the (int16 when exact) volume
 GAP_MIN_RATIO = 1.5
 GAP_ROUNDING = 0.2
 DUPLICATE_RATIO = 0.05
@@ -75,6 +78,11 @@ class SliceHeader:
     row: np.ndarray | None  # direction of increasing column index (first IOP triplet)
     col: np.ndarray | None  # direction of increasing row index (second IOP triplet)
     study_uid: str = ""
+    pixel_spacing_tag: tuple[float, float] | None = None  # PixelSpacing (0028,0030) as written, None if missing
+    samples_per_pixel: int = 1
+    photometric: str = ""
+    rescale_exact: bool = True  # slope 1 and an integer intercept: HU are integers
+    iop_degenerate: bool = False  # ImageOrientationPatient with a zero or parallel row/column vector
 
 
 @dataclass
@@ -145,10 +153,22 @@ def _existing_folder(folder: str | Path) -> Path:
         raise EmptyInputError(f"{folder} does not exist. Check the path (and that the drive is mounted).")
     if not folder.is_dir():
         raise EmptyInputError(f"{folder} is not a folder. Give the folder that holds the DICOM series.")
+    _check_folder_readable(folder)
     return folder
 
 
+def _check_folder_readable(folder: Path) -> None:
+    try:
+        next(iter(folder.iterdir()), None)
+    except PermissionError:
+        raise UnreadableInputError(
+            f"{folder}: permission denied: fmct may not list this folder. Fix its permissions (e.g. chmod a+rx) or "
+            "copy the series to a place you can read.") from None
+
+
 def _candidate_files(folder: Path) -> list[Path]:
+    for sub in (p for p in folder.rglob("*") if p.is_dir() and not p.name.startswith(".")):
+        _check_folder_readable(sub)  # rglob silently skips a folder it may not list
     return sorted(
         p for p in folder.rglob("*")
         if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
@@ -169,6 +189,7 @@ def read_header(path: Path) -> SliceHeader | None:
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(path))
+    _check_file_readable(path)
     try:
         reader.ReadImageInformation()
     except RuntimeError:
@@ -184,6 +205,8 @@ def read_header(path: Path) -> SliceHeader | None:
     if iop is None and len(size) > 2 and size[2] > 1:  # enhanced multi-frame: plane tags are per frame
         direction = np.array(reader.GetDirection()).reshape(3, 3)
         iop, position = np.concatenate([direction[:, 0], direction[:, 1]]), np.array(reader.GetOrigin())
+    spacing_tag = _floats(tag("0028|0030"), 2)
+    slope, intercept = _floats(tag("0028|1053"), 1), _floats(tag("0028|1052"), 1)
     return SliceHeader(
         path=path,
         series_uid=tag("0020|000e") or "(no series UID)",
@@ -198,7 +221,28 @@ def read_header(path: Path) -> SliceHeader | None:
         row=None if iop is None else _unit(iop[:3]),
         col=None if iop is None else _unit(iop[3:]),
         study_uid=tag("0020|000d"),
+        pixel_spacing_tag=None if spacing_tag is None else (float(spacing_tag[0]), float(spacing_tag[1])),
+        samples_per_pixel=max(_int(tag("0028|0002")) or 1, reader.GetNumberOfComponents()),
+        photometric=tag("0028|0004").upper(),
+        rescale_exact=(slope is None or float(slope[0]) == 1.0) and (intercept is None or float(intercept[0]).is_integer()),
+        iop_degenerate=iop is not None and _degenerate(iop),
     )
+
+
+def _degenerate(iop: np.ndarray) -> bool:
+    row, col = iop[:3], iop[3:]
+    nr, nc = np.linalg.norm(row), np.linalg.norm(col)
+    return bool(nr < 1e-3 or nc < 1e-3 or abs(row @ col) / (nr * nc) > 0.01)
+
+
+def _check_file_readable(path: Path) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise UnreadableInputError(
+            f"{path}: permission denied: fmct may not read this file of the DICOM folder. Fix its permissions "
+            "(e.g. chmod a+r) or copy the series to a place you can read.") from None
 
 
 def _tag(reader: sitk.ImageFileReader, key: str) -> str:
@@ -318,6 +362,12 @@ def read_dicom_files(files: list[Path], series_uid: str | None = None, source: s
 def _read_series(series: SeriesInfo, source: str) -> Volume:
     _check_is_ct(series)
     _check_enough_slices(series)
+    _check_grey(series)
+    if series.n_files > 1:
+        _check_pixel_spacing(series)
+    first = series.headers[0]
+    check_memory((first.size[0], first.size[1], series.n_slices), 2 if _exact_integers(series) else 4, source,
+                 "HU")
     volume = _read_multiframe(series.files[0]) if series.n_files == 1 else _read_slices(series)
     volume.meta.update({
         "source": source, "format": "dicom", "series_uid": series.uid,
@@ -345,6 +395,30 @@ def _check_is_ct(series: SeriesInfo) -> None:
             "FMCT analyzes head CTs only; pick the CT series (series_uid / --series) or export the CT study.")
 
 
+def _check_grey(series: SeriesInfo) -> None:
+    h = series.headers[0]
+    if h.samples_per_pixel > 1 or h.photometric.startswith(("RGB", "YBR", "PALETTE")):
+        raise NotCTError(
+            f"Series {series.summary()} is a colour image ({h.photometric or f'{h.samples_per_pixel} samples per pixel'}), "
+            "although it is tagged CT: a screenshot, secondary capture or rendered view, not the CT's Hounsfield "
+            "units. Export the original grey-scale CT series.")
+
+
+def _check_pixel_spacing(series: SeriesInfo) -> None:
+    for h in series.headers:
+        spacing = h.pixel_spacing_tag
+        if spacing is None or not all(math.isfinite(v) and v > 0 for v in spacing):
+            shown = "missing" if spacing is None else "\\".join(f"{v:g}" for v in spacing)
+            raise AbsurdSpacingError(
+                f"{h.path.name}: PixelSpacing (0028,0030) is {shown}; without a positive pixel spacing the size of "
+                "the head is unknown (fmct does not assume 1 mm). Export the original CT series from the scanner or "
+                "PACS, or fix PixelSpacing in the files.")
+
+
+def _exact_integers(series: SeriesInfo) -> bool:
+    return all(h.rescale_exact for h in series.headers)
+
+
 def _check_enough_slices(series: SeriesInfo) -> None:
     if series.n_slices < 3:
         raise NotVolumeError(
@@ -354,7 +428,7 @@ def _check_enough_slices(series: SeriesInfo) -> None:
 
 def _read_slices(series: SeriesInfo) -> Volume:
     grid = _slice_grid(series)
-    array = _read_pixels(series.files)
+    array = _read_pixels(series.files, exact_integers=_exact_integers(series))
     if grid.tilt_deg >= TILT_MIN_DEG:
         log.info("Gantry tilt of %.1f degrees detected; resampled the slices onto an orthogonal grid.", grid.tilt_deg)
         volume = _resample_tilted(array, grid)
@@ -374,8 +448,28 @@ def _read_multiframe(path: Path) -> Volume:
     return Volume.from_sitk(image)
 
 
-def _read_pixels(files: list[Path]) -> np.ndarray:
-    """Pixels in the given order, rescaled to HU by GDCM (slope/intercept of each file)."""
+def _read_pixels(files: list[Path], exact_integers: bool = False) -> np.ndarray:
+    """Pixels in the given order, rescaled to HU by GDCM (slope/intercept of each file).
+
+    Decoded READ_CHUNK_SLICES slices at a time into one preallocated array: int16 when every file's
+    rescale gives integer HU that fit (the usual CT), so a large series is never held as float32;
+    float32 otherwise (it switches when a chunk holds values int16 cannot represent).
+    """
+    out: np.ndarray | None = None
+    for lo in range(0, len(files), READ_CHUNK_SLICES):
+        chunk = _read_chunk(files[lo : lo + READ_CHUNK_SLICES])
+        if out is None:
+            out = np.empty((len(files), *chunk.shape[1:]), np.int16 if exact_integers else np.float32)
+        if chunk.shape[1:] != out.shape[1:]:
+            raise InputVolumeError(f"{files[lo].name} has a different image size from {files[0].name}. "
+                                   "Export a single reconstruction of the CT.")
+        if out.dtype == np.int16 and not _fits_int16(chunk):
+            out = out.astype(np.float32)
+        out[lo : lo + len(chunk)] = chunk
+    return out
+
+
+def _read_chunk(files: list[Path]) -> np.ndarray:
     reader = sitk.ImageSeriesReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -387,7 +481,14 @@ def _read_pixels(files: list[Path]) -> np.ndarray:
         raise UnreadableInputError(
             f"{bad.name if bad else 'a file of the series'} cannot be read (truncated or corrupt pixel data). "
             "Re-export the complete series from PACS.") from None
-    return sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    array = sitk.GetArrayViewFromImage(image)
+    return np.array(array.reshape(-1, *array.shape[-2:]), np.float32)
+
+
+def _fits_int16(chunk: np.ndarray) -> bool:
+    with np.errstate(invalid="ignore"):
+        return bool(np.all(np.isfinite(chunk)) and chunk.min() >= -32768 and chunk.max() <= 32767
+                    and np.array_equal(chunk, np.round(chunk)))
 
 
 def _first_unreadable(files: list[Path]) -> Path | None:
@@ -423,6 +524,11 @@ def _check_plane_tags(headers: list[SliceHeader]) -> None:
             raise UnreadableInputError(
                 f"{h.path.name} has no usable Image Position/Orientation (Patient), so its slice cannot be placed. "
                 "Export the original CT series (not secondary captures or screenshots).")
+        if h.iop_degenerate:
+            raise InputVolumeError(
+                f"{h.path.name}: ImageOrientationPatient (0020,0037) gives a zero or parallel row and column direction, "
+                "so the slice plane is undefined. The files were damaged or badly anonymised: export the original "
+                "CT series again.")
 
 
 def _check_same_plane_and_size(headers: list[SliceHeader]) -> None:
@@ -462,6 +568,14 @@ def _check_gaps_and_spacing(along: np.ndarray) -> None:
             f"About {missing} slice(s) are missing: slice positions jump {where} along the slice normal, where the "
             f"usual step is {typical:.2f} mm. Re-export the complete series from PACS.")
     off = np.flatnonzero(np.abs(ratios - 1) > NONUNIFORM_TOLERANCE)
+    regular = along[0] + np.arange(len(along)) * (along[-1] - along[0]) / (len(along) - 1)
+    drift = np.abs(along - regular)
+    if not off.size and drift.max() > DRIFT_TOLERANCE * abs(typical):
+        k = int(np.argmax(drift))
+        raise NonUniformSpacingError(
+            f"Slice positions drift from a regular grid: slice {k + 1} sits {drift[k]:.2f} mm from where a uniform "
+            f"{(along[-1] - along[0]) / (len(along) - 1):.2f} mm spacing puts it (more than half a slice), although "
+            "each step is close to the usual one. Export a uniformly spaced reconstruction, or resample it first.")
     if off.size:
         i = off[0]
         raise NonUniformSpacingError(
