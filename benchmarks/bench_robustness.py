@@ -1,0 +1,139 @@
+"""How much the answer moves when the head lies differently: pose, field of view, kernel, noise, slices.
+
+Clear cases only (phantoms on which the model is at least `--margin` away from its threshold for
+any_hemorrhage), each analysed as made (the baseline, same run) and under one perturbation at a
+time: a rigid move (up to 5 mm and 5 degrees), the vertex cut by 1 or 2 cm, the neck cut by 3 cm,
+a smoother or sharper reconstruction kernel, more noise, and thicker slices. Reported per
+perturbation: mean and max |dp| over every finding, and how many clear any_hemorrhage decisions flip
+(target: none).
+
+    python benchmarks/bench_robustness.py --cases 12 --json benchmarks/results/robustness.json
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+from common import emit, machine
+
+RIGID_DRAWS = 3
+
+
+def perturbations(rng: np.random.Generator) -> dict:
+    """name -> function(Volume) -> Volume."""
+    pert = {
+        "vertex cut 1 cm": lambda v: cut(v, superior_mm=10.0),
+        "vertex cut 2 cm": lambda v: cut(v, superior_mm=20.0),
+        "neck cut 3 cm": lambda v: cut(v, inferior_mm=30.0),
+        "smooth kernel (0.8 mm)": lambda v: kernel(v, sigma_mm=0.8),
+        "sharp kernel": lambda v: kernel(v, sigma_mm=0.8, sharpen=1.0),
+        "noise +15 HU": lambda v: noise(v, 15.0, rng),
+        "slices x2 thicker": lambda v: thicker(v, 2),
+    }
+    for n in range(RIGID_DRAWS):
+        angle, axis = rng.uniform(3.0, 5.0), rng.normal(size=3)
+        shift = rng.normal(size=3)
+        shift = shift / np.linalg.norm(shift) * rng.uniform(3.0, 5.0)
+        pert[f"rigid {n + 1} ({angle:.1f} deg, {np.linalg.norm(shift):.1f} mm)"] = (
+            lambda v, a=angle, ax=axis, s=shift: rigid(v, a, ax, s))
+    return pert
+
+
+def rigid(volume, angle_deg: float, axis: np.ndarray, shift_mm: np.ndarray):
+    """The head turned by angle_deg about axis through its centre and moved by shift_mm, on the same grid."""
+    import SimpleITK as sitk
+
+    from fmct.volume import Volume
+
+    image = volume.to_sitk()
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    transform = sitk.VersorRigid3DTransform()
+    transform.SetCenter(centre)
+    transform.SetRotation(tuple(axis / np.linalg.norm(axis)), math.radians(angle_deg))
+    transform.SetTranslation(tuple(float(s) for s in shift_mm))
+    moved = sitk.Resample(image, image, transform.GetInverse(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    return Volume.from_sitk(moved, volume.meta)
+
+
+def cut(volume, superior_mm: float = 0.0, inferior_mm: float = 0.0):
+    """Slices removed at the top (vertex) or bottom (neck) of an axial LPS volume."""
+    from fmct.volume import Volume
+
+    dz = volume.spacing[2]
+    lo, hi = int(round(inferior_mm / dz)), volume.array.shape[0] - int(round(superior_mm / dz))
+    origin = np.asarray(volume.origin) + volume.direction[:, 2] * dz * lo
+    return Volume(volume.array[lo:hi].copy(), volume.spacing, origin, volume.direction, volume.meta)
+
+
+def kernel(volume, sigma_mm: float, sharpen: float = 0.0):
+    """A smoother reconstruction (Gaussian), or a sharper one (unsharp mask with that Gaussian)."""
+    import SimpleITK as sitk
+
+    blurred = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(volume.to_sitk(), sigma_mm))
+    array = volume.array + sharpen * (volume.array - blurred) if sharpen else blurred
+    return volume.with_array(array.astype(np.float32))
+
+
+def noise(volume, sigma_hu: float, rng: np.random.Generator):
+    return volume.with_array((volume.array + rng.normal(0, sigma_hu, volume.array.shape)).astype(np.float32))
+
+
+def thicker(volume, factor: int):
+    """Slices `factor` times thicker: adjacent slices averaged, as a thicker reconstruction would."""
+    from fmct.volume import Volume
+
+    n = volume.array.shape[0] // factor * factor
+    array = volume.array[:n].reshape(n // factor, factor, *volume.array.shape[1:]).mean(1)
+    dz = volume.spacing[2]
+    origin = np.asarray(volume.origin) + volume.direction[:, 2] * dz * (factor - 1) / 2
+    return Volume(array.astype(np.float32), (volume.spacing[0], volume.spacing[1], dz * factor), origin,
+                  volume.direction, volume.meta)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="bundle (default: the bundled demo model)")
+    ap.add_argument("--cases", type=int, default=12, help="clear cases to keep")
+    ap.add_argument("--margin", type=float, default=0.2, help="|p - threshold| of any_hemorrhage for a clear case")
+    ap.add_argument("--seed", type=int, default=500)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    from fmct.analyze import Analyzer
+    from fmct.phantom import make_phantom
+
+    analyzer = Analyzer(args.model, device="cpu")
+    index = analyzer.bundle.meta.task_names.index("any_hemorrhage")
+    threshold = analyzer.bundle.meta.tasks[index].threshold
+
+    def probs(volume) -> np.ndarray:
+        return analyzer.probabilities(analyzer.preprocessor(volume).array)[0]
+
+    cases, seed, tried = [], args.seed, 0
+    while len(cases) < args.cases and tried < 6 * args.cases:
+        ph = make_phantom(seed, slices="thin" if seed % 2 else "thick", in_plane_size=256)
+        seed, tried = seed + 1, tried + 1
+        p = probs(ph.volume)
+        if abs(p[index] - threshold) >= args.margin:
+            cases.append((ph.volume, p))
+    rng = np.random.default_rng(args.seed)
+    rows = {}
+    for name, perturb in perturbations(rng).items():
+        dps, flips = [], 0
+        for volume, p0 in cases:
+            p = probs(perturb(volume))
+            dps.append(np.abs(p - p0))
+            flips += int((p[index] >= threshold) != (p0[index] >= threshold))
+        dps = np.stack(dps)
+        rows[name] = {"mean_abs_dp": round(float(dps.mean()), 4), "max_abs_dp": round(float(dps.max()), 4),
+                      "any_hemorrhage_mean_abs_dp": round(float(dps[:, index].mean()), 4),
+                      "clear_decisions_flipped": f"{flips}/{len(cases)}"}
+        print(f"{name:<34} mean |dp| {rows[name]['mean_abs_dp']:.3f}  max {rows[name]['max_abs_dp']:.3f}  "
+              f"any_hemorrhage flips {rows[name]['clear_decisions_flipped']}")
+    emit({"machine": machine(), "model": analyzer.bundle.meta.name, "clear_cases": len(cases),
+          "positives": int(sum(p[index] >= threshold for _, p in cases)), "margin": args.margin, "rows": rows}, args.json)
+
+
+if __name__ == "__main__":
+    main()
