@@ -1,20 +1,20 @@
 """FMCTTraining: pretrain, fine-tune and evaluate FMCT models, headless or from a small panel.
 
 The work is the engine's command line (`fmct pretrain|finetune|evaluate --config FILE`), run in a
-separate process by FMCTTrainingLib/logic.py, so a run of hours neither freezes Slicer nor needs
-it: the same logic runs from `Slicer --no-main-window --python-script
-FMCTTraining/scripts/<task>.py --config FILE`. The panel starts a run and follows its log.
+separate process group by FMCTTrainingLib/logic.py, so a run of hours neither freezes Slicer nor
+needs it: the same logic runs from `Slicer --no-main-window --python-script
+<module folder>/scripts/<task>.py --config FILE`. The panel starts a run, polls its log and
+progress with a timer, and Stop ends the whole process tree (after letting a pretraining run save
+a checkpoint).
+
+Like FMCT.py, this file loads on Slicers older than 5.10 only to say that FMCT needs 5.10.
 """
-import codecs
+import sys
 from pathlib import Path
-from typing import Annotated
 
 import qt
 import slicer
 import vtk
-from slicer.i18n import tr as _
-from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleTest,
@@ -22,7 +22,28 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from FMCTTrainingLib.logic import TASKS, FMCTTrainingLogic, OutputParser, TrainingError
+from FMCTLib.slicerversion import applicationVersion, unsupportedMessage
+
+UNSUPPORTED = unsupportedMessage(sys.version_info, applicationVersion())
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # a Slicer older than 5.4 (which then only shows UNSUPPORTED)
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+if UNSUPPORTED is None:
+    from typing import Annotated
+
+    from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+
+    from FMCTTrainingLib.logic import TASKS, FMCTTrainingLogic, TrainingError
+
+POLL_MS = 250
 
 
 #
@@ -38,13 +59,16 @@ class FMCTTraining(ScriptedLoadableModule):
         self.parent.title = _("FMCT Training")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = ["FMCT"]  # shares FMCT's installer of torch and the engine
-        self.parent.contributors = ["FMCT contributors"]
+        self.parent.contributors = ["FMCT contributors (FMCT project)"]
         self.parent.helpText = _("""
 Self-supervised pretraining, fine-tuning and evaluation of FMCT models with the fmct engine's
-command line and config files. Runs in a separate process; for long runs use it headless:
-<pre>Slicer --no-main-window --python-script FMCTTraining/scripts/pretrain.py --config pretrain.yaml</pre>
+command line and config files. Runs in a separate process; for long runs use it headless, with the
+scripts in the <code>scripts</code> folder next to this module's file:
+<pre>Slicer --no-main-window --python-script &lt;module folder&gt;/scripts/pretrain.py --config pretrain.yaml</pre>
 """)
-        self.parent.acknowledgementText = _("Uses PyTorch, MONAI and Captum.")
+        if UNSUPPORTED is not None:
+            self.parent.helpText = UNSUPPORTED
+        self.parent.acknowledgementText = _("Uses PyTorch and Captum.")
 
 
 #
@@ -52,13 +76,15 @@ command line and config files. Runs in a separate process; for long runs use it 
 #
 
 
-@parameterNodeWrapper
-class FMCTTrainingParameterNode:
-    """task - pretrain, finetune or evaluate. configPath - its config file. extraArgs - more CLI options."""
+if UNSUPPORTED is None:
 
-    task: Annotated[str, Choice(list(TASKS))] = "pretrain"
-    configPath: Path
-    extraArgs: str = ""
+    @parameterNodeWrapper
+    class FMCTTrainingParameterNode:
+        """task - pretrain, finetune or evaluate. configPath - its config file. extraArgs - more CLI options."""
+
+        task: Annotated[str, Choice(list(TASKS))] = "pretrain"
+        configPath: Path
+        extraArgs: str = ""
 
 
 #
@@ -67,34 +93,56 @@ class FMCTTrainingParameterNode:
 
 
 class FMCTTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Start a run in a QProcess (so Slicer stays responsive) and follow its log and progress."""
+    """Start a run in its own process group (Slicer stays responsive), poll its log and progress."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self.process = None
+        self.run = None
+        self._timer = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        if UNSUPPORTED is not None:
+            label = qt.QLabel(UNSUPPORTED)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/FMCTTraining.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = FMCTTrainingLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MS)
+        self._timer.connect("timeout()", self.onPoll)
         self.ui.startButton.connect("clicked(bool)", self.onStart)
         self.ui.stopButton.connect("clicked(bool)", self.onStop)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.removeObservers()
+        if self._timer is not None:
+            self._timer.stop()
         if self._running():
-            self.process.terminate()
+            self.run.stop()
+
+    def onReload(self) -> None:
+        """Reload FMCTTrainingLib's modules too (Slicer's Reload re-reads only FMCTTraining.py)."""
+        import importlib
+
+        for name in ("FMCTLib.process", "FMCTTrainingLib.logic", "FMCTTrainingLib.script", "FMCTTrainingLib.selftest"):
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if UNSUPPORTED is None:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -112,7 +160,7 @@ class FMCTTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _running(self) -> bool:
-        return self.process is not None and self.process.state() != qt.QProcess.NotRunning
+        return self.run is not None and self.run.running
 
     def _updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -130,43 +178,40 @@ class FMCTTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         try:
-            self.logic.checkCommand(p.task)
-            command = self.logic.command(p.task, p.configPath, self.logic.splitOptions(p.extraArgs))
+            self.run = self.logic.start(p.task, p.configPath, self.logic.splitOptions(p.extraArgs))
         except (TrainingError, ValueError) as error:
             slicer.util.errorDisplay(str(error))
             return
         self.ui.logTextEdit.clear()
         self.ui.progressBar.value = 0
-        self._log(_("Running: {command}").format(command=" ".join(command)))
-        self._parser = OutputParser()
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.process = qt.QProcess()
-        self.process.setProcessChannelMode(qt.QProcess.MergedChannels)
-        environment = qt.QProcessEnvironment.systemEnvironment()
-        for key, value in self.logic.environment().items():
-            environment.insert(key, value)
-        self.process.setProcessEnvironment(environment)
-        self.process.connect("readyReadStandardOutput()", self.onOutput)
-        self.process.connect("finished(int,QProcess::ExitStatus)", self.onFinished)
-        self.process.start(command[0], command[1:])
+        self._log(_("Running: {command}").format(command=" ".join(self.run.command)))
+        self._timer.start()
         self._updateButtons()
 
     def onStop(self) -> None:
+        """Interrupt the run now; the timer's next polls kill its whole process tree if it has not
+        stopped (after saving a checkpoint) within the grace period."""
         if self._running():
-            self._log(_("Stopping..."))
-            self.process.terminate()
-            qt.QTimer.singleShot(10000, lambda: self._running() and self.process.kill())
+            self._log(_("Stopping (a pretraining run saves a checkpoint first)..."))
+            self.run.requestStop()
 
-    def onOutput(self) -> None:
-        text = self._decoder.decode(self.process.readAllStandardOutput().data())
-        for event in self._parser.feed(text):
+    def onPoll(self) -> None:
+        if self.run is None:
+            self._timer.stop()
+            return
+        for event in self.run.poll():
             self._show(event)
-
-    def onFinished(self, exitCode, exitStatus) -> None:
-        for event in self._parser.flush():
-            self._show(event)
-        self._log(_("Finished with exit code {code}.").format(code=exitCode))
-        self.ui.statusLabel.text = _("Done.") if exitCode == 0 else _("Failed (exit code {code}): see the log.").format(code=exitCode)
+        if self.run.running:
+            return
+        self._timer.stop()
+        code = self.run.returncode
+        self._log(_("Finished with exit code {code}.").format(code=code))
+        if self.run.stopped:
+            self.ui.statusLabel.text = _("Stopped.")
+        elif code == 0:
+            self.ui.statusLabel.text = _("Done.")
+        else:
+            self.ui.statusLabel.text = _("Failed (exit code {code}): see the log.").format(code=code)
         self._updateButtons()
 
     def _show(self, event) -> None:
@@ -186,21 +231,26 @@ class FMCTTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class FMCTTrainingTest(ScriptedLoadableModuleTest):
-    """The checks of FMCTTrainingLib/selftest.py: command, a real engine run, refusals, cancel."""
+    """The checks of FMCTTrainingLib/selftest.py: command, a real engine run, refusals, stop.
+
+    Never installs anything (see FMCTTest): skipped, saying why, unless testing is enabled and
+    the packages are in place.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        from FMCT import FMCTTest
+
+        reason = FMCTTest.skipReason()
+        if reason:
+            self.delayDisplay(f"FMCTTraining test skipped: {reason}")
+            return
         self.setUp()
         self.test_FMCTTraining_logic()
 
     def test_FMCTTraining_logic(self):
-        from FMCTLib.dependencies import DependencyLogic
-
-        dependencies = DependencyLogic()
-        if dependencies.installPlan():
-            dependencies.install()
         from FMCTTrainingLib import selftest
 
         selftest.runAll(log=self.delayDisplay)

@@ -16,6 +16,7 @@ Used by FMCTLib.logic (the analysis worker) and FMCTTrainingLib.logic (training 
 """
 from __future__ import annotations
 
+import codecs
 import os
 import queue
 import shutil
@@ -48,19 +49,28 @@ def pythonExecutable() -> str:
 
 
 class ChildProcess:
-    """A process in its own group, whose stdout lines are collected by a reader thread."""
+    """A process in its own group, whose output is collected by a reader thread.
+
+    mergeStderr=True sends stderr to the same pipe (a training log, where the engine's progress
+    bars and log lines both belong); otherwise stderr goes to stderrPath (or nowhere).
+    Read it either as text() (everything since the last call, as it came, carriage returns
+    included) or as lines() (complete lines only), not both.
+    """
 
     def __init__(self, command: Sequence[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
-                 stderrPath: str | Path | None = None) -> None:
+                 stderrPath: str | Path | None = None, mergeStderr: bool = False) -> None:
         self.command = [str(c) for c in command]
-        self.stderrPath = Path(stderrPath) if stderrPath else None
-        self._stderr: IO[bytes] | None = open(self.stderrPath, "wb") if self.stderrPath else None
+        self.stderrPath = Path(stderrPath) if stderrPath and not mergeStderr else None
+        self._stderr: IO[bytes] | None = open(self.stderrPath, "wb") if self.stderrPath else None  # noqa: SIM115
+        stderr = subprocess.STDOUT if mergeStderr else (self._stderr or subprocess.DEVNULL)
         groupOptions: dict = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if WINDOWS
                               else {"start_new_session": True})
-        self.process = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=self._stderr if self._stderr else subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL, env=env, cwd=cwd, **groupOptions)
-        self._lines: queue.Queue = queue.Queue()
+        self.started = time.time()
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
+                                        env=env, cwd=cwd, **groupOptions)
+        self._chunks: queue.Queue = queue.Queue()
+        self._buffer = ""
+        self._outputClosed = False
         self._reader = threading.Thread(target=self._read, name=f"fmct-reader-{self.process.pid}", daemon=True)
         self._reader.start()
 
@@ -69,27 +79,42 @@ class ChildProcess:
         return self.process.pid
 
     def _read(self) -> None:
-        for line in iter(self.process.stdout.readline, b""):
-            self._lines.put(line.decode("utf-8", errors="replace"))
-        self._lines.put(None)  # end of output
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while True:
+            data = self.process.stdout.read1(65536)
+            if not data:
+                break
+            self._chunks.put(decoder.decode(data))
+        self._chunks.put(decoder.decode(b"", final=True))
+        self._chunks.put(None)  # end of output
 
-    def lines(self) -> list[str]:
-        """The stdout lines that arrived since the last call; never blocks."""
-        lines = []
+    def text(self) -> str:
+        """The output that arrived since the last call; never blocks."""
+        pieces = []
         while True:
             try:
-                line = self._lines.get_nowait()
+                piece = self._chunks.get_nowait()
             except queue.Empty:
-                return lines
-            if line is None:
+                break
+            if piece is None:
                 self._outputClosed = True
             else:
-                lines.append(line)
+                pieces.append(piece)
+        return "".join(pieces)
+
+    def lines(self) -> list[str]:
+        """The complete lines that arrived since the last call (and the last one once output ends)."""
+        self._buffer += self.text()
+        *lines, self._buffer = self._buffer.split("\n")
+        if self._outputClosed and self._buffer:
+            lines.append(self._buffer)
+            self._buffer = ""
+        return [line + "\n" for line in lines]
 
     @property
     def outputClosed(self) -> bool:
-        """True once the child's stdout is closed and every line has been handed out by lines()."""
-        return getattr(self, "_outputClosed", False) and self._lines.empty()
+        """True once the child's stdout is closed and every piece of it has been handed out."""
+        return self._outputClosed and self._chunks.empty() and not self._buffer
 
     def running(self) -> bool:
         return self.process.poll() is None

@@ -72,9 +72,22 @@ def checkCancelStopsTheProcess(logic: FMCTTrainingLogic) -> None:
         assert len(list((Path(work) / "set").glob("phantom_*"))) < 50
 
 
+def checkStopEndsTheProcessTree(logic: FMCTTrainingLogic) -> None:
+    """The panel's Stop: an interrupt, then (polled, never blocking) a kill of the whole process group."""
+    from FMCTLib.process import processGroupAlive, waitUntil
+
+    with tempfile.TemporaryDirectory(prefix="fmct-training-selftest-") as work:
+        run = logic.start("phantom", None, [str(Path(work) / "set"), "--n", "50", "--size", "256"])
+        assert waitUntil(lambda: any(e.line is None for e in run.poll()), 120), "no progress from the run"
+        run.requestStop(graceSeconds=10)
+        assert waitUntil(lambda: (run.poll() or True) and not run.running, 30), "the run did not stop"
+        assert run.stopped and run.returncode != 0
+        assert waitUntil(lambda: not processGroupAlive(run.pid), 5), "processes of the run are still alive"
+
+
 def runAll(log=print) -> None:
     logic = FMCTTrainingLogic()
     for check in (checkCommand, checkPhantomRunStreamsLogAndProgress, checkFailureIsReported,
-                  checkMissingCommandIsRefused, checkCancelStopsTheProcess):
+                  checkMissingCommandIsRefused, checkCancelStopsTheProcess, checkStopEndsTheProcessTree):
         log(check.__doc__.splitlines()[0])
         check(logic)
