@@ -50,7 +50,6 @@ if UNSUPPORTED is None:
     from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode
     from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 
-    from FMCTLib.dependencies import MissingDependencyError
     from FMCTLib.logic import (
         DEFAULT_EXPLAIN,
         DEVICES,
@@ -103,26 +102,15 @@ def ensureDependencies(dependencies, status=logging.info) -> bool:
     """Ask before installing torch and the engine's requirements, then install them (FMCTTraining uses it too).
 
     Returns whether everything is in place; False if the user declined or installing failed
-    (the failure is shown in a dialog with the details, once, and not raised again).
+    (the failure is shown once, with its details, and not raised again).
     """
-    try:
-        plan = dependencies.installPlan()
-    except MissingDependencyError as error:
-        slicer.util.errorDisplay(str(error))
-        return False
-    if not plan:
-        return True
-    message, details = dependencies.confirmationText(plan)
-    if not slicer.util.confirmOkCancelDisplay(message, _("FMCT: install Python packages"), detailedText=details):
-        return False
-    try:
-        with slicer.util.WaitCursor():
-            dependencies.install(plan, log=status)
-    except Exception as error:
-        slicer.util.errorDisplay(_("Installing FMCT's Python packages failed: {error}").format(error=error),
-                                 detailedText=traceback.format_exc())
-        return False
-    return True
+    def confirm(message, details):
+        return slicer.util.confirmOkCancelDisplay(message, _("FMCT: install Python packages"), detailedText=details)
+
+    def showError(message, details):
+        slicer.util.errorDisplay(message, detailedText=details or None)
+
+    return dependencies.ensure(confirm, showError, log=status)
 
 
 #
@@ -435,16 +423,9 @@ class FMCTTest(ScriptedLoadableModuleTest):
     def skipReason() -> str:
         if UNSUPPORTED is not None:
             return UNSUPPORTED
-        if not slicer.app.testingEnabled():
-            return "testing is not enabled (start Slicer with --testing, or use the Developer Tools' Reload and Test)"
-        try:
-            missing = FMCTLogic().dependencies.missingPackages()
-        except MissingDependencyError as error:
-            return str(error)
-        if missing:
-            return (f"{', '.join(missing)} not installed; click Analyze once to install them, then run the test again "
-                    "(the test never installs packages)")
-        return ""
+        from FMCTLib.dependencies import DependencyLogic
+
+        return DependencyLogic().selfTestSkipReason(slicer.app.testingEnabled())
 
     def test_FMCT_logic(self):
         """Findings table, saliency geometry and values, overlays, 3D, re-runs, cancel, bad input."""

@@ -215,3 +215,41 @@ def test_pip_keeps_the_older_torch_with_the_plans_constraints(stand_in):
     planned = _resolve(python, wheels, root, args)
     assert "torch" not in planned and "numpy" not in planned, f"the plan changes torch/numpy: {planned}"
     assert planned["captum"] == "0.8.0", "pip picks the captum that works with the torch that is there"
+
+
+# -- asking, failing, and the self-test gate ------------------------------------------------------------
+
+class _PipFails(DependencyLogic):
+    """The plan of a Slicer without torch, whose pip then fails (no network)."""
+
+    def install(self, plan=None, log=print):
+        raise OSError("pip: network is unreachable")
+
+
+def test_a_failed_install_is_shown_once_and_reported_as_false():
+    logic = _PipFails(importable=lambda name: name == "fmct", installed=STAND_IN)
+    shown, asked = [], []
+    ok = logic.ensure(lambda message, details: asked.append(message) or True,
+                      lambda message, details: shown.append((message, details)))
+    assert ok is False and len(asked) == 1
+    assert len(shown) == 1 and "network is unreachable" in shown[0][0] and "Traceback" in shown[0][1]
+
+
+def test_declining_installs_nothing_and_everything_in_place_asks_nothing():
+    logic = _PipFails(importable=lambda name: name == "fmct", installed=STAND_IN)
+    shown = []
+    assert logic.ensure(lambda m, d: False, lambda m, d: shown.append(m)) is False and shown == []
+    asked = []
+    assert DependencyLogic().ensure(lambda m, d: asked.append(m) or True, lambda m, d: shown.append(m)) is True
+    assert asked == [] and shown == []
+    missing_source = DependencyLogic(importable=importable_except("fmct"), engineSource=None)
+    assert missing_source.ensure(lambda m, d: True, lambda m, d: shown.append(m)) is False
+    assert len(shown) == 1 and "Additional module paths" in shown[0]
+
+
+def test_the_self_test_runs_only_with_testing_enabled_and_the_packages_present():
+    assert DependencyLogic().selfTestSkipReason(testingEnabled=True) == ""
+    assert "testing is not enabled" in DependencyLogic().selfTestSkipReason(testingEnabled=False)
+    without_torch = DependencyLogic(importable=lambda name: name == "fmct", installed=STAND_IN)
+    reason = without_torch.selfTestSkipReason(testingEnabled=True)
+    assert "torch" in reason and "never installs" in reason

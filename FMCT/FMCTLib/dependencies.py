@@ -283,6 +283,48 @@ class DependencyLogic:
                 "install them (you will be asked first), or call FMCTLogic().dependencies.install().")
         useEngineSource(self.engineSource)
 
+    def ensure(self, confirm: Callable[[str, str], bool], showError: Callable[[str, str], None],
+               log: Callable[[str], None] = print) -> bool:
+        """Ask, install, and say whether everything is in place; never raises.
+
+        confirm(message, details) -> bool asks the user; showError(message, details) shows a
+        failure once (Slicer's tryWithErrorDisplay would show it and then raise it again, which
+        a button handler turns into a second, raw traceback). False when the user declined or
+        installing failed.
+        """
+        import traceback
+
+        try:
+            plan = self.installPlan()
+        except MissingDependencyError as error:
+            showError(str(error), "")
+            return False
+        if not plan:
+            return True
+        message, details = self.confirmationText(plan)
+        if not confirm(message, details):
+            return False
+        try:
+            self.install(plan, log=log)
+        except Exception as error:  # any failure of pip or of the PyTorch installer goes to the dialog
+            showError(f"Installing FMCT's Python packages failed: {error}", traceback.format_exc())
+            return False
+        return True
+
+    def selfTestSkipReason(self, testingEnabled: bool) -> str:
+        """Why the module's self-test must not run here ('' when it may): it never installs packages,
+        so "Reload and Test" and the extension build machines never download PyTorch."""
+        if not testingEnabled:
+            return "testing is not enabled (start Slicer with --testing, or use the Developer Tools' Reload and Test)"
+        try:
+            missing = self.missingPackages()
+        except MissingDependencyError as error:
+            return str(error)
+        if missing or not self.engineAvailable():
+            return (f"{', '.join(missing) or 'the fmct engine'} not installed; click Analyze once to install them, "
+                    "then run the test again (the test never installs packages)")
+        return ""
+
     # -- installing (inside Slicer) ------------------------------------------------------------
 
     def pipArguments(self, step: InstallStep, constraintsFile: Path) -> list[str]:
