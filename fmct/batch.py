@@ -5,8 +5,12 @@ time, so it runs ahead in worker processes (a torch DataLoader; a process pool o
 onnxruntime path, which must not import torch) while the main process runs the model.
 Mapping saliency back onto the CT and writing files run in writer threads for the same reason.
 Each study gets the result folder a single `fmct analyze` writes; summary.csv has one row per
-study. A study whose findings.json exists is skipped, so re-running a batch resumes it. A bad
-study becomes an error row and the batch goes on. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK)
+study. A study whose findings.json records the same model (name, weights and config hashes), the
+same output options and the same input path is skipped, so re-running a batch resumes it; one
+analyzed with another model or options is redone (its folder cleared of FMCT's files first). A
+bad study becomes an error row and the batch goes on. Each study is analyzed under an exclusive
+lock (out/.fmct-locks/<study_id>.lock), so a second batch process on the same --out skips the
+studies the first one is doing and waits for them only to fill its summary. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK)
 each process takes studies[rank::world] and writes summary_rank<r>.csv; the last to finish
 merges them into summary.csv.
 """
@@ -28,15 +32,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from fmct.atomic import write_text_atomic
-from fmct.errors import ConfigError, FMCTError
+from fmct.errors import ConfigError, FMCTError, OutputFolderError
 from fmct.volume import FORMATS, format_suffix
-from fmct.outputs import read_findings, write_study_outputs
+from fmct.outputs import read_findings, source_key, write_study_outputs
 from fmct.preprocess import ModelInput, Preprocessor, PreprocessSpec
 from fmct.volume import Volume
 from fmct.runtime import Progress
 
 log = logging.getLogger("fmct.batch")
 SUMMARY_FILE = "summary.csv"
+LOCK_DIR = ".fmct-locks"
 MAX_PENDING_WRITES = 4  # studies waiting for their files to be written (bounds memory)
 
 
@@ -318,6 +323,7 @@ def run_batch(
     progress: Progress | None = None,
     studies: Sequence[Study] | None = None,
     writers: int | None = None,
+    options: dict[str, Any] | None = None,
 ) -> BatchReport:
     """Analyze every study of a folder or manifest into out/<study_id>/ and write out/summary.csv.
 
@@ -325,25 +331,38 @@ def run_batch(
     num_workers decode ahead of the model (default: see default_workers); writers (default 2 to 8
     threads beside a GPU, 1 on CPU) map saliency back and write files while the model moves on.
     """
+    from fmct.bundle import model_identity
+
     t_start = time.perf_counter()
     analyzer.check_explain_method(explain_method)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        (out / LOCK_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputFolderError(f"cannot create the batch output folder {out} ({e.strerror}). Give a folder you may "
+                                "write to.") from None
     rank = rank or rank_from_env()
     every = list(studies) if studies is not None else discover_studies(source, exclude=[out])
     mine = every[rank.rank::rank.world]
     tasks = analyzer.bundle.meta.task_names
     report_progress = progress or (lambda f, m: None)
     rows: dict[int, dict[str, Any]] = {}
+    if options is None:
+        findings = explain_findings if isinstance(explain_findings, str) else ",".join(explain_findings)
+        options = {"backend": analyzer.backend, "explain_method": explain_method, "explain_findings": findings,
+                   "save_ct": bool(save_ct), "report": bool(report)}
+    run = {"model_id": model_identity(analyzer.bundle), "options": options}
 
-    todo = []
+    todo, busy = [], []
     for i, study in enumerate(mine):
-        done = read_findings(out / study.study_id)
+        done = _done(out / study.study_id, run, study)
         if done is not None:
             rows[i] = _row_from_findings(study, done, tasks)
+        elif _StudyLock(out, study.study_id).busy():
+            busy.append((i, study))  # another process is analyzing it now
         else:
             todo.append(study)
-    n_skipped = len(rows)
+    n_skipped = len(rows) + len(busy)
     index_of = {s.study_id: i for i, s in enumerate(mine)}
     gpu = str(analyzer.device).startswith("cuda")
     workers = default_workers(gpu) if num_workers is None else max(0, int(num_workers))
@@ -365,7 +384,14 @@ def run_batch(
             if n == 0:
                 result.first_wait_s = waited
             i = index_of[prepared.study.study_id]
-            if prepared.error is not None:
+            lock = _StudyLock(out, prepared.study.study_id)
+            if not lock.acquire():
+                busy.append((i, prepared.study))  # another process took it meanwhile
+            elif (done := _done(out / prepared.study.study_id, run, prepared.study)) is not None:
+                lock.release()  # another process finished it meanwhile
+                rows[i] = _row_from_findings(prepared.study, done, tasks)
+            elif prepared.error is not None:
+                lock.release()
                 rows[i] = _row(prepared.study, "error", prepared.error, None, tasks, prepared.seconds)
             else:
                 t0 = time.perf_counter()
@@ -381,17 +407,28 @@ def run_batch(
                                    prepared.seconds)
                     res = None
                 result.model_s += time.perf_counter() - t0
-                if res is not None:
+                if res is None:
+                    lock.release()
+                else:
                     while len(pending) >= MAX_PENDING_WRITES + n_writers:
                         t0 = time.perf_counter()
                         j, fut = pending.popleft()
                         rows[j] = fut.result()
                         result.write_wait_s += time.perf_counter() - t0
-                    pending.append((i, writer.submit(_finish, analyzer, prepared, res, out, save_ct, report, tasks)))
+                    pending.append((i, writer.submit(_finish, analyzer, prepared, res, out, save_ct, report, tasks,
+                                                     run, lock)))
             done_n = n_skipped + n + 1
             report_progress(done_n / max(1, len(mine)), f"{done_n}/{len(mine)} studies")
         for j, fut in pending:
             rows[j] = fut.result()
+    for i, study in busy:  # wait for the other process to finish them, then report what it wrote
+        lock = _StudyLock(out, study.study_id)
+        lock.acquire(wait=True)
+        lock.release()
+        done = _done(out / study.study_id, run, study)
+        rows[i] = (_row_from_findings(study, done, tasks) if done is not None else
+                   _row(study, "error", "another fmct process was analyzing this study and did not finish it; "
+                        "run the batch again", None, tasks, None))
 
     result.rows = [rows[i] for i in range(len(mine))]
     result.counts = {s: sum(r["status"] == s for r in result.rows) for s in ("ok", "error", "skipped")}
@@ -402,16 +439,30 @@ def run_batch(
 
 
 def _finish(analyzer: Any, prepared: Prepared, res: Any, out: Path, save_ct: bool, report: bool,
-            tasks: Sequence[str]) -> dict[str, Any]:
-    """Writer thread: saliency onto the CT's grid, the study's folder, its summary row."""
+            tasks: Sequence[str], run: dict[str, Any] | None = None, lock: "_StudyLock | None" = None) -> dict[str, Any]:
+    """Writer thread: saliency onto the CT's grid, the study's folder, its summary row; then the study's lock is released."""
+    try:
+        return _write_study(analyzer, prepared, res, out, save_ct, report, tasks, run or {})
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_study(analyzer: Any, prepared: Prepared, res: Any, out: Path, save_ct: bool, report: bool,
+                 tasks: Sequence[str], run: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         for name in res.model_saliency:
             res.saliency[name] = analyzer.map_back(res, name)
         timings = {"decode_preprocess_s": prepared.seconds, **res.timings, "map_back_s": time.perf_counter() - t0}
         timings["total_s"] = sum(timings.values())  # writing the files is not included (it happens after)
+        # The folder is this study's own (named by its id): an earlier run's results in it are replaced.
         write_study_outputs(out / prepared.study.study_id, prepared.volume, res, analyzer.bundle.meta.name,
-                            str(analyzer.device), analyzer.backend, save_ct=save_ct, report=report, timings=timings)
+                            str(analyzer.device), analyzer.backend, save_ct=save_ct, report=report, timings=timings,
+                            overwrite=True, model_id=run.get("model_id"), options=run.get("options"),
+                            source=source_key(prepared.study.path))
+    except FMCTError as e:  # e.g. the model gave a non-finite probability: an error row, nothing written
+        return _row(prepared.study, "error", str(e), None, tasks, prepared.seconds + sum(res.timings.values()))
     except Exception as e:  # a full disk or an unwritable name: this study fails, the batch goes on
         log.debug("writing study %s failed:\n%s", prepared.study.study_id, traceback.format_exc())
         return _row(prepared.study, "error", f"writing results failed: {type(e).__name__}: {e}", None, tasks,
@@ -431,6 +482,60 @@ def _row(study: Study, status: str, error: str, probs: dict[str, float] | None, 
     row["positive"] = ";".join(positive)
     row["seconds"] = "" if seconds is None else f"{seconds:.3f}"
     return row
+
+
+def _done(folder: Path, run: dict[str, Any], study: Study) -> dict[str, Any] | None:
+    """The findings.json of a study finished by the same model and options from the same input, else None."""
+    payload = read_findings(folder)
+    if payload is None:
+        return None
+    same = (payload.get("model_id") == run["model_id"] and _covers(payload.get("options"), run["options"])
+            and (payload.get("input") or {}).get("source_sha256") == source_key(study.path))
+    return payload if same else None
+
+
+_EXTRA_FILES = ("save_ct", "report")  # options that only add a file: a folder that has it also serves a run without
+
+
+def _covers(stored: Any, asked: dict[str, Any]) -> bool:
+    """Whether a study written with the stored options is what a run with the asked ones would write."""
+    if not isinstance(stored, dict) or set(stored) != set(asked):
+        return False
+    return all(stored[k] == v or (k in _EXTRA_FILES and stored[k] is True and v is False) for k, v in asked.items())
+
+
+class _StudyLock:
+    """An exclusive, non-blocking advisory lock per study (POSIX flock); without fcntl there is none."""
+
+    def __init__(self, out: Path, study_id: str) -> None:
+        self.path = out / LOCK_DIR / f"{study_id}.lock"
+        self.f = None
+
+    def acquire(self, wait: bool = False) -> bool:
+        try:
+            import fcntl
+        except ImportError:
+            return True
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError:
+            self.f.close()
+            self.f = None
+            return False
+        return True
+
+    def release(self) -> None:
+        if self.f is not None:
+            self.f.close()  # closing releases the lock
+            self.f = None
+
+    def busy(self) -> bool:
+        """Whether another process holds the lock now."""
+        if not self.acquire():
+            return True
+        self.release()
+        return False
 
 
 def _row_from_findings(study: Study, payload: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:

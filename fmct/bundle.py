@@ -11,9 +11,12 @@ are loaded or saved), so the onnxruntime path of Analyze runs on a machine witho
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import json
+import math
 import os
+import struct
 import shutil
 import tempfile
 import zipfile
@@ -37,6 +40,14 @@ FORMAT_VERSION = 1
 META_FILE = "fmct.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
+OOD_FILE = "ood.safetensors"  # reference feature statistics for the out-of-distribution score (fmct.ood)
+OOD_FILE = "ood.safetensors"  # reference feature statistics for the out-of-distribution score (fmct.ood)
+# The most a bundle file may hold (declared in the zip and actually inflated): fmct.json is text,
+# the weights of the largest preset are far below 4 GiB. Anything bigger is refused unread.
+MAX_MEMBER_BYTES = {META_FILE: 16 << 20, WEIGHTS_FILE: 4 << 30, ONNX_FILE: 4 << 30, OOD_FILE: 256 << 20}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_DTYPE_NAMES = {"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "U8": "uint8", "U16": "uint16",
+                "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
 
 
 @dataclass
@@ -85,7 +96,7 @@ class BundleMeta:
         if d.get("format") != FORMAT:
             raise BundleError(f"{META_FILE}: field 'format' is {d.get('format')!r}, expected {FORMAT!r}; is this an fmct model bundle?")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:
             raise BundleError(
                 f"{META_FILE}: field 'format_version' is {version!r}; this fmct ({__version__}) reads version "
                 f"{FORMAT_VERSION}. Upgrade fmct or re-export the bundle."
@@ -93,20 +104,21 @@ class BundleMeta:
         for key in ("name", "encoder", "preprocessing", "tasks"):
             if key not in d:
                 raise BundleError(f"{META_FILE}: required field '{key}' is missing")
+        _check_types(d)
         try:
             encoder = ViT3DConfig.from_dict(d["encoder"])
-        except (ConfigError, TypeError) as e:
+        except (ConfigError, TypeError, ValueError, ZeroDivisionError) as e:
             raise BundleError(f"{META_FILE}: field 'encoder' is invalid: {e}") from e
         try:
             prep = PreprocessSpec.from_dict(d["preprocessing"])
         except ConfigError as e:
             raise BundleError(f"{META_FILE}: field 'preprocessing' is invalid: {e}") from e
         meta = cls(
-            name=str(d["name"]),
+            name=d["name"],
             encoder=encoder,
             preprocessing=prep,
             tasks=[_parse_task(i, t) for i, t in enumerate(_as_list(d["tasks"], "tasks"))],
-            description=str(d.get("description", "")),
+            description=d.get("description") or "",
             provenance=dict(d.get("provenance") or {}),
             metrics=dict(d.get("metrics") or {}),
             onnx=d.get("onnx"),
@@ -130,6 +142,74 @@ class BundleMeta:
             raise BundleError(f"{META_FILE}: field 'tasks' repeats a task name: {names}")
 
 
+# Every field of fmct.json has a type, checked before anything is built from it (a bool is not a number).
+_ENCODER_FIELDS = {
+    "img_size": "size3", "patch_size": "size3", "in_chans": "posint", "embed_dim": "posint", "depth": "posint",
+    "num_heads": "posint", "mlp_ratio": "posnum", "qkv_bias": "bool", "drop_path_rate": "rate",
+    "layerscale_init": "posnum_or_null",
+}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_KINDS = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "obj": (lambda v: isinstance(v, dict), "an object"),
+    "obj_or_null": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "posint": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "posnum": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
+    "posnum_or_null": (lambda v: v is None or (_is_number(v) and v > 0), "null or a positive finite number"),
+    "rate": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "number": (_is_number, "a finite number"),
+    "size3": (lambda v: isinstance(v, list) and len(v) == 3
+              and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v), "three positive integers"),
+    "spacing3": (lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v),
+                 "three positive finite numbers"),
+}
+
+
+def _check_field(value: Any, kind: str, name: str) -> None:
+    ok, what = _KINDS[kind]
+    if not ok(value):
+        raise BundleError(f"{META_FILE}: field '{name}' is {json.dumps(value, default=str)[:80]}; it must be {what}")
+
+
+def _check_types(d: dict[str, Any]) -> None:
+    """Types and finiteness of every field fmct.json holds, naming the first wrong one."""
+    _check_field(d["name"], "str", "name")
+    for key, kind in (("description", "str"), ("provenance", "obj"), ("metrics", "obj"), ("onnx", "obj")):
+        if d.get(key) is not None:  # optional: absent or null means none
+            _check_field(d[key], kind, key)
+    enc = d["encoder"]
+    _check_field(enc, "obj", "encoder")
+    for key, kind in _ENCODER_FIELDS.items():
+        if key not in enc:
+            raise BundleError(f"{META_FILE}: required field 'encoder.{key}' is missing (fmct never guesses an "
+                              "architecture: the weights would not fit it)")
+        _check_field(enc[key], kind, f"encoder.{key}")
+    if "family" in enc:
+        _check_field(enc["family"], "str", "encoder.family")
+    prep = d["preprocessing"]
+    _check_field(prep, "obj", "preprocessing")
+    for key, kind in (("spacing_mm", "spacing3"), ("size", "size3")):
+        if key not in prep:
+            raise BundleError(f"{META_FILE}: required field 'preprocessing.{key}' is missing")
+        _check_field(prep[key], kind, f"preprocessing.{key}")
+    for key, kind in (("orientation", "str"), ("antialias", "bool")):
+        if key in prep:
+            _check_field(prep[key], kind, f"preprocessing.{key}")
+    windows = prep.get("windows")
+    if not isinstance(windows, list) or not windows:
+        raise BundleError(f"{META_FILE}: field 'preprocessing.windows' must be a non-empty list of HU windows")
+    for i, w in enumerate(windows):
+        _check_field(w, "obj", f"preprocessing.windows[{i}]")
+        for key, kind in (("name", "str"), ("center", "number"), ("width", "posnum")):
+            _check_field(w.get(key), kind, f"preprocessing.windows[{i}].{key}")
+
+
 def _as_list(value: Any, name: str) -> list:
     if not isinstance(value, list):
         raise BundleError(f"{META_FILE}: field '{name}' must be a list")
@@ -140,11 +220,13 @@ def _parse_task(i: int, t: Any) -> Task:
     where = f"{META_FILE}: field 'tasks[{i}]"
     if not isinstance(t, dict) or not t.get("name"):
         raise BundleError(f"{where}' must be an object with a 'name'")
-    task = Task(str(t["name"]), str(t.get("description", "")), t.get("threshold", 0.5), t.get("temperature", 1.0))
-    if not isinstance(task.threshold, (int, float)) or not 0.0 < task.threshold < 1.0:
+    if not isinstance(t["name"], str) or not isinstance(t.get("description", ""), str):
+        raise BundleError(f"{where}.name' and '.description' must be strings")
+    task = Task(t["name"], t.get("description", ""), t.get("threshold", 0.5), t.get("temperature", 1.0))
+    if not _is_number(task.threshold) or not 0.0 < task.threshold < 1.0:
         raise BundleError(f"{where}.threshold' is {task.threshold!r}; it must be a probability strictly between 0 and 1")
-    if not isinstance(task.temperature, (int, float)) or not task.temperature > 0:
-        raise BundleError(f"{where}.temperature' is {task.temperature!r}; it must be a positive number")
+    if not _is_number(task.temperature) or not task.temperature > 0:
+        raise BundleError(f"{where}.temperature' is {task.temperature!r}; it must be a positive finite number")
     task.threshold, task.temperature = float(task.threshold), float(task.temperature)
     return task
 
@@ -160,6 +242,20 @@ class Bundle:
     model: FMCTClassifier | None
     path: Path | None = None
     onnx_bytes: bytes | None = None
+    weights_sha256: str | None = None
+
+
+def model_identity(bundle: Bundle) -> dict[str, Any]:
+    """What makes two runs of a bundle give the same answers: its name, the SHA-256 of its weights and
+    of the config that turns them into findings (architecture, preprocessing, tasks with thresholds)."""
+    sha = bundle.weights_sha256
+    if sha is None and bundle.path is not None:
+        _, members = read_bundle(bundle.path)
+        sha = hashlib.sha256(members[WEIGHTS_FILE]).hexdigest()
+    d = bundle.meta.to_dict()
+    config = json.dumps({k: d[k] for k in ("encoder", "preprocessing", "tasks")}, sort_keys=True)
+    return {"name": bundle.meta.name, "weights_sha256": sha,
+            "config_sha256": hashlib.sha256(config.encode()).hexdigest()}
 
 
 def default_bundle_path() -> Path:
@@ -176,25 +272,73 @@ def build_model(meta: BundleMeta) -> FMCTClassifier:
     return FMCTClassifier(meta.encoder, len(meta.tasks))
 
 
-def _read_members(path: Path) -> dict[str, bytes]:
-    """The bundle's files as bytes, whether it is a folder or a .zip."""
+def _read_members(path: Path, wanted: tuple[str, ...] = (META_FILE, WEIGHTS_FILE)) -> dict[str, bytes]:
+    """The bundle's files as bytes, whether it is a folder or a .zip (only those wanted are read)."""
     if not path.exists():
         raise BundleError(f"Model bundle not found: {path}. Give a bundle folder or .zip (see README, 'Model bundles').")
-    wanted = (META_FILE, WEIGHTS_FILE, ONNX_FILE)
     if path.is_dir():
-        return {n: (path / n).read_bytes() for n in wanted if (path / n).is_file()}
+        members = {}
+        for n in wanted:
+            if (path / n).is_file():
+                size = (path / n).stat().st_size
+                _check_size(path, n, size)
+                members[n] = (path / n).read_bytes()
+        return members
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            # A zip of the folder may keep the folder as a prefix; accept both layouts.
-            by_base = {Path(n).name: n for n in zf.namelist() if Path(n).name in wanted}
-            return {base: zf.read(name) for base, name in by_base.items()}
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = _zip_layout(path, zf)
+                return {base: _read_zip_member(path, zf, names[base]) for base in wanted if base in names}
+        except zipfile.BadZipFile as e:
+            raise BundleError(f"{path} is a corrupt zip ({e}). Copy or download the bundle again.") from None
     raise BundleError(f"{path} is neither a bundle folder nor a .zip of one")
 
 
-def read_bundle(path: str | Path) -> tuple[BundleMeta, dict[str, bytes]]:
-    """Validated metadata and the raw files of a bundle, without building a model (no torch)."""
+def _zip_layout(path: Path, zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """The bundle files of a zip, which must sit all at its root or all under one top-level folder."""
+    known = (META_FILE, WEIGHTS_FILE, ONNX_FILE, OOD_FILE)
+    found: dict[str, list[zipfile.ZipInfo]] = {}
+    for info in zf.infolist():
+        name = info.filename.replace("\\", "/")
+        if not info.is_dir() and name.rsplit("/", 1)[-1] in known:
+            found.setdefault(name.rsplit("/", 1)[-1], []).append(info)
+    repeated = sorted(b for b, infos in found.items() if len(infos) > 1)
+    if repeated:
+        where = ", ".join(i.filename for b in repeated for i in found[b])
+        raise BundleError(f"{path}: the zip holds more than one {' / '.join(repeated)} ({where}); a bundle zip must hold "
+                          "exactly one of each, at its root or under one top-level folder. Re-create the zip from "
+                          "the bundle folder.")
+    folders = {i.filename.replace("\\", "/").rpartition("/")[0] for infos in found.values() for i in infos}
+    if len(folders) > 1 or any("/" in f for f in folders):
+        raise BundleError(f"{path}: the zip's bundle files are spread over {sorted(folders)}; the layout must be the "
+                          "files at the root of the zip, or under one top-level folder. Re-create the zip from the "
+                          "bundle folder.")
+    return {b: infos[0] for b, infos in found.items()}
+
+
+def _check_size(path: Path, name: str, size: int) -> None:
+    cap = MAX_MEMBER_BYTES.get(name, 0)
+    if size > cap:
+        raise BundleError(f"{path}: {name} is larger than the {cap / 2**20:.0f} MiB a bundle file may hold "
+                          f"({size / 2**20:.0f} MiB); this is not an fmct bundle, or a damaged one.")
+
+
+def _read_zip_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    base = info.filename.rsplit("/", 1)[-1]
+    _check_size(path, base, info.file_size)  # declared size: refused before inflating anything
+    with zf.open(info) as f:
+        data = f.read(MAX_MEMBER_BYTES[base] + 1)
+    _check_size(path, base, len(data))  # actual size
+    return data
+
+
+def read_bundle(path: str | Path, onnx: bool = False) -> tuple[BundleMeta, dict[str, bytes]]:
+    """Validated metadata and the raw files of a bundle, without building a model (no torch).
+
+    model.onnx is read only with onnx=True (the onnxruntime path and export need it).
+    """
     path = Path(path)
-    members = _read_members(path)
+    members = _read_members(path, (META_FILE, WEIGHTS_FILE, ONNX_FILE) if onnx else (META_FILE, WEIGHTS_FILE))
     if META_FILE not in members:
         raise BundleError(f"{path}: no {META_FILE}; this is not an fmct model bundle")
     try:
@@ -210,18 +354,97 @@ def read_bundle(path: str | Path) -> tuple[BundleMeta, dict[str, bytes]]:
 def load_bundle(path: str | Path, load_onnx: bool = False, load_model: bool = True) -> Bundle:
     """Load a bundle; load_model=False skips the torch model (the onnxruntime path needs none)."""
     path = Path(path)
-    meta, members = read_bundle(path)
+    meta, members = read_bundle(path, onnx=load_onnx)
     onnx = members.get(ONNX_FILE) if load_onnx else None
+    weights = members[WEIGHTS_FILE]
+    sha = hashlib.sha256(weights).hexdigest()
     if not load_model:
-        return Bundle(meta, None, path, onnx)
+        return Bundle(meta, None, path, onnx, sha)
+    check_weights_header(meta, weights, where=str(path))  # before anything is allocated
     model = build_model(meta)
-    load_weights(model, members[WEIGHTS_FILE], where=str(path))
+    load_weights(model, weights, where=str(path))
     model.eval()
-    return Bundle(meta, model, path, onnx)
+    return Bundle(meta, model, path, onnx, sha)
+
+
+def safetensors_header(data: bytes, where: str = "bundle") -> dict[str, Any]:
+    """The tensor table of a safetensors file (names, dtypes, shapes), read without touching tensor data."""
+    try:
+        (n,) = struct.unpack_from("<Q", data, 0)
+        if not 2 <= n <= len(data) - 8:
+            raise ValueError(f"header length {n} does not fit a file of {len(data)} bytes")
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{where}/{WEIGHTS_FILE} is not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _meta_parameters_mode():
+    """A torch function mode that creates tensors on the meta device (shapes, no memory), except the
+    small index/schedule tensors a constructor turns into Python numbers (linspace(...).tolist())."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._device import _device_constructors
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in _device_constructors() and kwargs.get("device") is None \
+                    and func not in (torch.linspace, torch.arange, torch.logspace, torch.tensor):
+                kwargs["device"] = "meta"
+            return func(*args, **kwargs)
+
+    return Mode()
+
+
+class _MetaParameters:
+    def __enter__(self):
+        self.mode = _meta_parameters_mode()
+        return self.mode.__enter__()
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def check_weights_header(meta: BundleMeta, data: bytes, where: str = "bundle") -> None:
+    """The weights' names, shapes and dtypes against what the config needs, from the safetensors header
+    alone and a model built on torch's meta device (no memory): a config that asks for far more than
+    its weights hold is refused before anything is allocated."""
+    import torch
+
+    from fmct.models import FMCTClassifier
+
+    header = safetensors_header(data, where)
+    with _MetaParameters():
+        expected = {k: tuple(v.shape) for k, v in FMCTClassifier(meta.encoder, len(meta.tasks)).state_dict().items()}
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        raise BundleError(
+            f"{where}/{WEIGHTS_FILE} does not fit the config in {META_FILE}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+    for key, info in header.items():
+        shape = tuple(info.get("shape", ())) if isinstance(info, dict) else None
+        if shape != expected[key]:
+            raise BundleError(
+                f"{where}/{WEIGHTS_FILE}: tensor '{key}' has shape {list(shape or [])} but the config in "
+                f"{META_FILE} needs {list(expected[key])}"
+            )
+        dtype = info.get("dtype")
+        if dtype not in FLOAT_DTYPES:
+            raise BundleError(
+                f"{where}/{WEIGHTS_FILE}: tensor '{key}' is stored as {_DTYPE_NAMES.get(dtype, dtype)} "
+                f"({dtype}); weights must be floating point ({', '.join(FLOAT_DTYPES)}). The file was not written "
+                "by fmct, or was converted wrongly.")
 
 
 def load_weights(model: torch.nn.Module, data: bytes, where: str = "bundle") -> None:
     """Load safetensors bytes into model, refusing any missing, extra or mis-shaped tensor."""
+    import torch
     from safetensors.torch import load as load_safetensors_bytes
 
     try:
@@ -242,14 +465,24 @@ def load_weights(model: torch.nn.Module, data: bytes, where: str = "bundle") -> 
                 f"{where}/{WEIGHTS_FILE}: tensor '{key}' has shape {list(tensor.shape)} but the config in "
                 f"{META_FILE} needs {list(expected[key].shape)}"
             )
+        if expected[key].is_floating_point() and not tensor.is_floating_point():
+            raise BundleError(f"{where}/{WEIGHTS_FILE}: tensor '{key}' is stored as {str(tensor.dtype).replace('torch.', '')}; "
+                              "weights must be floating point. The file was not written by fmct, or was converted wrongly.")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BundleError(f"{where}/{WEIGHTS_FILE}: tensor '{key}' holds {bad} value(s) that are not finite (NaN or "
+                              "infinity); such a model answers nonsense. The training diverged or the file is damaged: "
+                              "use another bundle.")
     model.load_state_dict(state, strict=True)
 
 
-def save_bundle(model: torch.nn.Module, meta: BundleMeta, path: str | Path, onnx_bytes: bytes | None = None) -> Path:
+def save_bundle(model: torch.nn.Module, meta: BundleMeta, path: str | Path, onnx_bytes: bytes | None = None,
+                reference: Any = None) -> Path:
     """Write a bundle folder (or .zip when path ends with .zip), atomically: a reader never sees half of one.
 
     Without onnx_bytes the bundle has no model.onnx, so any ONNX check record in meta.onnx
-    (which describes a model.onnx of earlier weights) is dropped.
+    (which describes a model.onnx of earlier weights) is dropped. reference (an
+    fmct.ood.ReferenceStats) is written as the out-of-distribution statistics of exactly these weights.
     """
     from safetensors.torch import save as save_safetensors_bytes
 
@@ -266,6 +499,8 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, path: str | Path, onnx
     }
     if onnx_bytes is not None:
         files[ONNX_FILE] = onnx_bytes
+    if reference is not None:
+        files[OOD_FILE] = reference.to_bytes(hashlib.sha256(files[WEIGHTS_FILE]).hexdigest())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

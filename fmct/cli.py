@@ -1,7 +1,8 @@
 """The `fmct` command line: demo, analyze (one CT or a batch), export, phantom, pretrain, finetune, evaluate.
 
-User mistakes (bad input, bad bundle, bad option) exit with code 2 and one line saying what
-to do; --debug shows the traceback.
+User mistakes (bad input, bad bundle, bad option, an unusable output folder) exit with code 2 and
+one line saying what to do, before any model runs; --debug adds the traceback, and the exit code
+stays 2.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -67,10 +69,20 @@ def _make_analyzer(args: argparse.Namespace, device: str | None = None):
                     compile=getattr(args, "compile", False))
 
 
+def _output_options(args: argparse.Namespace, method: str | None, save_ct: bool, report: bool) -> dict:
+    """The options that change what a study's folder holds (recorded in findings.json; a resumed batch compares them)."""
+    findings = args.findings if isinstance(args.findings, str) else ",".join(args.findings)
+    return {"backend": getattr(args, "backend", "torch"), "explain_method": method, "explain_findings": findings,
+            "save_ct": bool(save_ct), "report": bool(report)}
+
+
 def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
-    from fmct.outputs import write_study_outputs
+    from fmct.bundle import model_identity
+    from fmct.outputs import check_study_folder, study_fingerprint, write_study_outputs
 
     t_start = time.perf_counter()
+    overwrite = getattr(args, "overwrite", False)
+    check_study_folder(out, study_fingerprint(volume), overwrite)  # before the model runs
     analyzer = _make_analyzer(args)
     method = _explain_method(args)
     analyzer.check_explain_method(method)
@@ -78,13 +90,19 @@ def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
         result = analyzer.analyze(volume, explain_method=method, explain_findings=args.findings, progress=progress)
     timings = {**result.timings, "total_s": time.perf_counter() - t_start}
     payload, written = write_study_outputs(out, volume, result, analyzer.bundle.meta.name, str(analyzer.device),
-                                           analyzer.backend, save_ct=save_ct, timings=timings)
+                                           analyzer.backend, save_ct=save_ct, timings=timings, overwrite=overwrite,
+                                           model_id=model_identity(analyzer.bundle),
+                                           options=_output_options(args, method, save_ct, True))
     _print_summary(result, analyzer.bundle.meta.name, written, payload["timings"])
     return 0
 
 
 def _print_summary(result, model_name: str, written: Sequence[Path], timings: dict) -> None:
     print(f"\nFMCT findings ({model_name}; research use only, not for diagnosis)")
+    if result.warning:
+        print(f"  {result.warning}")
+    elif result.ood is None:
+        print("  (this model carries no out-of-distribution statistics: it cannot say when a CT is unlike its training data)")
     print(f"  {'finding':<20}{'probability':>12}{'threshold':>11}  result")
     primary = result.primary_finding()
     for f in result.findings:
@@ -100,9 +118,13 @@ def _print_summary(result, model_name: str, written: Sequence[Path], timings: di
 def cmd_demo(args: argparse.Namespace) -> int:
     from fmct.phantom import make_phantom
 
+    from fmct.outputs import check_output_folder
+
+    check_output_folder(args.out)
     print("Making a sample head CT (synthetic, 512 x 512, 4-5 mm slices, a subdural hematoma) ...", file=sys.stderr)
     phantom = make_phantom(args.seed, findings=["subdural"], slices="thick")
     args.findings = "positive"
+    args.overwrite = True  # the demo's own folder: the same sample CT each time
     code = _run_analysis(phantom.volume, args, Path(args.out), save_ct=True)
     truth = [t for t, v in phantom.labels.items() if v]
     print(f"Ground truth of the sample CT: {', '.join(truth) or 'normal'}")
@@ -111,9 +133,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from fmct.batch import is_manifest
+    from fmct.outputs import check_output_folder
 
     findings = args.findings if args.findings in ("positive", "all") else args.findings.split(",")
     args.findings = findings
+    check_output_folder(args.out)  # before reading the CT
     if args.batch or is_manifest(args.input):
         return _run_batch(args)
     if args.workers is not None:
@@ -141,7 +165,8 @@ def _run_batch(args: argparse.Namespace) -> int:
     with TqdmProgress("batch") if rank.rank == 0 else contextlib.nullcontext() as progress:
         report = run_batch(analyzer, args.input, out, explain_method=method, explain_findings=args.findings,
                            save_ct=args.save_ct, report=args.report, num_workers=args.workers, rank=rank,
-                           progress=progress, studies=studies)
+                           progress=progress, studies=studies,
+                           options=_output_options(args, method, args.save_ct, args.report))
     print(f"\nFMCT batch ({analyzer.bundle.meta.name}; research use only, not for diagnosis)")
     print(f"  {report.line()}")
     for row in report.rows:
@@ -253,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--series", default=None, help="SeriesInstanceUID to use when the folder holds several series")
     a.add_argument("--findings", default="positive", help="which findings get a saliency map: positive (default), all, or a comma-separated list")
     a.add_argument("--save-ct", action="store_true", help="also write the CT as ct.nii.gz (to overlay the saliency in any viewer)")
+    a.add_argument("--overwrite", action="store_true", help="replace the results of another study in --out (without it, "
+                                                           "a folder holding another CT's findings.json is refused)")
     model_options(a)
     a.set_defaults(func=cmd_analyze)
 
@@ -322,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except FMCTError as e:
         if args.debug:
-            raise
+            traceback.print_exc()  # --debug adds the traceback; a user error stays exit 2
         print(f"fmct: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

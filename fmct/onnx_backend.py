@@ -21,6 +21,7 @@ from fmct.runtime import device_index, parse_device
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+FEATURES_NAME = "features"  # the pooled encoder features, for the out-of-distribution score
 TOLERANCE = 1e-4  # max |p_onnx - p_torch| accepted at export time
 RECORD_FIELDS = ("opset", "max_abs_diff_probability", "checked_on", "onnxruntime_version", "torch_version",
                  "onnx_sha256", "weights_sha256")
@@ -99,14 +100,50 @@ class OnnxModel:
 
     def logits(self, array: np.ndarray) -> np.ndarray:
         """[B, C, D, H, W] float32 -> [B, T] float32."""
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(array, dtype=np.float32)})[0]
+        x = np.ascontiguousarray(array, dtype=np.float32)
+        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            raise BundleError(f"{ONNX_FILE} returned logits of shape {list(logits.shape)} for a batch of {x.shape[0]}; "
+                              "the graph does not match the bundle. Re-run `fmct export BUNDLE --onnx`.")
+        return logits
+
+    def run(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits, and the pooled features when the graph exports them (for the out-of-distribution score)."""
+        if FEATURES_NAME not in {o.name for o in self.session.get_outputs()}:
+            return self.logits(array), None
+        x = np.ascontiguousarray(array, dtype=np.float32)
+        logits, features = self.session.run([OUTPUT_NAME, FEATURES_NAME], {INPUT_NAME: x})
+        return logits, features
 
 
 def load_onnx_bundle(path: str | Path, device: str = "auto", threads: int | None = None) -> tuple[BundleMeta, OnnxModel]:
     """The bundle's metadata and a checked onnxruntime model (never imports torch)."""
-    meta, members = read_bundle(path)
+    meta, members = read_bundle(path, onnx=True)
     check_onnx_record(meta, members, str(path))
-    return meta, OnnxModel(members[ONNX_FILE], device, threads)
+    model = OnnxModel(members[ONNX_FILE], device, threads)
+    check_graph(model, meta, str(path))
+    return meta, model
+
+
+def check_graph(model: "OnnxModel", meta: BundleMeta, where: str) -> None:
+    """The graph's one input and one output must be the model tensor [B, C, D, H, W] and logits [B, tasks]."""
+    inputs, outputs = model.session.get_inputs(), model.session.get_outputs()
+    channels, shape = meta.preprocessing.in_channels, meta.preprocessing.tensor_shape
+    want_in, want_out = ["batch", channels, *shape], ["batch", len(meta.tasks)]
+
+    def fits(actual, want) -> bool:  # symbolic dimensions (strings, None) fit anything
+        return len(actual) == len(want) and all(not isinstance(a, int) or not isinstance(w, int) or a == w
+                                                for a, w in zip(actual, want))
+
+    problems = []
+    if [i.name for i in inputs] != [INPUT_NAME] or not fits(inputs[0].shape, want_in):
+        problems.append(f"inputs {[(i.name, i.shape) for i in inputs]} (needed: '{INPUT_NAME}' {want_in})")
+    if OUTPUT_NAME not in [o.name for o in outputs] or not fits(next(o for o in outputs if o.name == OUTPUT_NAME).shape, want_out):
+        problems.append(f"outputs {[(o.name, o.shape) for o in outputs]} (needed: '{OUTPUT_NAME}' {want_out} for the "
+                        f"{len(meta.tasks)} tasks in fmct.json)")
+    if problems:
+        raise BundleError(f"{where}/{ONNX_FILE} does not match the bundle's fmct.json: graph " + "; ".join(problems)
+                          + f". Re-run `fmct export {where} --onnx`.")
 
 
 def onnx_summary(record: dict[str, Any] | None) -> str:
