@@ -553,3 +553,284 @@ def test_nan_probability_is_never_written(tmp_path):
     with pytest.raises(FMCTError, match="not a finite probability"):
         write_study_outputs(tmp_path / "o", small_ct(), result, "m", "cpu", report=False)
     assert not (tmp_path / "o" / "findings.json").exists()
+
+
+# ------------------------------------------------------------------------------------- result folders (item 5, 11, 16)
+def test_result_folder_never_mixes_two_studies(tmp_path, bundle, capfd):
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    write_volume(small_ct(), a)
+    write_volume(small_ct(ball_radius_mm=25.0), b)
+    out = str(tmp_path / "out")
+    run = ["--model", bundle, "--explain", "attention", "--findings", "all", "--out", out]
+    assert main(["analyze", str(a), "--save-ct", *run]) == 0
+    assert main(["analyze", str(a), *run]) == 0  # the same CT again: replaced, and its stale ct.nii.gz removed
+    assert not (tmp_path / "out" / "ct.nii.gz").exists()
+    assert main(["analyze", str(a), "--save-ct", *run]) == 0
+    capfd.readouterr()
+    code, lines = run_cli(["analyze", str(b), *run], capfd)
+    assert code == 2 and "another study" in lines[-1] and "--overwrite" in lines[-1]
+    assert (tmp_path / "out" / "ct.nii.gz").exists()  # A's results are untouched by the refusal
+    assert main(["analyze", str(b), "--overwrite", *run]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "ct.nii.gz" not in names  # nothing of A next to B
+    payload = json.loads((tmp_path / "out" / "findings.json").read_text())
+    assert sorted(names) == sorted(["findings.json", "report.png", *payload["saliency_files"].values()])
+
+
+def test_debug_adds_the_traceback_and_keeps_exit_2(tmp_path, capfd):
+    code = main(["--debug", "analyze", str(tmp_path / "missing.nii.gz")])
+    err = capfd.readouterr().err
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("fmct: error:")
+
+
+@pytest.mark.parametrize("out", ["file", pytest.param("read-only", marks=pytest.mark.skipif(IS_ROOT, reason="root"))])
+def test_batch_output_folder_checked_before_anything(tmp_path, bundle, no_model, capfd, out):
+    studies = tmp_path / "in"
+    studies.mkdir()
+    write_volume(small_ct(), studies / "a.nii.gz")
+    target = tmp_path / "o"
+    if out == "file":
+        target.write_text("x")
+    else:
+        target.mkdir()
+        target.chmod(0o555)
+    no_model()
+    try:
+        code, lines = run_cli(["analyze", str(studies), "--batch", "--model", bundle, "--out", str(target)], capfd)
+    finally:
+        target.chmod(0o755)
+    assert code == 2 and len(lines) == 1 and str(target) in lines[0]
+
+
+# ------------------------------------------------------------------------------------- batch resume and locks (items 6, 17)
+def _batch_studies(root: Path) -> Path:
+    root.mkdir()
+    write_volume(small_ct(), root / "a.nii.gz")
+    write_volume(small_ct(ball_radius_mm=25.0), root / "b.nii.gz")
+    return root
+
+
+def test_batch_resume_redoes_studies_of_another_model_or_options(tmp_path):
+    from fmct.analyze import Analyzer
+    from fmct.batch import run_batch
+
+    studies = _batch_studies(tmp_path / "in")
+    first = Analyzer(tiny_bundle(tmp_path / "m1", seed=0)[0], device="cpu")
+    second = Analyzer(tiny_bundle(tmp_path / "m2", seed=1)[0], device="cpu")  # same name, other weights
+    out = tmp_path / "out"
+    assert run_batch(first, studies, out, explain_method=None, num_workers=0).counts["ok"] == 2
+    assert run_batch(first, studies, out, explain_method=None, num_workers=0).counts["skipped"] == 2
+    again = run_batch(second, studies, out, explain_method=None, num_workers=0)
+    assert again.counts == {"ok": 2, "error": 0, "skipped": 0}
+    p = json.loads((out / "a" / "findings.json").read_text())["findings"][0]["probability"]
+    expected = second.analyze(__import__("fmct.io", fromlist=["read_volume"]).read_volume(studies / "a.nii.gz"),
+                              explain_method=None).findings[0].probability
+    assert abs(p - expected) < 1e-5  # the new model's numbers under the new model's name, not the old ones
+    with_ct = run_batch(second, studies, out, explain_method=None, num_workers=0, save_ct=True)
+    assert with_ct.counts["ok"] == 2 and (out / "a" / "ct.nii.gz").is_file()
+    assert run_batch(second, studies, out, explain_method=None, num_workers=0).counts["skipped"] == 2  # ct.nii.gz extra
+
+
+def test_second_batch_process_skips_the_study_the_first_is_doing(tmp_path):
+    import fcntl
+    import threading
+
+    from fmct.analyze import Analyzer
+    from fmct.batch import LOCK_DIR, run_batch
+
+    studies = _batch_studies(tmp_path / "in")
+    analyzer = Analyzer(tiny_bundle(tmp_path / "m")[0], device="cpu")
+    out = tmp_path / "out"
+    (out / LOCK_DIR).mkdir(parents=True)
+    held = open(out / LOCK_DIR / "a.lock", "a+")  # "another process" is analyzing study a
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+    timer = threading.Timer(1.0, held.close)
+    timer.start()
+    report = run_batch(analyzer, studies, out, explain_method=None, num_workers=0)
+    timer.join()
+    rows = {r["study_id"]: r for r in report.rows}
+    assert rows["b"]["status"] == "ok"
+    assert rows["a"]["status"] == "error" and "another fmct process" in rows["a"]["error"]
+    assert not (out / "a" / "findings.json").exists()  # this process left a to the other one
+
+
+# ------------------------------------------------------------------------------------- file modes (item 10)
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])
+def test_atomic_writes_get_the_umask_mode(tmp_path, umask, file_mode, dir_mode):
+    from fmct.atomic import write_bytes_atomic
+
+    old = os.umask(umask)
+    try:
+        write_bytes_atomic(tmp_path / "f.json", b"{}")
+        path, _, _ = tiny_bundle(tmp_path / "shared")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == file_mode
+    assert path.stat().st_mode & 0o777 == dir_mode
+    assert {p.stat().st_mode & 0o777 for p in path.iterdir()} == {file_mode}
+
+
+# ------------------------------------------------------------------------------------- ONNX parity on demand (item 9)
+def test_export_check_reproves_onnx_parity(tmp_path, capfd):
+    from fmct.onnx_backend import sha256
+    from fmct.onnx_export import export_onnx
+
+    good, _, _ = tiny_bundle(tmp_path / "good")
+    assert main(["export", str(good), "--onnx", "--check"]) == 0
+    other, _, _ = tiny_bundle(tmp_path / "other", seed=5)
+    export_onnx(other)
+    # Swap in another model's graph and make the record vouch for it: the hashes pass, parity does not.
+    (good / "model.onnx").write_bytes((other / "model.onnx").read_bytes())
+    _write_json(good, lambda m: m["onnx"].update(onnx_sha256=sha256((good / "model.onnx").read_bytes())))
+    capfd.readouterr()
+    code, lines = run_cli(["export", str(good), "--check"], capfd)
+    assert code == 2 and "disagrees" in lines[-1]
+
+
+# ------------------------------------------------------------------------------------- reading large CTs (item 14)
+def test_int16_ct_is_read_as_int16_without_a_copy(tmp_path):
+    from fmct.io import read_volume
+
+    ct = small_ct()
+    ct.array = ct.array.astype(np.int16)
+    for name in ("ct.nii.gz", "ct.nrrd"):
+        got = read_volume(write_volume(ct, tmp_path / name))
+        assert got.array.dtype == np.int16 and np.array_equal(got.array, ct.array)
+        assert got.array.base is not None  # a view of the image ITK read, not a second copy
+    files = write_dicom_series(ct, tmp_path / "dicom", storage="uint16")
+    got = read_volume(files[0].parent)
+    assert got.array.dtype == np.int16 and np.array_equal(got.array, ct.array)
+
+
+def test_memory_guard_comes_from_the_header(tmp_path, monkeypatch):
+    """The refusal names the size and the variable, and happens before the pixels are read."""
+    import fmct.io
+    from fmct.errors import VolumeTooLargeError
+
+    path = good_ct(tmp_path)
+    monkeypatch.setenv("FMCT_MAX_MEMORY_GB", "0.0001")
+    monkeypatch.setattr(fmct.io, "_read_sitk", lambda *a: pytest.fail("pixels read before the memory check"))
+    with pytest.raises(VolumeTooLargeError, match=r"64 x 64 x 16 voxels .* FMCT_MAX_MEMORY_GB"):
+        fmct.io.read_volume(path)
+
+
+# ------------------------------------------------------------------------------------- training runs (items 12, 13, 17)
+def _ssl_config(**changes):
+    from fmct.ssl.config import SSLConfig
+
+    raw = {
+        "encoder": {"preset": "tiny", "overrides": {"embed_dim": 48, "depth": 2, "num_heads": 2,
+                                                    "img_size": [32, 32, 32], "patch_size": [8, 8, 8]}},
+        "data": {"spacing_mm": [6, 6, 6], "size": [32, 32, 32]},
+        "crops": {"global_size": [32, 32, 32], "local_size": [16, 16, 16], "n_local": 2},
+        "dino": {"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32, "warmup_teacher_temp_steps": 4},
+        "optim": {"batch_size": 2, "steps": 3, "warmup_steps": 1},
+        "run": {"seed": 0, "checkpoint_every": 1, "num_threads": 1},
+    }
+    for path, value in changes.items():
+        section, key = path.split(".", 1)
+        if section == "encoder":
+            raw["encoder"]["overrides"][key] = value
+        else:
+            raw[section][key] = value
+    return SSLConfig.from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def ssl_data():
+    import torch
+
+    from fmct.train.pretrain import TensorVolumes
+
+    return TensorVolumes(torch.rand(4, 3, 32, 32, 32, generator=torch.Generator().manual_seed(0)).half())
+
+
+@pytest.fixture
+def one_step_run(tmp_path, ssl_data):
+    """A pretraining run cancelled after its first step (checkpoint at step 1)."""
+    from fmct.errors import Cancelled
+    from fmct.train.pretrain import pretrain
+
+    with pytest.raises(Cancelled):
+        pretrain(_ssl_config(), tmp_path / "run", dataset=ssl_data, progress=lambda f, m: None, cancel=_after(1))
+    return tmp_path / "run"
+
+
+def _after(n):
+    calls = []
+    return lambda: calls.append(1) or len(calls) > n
+
+
+@pytest.mark.parametrize("changes, fields", [
+    ({"run.seed": 7}, "run.seed"),
+    ({"encoder.depth": 3}, "encoder.overrides.depth"),
+    ({"crops.n_local": 3}, "crops.n_local"),
+    ({"dino.teacher_temp": 0.05}, "dino.teacher_temp"),
+], ids=["seed", "architecture", "crops", "loss"])
+def test_resume_refuses_a_changed_run(one_step_run, ssl_data, changes, fields):
+    from fmct.errors import ResumeMismatchError
+    from fmct.train.pretrain import pretrain
+
+    before = (one_step_run / "config.json").read_text()
+    with pytest.raises(ResumeMismatchError, match=fields.replace(".", r"\.")):
+        pretrain(_ssl_config(**changes), one_step_run, resume=True, dataset=ssl_data)
+    assert (one_step_run / "config.json").read_text() == before  # the record still tells the truth
+
+
+def test_resume_may_change_harmless_settings(one_step_run, ssl_data):
+    from fmct.train.pretrain import pretrain
+
+    result = pretrain(_ssl_config(**{"optim.steps": 2, "run.checkpoint_every": 2}), one_step_run, resume=True,
+                      dataset=ssl_data)
+    assert result.steps == 2
+
+
+def test_resume_from_a_damaged_checkpoint_of_the_same_size(one_step_run, ssl_data):
+    from fmct.errors import ConfigError
+    from fmct.train.pretrain import pretrain
+
+    ckpt = next((one_step_run / "checkpoints").glob("ckpt-*.safetensors"))
+    data = bytearray(ckpt.read_bytes())
+    data[8:40] = b"\xff" * 32  # the header, same length
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="damaged"):
+        pretrain(_ssl_config(), one_step_run, resume=True, dataset=ssl_data)
+
+
+def test_stale_checkpoint_temp_files_are_removed(tmp_path):
+    import torch
+
+    from fmct.train import checkpoint as ckpt
+
+    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {})
+    (tmp_path / ".ckpt-00000002.safetensors.x1.tmp").write_bytes(b"half a file")  # what a kill leaves
+    ckpt.load_checkpoint(tmp_path)
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    (tmp_path / ".ckpt-00000003.json.x2.tmp").write_bytes(b"half")
+    ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {})
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_diverged_pretraining_is_one_line_exit_2(tmp_path, monkeypatch, capfd):
+    import torch
+    from safetensors.torch import save_file
+
+    from fmct.ssl.meta_arch import SelfDistillation
+    from fmct.train.pretrain import main as pretrain_main
+
+    save_file({"x": torch.rand(4, 3, 32, 32, 32).half()}, str(tmp_path / "x.safetensors"))
+    cfg = _ssl_config().to_dict()
+    cfg["data"].update(source="tensors", path=str(tmp_path / "x.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    forward = SelfDistillation.forward
+
+    def diverging(self, *a, **k):
+        losses = forward(self, *a, **k)
+        losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(SelfDistillation, "forward", diverging)
+    code = pretrain_main(["--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"), "--no-progress"])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip() and "INFO" not in line]
+    assert code == 2 and "Traceback" not in "\n".join(err) and "lower optim.lr" in err[-1]

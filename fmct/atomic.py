@@ -1,19 +1,39 @@
 """Crash-safe file writes: a reader (or a resumed run) sees the old file or the whole new one.
 
 Every file fmct writes that something later trusts (bundles, checkpoints, caches, results)
-goes through here: temp file in the same folder, fsync, rename, fsync the folder.
+goes through here: temp file in the same folder, fsync, rename, fsync the folder. The file gets
+the mode an ordinary open() would give it (0666 & ~umask), not mkstemp's private 0600, so a
+shared bundle or result folder stays readable to the users the umask allows.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back, under a lock)."""
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """What open() (0666) or mkdir() (0777) would give a new file or folder under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if os.name == "posix":
+            os.fchmod(fd, default_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fmct import __version__
-from fmct.atomic import write_bytes_atomic, write_text_atomic
+from fmct.atomic import default_mode, write_bytes_atomic, write_text_atomic
 from fmct.errors import BundleError, ConfigError
 from fmct.models.config import ViT3DConfig
 from fmct.preprocess import PreprocessSpec
@@ -40,7 +40,6 @@ FORMAT_VERSION = 1
 META_FILE = "fmct.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
-OOD_FILE = "ood.safetensors"  # reference feature statistics for the out-of-distribution score (fmct.ood)
 OOD_FILE = "ood.safetensors"  # reference feature statistics for the out-of-distribution score (fmct.ood)
 # The most a bundle file may hold (declared in the zip and actually inflated): fmct.json is text,
 # the weights of the largest preset are far below 4 GiB. Anything bigger is refused unread.
@@ -503,6 +502,7 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, path: str | Path, onnx
         files[OOD_FILE] = reference.to_bytes(hashlib.sha256(files[WEIGHTS_FILE]).hexdigest())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, default_mode(directory=True))  # mkdtemp's 0700 would make a shared bundle unreadable to others
     try:
         if path.suffix == ".zip":
             buf = io.BytesIO()

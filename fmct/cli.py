@@ -177,14 +177,20 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if not args.onnx:
-        raise ConfigError("nothing to export: give --onnx (writes model.onnx into the bundle and checks it)")
+    if not args.onnx and not args.check:
+        raise ConfigError("nothing to do: give --onnx (writes model.onnx into the bundle and checks it) or --check "
+                          "(re-checks an existing model.onnx against the torch weights)")
     from fmct.onnx_backend import onnx_summary
-    from fmct.onnx_export import export_onnx
+    from fmct.onnx_export import check_onnx_parity, export_onnx
 
-    with TqdmProgress("export") as progress:
-        record = export_onnx(args.bundle, opset=args.opset, progress=progress)
-    print(f"Wrote {Path(args.bundle) / 'model.onnx'}: {onnx_summary(record)} (recorded in fmct.json)")
+    if args.onnx:
+        with TqdmProgress("export") as progress:
+            record = export_onnx(args.bundle, opset=args.opset, progress=progress)
+        print(f"Wrote {Path(args.bundle) / 'model.onnx'}: {onnx_summary(record)} (recorded in fmct.json)")
+    if args.check:
+        with TqdmProgress("check") as progress:
+            diff = check_onnx_parity(args.bundle, progress=progress)
+        print(f"{Path(args.bundle) / 'model.onnx'} agrees with the torch weights: max |p_onnx - p_torch| = {diff:.2e}")
     return 0
 
 
@@ -286,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a bundle's model: --onnx writes model.onnx checked against torch")
     e.add_argument("bundle", help="model bundle folder")
     e.add_argument("--onnx", action="store_true", help="write model.onnx and record the torch/onnxruntime check in fmct.json")
+    e.add_argument("--check", action="store_true", help="re-check the bundle's model.onnx against its torch weights "
+                                                       "on a generated head CT (exit 2 when they disagree)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     e.set_defaults(func=cmd_export)
 

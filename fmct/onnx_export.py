@@ -18,7 +18,8 @@ import numpy as np
 from fmct.atomic import write_bytes_atomic
 from fmct.bundle import ONNX_FILE, WEIGHTS_FILE, load_bundle, read_bundle, write_meta
 from fmct.errors import BundleError, ConfigError
-from fmct.onnx_backend import INPUT_NAME, OUTPUT_NAME, TOLERANCE, OnnxModel, sha256
+from fmct.onnx_backend import (FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, TOLERANCE, OnnxModel, check_graph,
+                                check_onnx_record, sha256)
 from fmct.preprocess import Preprocessor
 from fmct.runners import calibrated_probabilities
 from fmct.runtime import Progress
@@ -93,6 +94,38 @@ def export_onnx(
     return record
 
 
+def check_onnx_parity(bundle_path: str | Path, seed: int = 0, progress: Progress | None = None) -> float:
+    """`fmct export BUNDLE --check`: re-prove that the bundle's model.onnx agrees with its torch weights.
+
+    The SHA-256 record in fmct.json only says the files are those of the export; this runs both on a
+    generated head CT and refuses (BundleError) a disagreement above the tolerance. Returns the max
+    |p_onnx - p_torch|.
+    """
+    import torch
+
+    report = progress or (lambda f, m: None)
+    path = Path(bundle_path)
+    report(0.0, "loading bundle")
+    meta, members = read_bundle(path, onnx=True)
+    check_onnx_record(meta, members, str(path))
+    onnx_model = OnnxModel(members[ONNX_FILE], device="cpu")
+    check_graph(onnx_model, meta, str(path))
+    model = load_bundle(path).model.float().eval()
+    report(0.3, "making a test CT")
+    x, checked_on = parity_input(meta, seed)
+    report(0.6, "comparing onnxruntime with torch")
+    temps = [t.temperature for t in meta.tasks]
+    with torch.no_grad():
+        p_torch = calibrated_probabilities(model(torch.from_numpy(x)).numpy(), temps)
+    p_onnx = calibrated_probabilities(onnx_model.logits(x), temps)
+    diff = float(np.abs(p_onnx.astype(np.float64) - p_torch.astype(np.float64)).max())
+    report(1.0, "done")
+    if not diff <= TOLERANCE:
+        raise BundleError(f"{path}/{ONNX_FILE} disagrees with the bundle's torch weights: max |p_onnx - p_torch| = "
+                          f"{diff:.3g} > {TOLERANCE:g} on {checked_on}. Re-run `fmct export {path} --onnx`.")
+    return diff
+
+
 def parity_input(meta, seed: int = 0) -> tuple[np.ndarray, str]:
     """A batch of two model tensors from a generated head CT (it and its left-right mirror).
 
@@ -110,8 +143,23 @@ def parity_input(meta, seed: int = 0) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(x), f"fmct.phantom seed {seed} (subdural, {size} voxels at {spacing} mm) and its mirror"
 
 
+def _with_features(model):
+    """The classifier as ONNX sees it: model tensor -> (logits, pooled features for the OOD score)."""
+    import torch
+
+    class WithFeatures(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner.forward_with_features(x)
+
+    return WithFeatures(model)
+
+
 def to_onnx_bytes(model, example: np.ndarray, opset: int = DEFAULT_OPSET) -> bytes:
-    """Trace the classifier (model tensor -> logits) to ONNX with a dynamic batch axis.
+    """Trace the classifier (model tensor -> logits, features) to ONNX with a dynamic batch axis.
 
     Uses the TorchScript exporter (dynamo=False): the torch.export-based one needs onnxscript,
     which fmct does not depend on. SDPA is exported as plain MatMul/Softmax, which onnxruntime
@@ -123,8 +171,8 @@ def to_onnx_bytes(model, example: np.ndarray, opset: int = DEFAULT_OPSET) -> byt
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter about the legacy exporter
         torch.onnx.export(
-            model, (torch.from_numpy(example[:1].copy()),), buf, dynamo=False, opset_version=int(opset),
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            _with_features(model), (torch.from_numpy(example[:1].copy()),), buf, dynamo=False, opset_version=int(opset),
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, FEATURES_NAME], do_constant_folding=True,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}, FEATURES_NAME: {0: "batch"}},
         )
     return buf.getvalue()

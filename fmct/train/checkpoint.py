@@ -6,7 +6,8 @@ hyper-parameters, scheduler, numpy/python RNG states, the safetensors' size), pl
 naming the newest one. Each file is written to a temporary file in the same folder, fsynced,
 renamed over its target and the folder fsynced, and ``last.json`` is updated only after both
 files are durable: a run killed at any instant leaves either the previous checkpoint or the
-new one, never half of one.
+new one, never half of one. Temporary files a killed run left behind (``.ckpt-*.tmp``) are removed
+at the next save and resume.
 """
 from __future__ import annotations
 
@@ -111,7 +112,18 @@ def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tens
     return folder / f"{name}.json"
 
 
+def remove_stale_temp_files(folder: Path) -> None:
+    """The temporary files of writes a killed run never finished (atomic writes name them .<target>.*.tmp).
+
+    Only one process writes a run's checkpoints, so any such file seen between writes is stale.
+    """
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file() and p.name.startswith((".ckpt-", f".{LAST}.")):
+            p.unlink(missing_ok=True)
+
+
 def _prune(folder: Path, keep: int) -> None:
+    remove_stale_temp_files(folder)
     names = sorted(p.stem for p in folder.glob("ckpt-*.json"))
     for stem in names[:-keep] if keep > 0 else []:
         for suffix in (".safetensors", ".json"):
@@ -134,7 +146,13 @@ def load_checkpoint(folder: str | Path) -> Checkpoint | None:
         raise ConfigError(f"cannot resume from {folder}: its last checkpoint is unreadable ({e})") from e
     if meta.get("format") != FORMAT or len(blob) != meta.get("tensors_bytes"):
         raise ConfigError(f"cannot resume from {folder}: {name} is not a complete fmct checkpoint")
-    return Checkpoint(int(meta["step"]), load_bytes(blob), meta, folder / f"{name}.json")
+    remove_stale_temp_files(folder)
+    try:
+        tensors = load_bytes(blob)
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise ConfigError(f"cannot resume from {folder}: {meta['tensors_file']} is damaged ({e}). Delete that "
+                          "checkpoint (and last.json) to resume from an earlier one, or start a new run.") from e
+    return Checkpoint(int(meta["step"]), tensors, meta, folder / f"{name}.json")
 
 
 def subset(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from fmct.errors import Cancelled, ConfigError, FMCTError
+from fmct.errors import Cancelled, ConfigError, FMCTError, ResumeMismatchError, TrainingDivergedError
 from fmct.ssl.augment import MultiCropAugmentation, collate_crops, sample_generator
 from fmct.ssl.config import SSLConfig
 from fmct.ssl.ema import cosine, teacher_momentum, teacher_temperature
@@ -308,22 +308,28 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
 
     start, history = 0, []
+    config_record = {**cfg.resolved_dict(), "seed": cfg.run.seed, "world_size": info.world_size}
     if resume:
         found = ckpt.load_checkpoint(ckpt_dir)
         if found is None:
             log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_dir)
         else:
-            model.load_state_dict(ckpt.subset(found.tensors, "model"))
-            ckpt.load_optimizer_state(opt, found.tensors, found.meta["optimizer"])
-            sched.load_state_dict(found.meta["scheduler"])
-            ckpt.set_rng_state(found.tensors, found.meta["rng"])
+            check_resume_config(run_dir / CONFIG_FILE, config_record)
+            try:
+                model.load_state_dict(ckpt.subset(found.tensors, "model"))
+                ckpt.load_optimizer_state(opt, found.tensors, found.meta["optimizer"])
+                sched.load_state_dict(found.meta["scheduler"])
+                ckpt.set_rng_state(found.tensors, found.meta["rng"])
+            except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                raise ConfigError(f"cannot resume from {found.path}: the checkpoint does not fit this model and optimizer "
+                                  f"({str(e).splitlines()[0][:200]}). Resume with the run's own config, or start a new "
+                                  "run in another --out folder.") from e
             start = found.step
             log.info("resumed from %s (step %d)", found.path.name, start)
     if info.is_main:
         history = _truncate_log(log_path, start) if resume else []
         if not resume and log_path.exists():
             log_path.unlink()
-        config_record = {**cfg.resolved_dict(), "seed": cfg.run.seed, "world_size": info.world_size}
         ckpt.atomic_write(run_dir / CONFIG_FILE, json.dumps(config_record, indent=2).encode())
     ddp.barrier()
 
@@ -362,7 +368,9 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
                 with autocast(device):
                     losses = model(batch, temp, student)
                 if not torch.isfinite(losses["loss"]):
-                    raise FloatingPointError(f"pretraining loss is {float(losses['loss'])} at step {step + 1}; lower optim.lr")
+                    raise TrainingDivergedError(f"pretraining loss is {float(losses['loss'])} at step {step + 1}; lower "
+                                                f"optim.lr (now {cfg.optim.lr:g}) or raise optim.warmup_steps, then "
+                                                "start again or --resume from the last checkpoint")
                 opt.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 if cfg.optim.clip_grad > 0:
@@ -393,6 +401,43 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
     bundle = _write_bundle(model, cfg, run_dir, step) if info.is_main else None
     ddp.barrier()
     return PretrainResult(run_dir, step, history, bundle, model)
+
+
+# Settings a resumed run may change: they do not change what the run computes (the device and thread
+# count change only float rounding; optim.steps is how long to go on).
+RESUME_MAY_CHANGE = ("run.device", "run.checkpoint_every", "run.keep_checkpoints", "run.num_threads", "optim.steps")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_resume_config(stored_path: Path, new: dict[str, Any]) -> None:
+    """Refuse --resume with a config that changes the run (seed, data, model, losses, crops, optimizer),
+    naming the fields: the steps already done ran with the stored one, and config.json must stay true."""
+    try:
+        stored = json.loads(Path(stored_path).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot resume: {stored_path} is unreadable ({e}); start a new run in another --out") from e
+    old, now = _flatten(stored), _flatten(json.loads(json.dumps(new)))
+    changed = sorted(k for k in set(old) | set(now)
+                     if old.get(k, "<missing>") != now.get(k, "<missing>") and not k.startswith(RESUME_MAY_CHANGE))
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k, '<missing>')!r} -> {now.get(k, '<missing>')!r}" for k in changed[:6])
+        raise ResumeMismatchError(
+            f"cannot --resume {stored_path.parent}: the config differs from the run's own in {len(changed)} field(s) "
+            f"that change the run ({shown}{'; ...' if len(changed) > 6 else ''}). Resume with the same config (only "
+            f"{', '.join(RESUME_MAY_CHANGE)} may change), or start a new run in another --out folder.")
+    if old.get("optim.steps") != now.get("optim.steps"):
+        log.warning("--resume with optim.steps %s instead of %s: the learning-rate and teacher-momentum schedules "
+                    "stretch to the new length", now.get("optim.steps"), old.get("optim.steps"))
 
 
 def _write_bundle(model: SelfDistillation, cfg: SSLConfig, run_dir: Path, steps: int) -> Path:
