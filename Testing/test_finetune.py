@@ -39,6 +39,8 @@ def test_linear_probe_from_a_pretrained_encoder_makes_a_working_bundle(tmp_path,
     assert seen[-1] == 1.0
     result = Analyzer(path, device="cpu").analyze(read_volume(next(phantoms.glob("*/ct.nii.gz"))), explain_method=None)
     assert len(result.findings) == 2
+    # every fine-tuned bundle carries its out-of-distribution statistics, so analyze can judge each CT
+    assert result.ood is not None and result.ood["threshold"] > 0
 
 
 def test_full_finetune_from_scratch_moves_every_layer(tmp_path, phantoms):

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from fmct.bundle import Bundle
-from fmct.errors import ConfigError
+from fmct.errors import BundleError, ConfigError
 from fmct.preprocess import ModelInput, Preprocessor
+from fmct.ood import load_reference_stats
 from fmct.runners import calibrated_probabilities, load_runner
 from fmct.runtime import CancelCheck, Progress, check_cancel, check_explain_method, report_to, sub_progress
 from fmct.volume import Volume, validate_ct
@@ -49,6 +50,20 @@ class AnalysisResult:
     timings: dict[str, float] = field(default_factory=dict)
     model_input: ModelInput | None = None
     model_saliency: dict[str, np.ndarray] = field(default_factory=dict)  # the same maps on the model grid
+    ood: dict[str, Any] | None = None  # the out-of-distribution record (fmct.ood), None when the bundle has no statistics
+
+    @property
+    def in_distribution(self) -> bool | None:
+        """False when the CT is unlike the model's training data; None when that could not be judged."""
+        return None if self.ood is None else bool(self.ood["in_distribution"])
+
+    @property
+    def warning(self) -> str | None:
+        """The line a person must see above the findings when they are not to be trusted."""
+        if self.in_distribution is not False:
+            return None
+        return (f"WARNING: this CT is unlike the data the model was trained on (out-of-distribution score "
+                f"{self.ood['score']:.3f} > {self.ood['threshold']:.3f}); the findings are unreliable for it.")
 
     @property
     def positive(self) -> list[Finding]:
@@ -86,6 +101,7 @@ class Analyzer:
         if not self.bundle.meta.tasks:
             raise ConfigError(f"bundle '{self.bundle.meta.name}' has no task heads (a pretrained encoder); fine-tune it first")
         self.preprocessor = Preprocessor(self.bundle.meta.preprocessing)
+        self.reference = load_reference_stats(self.bundle)
 
     @property
     def device(self) -> str:
@@ -155,7 +171,11 @@ class Analyzer:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         report(0.1, "predicting")
-        probs = self.probabilities(model_input.array)[0]
+        logits, features = self.runner.run(model_input.array)
+        probs = calibrated_probabilities(logits, self.temperatures)[0]
+        if not np.isfinite(logits).all():
+            raise BundleError(f"model '{self.bundle.meta.name}' gave non-finite outputs for this CT; its weights are "
+                              "broken (NaN or inf). Use another bundle, or re-train or re-download this one.")
         findings = [
             Finding(t.name, t.description, float(p), t.threshold, bool(p >= t.threshold))
             for t, p in zip(self.bundle.meta.tasks, probs)
@@ -163,6 +183,8 @@ class Analyzer:
         timings["predict_s"] = time.perf_counter() - t0
 
         result = AnalysisResult(findings, method=explain_method, timings=timings, model_input=model_input)
+        if self.reference is not None and features is not None:
+            result.ood = self.reference.judge(features)
         targets = self._targets(findings, explain_findings) if explain_method else []
         t0 = time.perf_counter()
         if targets:

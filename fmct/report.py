@@ -43,6 +43,9 @@ def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_nam
     if focus:
         heading += f" - overlay: {focus} ({result.method})"
     fig.suptitle(heading + "\nResearch use only. Not for diagnosis.", fontsize=12)
+    if result.warning:
+        fig.text(0.5, 0.5, result.warning, ha="center", va="center", color="white", fontsize=11,
+                 bbox={"facecolor": "#b00020", "edgecolor": "none", "pad": 6})
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,9 @@ class Runner(Protocol):
     def logits(self, array: np.ndarray) -> np.ndarray:
         """[B, C, D, H, W] float32 model tensor -> [B, T] float32 logits."""
 
+    def run(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and the pooled encoder features [B, F] (None when the backend cannot give them)."""
+
 
 class TorchRunner:
     """A bundle's torch model on a device: bf16 autocast and SDPA attention on CUDA, optional torch.compile."""
@@ -49,6 +52,14 @@ class TorchRunner:
         x = torch.as_tensor(array).to(self.torch_device, non_blocking=True)
         with torch.no_grad(), autocast(self.torch_device):
             return self._forward(x).float().cpu().numpy()
+
+    def run(self, array: "np.ndarray | torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        x = torch.as_tensor(array).to(self.torch_device, non_blocking=True)
+        with torch.no_grad(), autocast(self.torch_device):
+            logits, features = self.module.forward_with_features(x)
+        return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
     def to_device(self, tensor: "torch.Tensor") -> "torch.Tensor":
         return tensor.to(self.torch_device)

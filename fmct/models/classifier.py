@@ -25,3 +25,11 @@ class FMCTClassifier(nn.Module):
             raise RuntimeError("this model has no task head (a pretrained encoder); fine-tune it first")
         feats = self.encoder.forward_features(x)
         return self.head(feats["cls"], feats["patch"])
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the pooled features they come from, from one pass (findings + OOD score)."""
+        if self.head is None:
+            raise RuntimeError("this model has no task head (a pretrained encoder); fine-tune it first")
+        feats = self.encoder.forward_features(x)
+        pooled = self.head.pool(feats["cls"], feats["patch"])
+        return self.head.classify(pooled), pooled

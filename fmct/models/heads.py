@@ -20,4 +20,12 @@ class MultiLabelHead(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, cls: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(torch.cat([cls, patch.mean(dim=1)], dim=-1)))
+        return self.classify(self.pool(cls, patch))
+
+    @staticmethod
+    def pool(cls: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+        """The head's input [B, 2 * embed_dim]: what the out-of-distribution statistics describe."""
+        return torch.cat([cls, patch.mean(dim=1)], dim=-1)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(pooled))

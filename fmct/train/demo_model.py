@@ -37,7 +37,8 @@ from fmct.tasks import HEMORRHAGE_TYPES, TASK_DESCRIPTIONS, TASKS
 
 log = logging.getLogger("fmct.train.demo_model")
 
-SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000, "saliency": 4_000_000}
+SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000, "saliency": 4_000_000,
+             "reference": 5_000_000, "calibration": 6_000_000}  # the last two: out-of-distribution statistics
 IN_PLANE_SIZES = (128, 160)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle
+from fmct.ood import fit_reference
 from fmct.config_file import read_config_file
 from fmct.data import CachedVolumeDataset, collate_skip_none
 from fmct.errors import ConfigError
@@ -29,7 +30,8 @@ from fmct.models import FMCTClassifier, preset
 from fmct.preprocess import PreprocessSpec
 from fmct.train.calibration import fit_temperature, youden_threshold
 from fmct.train.distributed import barrier, device_for, distributed_sampler, init_from_env, process_group_kind, wrap_ddp
-from fmct.train.supervised import SupervisedConfig, positive_weights, predict_logits, train_classifier
+from fmct.train.reference import predict_with_features
+from fmct.train.supervised import SupervisedConfig, positive_weights, train_classifier
 from fmct.runtime import CancelCheck, Progress
 
 log = logging.getLogger("fmct.train.finetune")
@@ -205,7 +207,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
 
     report(0.92, "calibrating on the validation split")
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate_skip_none)
-    val_logits = predict_logits(model, (b["image"] for b in val_loader if b is not None), device)
+    val_logits, val_features = predict_with_features(model, (b["image"] for b in val_loader if b is not None), device)
     y_val = np.array([val_ds.label_vector(s) for s in val_ds.studies], dtype=np.float64)
     task_meta = []
     for i, name in enumerate(tasks):
@@ -228,6 +230,10 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
         },
         metrics=metrics,
     )
-    out = save_bundle(model.cpu(), meta, cfg.out)
+    report(0.95, "out-of-distribution statistics (training split: reference; validation split: threshold)")
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, collate_fn=collate_skip_none)
+    _, train_features = predict_with_features(model, (b["image"] for b in train_loader if b is not None), device)
+    out = save_bundle(model.cpu(), meta, cfg.out, reference=fit_reference(
+        train_features, val_features, source=f"fmct finetune on {cfg.data}: training split (reference), validation split (threshold)"))
     report(1.0, "done")
     return FinetuneResult(out, model)

@@ -1,0 +1,119 @@
+"""The out-of-distribution guard: statistics that travel with the weights, and CTs it must flag."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from fmct.analyze import Analyzer
+from fmct.bundle import OOD_FILE, default_bundle_path
+from fmct.cli import main
+from fmct.errors import BundleError
+from fmct.io import write_volume
+from fmct.ood import ReferenceStats, fit_reference
+from fmct.phantom import make_phantom
+from fmct.volume import Volume
+
+
+def test_threshold_keeps_the_calibrated_share_and_flags_a_shifted_population():
+    rng = np.random.default_rng(0)
+    scale = np.linspace(0.1, 3.0, 32)
+    stats = fit_reference(rng.normal(size=(400, 32)) * scale, rng.normal(size=(400, 32)) * scale, quantile=0.95)
+    fresh = stats.score(rng.normal(size=(2000, 32)) * scale)
+    assert 0.02 < np.mean(fresh > stats.threshold) < 0.09
+    shifted = stats.score(rng.normal(size=(200, 32)) * scale + 1.5)
+    assert np.mean(shifted > stats.threshold) > 0.95
+
+
+def test_statistics_round_trip_and_refuse_other_weights_or_broken_values():
+    rng = np.random.default_rng(1)
+    stats = fit_reference(rng.normal(size=(50, 8)), rng.normal(size=(30, 8)), source="test")
+    back = ReferenceStats.from_bytes(stats.to_bytes("abc"), weights_sha256="abc")
+    np.testing.assert_array_equal(back.precision, stats.precision)
+    assert back.threshold == stats.threshold and back.source == "test"
+    with pytest.raises(BundleError, match="other weights"):
+        ReferenceStats.from_bytes(stats.to_bytes("abc"), weights_sha256="def")
+    stats.threshold = float("nan")
+    with pytest.raises(BundleError, match="non-finite"):
+        ReferenceStats.from_bytes(stats.to_bytes("abc"))
+    with pytest.raises(BundleError, match="not a readable"):
+        ReferenceStats.from_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(BundleError, match="another model"):
+        back.score(np.zeros((1, 9)))
+
+
+@pytest.fixture(scope="module")
+def analyzer() -> Analyzer:
+    return Analyzer(default_bundle_path(), device="cpu")
+
+
+def _score(analyzer: Analyzer, volume: Volume) -> float:
+    _, features = analyzer.runner.run(analyzer.preprocessor(volume).array)
+    return float(analyzer.reference.score(features)[0])
+
+
+def _contrast_enhanced(volume: Volume) -> Volume:
+    array = volume.array.copy()
+    array[(array > 15) & (array < 60)] += 45.0  # enhancing brain: what a non-contrast model never saw
+    return volume.with_array(array)
+
+
+def _scaled(volume: Volume, factor: float) -> Volume:
+    image = volume.to_sitk()
+    transform = sitk.ScaleTransform(3, (1 / factor,) * 3)
+    transform.SetCenter(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    return Volume.from_sitk(sitk.Resample(image, image, transform, sitk.sitkLinear, -1024.0, sitk.sitkFloat32))
+
+
+def _vertex_only(volume: Volume) -> Volume:
+    lo = int(volume.array.shape[0] * 0.65)
+    origin = np.asarray(volume.origin) + volume.direction[:, 2] * volume.spacing[2] * lo
+    return Volume(volume.array[lo:].copy(), volume.spacing, origin, volume.direction)
+
+
+def test_shipped_model_flags_strongly_unlike_ct_and_few_training_like_ones(analyzer):
+    assert analyzer.reference is not None, f"the bundled demo model must carry {OOD_FILE}"
+    threshold = analyzer.reference.threshold
+    # Fresh phantoms of the demo recipe's own distribution (its test-split seeds): flagged at about the calibrated rate.
+    in_dist = [_score(analyzer, make_phantom(3_000_000 + i, slices="thick" if i % 2 == 0 else "thin",
+                                             in_plane_size=128).volume) for i in range(16)]
+    assert np.mean(np.array(in_dist) > threshold) <= 1 / 16
+    heads = [make_phantom(7_000_000 + i, slices="thick", in_plane_size=160).volume for i in range(3)]
+    for name, change in [("contrast-enhanced", _contrast_enhanced), ("vertex only", _vertex_only),
+                         ("infant-scale head (half size)", lambda v: _scaled(v, 0.5))]:
+        scores = [_score(analyzer, change(v)) for v in heads]
+        assert min(scores) > threshold, f"{name}: scores {scores} not all above {threshold:.3f}"
+
+
+def test_cli_warns_and_findings_json_records_the_score(tmp_path, capsys):
+    head = make_phantom(7_000_000, slices="thick", in_plane_size=160).volume
+    write_volume(_contrast_enhanced(head), tmp_path / "enhanced.nii.gz")
+    assert main(["analyze", str(tmp_path / "enhanced.nii.gz"), "--out", str(tmp_path / "out"), "--explain", "none",
+                 "--device", "cpu"]) == 0
+    assert "unlike the data the model was trained on" in capsys.readouterr().out
+    payload = json.loads((tmp_path / "out" / "findings.json").read_text())
+    assert payload["out_of_distribution"]["in_distribution"] is False
+    assert payload["out_of_distribution"]["score"] > payload["out_of_distribution"]["threshold"]
+    assert payload["warning"].startswith("WARNING")
+
+
+def test_stale_statistics_are_refused(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path(), bundle)
+    weights = bytearray((bundle / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # other weights (one bit of the last tensor), same statistics file
+    (bundle / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(BundleError, match="stale"):
+        Analyzer(bundle, device="cpu")
+
+
+def test_onnx_backend_gives_the_same_out_of_distribution_score(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path(), bundle)
+    assert main(["export", str(bundle), "--onnx"]) == 0
+    ct = _contrast_enhanced(make_phantom(7_000_001, slices="thick", in_plane_size=160).volume)
+    by_torch = Analyzer(bundle, device="cpu").analyze(ct, explain_method=None).ood
+    by_onnx = Analyzer(bundle, device="cpu", backend="onnx").analyze(ct, explain_method=None).ood
+    assert by_onnx["in_distribution"] is by_torch["in_distribution"] is False
+    assert abs(by_onnx["score"] - by_torch["score"]) <= 1e-3 * by_torch["score"]
