@@ -368,7 +368,7 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
                 with autocast(device):
                     losses = model(batch, temp, student)
                 if not torch.isfinite(losses["loss"]):
-                    raise TrainingDivergedError(f"pretraining loss is {float(losses['loss'])} at step {step + 1}; lower "
+                    raise TrainingDivergedError(f"pretraining loss is {float(losses['loss'].detach())} at step {step + 1}; lower "
                                                 f"optim.lr (now {cfg.optim.lr:g}) or raise optim.warmup_steps, then "
                                                 "start again or --resume from the last checkpoint")
                 opt.zero_grad(set_to_none=True)
