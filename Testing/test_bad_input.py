@@ -851,3 +851,15 @@ def test_diverged_pretraining_is_one_line_exit_2(tmp_path, monkeypatch, capfd):
     code = pretrain_main(["--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"), "--no-progress"])
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip() and "INFO" not in line]
     assert code == 2 and "Traceback" not in "\n".join(err) and "lower optim.lr" in err[-1]
+
+
+@pytest.mark.parametrize("build", [dicom_drift, nii_gz_flipped], ids=["dicom-drift", "nifti-flipped"])
+def test_the_installed_command_prints_one_line(tmp_path, bundle, build):
+    """The real console command (logging and ITK's own warnings included): exit 2 and exactly one line."""
+    import subprocess
+    import sys
+
+    path = build(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "fmct.cli", "analyze", str(path), "--model", bundle,
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("fmct: error: "), proc.stderr

@@ -338,8 +338,9 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
     source = str(folder)
     folder, series_uid, reason = _folder_and_uid(Path(folder), series_uid)
     series, sentence = choose_series(list_series(folder), series_uid, reason)
-    log.info(sentence)
+    log.debug(sentence)
     volume = _read_series(series, source)
+    log.info(sentence)  # after the checks: a refused series gets one line, the error
     volume.meta["series_choice"] = sentence
     return volume
 
