@@ -100,6 +100,7 @@ def test_recipe_fine_tunes_a_pretrained_encoder_and_records_it(tmp_path):
     assert training["kind"] == "fine-tuned from a self-supervised encoder" and training["encoder_bundle"] == "pretrained-test"
     assert training["encoder_provenance"]["steps"] == 7 and "--encoder" in demo.meta.provenance["recipe"]
     assert [t.name for t in demo.meta.tasks] == list(demo_model.TASKS)
+    assert (tmp_path / "demo" / "ood.safetensors").is_file()  # the recipe's bundles can say when a CT is unlike them
 
     coarse = BundleMeta(name="coarse", encoder=encoder.encoder.cfg, preprocessing=PreprocessSpec(spacing_mm=(4.0, 4.0, 4.0)),
                         tasks=[], provenance={})

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle, write_meta
+from fmct.ood import fit_reference
 from fmct.errors import ConfigError
 from fmct.evaluate import auroc, pointing_game, saliency_in_mask
 from fmct.explain import explain
@@ -31,6 +32,7 @@ from fmct.phantom import make_phantom
 from fmct.preprocess import Preprocessor, PreprocessSpec
 from fmct.train.calibration import fit_temperature, youden_threshold
 from fmct.train.finetune import layer_decay_groups
+from fmct.train.reference import predict_with_features
 from fmct.train.supervised import SupervisedConfig, positive_weights, predict_logits, tensor_batches, train_classifier
 from fmct.runtime import EXPLAIN_METHODS, torch_device
 from fmct.tasks import HEMORRHAGE_TYPES, TASK_DESCRIPTIONS, TASKS
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                               device, groups, progress=lambda f, m: log.info(m))
     train_s = time.time() - t0
 
-    val_logits = predict_logits(model, splits["val"][0], device)
+    val_logits, val_features = predict_with_features(model, splits["val"][0], device)
     val_y = splits["val"][1].numpy()
     tasks = []
     for i, name in enumerate(TASKS):
@@ -191,7 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         },
         metrics=metrics,
     )
-    save_bundle(model.cpu(), meta, args.out)  # saved before the slow part, so a cut-off run keeps its model
+    _, train_features = predict_with_features(model, x_train, device)
+    reference = fit_reference(train_features, val_features, source="demo recipe: training split (reference), "
+                                                                    "validation split (threshold)")
+    save_bundle(model.cpu(), meta, args.out, reference=reference)  # before the slow part: a cut-off run keeps its model
     if args.saliency_cases < 1:
         log.info("wrote %s", args.out)
         return
