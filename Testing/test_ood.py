@@ -4,7 +4,6 @@ import shutil
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from fmct.analyze import Analyzer
 from fmct.bundle import OOD_FILE, default_bundle_path
@@ -13,6 +12,7 @@ from fmct.errors import BundleError
 from fmct.io import write_volume
 from fmct.ood import ReferenceStats, fit_reference
 from fmct.phantom import make_phantom
+from fmct.phantom.variations import contrast_enhanced, scaled, vertex_only
 from fmct.volume import Volume
 
 
@@ -53,25 +53,6 @@ def _score(analyzer: Analyzer, volume: Volume) -> float:
     return float(analyzer.reference.score(features)[0])
 
 
-def _contrast_enhanced(volume: Volume) -> Volume:
-    array = volume.array.copy()
-    array[(array > 15) & (array < 60)] += 45.0  # enhancing brain: what a non-contrast model never saw
-    return volume.with_array(array)
-
-
-def _scaled(volume: Volume, factor: float) -> Volume:
-    image = volume.to_sitk()
-    transform = sitk.ScaleTransform(3, (1 / factor,) * 3)
-    transform.SetCenter(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
-    return Volume.from_sitk(sitk.Resample(image, image, transform, sitk.sitkLinear, -1024.0, sitk.sitkFloat32))
-
-
-def _vertex_only(volume: Volume) -> Volume:
-    lo = int(volume.array.shape[0] * 0.65)
-    origin = np.asarray(volume.origin) + volume.direction[:, 2] * volume.spacing[2] * lo
-    return Volume(volume.array[lo:].copy(), volume.spacing, origin, volume.direction)
-
-
 def test_shipped_model_flags_strongly_unlike_ct_and_few_training_like_ones(analyzer):
     assert analyzer.reference is not None, f"the bundled demo model must carry {OOD_FILE}"
     threshold = analyzer.reference.threshold
@@ -80,15 +61,15 @@ def test_shipped_model_flags_strongly_unlike_ct_and_few_training_like_ones(analy
                                              in_plane_size=128).volume) for i in range(16)]
     assert np.mean(np.array(in_dist) > threshold) <= 1 / 16
     heads = [make_phantom(7_000_000 + i, slices="thick", in_plane_size=160).volume for i in range(3)]
-    for name, change in [("contrast-enhanced", _contrast_enhanced), ("vertex only", _vertex_only),
-                         ("infant-scale head (half size)", lambda v: _scaled(v, 0.5))]:
+    for name, change in [("contrast-enhanced", contrast_enhanced), ("vertex only", vertex_only),
+                         ("infant-scale head (half size)", lambda v: scaled(v, 0.5))]:
         scores = [_score(analyzer, change(v)) for v in heads]
         assert min(scores) > threshold, f"{name}: scores {scores} not all above {threshold:.3f}"
 
 
 def test_cli_warns_and_findings_json_records_the_score(tmp_path, capsys):
     head = make_phantom(7_000_000, slices="thick", in_plane_size=160).volume
-    write_volume(_contrast_enhanced(head), tmp_path / "enhanced.nii.gz")
+    write_volume(contrast_enhanced(head), tmp_path / "enhanced.nii.gz")
     assert main(["analyze", str(tmp_path / "enhanced.nii.gz"), "--out", str(tmp_path / "out"), "--explain", "none",
                  "--device", "cpu"]) == 0
     assert "unlike the data the model was trained on" in capsys.readouterr().out
@@ -112,7 +93,7 @@ def test_onnx_backend_gives_the_same_out_of_distribution_score(tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(default_bundle_path(), bundle)
     assert main(["export", str(bundle), "--onnx"]) == 0
-    ct = _contrast_enhanced(make_phantom(7_000_001, slices="thick", in_plane_size=160).volume)
+    ct = contrast_enhanced(make_phantom(7_000_001, slices="thick", in_plane_size=160).volume)
     by_torch = Analyzer(bundle, device="cpu").analyze(ct, explain_method=None).ood
     by_onnx = Analyzer(bundle, device="cpu", backend="onnx").analyze(ct, explain_method=None).ood
     assert by_onnx["in_distribution"] is by_torch["in_distribution"] is False

@@ -12,7 +12,6 @@ perturbation: mean and max |dp| over every finding, and how many clear any_hemor
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 from common import emit, machine
@@ -22,6 +21,8 @@ RIGID_DRAWS = 3
 
 def perturbations(rng: np.random.Generator) -> dict:
     """name -> function(Volume) -> Volume."""
+    from fmct.phantom.variations import cut, kernel, noise, rigid, thicker_slices
+
     pert = {
         "vertex cut 1 cm": lambda v: cut(v, superior_mm=10.0),
         "vertex cut 2 cm": lambda v: cut(v, superior_mm=20.0),
@@ -29,7 +30,7 @@ def perturbations(rng: np.random.Generator) -> dict:
         "smooth kernel (0.8 mm)": lambda v: kernel(v, sigma_mm=0.8),
         "sharp kernel": lambda v: kernel(v, sigma_mm=0.8, sharpen=1.0),
         "noise +15 HU": lambda v: noise(v, 15.0, rng),
-        "slices x2 thicker": lambda v: thicker(v, 2),
+        "slices x2 thicker": lambda v: thicker_slices(v, 2),
     }
     for n in range(RIGID_DRAWS):
         angle, axis = rng.uniform(3.0, 5.0), rng.normal(size=3)
@@ -38,57 +39,6 @@ def perturbations(rng: np.random.Generator) -> dict:
         pert[f"rigid {n + 1} ({angle:.1f} deg, {np.linalg.norm(shift):.1f} mm)"] = (
             lambda v, a=angle, ax=axis, s=shift: rigid(v, a, ax, s))
     return pert
-
-
-def rigid(volume, angle_deg: float, axis: np.ndarray, shift_mm: np.ndarray):
-    """The head turned by angle_deg about axis through its centre and moved by shift_mm, on the same grid."""
-    import SimpleITK as sitk
-
-    from fmct.volume import Volume
-
-    image = volume.to_sitk()
-    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
-    transform = sitk.VersorRigid3DTransform()
-    transform.SetCenter(centre)
-    transform.SetRotation(tuple(axis / np.linalg.norm(axis)), math.radians(angle_deg))
-    transform.SetTranslation(tuple(float(s) for s in shift_mm))
-    moved = sitk.Resample(image, image, transform.GetInverse(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
-    return Volume.from_sitk(moved, volume.meta)
-
-
-def cut(volume, superior_mm: float = 0.0, inferior_mm: float = 0.0):
-    """Slices removed at the top (vertex) or bottom (neck) of an axial LPS volume."""
-    from fmct.volume import Volume
-
-    dz = volume.spacing[2]
-    lo, hi = int(round(inferior_mm / dz)), volume.array.shape[0] - int(round(superior_mm / dz))
-    origin = np.asarray(volume.origin) + volume.direction[:, 2] * dz * lo
-    return Volume(volume.array[lo:hi].copy(), volume.spacing, origin, volume.direction, volume.meta)
-
-
-def kernel(volume, sigma_mm: float, sharpen: float = 0.0):
-    """A smoother reconstruction (Gaussian), or a sharper one (unsharp mask with that Gaussian)."""
-    import SimpleITK as sitk
-
-    blurred = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(volume.to_sitk(), sigma_mm))
-    array = volume.array + sharpen * (volume.array - blurred) if sharpen else blurred
-    return volume.with_array(array.astype(np.float32))
-
-
-def noise(volume, sigma_hu: float, rng: np.random.Generator):
-    return volume.with_array((volume.array + rng.normal(0, sigma_hu, volume.array.shape)).astype(np.float32))
-
-
-def thicker(volume, factor: int):
-    """Slices `factor` times thicker: adjacent slices averaged, as a thicker reconstruction would."""
-    from fmct.volume import Volume
-
-    n = volume.array.shape[0] // factor * factor
-    array = volume.array[:n].reshape(n // factor, factor, *volume.array.shape[1:]).mean(1)
-    dz = volume.spacing[2]
-    origin = np.asarray(volume.origin) + volume.direction[:, 2] * dz * (factor - 1) / 2
-    return Volume(array.astype(np.float32), (volume.spacing[0], volume.spacing[1], dz * factor), origin,
-                  volume.direction, volume.meta)
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ One module per stage, in the order `make_phantom` runs them:
   generate    make_phantom and Phantom
   writers     write_phantom_set: a phantom dataset on disk
   common      helpers all of them share
+  variations  the same head scanned otherwise (pose, FOV, kernel, noise, slices, contrast, size): benchmarks, OOD tests
 The task names the labels use are in `fmct.tasks`.
 """
 from __future__ import annotations
