@@ -101,8 +101,13 @@ def _read_image_file(path: Path) -> Volume:
         raise EmptyInputError(f"{path.name} is empty (0 bytes). Copy or export the file again.")
     if fmt == "NIfTI":
         _check_nifti_pixdim(path)
-    _check_header(path, fmt)
+    reader = _check_header(path, fmt)
+    meta = {"source": str(path), "format": fmt}
     if fmt == "NIfTI":
+        array = _read_nifti_voxels(path, reader)
+        if array is not None:  # read straight from the file: no second buffer inside ITK's reader
+            direction = np.array(reader.GetDirection()).reshape(3, 3)
+            return Volume(_hu_dtype(array), reader.GetSpacing(), reader.GetOrigin(), direction, meta)
         _check_nifti_data(path)
     image = _read_sitk(path, fmt)
     image = _as_3d(image, path.name)
@@ -110,11 +115,7 @@ def _read_image_file(path: Path) -> Volume:
         raise NotCTError(
             f"{path.name} has {image.GetNumberOfComponentsPerPixel()} values per voxel (a colour or vector image), "
             "not a CT. Give the original grey-scale CT.")
-    meta = {"source": str(path), "format": fmt}
-    array = array_of(image)
-    if array.dtype not in _KEEP_INTEGER and array.dtype != np.float32:
-        array = array.astype(np.float32)  # float64 (or int64) files: values as float32 HU
-    return Volume(array, image.GetSpacing(), image.GetOrigin(), np.array(image.GetDirection()).reshape(3, 3), meta)
+    return Volume(_hu_dtype(array_of(image)), image.GetSpacing(), image.GetOrigin(), np.array(image.GetDirection()).reshape(3, 3), meta)
 
 
 class _ImageBuffer:
@@ -132,14 +133,22 @@ def array_of(image: sitk.Image) -> np.ndarray:
     return np.asarray(_ImageBuffer(image))
 
 
-def _check_header(path: Path, fmt: str) -> None:
-    """From the header alone: the volume fits in memory (before any pixel is read)."""
+def _hu_dtype(array: np.ndarray) -> np.ndarray:
+    """Integer types that hold exact HU stay as they are; anything else becomes float32 HU."""
+    if array.dtype in _KEEP_INTEGER or array.dtype == np.float32:
+        return array
+    return array.astype(np.float32)  # float64 or 64-bit integer files (rare)
+
+
+def _check_header(path: Path, fmt: str) -> sitk.ImageFileReader | None:
+    """From the header alone: the volume fits in memory (before any pixel is read). Returns the reader
+    holding the header's geometry, or None when ITK cannot read the header (it says why later)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        return  # _read_sitk gives the precise message
+        return None  # _read_sitk gives the precise message
     size = reader.GetSize()
     pixel = reader.GetPixelID()
     nbytes = max(1, sitk.Image(1, 1, pixel).GetSizeOfPixelComponent() if pixel != sitk.sitkUnknown else 4)
@@ -147,6 +156,7 @@ def _check_header(path: Path, fmt: str) -> None:
     # scaled integer files (NIfTI scl_slope) come out as float32 or float64
     check_memory(size, max(nbytes, 4 if _nifti_scaled(path) else nbytes) * components, str(path),
                  sitk.GetPixelIDValueAsString(pixel))
+    return reader
 
 
 def _read_sitk(path: Path, fmt: str) -> sitk.Image:
@@ -278,6 +288,61 @@ def _check_nifti_data(path: Path) -> None:
 
 
 _NIFTI_FLOATS = {16: np.float32, 64: np.float64}
+_NIFTI_TYPES = {2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 64: np.float64, 256: np.int8, 512: np.uint16,
+                768: np.uint32, 1024: np.int64, 1280: np.uint64}
+READ_CHUNK_BYTES = 1 << 24
+
+
+def _read_nifti_voxels(path: Path, reader: sitk.ImageFileReader | None) -> np.ndarray | None:
+    """The voxels of an unscaled 3D NIfTI, decoded while streaming through the file straight into the
+    array (ITK's reader holds a second full-size buffer); None when ITK must read it (scaled data,
+    4D, unusual types). Refuses a truncated file or a .nii.gz whose stream or CRC is damaged.
+
+    NIfTI stores x fastest, then y, then z, which is the [z, y, x] array ITK would give: ITK expresses
+    the orientation in the direction matrix, never by reordering voxels.
+    """
+    header = _nifti_header(path)
+    if header is None or reader is None or reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        return None
+    dtype = _NIFTI_TYPES.get(int(header["datatype"]))
+    dim = [int(d) for d in header["dim"]]
+    if dtype is None or _nifti_scaled(path) or not 3 <= dim[0] <= 7 or any(d != 1 for d in dim[4 : 1 + dim[0]]) \
+            or not np.dtype(dtype).newbyteorder(header["endian"]).isnative:
+        return None  # ITK reads it (byte-swapped files included)
+    shape = (dim[3], dim[2], dim[1])
+    if shape != tuple(reader.GetSize())[::-1] or np.dtype(dtype).itemsize * 8 != int(header["bitpix"]):
+        return None
+    offset = header["vox_offset"]
+    offset = int(offset) if math.isfinite(offset) and offset >= header["size"] else header["size"] + 4
+    array = np.empty(shape, np.dtype(dtype).newbyteorder(header["endian"]))
+    buf = memoryview(array.reshape(-1).view(np.uint8))
+    expected = offset + len(buf)
+    compressed = format_suffix(path) == ".nii.gz"
+    got = 0
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            got = len(f.read(offset))
+            while got < expected:
+                n = f.readinto(buf[got - offset : min(len(buf), got - offset + READ_CHUNK_BYTES)])
+                if not n:
+                    break
+                got += n
+            if compressed:
+                while f.read(READ_CHUNK_BYTES):  # to the end of the stream, so that gzip checks the CRC
+                    pass
+    except EOFError:
+        raise UnreadableInputError(
+            f"{path.name} is truncated: the compressed data ends early (after {got} of {expected} bytes). "
+            "Copy or export the file again.") from None
+    except (OSError, zlib.error) as e:
+        raise UnreadableInputError(
+            f"{path.name} is corrupt: its compressed data fails the integrity check ({e}). "
+            "Copy or export the file again.") from None
+    if got < expected:
+        raise UnreadableInputError(
+            f"{path.name} is truncated: the header describes {expected} bytes but the file holds {got}"
+            f"{' once decompressed' if compressed else ''}. Copy or export the file again.")
+    return array
 
 
 class _NonFiniteCounter:
