@@ -92,10 +92,37 @@ is explained at first: select another and click <b>Explain selected finding</b>.
 """)
         if UNSUPPORTED is not None:
             self.parent.helpText = UNSUPPORTED
+        if UNSUPPORTED is None:
+            slicer.app.connect("startupCompleted()", registerSampleData)
         self.parent.acknowledgementText = _("""
 Built after "3D Foundation AI Model for Generalizable Disease Detection in Head Computed Tomography"
 (FM-CT, 2025). Uses PyTorch and Captum.
 """)
+
+
+def registerSampleData():
+    """Add "FMCT synthetic head CT" to the Sample Data module (made on the spot: no download, no patient data)."""
+    import SampleData
+
+    from FMCTLib.logic import SAMPLE_NAME
+
+    iconsPath = Path(__file__).parent / "Resources" / "Icons"
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="FMCT", sampleName=SAMPLE_NAME, uris="fmct-phantom://subdural", fileNames="FMCT-synthetic-head-CT.nrrd",
+        nodeNames=SAMPLE_NAME, thumbnailFileName=str(iconsPath / "FMCT.png"), loadFileType="VolumeFile",
+        customDownloader=loadSyntheticHeadCT)
+
+
+def loadSyntheticHeadCT(source=None):
+    """Sample Data's button: install what is missing (after asking), then make and show the CT."""
+    logic = FMCTLogic()
+    if not ensureDependencies(logic.dependencies):
+        return None
+    folder = Path(slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()) / "FMCT"
+    with slicer.util.WaitCursor():
+        node = logic.loadSyntheticHeadCT(slicer.mrmlScene, folder)
+    slicer.util.setSliceViewerLayers(background=node, fit=True)
+    return node
 
 
 def ensureDependencies(dependencies, status=logging.info) -> bool:
@@ -172,6 +199,7 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = FMCTLogic()
+        self.logic.warmUpInBackground()
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MS)
         self._timer.connect("timeout()", self.onPoll)
@@ -320,7 +348,8 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from fmct.errors import Cancelled, FMCTError
 
         try:
-            result = self.logic.finishAnalysis(job)
+            result = self.logic.finishAnalysis(  # repaint between maps; no user input while loading
+                job, between=lambda: slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents))
             if self._parameterNode is not None:
                 self._parameterNode.findingsTable = result.tableNode
             self.ui.findingsTableView.setMRMLTableNode(result.tableNode)

@@ -347,3 +347,15 @@ def test_logic_imports_without_torch_or_the_engine():
             "FMCTLib.process, FMCTLib.slicerversion; "
             "bad = [m for m in ('torch', 'fmct') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_sample_data_synthetic_head_ct_is_analyzable(app, tmp_path):
+    """What Sample Data's "FMCT synthetic head CT" button loads: a real CT node, through Slicer's reader."""
+    logic = FMCTLogic()
+    ct = logic.loadSyntheticHeadCT(app.scene, tmp_path, inPlaneSize=128)
+    assert ct.GetName() == "FMCT synthetic head CT" and ct.GetStorageNode() is not None
+    volume = selftest.geometry.volumeFromNode(ct)
+    from fmct.volume import validate_ct
+
+    validate_ct(volume, "sample")
+    assert volume.array.min() <= -900 and volume.array.max() >= 40

@@ -125,7 +125,8 @@ class JsonLinesProgress:
 
     Each line is flushed at once (the reader is waiting on a pipe). ``min_interval_s`` drops
     progress lines that come faster than the reader can use (an Integrated Gradients run calls
-    progress per batch); the first, the last (fraction 1) and every other event always go out.
+    progress per batch) when they only move the fraction: the first, the last (fraction 1), every
+    change of message (a new stage) and every other event always go out.
     """
 
     def __init__(self, stream: Any = None, min_interval_s: float = 0.0) -> None:
@@ -134,15 +135,16 @@ class JsonLinesProgress:
         self.stream = stream if stream is not None else sys.stdout
         self.min_interval_s = min_interval_s
         self._last = float("-inf")
+        self._message: str | None = None
 
     def __call__(self, fraction: float, message: str) -> None:
         import time
 
         now = time.monotonic()
         fraction = min(max(float(fraction), 0.0), 1.0)
-        if fraction < 1.0 and now - self._last < self.min_interval_s:
+        if fraction < 1.0 and message == self._message and now - self._last < self.min_interval_s:
             return
-        self._last = now
+        self._last, self._message = now, message
         self.event(PROGRESS_EVENT, fraction=round(fraction, 4), message=str(message))
 
     def event(self, kind: str, **fields: Any) -> None:

@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ DEVICES = ("auto", "CPU", "GPU")
 EXPLAIN_METHODS = ("integrated_gradients", "occlusion", "attention", "attention_rollout", "none")
 DEFAULT_EXPLAIN = "integrated_gradients"
 DEFAULT_EXPLAIN_FINDINGS = worker.AUTO
+SAMPLE_NAME = "FMCT synthetic head CT"  # in Sample Data, category FMCT
+SAMPLE_SEED = 7  # a subdural hematoma the demo model finds, with saliency in the lesion
 
 # Share of the progress bar for each stage: the worker's work dominates.
 _EXPORT_END, _WORKER_END = 0.03, 0.97
@@ -166,6 +169,21 @@ def canExplain(tableNode, row: int, running: bool) -> tuple[bool, str]:
     return True, f"Compute the saliency map of {finding}."
 
 
+def volumesLogic(scene):
+    """The Volumes module logic that loads files into this scene: the application's, else our own."""
+    import slicer
+
+    try:
+        logic = slicer.modules.volumes.logic()
+        if logic.GetMRMLScene() is scene:
+            return logic
+    except AttributeError:
+        pass
+    logic = slicer.vtkSlicerVolumesLogic()
+    logic.SetMRMLScene(scene)
+    return logic
+
+
 def deviceNotice(gpu: bool | None, explain: str | None,
                  explainFindings: str | Sequence[str] = DEFAULT_EXPLAIN_FINDINGS) -> str:
     """What the panel says about the device once the worker has chosen it: nothing on a GPU (or
@@ -181,31 +199,67 @@ class AnalysisJob:
     """One analysis running in the worker process: poll() it from the GUI, cancel() it, then
     FMCTLogic.finishAnalysis(job) loads it into the scene.
 
-    State: "running", then "done", "failed" (error holds the worker's error event) or "cancelled".
-    fraction and message are the overall progress (export, worker, loading).
+    It starts in a thread of its own: checking the CT's values, writing it to a file and starting
+    the process take a few tenths of a second for a large CT, which the GUI thread does not wait
+    for. State: "running", then "done", "failed" (error holds the worker's error event, or
+    exception what refused the CT before any process started) or "cancelled". fraction and
+    message are the overall progress (export, worker, loading).
     """
 
-    def __init__(self, inputNode, workDir: Path, child: ChildProcess, keepOtherMaps: bool) -> None:
+    def __init__(self, inputNode, workDir: Path, keepOtherMaps: bool) -> None:
         self.inputNode = inputNode
         self.workDir = workDir
-        self.child = child
+        self.child: ChildProcess | None = None
         self.keepOtherMaps = keepOtherMaps
         self.state = "running"
-        self.fraction, self.message = _EXPORT_END, "starting the analysis process"
+        self.fraction, self.message = 0.0, "preparing the CT"
         self.device: str | None = None
         self.gpu: bool | None = None
         self.modelName = ""
         self.done: dict | None = None
         self.error: dict | None = None
+        self.exception: BaseException | None = None
         self.started = time.perf_counter()
+        self._lock = threading.Lock()
+        self._launcher: threading.Thread | None = None
+
+    def launch(self, prepare) -> None:
+        """Run prepare() -> ChildProcess in a thread; the job follows the process it returns."""
+        self._launcher = threading.Thread(target=self._launch, args=(prepare,), name="fmct-analysis-start", daemon=True)
+        self._launcher.start()
+
+    def _launch(self, prepare) -> None:
+        try:
+            child = prepare()
+        except BaseException as error:  # refused (not a CT, ...) or could not start: raised by finishAnalysis
+            self.exception = error
+            self.cleanup()
+            return
+        with self._lock:
+            if self.state == "cancelled":
+                child.stop()
+                self.cleanup()
+                return
+            self.child = child
+            self.fraction, self.message = _EXPORT_END, "starting the analysis process"
+
+    @staticmethod
+    def overall(workerFraction: float) -> float:
+        """The worker's progress on the whole bar (export before it, loading the results after)."""
+        return _EXPORT_END + (_WORKER_END - _EXPORT_END) * min(max(float(workerFraction), 0.0), 1.0)
 
     @property
-    def pid(self) -> int:
-        return self.child.pid
+    def pid(self) -> int | None:
+        return self.child.pid if self.child is not None else None
 
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Wait until the worker has been started (or refused); for scripts and tests."""
+        if self._launcher is not None:
+            self._launcher.join(timeout)
 
     def poll(self) -> list[dict]:
         """Read what the worker printed since the last call (never blocks); returns its events.
@@ -216,6 +270,10 @@ class AnalysisJob:
 
         if self.state != "running":
             return []
+        if self.child is None:
+            if self._launcher is not None and not self._launcher.is_alive() and self.exception is not None:
+                self.state = "failed"
+            return []
         events = []
         for line in self.child.lines():
             event = read_json_line(line)
@@ -225,7 +283,7 @@ class AnalysisJob:
             events.append(event)
             kind = event.get("event")
             if kind == PROGRESS_EVENT:
-                self.fraction = _EXPORT_END + (_WORKER_END - _EXPORT_END) * float(event.get("fraction", 0.0))
+                self.fraction = self.overall(event.get("fraction", 0.0))
                 self.message = str(event.get("message", ""))
             elif kind == "device":
                 self.device, self.gpu, self.modelName = event.get("device"), bool(event.get("gpu")), event.get("model", "")
@@ -240,10 +298,15 @@ class AnalysisJob:
 
     def cancel(self) -> None:
         """Kill the worker and everything it started, and delete its files; the scene is untouched."""
-        if self.state in ("running", "done", "failed"):
-            self.child.stop()
+        with self._lock:
+            if self.state == "cancelled":
+                return
             self.state = "cancelled"
-            self.cleanup()
+            child = self.child
+        if child is not None:
+            child.stop()
+        if self._launcher is None or not self._launcher.is_alive():
+            self.cleanup()  # else the starting thread cleans up once it sees the cancel
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workDir, ignore_errors=True)
@@ -252,6 +315,8 @@ class AnalysisJob:
         """Raise what made the worker fail: the engine's own exception type for a user mistake."""
         import fmct.errors
 
+        if self.exception is not None:
+            raise self.exception
         if self.error is not None:
             kind = getattr(fmct.errors, str(self.error.get("type")), None)
             message = str(self.error.get("message", ""))
@@ -299,7 +364,9 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         job = self.startAnalysis(inputVolumeNode, bundlePath, device, explain, explainFindings)
         try:
             while job.running:
-                job.poll()
+                for event in job.poll():  # every progress line, not only the latest
+                    if event.get("event") == "progress":
+                        report(job.overall(event.get("fraction", 0.0)), str(event.get("message", "")))
                 report(job.fraction, job.message)
                 if self._cancelRequested or (cancel is not None and cancel()):
                     job.cancel()
@@ -317,16 +384,15 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
                       explain: str | None = DEFAULT_EXPLAIN,
                       explainFindings: str | Sequence[str] = DEFAULT_EXPLAIN_FINDINGS,
                       keepOtherMaps: bool = False) -> AnalysisJob:
-        """Check the choices, export the CT and start the worker; returns at once.
+        """Check the choices, copy the CT and start the worker (from a thread); returns at once.
 
-        Everything that can be refused cheaply is refused here, before any process starts: no or
-        a wrong node, a CT that is not one, an unknown device or method, a missing bundle.
+        Refused here, raising: no or a wrong node (a label map, a colour image), an unknown device
+        or method, a missing bundle. Refused by the starting thread, before any process starts,
+        and raised by finishAnalysis: values that are not a head CT in HU, a single slice.
         """
         self.dependencies.requireEngine()
         useEngineSource(self.dependencies.engineSource)
         from fmct.errors import BundleError
-        from fmct.io import write_volume
-        from fmct.volume import validate_ct
 
         geometry.checkInputNode(inputVolumeNode)
         engineName = engineDevice(device)
@@ -335,35 +401,62 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         bundle = Path(bundlePath) if bundlePath else defaultBundlePath()
         if not bundle.exists():
             raise BundleError(f"Model bundle {bundle} not found: choose a bundle folder (with fmct.json) or a .zip of one.")
-        volume = geometry.volumeFromNode(inputVolumeNode, copy=False)
-        validate_ct(volume, "The input volume")
+        view = geometry.volumeFromNode(inputVolumeNode, copy=False)
+        volume = view.with_array(view.array.copy())  # the node may change (or go) while the copy is written
+        del view
         workDir = Path(tempfile.mkdtemp(prefix="fmct-analysis-"))
-        try:
-            ctFile = write_volume(volume, workDir / "ct.nrrd")  # uncompressed, the node's voxel type
-            del volume
-            command = [self.python, str(Path(worker.__file__).resolve()), "--input", str(ctFile),
-                       "--out", str(workDir / "result"), "--bundle", str(bundle.resolve()), "--device", engineName,
-                       "--explain", method or "none", "--findings", findings]
-            if self.dependencies.engineSource is not None:
-                command += ["--engine-source", str(self.dependencies.engineSource)]
-            child = ChildProcess(command, env=self.workerEnvironment(), stderrPath=workDir / "worker.log")
-        except BaseException:
-            shutil.rmtree(workDir, ignore_errors=True)
-            raise
-        job = AnalysisJob(inputVolumeNode, workDir, child, keepOtherMaps)
+        command = [self.python, str(Path(worker.__file__).resolve()), "--input", str(workDir / "ct.nrrd"),
+                   "--out", str(workDir / "result"), "--bundle", str(bundle.resolve()), "--device", engineName,
+                   "--explain", method or "none", "--findings", findings]
+        if self.dependencies.engineSource is not None:
+            command += ["--engine-source", str(self.dependencies.engineSource)]
+        environment = self.workerEnvironment()
+
+        def prepare() -> ChildProcess:
+            """Off the GUI thread: refuse what is not a head CT, write it (uncompressed, its own voxel
+            type), start the worker."""
+            from fmct.io import write_volume
+            from fmct.volume import validate_ct
+
+            validate_ct(volume, "The input volume")
+            write_volume(volume, workDir / "ct.nrrd")
+            volume.array = None  # the file has it now
+            child = ChildProcess(command, env=environment, stderrPath=workDir / "worker.log")
+            log.info("FMCT: analysis process %d started (%s, %s)", child.pid, engineName, method or "no explanation")
+            return child
+
+        job = AnalysisJob(inputVolumeNode, workDir, keepOtherMaps)
         self._jobs = [j for j in self._jobs if j.running] + [job]
-        log.info("FMCT: analysis process %d started (%s, %s)", child.pid, engineName, method or "no explanation")
+        job.launch(prepare)
         return job
+
+    def warmUpInBackground(self) -> threading.Thread | None:
+        """Import the engine modules the logic uses (SimpleITK among them: 0.3 s) in a thread, when the
+        panel opens, so the first Analyze click does not pay for it on the GUI thread."""
+        if self.dependencies.missingPackages():
+            return None
+
+        def warmUp() -> None:
+            useEngineSource(self.dependencies.engineSource)
+            import fmct.errors  # noqa: F401
+            import fmct.io  # noqa: F401
+            import fmct.runtime  # noqa: F401
+
+        thread = threading.Thread(target=warmUp, name="fmct-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     def workerEnvironment(self) -> dict[str, str]:
         """Unbuffered UTF-8 output, so progress arrives as it happens."""
         return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
 
-    def finishAnalysis(self, job: AnalysisJob) -> FMCTResult:
+    def finishAnalysis(self, job: AnalysisJob, between=None) -> FMCTResult:
         """Load a finished job's results into the scene in one step (or raise what made it fail).
 
         Nothing was added to the scene before this call, so a failed or cancelled analysis leaves
-        the previous outputs of this CT as they were.
+        the previous outputs of this CT as they were; every result file is checked before any
+        node is touched. between(), if given, is called after each saliency map: the panel lets
+        Qt repaint there (user input excluded, so the scene cannot be closed under the load).
         """
         from fmct.errors import Cancelled, InputVolumeError
 
@@ -379,13 +472,12 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
                 raise InputVolumeError("The CT was removed from the scene while it was being analyzed.")
             done = job.done
             folder = Path(done["folder"])
-            maps = {name: outputs.readSaliencyFile(folder / file, node) for name, file in done["saliency_files"].items()}
+            maps = outputs.SaliencyFiles(folder, done["saliency_files"], node).check()
             shown = done.get("primary")
             if job.keepOtherMaps:
                 shown = next(iter(maps), shown)
             tableNode = outputs.updateFindingsTable(node, done["findings"])
-            saliencyNodes = outputs.updateSaliencyNodes(node, maps, replace=not job.keepOtherMaps)
-            del maps
+            saliencyNodes = outputs.updateSaliencyNodes(node, maps, replace=not job.keepOtherMaps, between=between)
             self.showFinding(node, shown)
             timings = {**done.get("timings", {}), "wall_s": time.perf_counter() - job.started}
             result = FMCTResult(done["findings"], tableNode, saliencyNodes, shown if shown in saliencyNodes else None,
@@ -451,6 +543,29 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         if finding not in nodes:
             raise KeyError(f"{finding} has no saliency map; explain it first")
         return outputs.thresholdToSegmentation(nodes[finding], fraction)
+
+    # -- sample data ---------------------------------------------------------------------------------
+
+    def loadSyntheticHeadCT(self, scene, folder: str | Path | None = None, seed: int = SAMPLE_SEED,
+                            findings: Sequence[str] = ("subdural",), inPlaneSize: int = 256):
+        """A synthetic head CT with a subdural hematoma (fmct.phantom), loaded as a volume node.
+
+        Sample Data's "FMCT synthetic head CT": a new user can try the module with one click and
+        no patient data. Written as NRRD and read with Slicer's own reader, as a downloaded sample
+        would be; the file stays in `folder` (Slicer's cache folder in the application).
+        """
+        self.dependencies.requireEngine()
+        from fmct.io import write_volume
+        from fmct.phantom import make_phantom
+
+        folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="fmct-sample-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        phantom = make_phantom(seed, findings=list(findings), slices="thick", in_plane_size=inPlaneSize)
+        path = write_volume(phantom.volume, folder / f"FMCT-synthetic-head-CT-{seed}.nrrd")
+        node = volumesLogic(scene).AddArchetypeScalarVolume(str(path), SAMPLE_NAME, 0, None)
+        if node is None:
+            raise RuntimeError(f"Slicer could not read {path}")
+        return node
 
     def volumeRenderingLogic(self, scene):
         """The application's volume rendering logic when it serves this scene, else our own.

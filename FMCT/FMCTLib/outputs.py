@@ -13,6 +13,7 @@ Nothing here does numerical work: the saliency maps arrive finished from the eng
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Sequence
 
@@ -119,7 +120,36 @@ def findingAtRow(tableNode, row: int) -> str | None:
 # Saliency volumes
 # ----------------------------------------------------------------------------------------------
 
-def readSaliencyFile(path: str | Path, inputNode) -> np.ndarray:
+def _fileIJKToRAS(image) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3] = geometry.LPS_TO_RAS @ np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = geometry.LPS_TO_RAS @ np.array(image.GetOrigin())
+    return matrix
+
+
+def checkSaliencyFile(path: str | Path, inputNode=None, grid: tuple | None = None) -> None:
+    """Refuse a saliency file that is not on this CT's voxel grid (reads the header only).
+
+    grid: (dimensions, IJK-to-RAS) of the CT, for callers off the GUI thread (no VTK calls there).
+    """
+    import SimpleITK as sitk
+
+    dims, ijkToRAS = grid if grid is not None else ctGrid(inputNode)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    if tuple(reader.GetSize()) != tuple(dims):
+        raise ValueError(f"{Path(path).name}: {reader.GetSize()} voxels, but the CT has {dims}")
+    if not np.allclose(_fileIJKToRAS(reader), ijkToRAS, atol=1e-3, rtol=1e-4):
+        raise ValueError(f"{Path(path).name} is not on the CT's voxel grid")
+
+
+def ctGrid(inputNode) -> tuple:
+    """(dimensions, IJK-to-RAS) of a volume node: what a saliency file must match."""
+    return tuple(inputNode.GetImageData().GetDimensions()), geometry.nodeIJKToRAS(inputNode)
+
+
+def readSaliencyFile(path: str | Path, inputNode=None, grid: tuple | None = None) -> np.ndarray:
     """The uint8 voxels [k, j, i] of a saliency file the worker wrote on this CT's grid.
 
     The file's geometry is checked against the CT node (so a map can never be shown on a grid it
@@ -128,25 +158,82 @@ def readSaliencyFile(path: str | Path, inputNode) -> np.ndarray:
     """
     import SimpleITK as sitk
 
-    image = sitk.ReadImage(str(path))
-    dims = inputNode.GetImageData().GetDimensions()
-    if tuple(image.GetSize()) != tuple(dims):
-        raise ValueError(f"{Path(path).name}: {image.GetSize()} voxels, but the CT has {dims}")
-    fileIJKToRAS = np.eye(4)
-    fileIJKToRAS[:3, :3] = geometry.LPS_TO_RAS @ np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
-    fileIJKToRAS[:3, 3] = geometry.LPS_TO_RAS @ np.array(image.GetOrigin())
-    if not np.allclose(fileIJKToRAS, geometry.nodeIJKToRAS(inputNode), atol=1e-3, rtol=1e-4):
-        raise ValueError(f"{Path(path).name} is not on the CT's voxel grid")
-    array = sitk.GetArrayFromImage(image)
+    checkSaliencyFile(path, inputNode, grid)
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     return array if array.dtype == np.uint8 else np.clip(array, 0, SALIENCY_MAX).astype(np.uint8)
 
 
-def updateSaliencyNodes(inputNode, maps: dict[str, np.ndarray], replace: bool = True) -> dict:
+class SaliencyFiles(Mapping):
+    """finding -> uint8 map, read from the worker's files as they are iterated.
+
+    updateSaliencyNodes iterates items(): a reader thread reads (and decompresses) the next file
+    while the GUI thread copies the current one into its node, and at most one map waits, so
+    only about two maps are in numpy memory at a time next to the nodes (seven 512x512x165 maps
+    would otherwise be held twice: 300 MB more at the peak). SimpleITK releases the GIL while it
+    reads, so the GUI thread keeps running. check() reads every header first, so a bad file is
+    refused before any node is touched.
+    """
+
+    def __init__(self, folder: str | Path, files: dict[str, str], inputNode) -> None:
+        self.paths = {name: Path(folder) / file for name, file in files.items()}
+        self.grid = ctGrid(inputNode)  # read here, on the GUI thread: the reader thread makes no VTK calls
+
+    def check(self) -> "SaliencyFiles":
+        for path in self.paths.values():
+            checkSaliencyFile(path, grid=self.grid)
+        return self
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return readSaliencyFile(self.paths[name], grid=self.grid)
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def items(self):
+        import queue
+        import threading
+
+        ready: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def read() -> None:
+            for name in self.paths:
+                try:
+                    item = (name, self[name])
+                except Exception as error:  # handed to the GUI thread, raised there
+                    item = (name, error)
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set() or isinstance(item[1], Exception):
+                    return
+
+        reader = threading.Thread(target=read, name="fmct-saliency-reader", daemon=True)
+        reader.start()
+        try:
+            for _ in self.paths:
+                name, value = ready.get()
+                if isinstance(value, Exception):
+                    raise value
+                yield name, value
+                del value
+        finally:
+            stop.set()
+
+
+def updateSaliencyNodes(inputNode, maps: Mapping, replace: bool = True, between=None) -> dict:
     """Give this CT a saliency volume per map (uint8 [k, j, i] on the CT's grid): update or add them.
 
     replace=True makes the CT's maps exactly these (the maps of another run would describe
     another run, so they are removed); replace=False adds to the maps already there (a finding
-    explained on demand). Returns the finding -> node of the maps given.
+    explained on demand). between(), if given, is called after each map (the panel lets Qt
+    repaint there). Returns the finding -> node of the maps given.
     """
     existing = saliencyNodes(inputNode)
     if replace:
@@ -157,8 +244,11 @@ def updateSaliencyNodes(inputNode, maps: dict[str, np.ndarray], replace: bool = 
     for name, array in maps.items():
         node = existing.get(name) or _newSaliencyNode(inputNode, name)
         _writeSaliency(node, array, inputNode)
+        del array
         configureSaliencyDisplay(node)
         nodes[name] = node
+        if between is not None:
+            between()
     return nodes
 
 

@@ -55,17 +55,9 @@ def phantom(seed: int = 3, findings: Sequence[str] = ("subdural",), inPlaneSize:
 
 def volumesLogic(scene):
     """The Volumes module logic, which loads files and DICOM series into volume nodes."""
-    import slicer
+    from FMCTLib.logic import volumesLogic as logicOf
 
-    try:
-        logic = slicer.modules.volumes.logic()
-        if logic.GetMRMLScene() is scene:
-            return logic
-    except AttributeError:
-        pass
-    logic = slicer.vtkSlicerVolumesLogic()
-    logic.SetMRMLScene(scene)
-    return logic
+    return logicOf(scene)
 
 
 def loadAsNRRD(scene, volume, folder: str | Path, name: str = "CT", volumes=None):

@@ -1,0 +1,203 @@
+"""The Slicer module as a user feels it: GUI freezes, memory, first click on a CPU, before and after.
+
+    python benchmarks/bench_slicer.py [--cases click,memory] [--threads 2] [--json out.json]
+
+Runs FMCTLogic on a headless slicer-core scene (Testing/slicer_testing.py: the application's
+logics and slice views, no window) in a fresh process per measurement, once with the module as it
+was before the analysis moved to a worker process ("before", exported from git: --before-rev) and
+once with the current one ("after"):
+
+- click: the panel's first click on a CPU (fresh process: torch import and model load included),
+  bundled demo model, its default settings (before: Integrated Gradients for every positive
+  finding; after: the top finding only), on a 512 x 512 x 40 synthetic head CT with a subdural
+  hematoma. Reports the time to results and the longest stretch the GUI thread could not process
+  events: before, the analysis ran on the GUI thread with processEvents() only in its progress
+  callback, so the longest gap between progress calls (and from the last one to the end, which
+  includes creating the output nodes); after, the longest single GUI-thread call (starting the
+  worker, one poll of its output, loading the results), between which the panel's 100 ms timer
+  lets Qt process events.
+- memory: seven positive findings explained on a 512 x 512 x 165 CT (a random 7-task bundle
+  with thresholds of 0.01, attention maps, so it is quick): the peak RSS of the process holding
+  the scene (Slicer), and, after, of the worker process too.
+
+Every number comes from the same machine in the same run; the load average at the start is
+recorded (the host may be shared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+CASES = ("click", "memory")
+SEVEN = ("any_hemorrhage", "epidural", "subdural", "subarachnoid", "intraparenchymal", "fracture", "mass_effect")
+
+
+def default_before_rev() -> str:
+    """The commit before FMCTLib/worker.py was added: the module that analyzed on the GUI thread."""
+    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--", "FMCT/FMCTLib/worker.py"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return f"{added[-1]}^" if added else "HEAD"
+
+
+def export_module(rev: str, folder: Path) -> Path:
+    """FMCT/ as it was at rev, in folder (the engine stays the current one)."""
+    archive = subprocess.run(["git", "archive", "--format=tar", rev, "FMCT"], cwd=ROOT, capture_output=True,
+                             check=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder / "FMCT"
+
+
+def ct_volume(kind: str):
+    """512 x 512 x 40 (thick, 5 mm) or x 165 (1 mm) synthetic head CT with a subdural hematoma."""
+    import SimpleITK as sitk
+
+    from fmct.phantom import make_phantom
+    from fmct.volume import Volume
+
+    ph = make_phantom(7, findings=["subdural"], slices="thick", in_plane_size=512)
+    if kind == "thick":
+        return ph.volume
+    image = ph.volume.to_sitk()
+    size = list(image.GetSize())
+    spacing = list(image.GetSpacing())
+    extent = size[2] * spacing[2]
+    new_size, new_spacing = size[:2] + [165], spacing[:2] + [extent / 165]
+    resampled = sitk.Resample(image, new_size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), new_spacing,
+                              image.GetDirection(), -1000.0, image.GetPixelID())
+    return Volume.from_sitk(resampled)
+
+
+def measure(variant: str, case: str, moduleDir: Path, work: Path, threads: int) -> dict:
+    """One measurement in this (fresh) process; the module to use is first on sys.path."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    sys.path.insert(0, str(ROOT / "Testing"))
+    from slicer_testing import headless_slicer  # puts the current FMCT/ on sys.path; ours goes first
+
+    sys.path.insert(0, str(moduleDir))
+    sys.path.insert(0, str(ROOT))
+    from FMCTLib.logic import FMCTLogic
+
+    ctFile = work / f"{case}-ct.nrrd"  # written by the parent, so making it does not count here
+    if case == "memory":
+        from fmct.fixtures import tiny_bundle
+
+        bundle = tiny_bundle(work / f"seven-{variant}", tasks=[(n, 0.01) for n in SEVEN], temperature=1.0)[0]
+        options = {"bundlePath": bundle, "device": "CPU", "explain": "attention", "explainFindings": "positive"}
+    else:
+        options = {"bundlePath": None, "device": "CPU"}  # the panel's defaults otherwise
+    with headless_slicer() as app:
+        ct = app.volumesLogic.AddArchetypeScalarVolume(str(ctFile), "CT", 0, None)
+        rssBefore = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        logic = FMCTLogic()
+        if variant == "after":  # as the panel does when it opens
+            warm = logic.warmUpInBackground()
+            if warm is not None:
+                warm.join()
+        blocks: list[float] = []
+        started = time.perf_counter()
+        if variant == "before":
+            stamps = [started]
+            result = logic.analyze(ct, progress=lambda f, m: stamps.append(time.perf_counter()), **options)
+            stamps.append(time.perf_counter())
+            blocks = [b - a for a, b in zip(stamps, stamps[1:])]
+        else:
+            t0 = time.perf_counter()
+            job = logic.startAnalysis(ct, **options)
+            blocks.append(time.perf_counter() - t0)
+            kinds = {"start": blocks[-1]}
+            while job.running:
+                time.sleep(0.1)  # the panel's QTimer interval: Qt processes events in between
+                t0 = time.perf_counter()
+                job.poll()
+                blocks.append(time.perf_counter() - t0)
+                kinds["poll"] = max(kinds.get("poll", 0.0), blocks[-1])
+            mark = [time.perf_counter()]
+
+            def between():  # the panel processes events (user input excluded) after each map
+                now = time.perf_counter()
+                blocks.append(now - mark[0])
+                kinds["load"] = max(kinds.get("load", 0.0), blocks[-1])
+                mark[0] = now
+
+            result = logic.finishAnalysis(job, between=between)
+            blocks.append(time.perf_counter() - mark[0])
+            kinds["load_end"] = blocks[-1]
+        total = time.perf_counter() - started
+        out = {
+            "variant": variant, "case": case, "seconds_to_results": round(total, 2),
+            "longest_gui_block_s": round(max(blocks), 3), "gui_blocks": len(blocks),
+            "maps": sorted(result.saliencyNodes), "positive": result.positive, "shown": result.shownFinding,
+            "saliency_dtype": str(__import__("slicer.util").util.arrayFromVolume(
+                next(iter(result.saliencyNodes.values()))).dtype) if result.saliencyNodes else None,
+            "peak_rss_mb_scene_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rss_mb_before_analysis": round(rssBefore / 1024, 1),
+            "peak_rss_increase_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rssBefore) / 1024, 1),
+        }
+        if variant == "after":
+            out["longest_block_by_kind_s"] = {k: round(v, 3) for k, v in kinds.items()}
+            out["peak_rss_mb_worker"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--variants", default="before,after")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--before-rev", default=None, help="git revision of the 'before' module (default: "
+                                                            "the commit before FMCTLib/worker.py was added)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--one", nargs=3, metavar=("VARIANT", "CASE", "MODULE_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        variant, case, moduleDir = args.one
+        print(json.dumps(measure(variant, case, Path(moduleDir), Path(args.work), args.threads)))
+        return 0
+
+    rev = args.before_rev or default_before_rev()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fmct-bench-slicer-") as tmp:
+        work = Path(tmp)
+        modules = {"before": export_module(rev, work / "before"), "after": ROOT / "FMCT"}
+        from fmct.io import write_volume
+
+        for case in args.cases.split(","):  # int16 HU, as CTs are stored
+            volume = ct_volume("thick" if case == "click" else "thin")
+            write_volume(volume.with_array(volume.array.round().astype("int16")), work / f"{case}-ct.nrrd")
+        for case in args.cases.split(","):
+            for variant in args.variants.split(","):
+                run = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--work", str(work),
+                                      "--one", variant, case, str(modules[variant])],
+                                     capture_output=True, text=True, timeout=3600)
+                if run.returncode != 0:
+                    print(run.stdout[-3000:], run.stderr[-5000:], file=sys.stderr)
+                    raise SystemExit(f"{variant}/{case} failed")
+                row = json.loads(run.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    report = {"machine": {"cpu_count": os.cpu_count(), "threads": args.threads,
+                          "load_avg_1min_at_start": round(os.getloadavg()[0], 2), "python": sys.version.split()[0]},
+              "before_rev": subprocess.run(["git", "rev-parse", rev], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+              "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
