@@ -74,7 +74,7 @@ def check_readable(path: Path) -> None:
     except PermissionError:
         raise UnreadableInputError(
             f"{path}: permission denied: fmct may not read this {'folder' if path.is_dir() else 'file'}. Fix its "
-            "permissions (e.g. chmod a+r, and a+x for a folder) or copy it to a place you can read.") from None
+            f"permissions (e.g. chmod {'a+rx' if path.is_dir() else 'a+r'}) or copy it to a place you can read.") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def _check_nifti_data(path: Path) -> None:
                 counter.feed(chunk)  # reading to the end also makes gzip check the CRC
     except EOFError:
         raise UnreadableInputError(
-            f"{path.name} is truncated: the compressed data ends early (after {counter.seen} of {expected} bytes). "
+            f"{path.name} is truncated: the compressed data ends before the {expected} bytes its header describes. "
             "Copy or export the file again.") from None
     except (OSError, zlib.error) as e:
         raise UnreadableInputError(
@@ -332,7 +332,7 @@ def _read_nifti_voxels(path: Path, reader: sitk.ImageFileReader | None) -> np.nd
                     pass
     except EOFError:
         raise UnreadableInputError(
-            f"{path.name} is truncated: the compressed data ends early (after {got} of {expected} bytes). "
+            f"{path.name} is truncated: the compressed data ends before the {expected} bytes its header describes. "
             "Copy or export the file again.") from None
     except (OSError, zlib.error) as e:
         raise UnreadableInputError(

@@ -130,9 +130,13 @@ def check_memory(size_xyz: tuple[int, ...], bytes_per_voxel: int, source: str, k
         return
     size = " x ".join(str(int(n)) for n in size_xyz)
     raise VolumeTooLargeError(
-        f"{source}: {size} voxels{f' of {kind}' if kind else ''} ({voxels * bytes_per_voxel / 1e9:.2f} GB) need about "
-        f"{need / 1e9:.2f} GB of memory to analyze, but {where} is {limit / 1e9:.2f} GB. Free memory, crop or "
-        f"downsample the CT, or set the environment variable {MEMORY_ENV} to raise the limit.")
+        f"{source}: {size} voxels{f' of {kind}' if kind else ''} ({_size(voxels * bytes_per_voxel)}) need about "
+        f"{_size(need)} of memory to analyze, but {where} is {_size(limit)}. Free memory, crop or downsample the CT, "
+        f"or set the environment variable {MEMORY_ENV} (in GB) to raise the limit.")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
 
 
 def memory_limit() -> tuple[float | None, str]:
