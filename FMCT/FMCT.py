@@ -337,8 +337,7 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job.poll()
         self.ui.progressBar.value = int(round(100 * job.fraction))
         self.ui.statusLabel.text = job.message
-        self.ui.deviceNoticeLabel.text = deviceNotice(job.gpu, self._parameterNode.explainMethod
-                                                      if self._parameterNode else None)
+        self.ui.deviceNoticeLabel.text = deviceNotice(job.gpu, job.explain, job.explainFindings)
         if job.running:
             return
         self._timer.stop()
@@ -358,6 +357,9 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             positive = ", ".join(result.positive) or _("none")
             self.ui.statusLabel.text = _("Done in {seconds:.0f} s. Positive: {positive}. Shown: {shown}.").format(
                 seconds=result.timings.get("wall_s", 0.0), positive=positive, shown=result.shownFinding or _("none"))
+            if result.warning:  # the engine's words: the findings are unreliable for this CT
+                self.ui.deviceNoticeLabel.text = f'<b><font color="#c00000">{result.warning}</font></b>'
+                slicer.util.warningDisplay(result.warning, windowTitle=_("FMCT: out-of-distribution CT"))
         except Cancelled:
             self.ui.statusLabel.text = _("Cancelled.")
         except FMCTError as error:  # a user mistake: the message says what to do

@@ -62,6 +62,7 @@ def load_ct(app, tmp_path, volume, dicom=False, name="CT"):
 def test_findings_table_lists_every_finding_with_its_decision(analyzed, bundle):
     _, _, _, result, _ = analyzed
     selftest.checkFindings(result, bundle)
+    selftest.checkOutOfDistributionIsReported(result, bundle)
     assert result.positive == ["any_hemorrhage", "subdural"]  # thresholds 0.01, 0.01, 0.99
     assert result.tableNode.GetName().endswith("FMCT findings")
 

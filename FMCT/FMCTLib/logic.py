@@ -78,6 +78,8 @@ class FMCTResult:
     timings: dict = field(default_factory=dict)
     gpu: bool = False
     explained: list[str] = field(default_factory=list)
+    outOfDistribution: dict | None = None  # the engine's record (score, threshold, in_distribution); None: not judged
+    warning: str | None = None  # the engine's warning when the CT is unlike the model's training data
 
     @property
     def positive(self) -> list[str]:
@@ -220,6 +222,8 @@ class AnalysisJob:
         self.error: dict | None = None
         self.exception: BaseException | None = None
         self.started = time.perf_counter()
+        self.explain: str | None = None  # the choices it runs with (the panel's device notice)
+        self.explainFindings: str = DEFAULT_EXPLAIN_FINDINGS
         self._lock = threading.Lock()
         self._launcher: threading.Thread | None = None
 
@@ -301,9 +305,10 @@ class AnalysisJob:
         with self._lock:
             if self.state == "cancelled":
                 return
+            wasRunning = self.state == "running"
             self.state = "cancelled"
             child = self.child
-        if child is not None:
+        if child is not None and wasRunning:
             child.stop()
         if self._launcher is None or not self._launcher.is_alive():
             self.cleanup()  # else the starting thread cleans up once it sees the cancel
@@ -426,6 +431,7 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
             return child
 
         job = AnalysisJob(inputVolumeNode, workDir, keepOtherMaps)
+        job.explain, job.explainFindings = method, findings
         self._jobs = [j for j in self._jobs if j.running] + [job]
         job.launch(prepare)
         return job
@@ -482,7 +488,9 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
             timings = {**done.get("timings", {}), "wall_s": time.perf_counter() - job.started}
             result = FMCTResult(done["findings"], tableNode, saliencyNodes, shown if shown in saliencyNodes else None,
                                 done.get("model", job.modelName), done.get("device", job.device or ""), timings,
-                                bool(done.get("gpu")), list(done.get("explained", [])))
+                                bool(done.get("gpu")), list(done.get("explained", [])),
+                                done.get("out_of_distribution"), done.get("warning"))
+            tableNode.SetAttribute(outputs.WARNING_ATTRIBUTE, result.warning or "")
         finally:
             job.cleanup()
         log.info("FMCT: analyzed on %s in %.1f s; positive: %s", result.device, timings["wall_s"],

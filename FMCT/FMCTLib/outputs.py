@@ -27,6 +27,7 @@ SALIENCY_ROLE = "FMCTSaliency"        # input CT -> its saliency volumes (one pe
 INPUT_ROLE = "FMCTInputVolume"        # any output -> the CT it describes
 FINDING_ATTRIBUTE = "FMCT.Finding"    # on a saliency volume: the finding it explains
 SHOWN_ATTRIBUTE = "FMCT.ShownFinding"  # on the input CT: the finding whose overlay is shown
+WARNING_ATTRIBUTE = "FMCT.Warning"  # on a findings table: the engine's out-of-distribution warning, or empty
 
 COLUMNS = ("name", "description", "probability", "threshold", "positive")
 COLUMN_TITLES = {"name": "Finding", "description": "Description", "probability": "Probability",
@@ -167,8 +168,8 @@ class SaliencyFiles(Mapping):
     """finding -> uint8 map, read from the worker's files as they are iterated.
 
     updateSaliencyNodes iterates items(): a reader thread reads (and decompresses) the next file
-    while the GUI thread copies the current one into its node, and at most one map waits, so
-    only about two maps are in numpy memory at a time next to the nodes (seven 512x512x165 maps
+    while the GUI thread copies the current one into its node, and no further ahead, so at most
+    two maps are in numpy memory at a time next to the nodes (seven 512x512x165 maps
     would otherwise be held twice: 300 MB more at the peak). SimpleITK releases the GIL while it
     reads, so the GUI thread keeps running. check() reads every header first, so a bad file is
     refused before any node is touched.
@@ -196,11 +197,15 @@ class SaliencyFiles(Mapping):
         import queue
         import threading
 
-        ready: queue.Queue = queue.Queue(maxsize=1)
+        ready: queue.Queue = queue.Queue()
         stop = threading.Event()
+        tokens = threading.Semaphore(2)  # maps in numpy memory: the one being copied and the next one
 
         def read() -> None:
             for name in self.paths:
+                while not tokens.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 try:
                     item = (name, self[name])
                 except Exception as error:  # handed to the GUI thread, raised there
@@ -223,6 +228,7 @@ class SaliencyFiles(Mapping):
                     raise value
                 yield name, value
                 del value
+                tokens.release()
         finally:
             stop.set()
 

@@ -166,6 +166,9 @@ def killProcessTree(process: subprocess.Popen, timeout: float = 10.0) -> None:
     The group is killed as well as the tree psutil sees: a grandchild whose parent already died
     is no longer anyone's child, but it is still in the group.
     """
+    # The group is killed even when its leader has just exited: what it started may still run, and
+    # while any member lives the group ID cannot be reused. Callers stop a process only while they
+    # follow it (not long after it ended, when its PID could name another process).
     try:
         import psutil
     except ImportError:

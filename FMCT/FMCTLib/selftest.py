@@ -252,6 +252,19 @@ def _badInputs(scene):
             (labelmap, NotCTError, "label map")]
 
 
+def checkOutOfDistributionIsReported(result, bundlePath) -> None:
+    """The engine's out-of-distribution record and warning reach the result and the table (None
+    for a bundle without reference statistics)."""
+    from FMCTLib import outputs as out
+
+    hasStatistics = (Path(bundlePath) / "ood.safetensors").exists()
+    assert (result.outOfDistribution is not None) == hasStatistics, result.outOfDistribution
+    if result.outOfDistribution is not None:
+        assert {"score", "threshold", "in_distribution"} <= set(result.outOfDistribution)
+        assert (result.warning is not None) == (not result.outOfDistribution["in_distribution"])
+    assert result.tableNode.GetAttribute(out.WARNING_ATTRIBUTE) == (result.warning or "")
+
+
 def checkCPUExplainsTheTopFindingFirst(result) -> None:
     """On a CPU the default explains only the finding shown first (the engine's margin rule); the
     panel says that no GPU is used."""
@@ -349,6 +362,7 @@ def checkSaliencyInLesion(scene, logic: FMCTLogic, bundlePath, folder, finding: 
     ct = loadAsNRRD(scene, ph.volume, folder, name="lesion CT", volumes=volumes)
     result = logic.analyze(ct, bundlePath=bundlePath, device="CPU", explainFindings=[finding])
     assert finding in result.positive, f"the demo model misses the {finding}: {result.findings}"
+    checkOutOfDistributionIsReported(result, bundlePath)
     assert list(result.saliencyNodes) == [finding] and result.shownFinding == finding
     checkSaliencyGeometry(ct, result)
     array = slicer.util.arrayFromVolume(result.saliencyNodes[finding])
@@ -399,6 +413,7 @@ def runAll(scene, log=print) -> None:
         log("Analyzing a synthetic head CT in the worker process")
         result = logic.analyze(ct, bundlePath=bundle, device="CPU", explainFindings="positive")
         checkFindings(result, bundle)
+        checkOutOfDistributionIsReported(result, bundle)
         assert set(result.saliencyNodes) == set(result.positive), "one saliency volume per positive finding"
         checkSaliencyGeometry(ct, result)
         checkSaliencyValues(result, engineSaliency(ph.volume, bundle))

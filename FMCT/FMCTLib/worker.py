@@ -14,7 +14,8 @@ the process tree. The worker:
    worker never holds more than one full-size map;
 4. prints one JSON object per line on stdout (fmct.runtime.JsonLinesProgress): progress events,
    a "device" event once the model is on its device, then "done" (findings, the finding shown
-   first, the explained findings) or "error" (the engine's exception type and message).
+   first, the explained findings, the out-of-distribution record and its warning) or "error"
+   (the engine's exception type and message).
 
 Exit codes follow the engine's CLI: 0 done, 2 a user mistake (FMCTError), 1 a bug.
 
@@ -149,7 +150,8 @@ def run(args: argparse.Namespace, out: Any) -> int:
     out.event("done", folder=str(args.out), findings=payload["findings"],
               primary=primary.name if primary is not None else None, explained=list(result.model_saliency),
               saliency_files=payload["saliency_files"], device=device, gpu=onGPU, model=analyzer.bundle.meta.name,
-              timings=payload["timings"])
+              timings=payload["timings"], out_of_distribution=payload.get("out_of_distribution"),
+              warning=payload.get("warning"))
     return EXIT_OK
 
 
