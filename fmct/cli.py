@@ -124,7 +124,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("Making a sample head CT (synthetic, 512 x 512, 4-5 mm slices, a subdural hematoma) ...", file=sys.stderr)
     phantom = make_phantom(args.seed, findings=["subdural"], slices="thick")
     args.findings = "positive"
-    args.overwrite = True  # the demo's own folder: the same sample CT each time
     code = _run_analysis(phantom.volume, args, Path(args.out), save_ct=True)
     truth = [t for t, v in phantom.labels.items() if v]
     print(f"Ground truth of the sample CT: {', '.join(truth) or 'normal'}")
@@ -266,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="make a sample head CT and analyze it with the bundled model")
     d.add_argument("--out", default="fmct_demo", help="output folder (default: ./fmct_demo)")
     d.add_argument("--seed", type=int, default=7, help="seed of the sample CT")
+    d.add_argument("--overwrite", action="store_true", help="replace the results of another study in --out")
     model_options(d)
     d.set_defaults(func=cmd_demo)
 
