@@ -98,6 +98,7 @@ def test_saliency_maps_agree_after_mapping_back(ct, analyzer):
     a = analyzer.analyze(ct, explain_method="attention", explain_findings=["any_hemorrhage"])
     b = analyzer.analyze(stored(ct, *other_storage), explain_method="attention", explain_findings=["any_hemorrhage"])
     map_a = a.saliency["any_hemorrhage"]
-    map_b_as_a = stored(map_a.with_array(map_a.array.astype(np.float32)), *other_storage)
+    map_b_as_a = stored(map_a, *other_storage)
     assert b.saliency["any_hemorrhage"].same_grid(map_b_as_a)
-    assert np.abs(b.saliency["any_hemorrhage"].array - map_b_as_a.array).max() <= 1e-4
+    difference = np.abs(b.saliency["any_hemorrhage"].array.astype(np.int16) - map_b_as_a.array.astype(np.int16))
+    assert difference.max() <= 1  # uint8 levels: at most one rounding step apart

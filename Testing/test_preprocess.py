@@ -103,3 +103,18 @@ def test_padding_below_air_counts_as_air():
     b = Preprocessor(SPEC)(ct.with_array(padded)).array
     assert np.abs(a - b).max() < 1e-6
     assert np.abs(b - Preprocessor(SPEC)(ct).array).max() < 0.02  # and close to the unpadded CT (air -1000 here)
+
+
+def test_map_back_as_uint8_is_the_float_map_rounded():
+    """levels=255 (what the Analyzer keeps and writes) equals quantising the float map, voxel for voxel."""
+    from fmct.outputs import quantize_saliency
+
+    ct, _ = ball_ct(shape_zyx=(37, 101, 90), spacing=(0.9, 1.3, 4.5), direction=oblique_direction(12.0))
+    pre = Preprocessor(SPEC)
+    mi = pre(ct)
+    model_map = np.random.default_rng(0).random(SPEC.tensor_shape, dtype=np.float32)
+    as_uint8 = pre.to_input_grid(model_map, mi, levels=255)
+    assert as_uint8.array.dtype == np.uint8 and as_uint8.same_grid(ct)
+    rounded = quantize_saliency(pre.to_input_grid(model_map, mi)).array.astype(np.int16)
+    assert np.abs(as_uint8.array.astype(np.int16) - rounded).max() <= 1  # float rounding at the .5 boundary
+    assert np.mean(as_uint8.array == rounded) > 0.999

@@ -19,6 +19,7 @@ from fmct.bundle import Bundle
 from fmct.errors import BundleError, ConfigError
 from fmct.preprocess import ModelInput, Preprocessor
 from fmct.ood import load_reference_stats
+from fmct.outputs import SALIENCY_MAX
 from fmct.runners import calibrated_probabilities, load_runner
 from fmct.runtime import CancelCheck, Progress, check_cancel, check_explain_method, report_to, sub_progress
 from fmct.volume import Volume, validate_ct
@@ -45,7 +46,7 @@ class Finding:
 @dataclass
 class AnalysisResult:
     findings: list[Finding]
-    saliency: dict[str, Volume] = field(default_factory=dict)  # finding name -> map on the input grid
+    saliency: dict[str, Volume] = field(default_factory=dict)  # finding name -> uint8 map (0..255) on the input grid
     method: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     model_input: ModelInput | None = None
@@ -205,9 +206,13 @@ class Analyzer:
         return result
 
     def map_back(self, result: AnalysisResult, name: str) -> Volume:
-        """One finding's saliency, moved from the model grid onto the input CT's grid."""
-        return self.preprocessor.to_input_grid(result.model_saliency[name], result.model_input, finding=name,
-                                               method=result.method)
+        """One finding's saliency on the input CT's grid, as uint8 0..SALIENCY_MAX (what the files hold).
+
+        A float32 map on a thin or very large CT's grid costs 4 bytes a voxel for what carries the
+        model grid's information; uint8 is a quarter of that and is what findings.json describes.
+        """
+        return self.preprocessor.to_input_grid(result.model_saliency[name], result.model_input, levels=SALIENCY_MAX,
+                                               finding=name, method=result.method)
 
     def _targets(self, findings: list[Finding], which: str | Sequence[str]) -> list[str]:
         if which == "positive":

@@ -104,7 +104,9 @@ def clear_study_outputs(out: Path) -> None:
 
 
 def quantize_saliency(saliency: Volume) -> Volume:
-    """A [0, 1] saliency map as uint8 0..SALIENCY_MAX on the same grid (error at most 1/510)."""
+    """A [0, 1] saliency map as uint8 0..SALIENCY_MAX on the same grid (error at most 1/510); uint8 is kept."""
+    if saliency.array.dtype == np.uint8:  # already quantised (Analyzer.map_back writes uint8 directly)
+        return saliency
     levels = np.clip(saliency.array, 0.0, 1.0) * np.float32(SALIENCY_MAX) + np.float32(0.5)  # round half up
     return saliency.with_array(levels.astype(np.uint8))
 

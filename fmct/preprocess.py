@@ -129,10 +129,10 @@ class Grid:
     def of(cls, volume: Volume) -> "Grid":
         return cls(volume.size, volume.spacing, volume.origin, volume.direction.copy())
 
-    def resample(self, image: sitk.Image, interpolator: int, default: float) -> np.ndarray:
+    def resample(self, image: sitk.Image, interpolator: int, default: float, pixel_type: int = sitk.sitkFloat32) -> np.ndarray:
         out = sitk.Resample(
             image, list(self.size), sitk.Transform(), interpolator, list(self.origin), list(self.spacing),
-            self.direction.flatten().tolist(), float(default), sitk.sitkFloat32,
+            self.direction.flatten().tolist(), float(default), pixel_type,
         )
         return sitk.GetArrayFromImage(out)
 
@@ -206,18 +206,25 @@ class Preprocessor:
         origin = np.asarray(center) - self.direction @ (spacing * (size - 1) / 2.0)
         return Grid(tuple(int(s) for s in self.spec.size), tuple(spacing), tuple(origin), self.direction.copy())
 
-    def to_input_grid(self, model_map: np.ndarray, model_input: ModelInput, **meta: Any) -> Volume:
+    def to_input_grid(self, model_map: np.ndarray, model_input: ModelInput, levels: int | None = None,
+                      **meta: Any) -> Volume:
         """Resample a [D, H, W] map on the model grid onto the input CT's grid (0 outside).
 
         ITK's threaded linear resampling, straight onto the CT's own grid in its own storage order
         (measured: a separable numpy pass over the canonical view was 1.1-2x slower on 2 cores).
+        levels=255 gives a [0, 1] map as uint8 0..255, rounded half up, written by ITK directly: a
+        quarter of the float32 map's memory (1 GB instead of 4 GB on a 1024x1024x1000 CT) and no
+        second pass to quantise it.
         """
         expected = self.spec.tensor_shape
         if tuple(model_map.shape) != expected:
             raise ValueError(f"model map has shape {model_map.shape}, expected {expected}")
-        src = model_input.model_grid.image(model_map)
         dst = model_input.input_grid
-        array = dst.resample(src, sitk.sitkLinear, 0.0)
+        if levels is None:
+            array = dst.resample(model_input.model_grid.image(model_map), sitk.sitkLinear, 0.0)
+        else:  # linear interpolation commutes with the affine scaling; ITK clamps and truncates into uint8
+            scaled = np.clip(model_map, 0.0, 1.0) * np.float32(levels) + np.float32(0.5)
+            array = dst.resample(model_input.model_grid.image(scaled), sitk.sitkLinear, 0.0, sitk.sitkUInt8)
         return Volume(array, dst.spacing, dst.origin, dst.direction.copy(), dict(meta))
 
     def to_model_grid(self, volume: Volume, model_input: ModelInput, nearest: bool = False) -> np.ndarray:

@@ -31,7 +31,7 @@ def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_nam
         ax = fig.add_subplot(grid[0, col])
         ax.imshow(view[k], cmap="gray", vmin=0, vmax=80, aspect=aspect)
         if sal_view is not None:
-            overlay = np.ma.masked_less(sal_view[k], 0.2)
+            overlay = np.ma.masked_less(_unit(sal_view[k]), 0.2)
             ax.imshow(overlay, cmap="hot", vmin=0, vmax=1, alpha=0.55, aspect=aspect)
         ax.set_title(f"axial {k + 1}/{view.shape[0]} (inferior to superior)", fontsize=10)
         ax.text(0.02, 0.5, "R", color="yellow", transform=ax.transAxes, va="center", fontsize=12)
@@ -65,6 +65,13 @@ def radiological_view(volume: Volume) -> tuple[np.ndarray, float]:
 
     canonical = canonical_view(volume, orientation_direction("LPS"))
     return canonical.array, canonical.spacing[1] / canonical.spacing[0]
+
+
+def _unit(saliency: np.ndarray) -> np.ndarray:
+    """A map in [0, 1], whether it is float or uint8 0..255 (what Analyzer.map_back gives)."""
+    from fmct.outputs import SALIENCY_MAX
+
+    return saliency / np.float32(SALIENCY_MAX) if saliency.dtype == np.uint8 else saliency
 
 
 def _pick_slices(view: np.ndarray, sal: np.ndarray | None, n: int) -> list[int]:
