@@ -11,21 +11,19 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
+from fmct_testing import ball_ct, tiny_bundle
 
 from fmct.cli import main
 from fmct.dicom import write_dicom_series
 from fmct.io import write_volume
 from fmct.volume import Volume
-from fmct_testing import ball_ct, tiny_bundle
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -167,7 +165,7 @@ def unreadable_file(d: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------- DICOM
-def dicom_series(d: Path, edit: Callable[[int, "pydicom.Dataset"], None] | None = None, **kw) -> Path:
+def dicom_series(d: Path, edit: Callable[[int, pydicom.Dataset], None] | None = None, **kw) -> Path:
     files = write_dicom_series(small_ct(), d / "dicom", **kw)
     if edit is not None:
         for k, f in enumerate(files):

@@ -16,8 +16,8 @@ import io
 import json
 import math
 import os
-import struct
 import shutil
+import struct
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -89,7 +89,7 @@ class BundleMeta:
         }
 
     @classmethod
-    def from_dict(cls, d: Any) -> "BundleMeta":
+    def from_dict(cls, d: Any) -> BundleMeta:
         if not isinstance(d, dict):
             raise BundleError(f"{META_FILE} must hold a JSON object")
         if d.get("format") != FORMAT:
@@ -412,8 +412,6 @@ def check_weights_header(meta: BundleMeta, data: bytes, where: str = "bundle") -
     """The weights' names, shapes and dtypes against what the config needs, from the safetensors header
     alone and a model built on torch's meta device (no memory): a config that asks for far more than
     its weights hold is refused before anything is allocated."""
-    import torch
-
     from fmct.models import FMCTClassifier
 
     header = safetensors_header(data, where)

@@ -26,7 +26,15 @@ from fmct.errors import (
     NotVolumeError,
     UnreadableInputError,
 )
-from fmct.volume import FORMATS, Volume, check_memory, format_suffix, nonfinite_message, quiet_readers, validate_ct
+from fmct.volume import (
+    FORMATS,
+    Volume,
+    check_memory,
+    format_suffix,
+    nonfinite_message,
+    quiet_readers,
+    validate_ct,
+)
 
 log = logging.getLogger("fmct.io")
 

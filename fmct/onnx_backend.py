@@ -125,7 +125,7 @@ def load_onnx_bundle(path: str | Path, device: str = "auto", threads: int | None
     return meta, model
 
 
-def check_graph(model: "OnnxModel", meta: BundleMeta, where: str) -> None:
+def check_graph(model: OnnxModel, meta: BundleMeta, where: str) -> None:
     """The graph's one input and one output must be the model tensor [B, C, D, H, W] and logits [B, tasks]."""
     inputs, outputs = model.session.get_inputs(), model.session.get_outputs()
     channels, shape = meta.preprocessing.in_channels, meta.preprocessing.tensor_shape

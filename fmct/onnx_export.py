@@ -18,8 +18,16 @@ import numpy as np
 from fmct.atomic import write_bytes_atomic
 from fmct.bundle import ONNX_FILE, WEIGHTS_FILE, load_bundle, read_bundle, write_meta
 from fmct.errors import BundleError, ConfigError
-from fmct.onnx_backend import (FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, TOLERANCE, OnnxModel, check_graph,
-                                check_onnx_record, sha256)
+from fmct.onnx_backend import (
+    FEATURES_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    TOLERANCE,
+    OnnxModel,
+    check_graph,
+    check_onnx_record,
+    sha256,
+)
 from fmct.preprocess import Preprocessor
 from fmct.runners import calibrated_probabilities
 from fmct.runtime import Progress
