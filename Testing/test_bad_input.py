@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from fmct_testing import ball_ct, tiny_bundle
 
 from fmct.cli import main
@@ -112,6 +113,14 @@ def nii_cut(d: Path) -> Path:
     raw = _nifti_bytes(_ct_array(np.int16))
     (d / "cut.nii").write_bytes(raw[: int(len(raw) * 0.5)])
     return d / "cut.nii"
+
+
+def cut_file(d: Path, name: str, fraction: float) -> Path:
+    write_volume(small_ct(), d / name)
+    sitk.WriteImage(small_ct().to_sitk(), str(d / name), useCompression=True)
+    data = (d / name).read_bytes()
+    (d / name).write_bytes(data[: int(len(data) * fraction)])
+    return d / name
 
 
 def nii_huge_values(d: Path) -> Path:
@@ -259,6 +268,8 @@ VOLUME_CASES = [
     Case("nifti-gz-inner-stream-cut-75%", nii_gz_inner_cut, 2, "truncated"),
     Case("nifti-gz-flipped-bytes", nii_gz_flipped, 2, "corrupt"),
     Case("nifti-cut-50%", nii_cut, 2, "truncated"),
+    Case("mha-cut-60%", lambda d: cut_file(d, "ct.mha", 0.6), 2, "truncated"),
+    Case("nrrd-gz-cut-60%", lambda d: cut_file(d, "ct.nrrd", 0.6), 2, "truncated"),
     Case("nifti-values-3e38", nii_huge_values, 2, "beyond what any scanner writes"),
     Case("nifti-nan-block", with_values("nan_block.nii.gz", _nan_block), 2, "1600 voxel(s) are not finite"),
     Case("nifti-nan-head", with_values("nan_head.nii.gz", _nan_head), 2, "not finite"),
@@ -852,7 +863,8 @@ def test_diverged_pretraining_is_one_line_exit_2(tmp_path, monkeypatch, capfd):
     assert code == 2 and "Traceback" not in "\n".join(err) and "lower optim.lr" in err[-1]
 
 
-@pytest.mark.parametrize("build", [dicom_drift, nii_gz_flipped], ids=["dicom-drift", "nifti-flipped"])
+@pytest.mark.parametrize("build", [dicom_drift, nii_gz_flipped, lambda d: cut_file(d, "ct.mha", 0.6)],
+                         ids=["dicom-drift", "nifti-flipped", "mha-cut"])
 def test_the_installed_command_prints_one_line(tmp_path, bundle, build):
     """The real console command (logging and ITK's own warnings included): exit 2 and exactly one line."""
     import subprocess

@@ -30,7 +30,7 @@ from fmct.errors import (
     NotVolumeError,
     UnreadableInputError,
 )
-from fmct.volume import FORMATS, Volume, check_memory, format_suffix, validate_ct
+from fmct.volume import FORMATS, Volume, check_memory, format_suffix, native_stderr_silenced, validate_ct
 
 log = logging.getLogger("fmct.io")
 
@@ -191,7 +191,8 @@ def read_header(path: Path) -> SliceHeader | None:
     reader.SetFileName(str(path))
     _check_file_readable(path)
     try:
-        reader.ReadImageInformation()
+        with native_stderr_silenced():
+            reader.ReadImageInformation()
     except RuntimeError:
         if _looks_like_dicom(path) and not _is_non_image_dicom(path):
             raise UnreadableInputError(
@@ -476,7 +477,8 @@ def _read_chunk(files: list[Path]) -> np.ndarray:
     reader.SetOutputPixelType(sitk.sitkFloat32)
     reader.SetFileNames([str(p) for p in files])
     try:
-        image = reader.Execute()
+        with native_stderr_silenced():
+            image = reader.Execute()
     except RuntimeError:
         bad = _first_unreadable(files)
         raise UnreadableInputError(
@@ -495,7 +497,8 @@ def _fits_int16(chunk: np.ndarray) -> bool:
 def _first_unreadable(files: list[Path]) -> Path | None:
     for path in files:
         try:
-            sitk.ReadImage(str(path), imageIO="GDCMImageIO")
+            with native_stderr_silenced():
+                sitk.ReadImage(str(path), imageIO="GDCMImageIO")
         except RuntimeError:
             return path
     return None

@@ -31,6 +31,7 @@ from fmct.volume import (
     Volume,
     check_memory,
     format_suffix,
+    native_stderr_silenced,
     nonfinite_message,
     quiet_readers,
     validate_ct,
@@ -154,7 +155,8 @@ def _check_header(path: Path, fmt: str) -> sitk.ImageFileReader | None:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with native_stderr_silenced():
+            reader.ReadImageInformation()
     except RuntimeError:
         return None  # _read_sitk gives the precise message
     size = reader.GetSize()
@@ -169,7 +171,8 @@ def _check_header(path: Path, fmt: str) -> sitk.ImageFileReader | None:
 
 def _read_sitk(path: Path, fmt: str) -> sitk.Image:
     try:
-        return sitk.ReadImage(str(path))
+        with native_stderr_silenced():
+            return sitk.ReadImage(str(path))
     except PermissionError:
         check_readable(path)
         raise

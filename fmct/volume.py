@@ -176,6 +176,31 @@ def _available_memory() -> float | None:
 
 
 @contextlib.contextmanager
+def native_stderr_silenced():
+    """Discard what C++ libraries print straight to the stderr file descriptor (MetaIO's "data not read
+    completely", GDCM's notes) while ITK reads: the user gets fmct's one line instead."""
+    import sys
+    import tempfile
+
+    fd = 2  # what C++ writes to, whatever Python's sys.stderr is now
+    try:
+        sys.stderr.flush()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):  # no stderr descriptor (some GUIs)
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), fd)
+            try:
+                yield
+            finally:
+                os.dup2(saved, fd)
+    finally:
+        os.close(saved)
+
+
+@contextlib.contextmanager
 def quiet_readers():
     """No ITK or numpy warning lines on the terminal while a file is read and checked: a bad file
     gets one clear message from fmct, not library chatter ahead of it."""
