@@ -98,3 +98,19 @@ def test_onnx_backend_gives_the_same_out_of_distribution_score(tmp_path):
     by_onnx = Analyzer(bundle, device="cpu", backend="onnx").analyze(ct, explain_method=None).ood
     assert by_onnx["in_distribution"] is by_torch["in_distribution"] is False
     assert abs(by_onnx["score"] - by_torch["score"]) <= 1e-3 * by_torch["score"]
+
+
+def test_batch_summary_says_which_studies_are_out_of_distribution(tmp_path):
+    import csv
+
+    from fmct.batch import run_batch
+
+    studies = tmp_path / "studies"
+    head = make_phantom(3_000_000, slices="thick", in_plane_size=128).volume
+    write_volume(head, studies / "normal.nii.gz")
+    write_volume(contrast_enhanced(head), studies / "enhanced.nii.gz")
+    run_batch(Analyzer(default_bundle_path(), device="cpu"), studies, tmp_path / "out", explain_method=None, num_workers=0)
+    with open(tmp_path / "out" / "summary.csv") as f:
+        rows = {r["study_id"]: r for r in csv.DictReader(f)}
+    assert rows["normal"]["in_distribution"] == "yes" and rows["enhanced"]["in_distribution"] == "no"
+    assert float(rows["enhanced"]["ood_score"]) > float(rows["normal"]["ood_score"])

@@ -307,7 +307,8 @@ class BatchReport:
 
 
 def summary_columns(task_names: Sequence[str]) -> list[str]:
-    return ["study_id", "path", "status", "error", *[f"p_{t}" for t in task_names], "positive", "seconds"]
+    return ["study_id", "path", "status", "error", *[f"p_{t}" for t in task_names], "positive", "in_distribution",
+            "ood_score", "seconds"]
 
 
 def run_batch(
@@ -470,16 +471,19 @@ def _write_study(analyzer: Any, prepared: Prepared, res: Any, out: Path, save_ct
     probs = {f.name: f.probability for f in res.findings}
     positive = [f.name for f in res.findings if f.positive]
     seconds = prepared.seconds + sum(res.timings.values()) + time.perf_counter() - t0  # with writing
-    return _row(prepared.study, "ok", "", probs, tasks, seconds, positive)
+    return _row(prepared.study, "ok", "", probs, tasks, seconds, positive, res.ood)
 
 
 def _row(study: Study, status: str, error: str, probs: dict[str, float] | None, tasks: Sequence[str],
-         seconds: float | None, positive: Sequence[str] = ()) -> dict[str, Any]:
+         seconds: float | None, positive: Sequence[str] = (), ood: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One summary.csv row; in_distribution is 'no' when the findings are flagged unreliable, '' when not judged."""
     row: dict[str, Any] = {"study_id": study.study_id, "path": str(study.path), "status": status,
                            "error": " ".join(error.split())}
     for t in tasks:
         row[f"p_{t}"] = "" if probs is None or t not in probs else f"{probs[t]:.6f}"
     row["positive"] = ";".join(positive)
+    row["in_distribution"] = "" if not ood else ("yes" if ood.get("in_distribution") else "no")
+    row["ood_score"] = "" if not ood else f"{float(ood['score']):.4f}"
     row["seconds"] = "" if seconds is None else f"{seconds:.3f}"
     return row
 
@@ -542,7 +546,8 @@ def _row_from_findings(study: Study, payload: dict[str, Any], tasks: Sequence[st
     findings = [f for f in payload["findings"] if isinstance(f, dict)]
     probs = {f["name"]: float(f["probability"]) for f in findings if "name" in f and "probability" in f}
     positive = [f["name"] for f in findings if f.get("positive")]
-    return _row(study, "skipped", "", probs, tasks, None, positive)
+    ood = payload.get("out_of_distribution")
+    return _row(study, "skipped", "", probs, tasks, None, positive, ood if isinstance(ood, dict) else None)
 
 
 # --------------------------------------------------------------------------------------------
