@@ -188,19 +188,20 @@ class Analyzer:
             result.ood = self.reference.judge(features)
         targets = self._targets(findings, explain_findings) if explain_method else []
         t0 = time.perf_counter()
-        if targets:
-            from fmct.explain import explain
-        for n, name in enumerate(targets):
+        if targets:  # every finding's map from one shared pass (one forward over the IG path, a backward each)
+            from fmct.explain import explain_findings
+
             check_cancel(cancel)
-            lo, span = 0.2 + 0.75 * n / len(targets), 0.75 / len(targets)
-            sub = sub_progress(report, lo, lo + span)
-            task_index = self.bundle.meta.task_names.index(name)
-            x = self.runner.to_device(model_input.tensor)
-            model_map = explain(self.model, x, task_index, explain_method,
-                                lambda f, m, sub=sub, name=name: sub(f, f"explaining {name}"), cancel)
-            result.model_saliency[name] = model_map
-            if map_back:
-                result.saliency[name] = self.map_back(result, name)
+            maps = explain_findings(self.model, self.runner.to_device(model_input.tensor),
+                                    [self.bundle.meta.task_names.index(name) for name in targets], explain_method,
+                                    sub_progress(report, 0.2, 0.9), cancel, names=targets)
+            map_progress = sub_progress(report, 0.9, 0.99)
+            for n, (name, model_map) in enumerate(zip(targets, maps)):
+                result.model_saliency[name] = model_map
+                if map_back:
+                    check_cancel(cancel)
+                    map_progress(n / len(targets), f"mapping {name} onto the CT")
+                    result.saliency[name] = self.map_back(result, name)
         timings["explain_s"] = time.perf_counter() - t0
         report(1.0, "done")
         return result

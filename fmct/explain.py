@@ -1,22 +1,42 @@
 """Where the model looked: saliency maps on the model grid, one per finding.
 
-Captum provides the attributions (Integrated Gradients, Occlusion); the ViT's own attention
-gives two cheaper, class-agnostic maps (last-layer CLS attention and attention rollout).
-Every method returns a non-negative [D, H, W] float32 map scaled to a maximum of 1, which
-the Preprocessor maps back onto the CT's grid.
+`explain_findings` explains several findings of one input for about the price of one:
+- Integrated Gradients: ONE forward pass over the IG path per batch of path points, then one
+  backward per finding from the same graph (retain_graph). The path is taken in patch-embedding
+  space: the ViT's patch embedding is a non-overlapping strided convolution, a linear map P, so
+  the input gradient at a path point is P^T of the gradient at its tokens, and the tokens of
+  baseline + a (x - baseline) are E(baseline) + a (E(x) - E(baseline)). Accumulating the
+  quadrature-weighted token gradients and applying P^T once per finding gives exactly the
+  input-space IG (the convolution's backward, ~15% of a backward pass, is paid once instead of
+  once per path point and finding). Gauss-Legendre quadrature, as Captum's "gausslegendre".
+- Occlusion: each batch of occluded inputs gives every finding's logits at once.
+- Attention maps are class-agnostic: computed once, the same map for every finding.
+
+Captum cannot share the forward across targets (`attribute(target=...)` takes one target per
+input example; asking for K targets means K copies of the path), so it is kept as the
+independent per-finding reference (`explain_captum`, used by the tests and
+benchmarks/bench_saliency.py) and imported only there.
+
+Every method returns a non-negative [D, H, W] float32 map scaled to a maximum of 1, which the
+Preprocessor maps back onto the CT's grid. torch is imported by this module: import it only
+when explaining.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from captum.attr import IntegratedGradients, Occlusion
 
 from fmct.errors import Cancelled
 from fmct.models import FMCTClassifier
 from fmct.runtime import CancelCheck, Progress, check_explain_method
 
+# 8 Gauss-Legendre nodes: as good as 16 on the saliency benchmark (benchmarks/bench_saliency.py,
+# RESULTS.md section "Saliency for every finding") at half the backward passes.
+DEFAULT_IG_STEPS = 8
 
 
 def explain(
@@ -26,31 +46,162 @@ def explain(
     method: str = "integrated_gradients",
     progress: Progress | None = None,
     cancel: CancelCheck | None = None,
-    ig_steps: int = 16,
+    ig_steps: int = DEFAULT_IG_STEPS,
 ) -> np.ndarray:
     """Saliency of one finding's logit for one input x [1, C, D, H, W]."""
+    return explain_findings(model, x, [task_index], method, progress, cancel, ig_steps)[0]
+
+
+def explain_findings(
+    model: FMCTClassifier,
+    x: torch.Tensor,
+    task_indices: Sequence[int],
+    method: str = "integrated_gradients",
+    progress: Progress | None = None,
+    cancel: CancelCheck | None = None,
+    ig_steps: int = DEFAULT_IG_STEPS,
+    names: Sequence[str] | None = None,
+    batch_size: int | None = None,
+) -> list[np.ndarray]:
+    """Saliency of each listed finding's logit for one input x [1, C, D, H, W], sharing the model work.
+
+    Returns one map per entry of task_indices, in order. progress(fraction, message) is called per
+    batch and per finding ("explaining <name>", names defaulting to "finding <index>"); cancel()
+    is checked before every forward batch and every backward pass.
+    """
     check_explain_method(method)
+    targets = [int(t) for t in task_indices]
+    if not targets:
+        return []
+    labels = list(names) if names is not None else [f"finding {t}" for t in targets]
     if method.startswith("attention"):
-        _report(progress, 1.0, method)
-        return attention_map(model, x, rollout=method == "attention_rollout")
-    forward = _counting_forward(model, task_index, progress, cancel, _expected_calls(model, x, method, ig_steps))
-    baseline = torch.zeros_like(x)  # air: 0 in every HU window
-    with torch.enable_grad():
+        _check(cancel)
+        _report(progress, 0.0, "explaining (attention)")
+        m = attention_map(model, x, rollout=method == "attention_rollout")
+        _report(progress, 1.0, "explaining (attention)")
+        return [m.copy() for _ in targets]
+    batch = batch_size or _batch(x)
+    with _frozen(model):
         if method == "integrated_gradients":
-            attr = IntegratedGradients(forward).attribute(
-                x, baselines=baseline, n_steps=ig_steps, internal_batch_size=_batch(x), method="gausslegendre"
-            )
+            attr = _integrated_gradients(model, x, targets, labels, ig_steps, batch, progress, cancel)
         else:
-            window, stride = _occlusion_window(model)
-            attr = Occlusion(forward).attribute(
-                x, sliding_window_shapes=(x.shape[1], *window), strides=(x.shape[1], *stride),
-                baselines=0.0, perturbations_per_eval=_batch(x),
-            )
+            attr = _occlusion(model, x, targets, labels, batch, progress, cancel)
     # Evidence for the finding only: voxels whose HU (all windows together) raise its logit.
     # Keeping the positive part doubles the share of saliency inside lesions compared with |attr|
     # (measured on phantoms with the demo model: enrichment 15.9 vs 8.8).
-    attr = attr.sum(dim=1, keepdim=True).clamp(min=0)
-    return _normalise(_smooth(attr.float())[0, 0])
+    return [_normalise(_smooth(a.sum(dim=0)[None, None].clamp(min=0).float())[0, 0]) for a in attr]
+
+
+def _integrated_gradients(model, x, targets, labels, n_steps, batch, progress, cancel) -> list[torch.Tensor]:
+    """Per target, the IG attribution [C, D, H, W] with a zero (air) baseline."""
+    alphas, weights = gauss_legendre(n_steps)
+    alphas, weights = alphas.to(x.device, x.dtype), weights.to(x.device, x.dtype)
+    baseline = torch.zeros_like(x)  # air: 0 in every HU window
+    proj = _linear_patch_embedding(model)
+    n_batches = -(-n_steps // batch)
+    units, done = n_batches * (1 + len(targets)), 0
+    if proj is not None:
+        with torch.no_grad():
+            e1, e0 = proj(x), proj(baseline)
+        state: dict[str, torch.Tensor] = {}
+        hook = proj.register_forward_hook(lambda module, inp, out: state["path"])
+        acc = torch.zeros((len(targets), *e1.shape[1:]), device=x.device, dtype=x.dtype)
+    else:
+        acc = torch.zeros((len(targets), *x.shape[1:]), device=x.device, dtype=x.dtype)
+    try:
+        for start in range(0, n_steps, batch):
+            a, w = alphas[start:start + batch], weights[start:start + batch]
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            _check(cancel)
+            with torch.enable_grad():
+                if proj is not None:  # the path in token space; the hook puts it where proj's output was
+                    path = (e0 + a.view(shape) * (e1 - e0)).requires_grad_(True)
+                    state["path"] = path
+                    out = model(x.expand(len(a), *x.shape[1:]))
+                else:
+                    path = (baseline + a.view(shape) * (x - baseline)).requires_grad_(True)
+                    out = model(path)
+                done += 1
+                _report(progress, done / units, f"explaining {labels[0]}")
+                for k, t in enumerate(targets):
+                    _check(cancel)
+                    (grad,) = torch.autograd.grad(out[:, t].sum(), path, retain_graph=k < len(targets) - 1)
+                    acc[k] += (grad * w.view(shape)).sum(dim=0)
+                    done += 1
+                    _report(progress, done / units, f"explaining {labels[k]}")
+            del out, path
+    finally:
+        if proj is not None:
+            hook.remove()
+    if proj is not None:  # P^T of the token gradients = the input gradients, integrated along the path
+        acc = F.conv_transpose3d(acc, proj.weight.to(acc.dtype), stride=proj.stride)
+    return [acc[k] * (x[0] - baseline[0]) for k in range(len(targets))]
+
+
+def _occlusion(model, x, targets, labels, batch, progress, cancel) -> list[torch.Tensor]:
+    """Captum-style occlusion for all targets from one pass over the occluded inputs.
+
+    Each window (all channels) is replaced by the baseline 0; a voxel's attribution is the mean,
+    over the windows that cover it, of logit(x) - logit(x occluded).
+    """
+    window, stride = _occlusion_window(model)
+    spatial = x.shape[2:]
+    starts = [range(0, s - w + 1, st) for s, w, st in zip(spatial, window, stride)]
+    corners = [(i, j, k) for i in starts[0] for j in starts[1] for k in starts[2]]
+    units = -(-len(corners) // batch) + 1
+    _check(cancel)
+    with torch.no_grad():
+        ref = model(x)[0, targets]  # [K]
+        _report(progress, 1 / units, f"explaining {', '.join(labels)}")
+        total = torch.zeros((len(targets), *spatial), device=x.device, dtype=x.dtype)
+        count = torch.zeros(spatial, device=x.device, dtype=x.dtype)
+        for n, start in enumerate(range(0, len(corners), batch)):
+            _check(cancel)
+            chunk = corners[start:start + batch]
+            occluded = x.expand(len(chunk), *x.shape[1:]).clone()
+            for b, (i, j, k) in enumerate(chunk):
+                occluded[b, :, i:i + window[0], j:j + window[1], k:k + window[2]] = 0.0
+            delta = ref[None, :] - model(occluded)[:, targets]  # [b, K]
+            for b, (i, j, k) in enumerate(chunk):
+                region = (slice(i, i + window[0]), slice(j, j + window[1]), slice(k, k + window[2]))
+                total[(slice(None), *region)] += delta[b].view(-1, 1, 1, 1)
+                count[region] += 1
+            _report(progress, (n + 2) / units, f"explaining {', '.join(labels)}")
+    mean = total / count.clamp(min=1)
+    return [mean[k][None].expand(x.shape[1], *spatial) for k in range(len(targets))]
+
+
+def gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes in [0, 1] and weights (summing to 1) of n-point Gauss-Legendre quadrature (Captum's too)."""
+    if n < 1:
+        raise ValueError("ig_steps must be at least 1")
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    return torch.tensor(0.5 * (1 + nodes), dtype=torch.float64), torch.tensor(0.5 * weights, dtype=torch.float64)
+
+
+def _linear_patch_embedding(model) -> torch.nn.Conv3d | None:
+    """The encoder's patch embedding when it is a plain non-overlapping strided Conv3d (then linear
+    in the input up to its bias, which is what the token-space path needs), else None."""
+    proj = getattr(getattr(getattr(model, "encoder", None), "patch_embed", None), "proj", None)
+    if not isinstance(proj, torch.nn.Conv3d):
+        return None
+    if (tuple(proj.kernel_size) != tuple(proj.stride) or any(proj.padding) or any(d != 1 for d in proj.dilation)
+            or proj.groups != 1 or proj.padding_mode != "zeros" or proj._forward_hooks):
+        return None
+    return proj
+
+
+@contextmanager
+def _frozen(model) -> Iterator[None]:
+    """Parameters need no gradients here: the graph only records what the input gradients need."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def attention_map(model: FMCTClassifier, x: torch.Tensor, rollout: bool = False) -> np.ndarray:
@@ -71,25 +222,36 @@ def attention_map(model: FMCTClassifier, x: torch.Tensor, rollout: bool = False)
     return _normalise(fine[0, 0])
 
 
-def _counting_forward(model, task_index, progress, cancel, expected):
-    """Forward for one logit that reports progress and honours cancel between batches."""
-    calls = {"n": 0}
+def explain_captum(
+    model: FMCTClassifier,
+    x: torch.Tensor,
+    task_index: int,
+    method: str = "integrated_gradients",
+    ig_steps: int = 16,
+    cancel: CancelCheck | None = None,
+) -> np.ndarray:
+    """The per-finding reference: Captum's IntegratedGradients / Occlusion for one finding (how every
+    map was made before explain_findings). For tests and benchmarks; imports captum."""
+    from captum.attr import IntegratedGradients, Occlusion
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
-        if cancel is not None and cancel():
-            raise Cancelled("Explanation cancelled")
-        calls["n"] += inp.shape[0]
-        _report(progress, min(calls["n"] / max(expected, 1), 1.0), "explaining")
+        _check(cancel)
         return model(inp)[:, task_index]
 
-    return forward
-
-
-def _expected_calls(model, x, method, ig_steps) -> int:
-    if method == "integrated_gradients":
-        return ig_steps
-    window, stride = _occlusion_window(model)
-    return int(np.prod([(s - w) // st + 1 for s, w, st in zip(x.shape[2:], window, stride)])) + 1
+    with torch.enable_grad():
+        if method == "integrated_gradients":
+            attr = IntegratedGradients(forward).attribute(
+                x, baselines=torch.zeros_like(x), n_steps=ig_steps, internal_batch_size=_batch(x),
+                method="gausslegendre")
+        elif method == "occlusion":
+            window, stride = _occlusion_window(model)
+            attr = Occlusion(forward).attribute(
+                x, sliding_window_shapes=(x.shape[1], *window), strides=(x.shape[1], *stride),
+                baselines=0.0, perturbations_per_eval=_batch(x))
+        else:
+            raise ValueError(f"explain_captum covers integrated_gradients and occlusion, not {method}")
+    attr = attr.sum(dim=1, keepdim=True).clamp(min=0)
+    return _normalise(_smooth(attr.float())[0, 0])
 
 
 def _occlusion_window(model: FMCTClassifier) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -99,6 +261,7 @@ def _occlusion_window(model: FMCTClassifier) -> tuple[tuple[int, ...], tuple[int
 
 
 def _batch(x: torch.Tensor) -> int:
+    """Path points (or occluded inputs) per forward: 4 on CPU (measured fastest on 2 cores), 16 on a GPU."""
     return 16 if x.device.type == "cuda" else 4
 
 
@@ -123,6 +286,11 @@ def _normalise(t: torch.Tensor) -> np.ndarray:
     return a / peak if peak > 0 else a
 
 
+def _check(cancel: CancelCheck | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("Explanation cancelled")
+
+
 def _report(progress: Progress | None, fraction: float, message: str) -> None:
     if progress is not None:
-        progress(fraction, message)
+        progress(min(max(fraction, 0.0), 1.0), message)
