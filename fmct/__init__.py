@@ -1,9 +1,25 @@
-"""fmct: the engine of the FMCT head-CT foundation model (never imports Slicer)."""
+"""fmct: the engine of the FMCT head-CT foundation model (never imports Slicer).
+
+`import fmct` is cheap (no numpy, SimpleITK or torch): the names below are loaded on first use, so
+a command pays only for the modules on its own path (the CLI starts in tenths of a second).
+"""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from fmct.errors import FMCTError  # noqa: E402
-from fmct.volume import Volume  # noqa: E402
+if TYPE_CHECKING:
+    from fmct.errors import FMCTError
+    from fmct.volume import Volume
 
 __all__ = ["FMCTError", "Volume", "__version__"]
+_LAZY = {"FMCTError": "fmct.errors", "Volume": "fmct.volume"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fmct' has no attribute {name!r}")

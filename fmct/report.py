@@ -7,25 +7,29 @@ data: only the findings, the slices and the model's name.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fmct.analyze import AnalysisResult  # noqa: E402
-from fmct.volume import Volume  # noqa: E402
+if TYPE_CHECKING:
+    from fmct.analyze import AnalysisResult
+    from fmct.volume import Volume
 
 
 def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_name: str = "", n_slices: int = 4) -> Path:
     """Slices through the most salient region of the primary finding, plus all probabilities."""
+    # matplotlib only here, and its object API without pyplot (no GUI backend machinery): importing
+    # pyplot was most of the report's cost on a cold start
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     primary = result.primary_finding()
     focus = primary.name if primary else None
     view, aspect = radiological_view(ct)
     sal_view = radiological_view(result.saliency[focus])[0] if focus in result.saliency else None
     slices = _pick_slices(view, sal_view, n_slices)
-    fig = plt.figure(figsize=(4 * n_slices, 8.5), dpi=80)
+    fig = Figure(figsize=(4 * n_slices, 8.5), dpi=80)
+    FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2, n_slices, height_ratios=[1.0, 0.9])
     for col, k in enumerate(slices):
         ax = fig.add_subplot(grid[0, col])
@@ -50,7 +54,6 @@ def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_nam
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -1,0 +1,158 @@
+"""Saliency for every finding: quality and cost of the shared explanation against the per-finding one.
+
+quality: the RESULTS.md saliency benchmark (fmct.train.demo_model.measure_saliency's measures) on
+  fresh phantoms, n per hemorrhage type (256 in-plane, thick and thin slices alternating), the map
+  of the true finding mapped back onto the CT grid, with the demo model. Old = Captum's
+  IntegratedGradients, 16 Gauss-Legendre steps, one finding at a time (how every map was made
+  before); new = fmct.explain.explain_findings at each --steps. All arms on the same phantoms.
+  Enrichment = share of the map in the lesion / the lesion's share of the head (1 = chance);
+  pointing game = the map's maximum within 5 mm of the lesion.
+cost: on the 5 mm 512x512x40 CT of benchmarks/common.py, warm, in one process: analyze + write the
+  result folder (findings.json, saliency NIfTIs, report.png: what `fmct analyze` does after loading)
+  with --explain none, then with maps for the first K positive findings (K = 1..all), rounds
+  interleaved so drifting load hits every arm alike; plus the old per-finding loop (Captum) for
+  all positive findings. Prints the ratios the issue asks for: all maps / findings only, and the
+  growth per extra finding.
+
+    python benchmarks/bench_saliency.py --threads 2 --part quality --n 6
+    python benchmarks/bench_saliency.py --threads 2 --part cost --repeat 3
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import demo_bundle, dicom_study, emit, machine, set_threads
+
+SEED_BASE = 4_600_000  # fresh: neither training (1-3 M), nor demo_model's saliency seeds (4.0 M)
+
+
+def quality(args, bundle) -> dict:
+    from fmct.analyze import Analyzer
+    from fmct.evaluate import pointing_game, saliency_in_mask
+    from fmct.explain import explain_captum, explain_findings
+    from fmct.phantom import make_phantom
+    from fmct.tasks import HEMORRHAGE_TYPES
+
+    analyzer = Analyzer(bundle, device="cpu")
+    pre, names = analyzer.preprocessor, analyzer.bundle.meta.task_names
+    arms = ["old: Captum IG 16 steps, per finding"] + [f"new: shared IG {s} steps" for s in args.steps]
+    rows = {arm: {t: [] for t in HEMORRHAGE_TYPES} for arm in arms}
+    seconds = {arm: 0.0 for arm in arms}
+    for t_i, task in enumerate(HEMORRHAGE_TYPES):
+        for k in range(args.n):
+            ph = make_phantom(SEED_BASE + 100 * t_i + k, findings=[task], slices="thick" if k % 2 == 0 else "thin",
+                              in_plane_size=256)
+            mi = pre(ph.volume)
+            head, mask = ph.volume.array > -300, ph.masks[task]
+            for arm in arms:
+                t0 = time.perf_counter()
+                if arm.startswith("old"):
+                    model_map = explain_captum(analyzer.model, mi.tensor, names.index(task), ig_steps=16)
+                else:
+                    steps = int(arm.split()[3])
+                    model_map = explain_findings(analyzer.model, mi.tensor, [names.index(task)], ig_steps=steps)[0]
+                seconds[arm] += time.perf_counter() - t0
+                sal = pre.to_input_grid(model_map, mi).array
+                stats = saliency_in_mask(sal, mask, head)
+                stats["hit"] = pointing_game(sal, mask, ph.volume.spacing[::-1])
+                rows[arm][task].append(stats)
+            print(f"  {task} {k + 1}/{args.n}", flush=True)
+    table = {
+        arm: {t: {"enrichment": float(np.mean([s["enrichment"] for s in r])),
+                  "share_in_mask": float(np.mean([s["share_in_mask"] for s in r])),
+                  "pointing_game": float(np.mean([s["hit"] for s in r])),
+                  "mask_share_of_head": float(np.mean([s["mask_share_of_head"] for s in r]))}
+              for t, r in per_task.items()}
+        for arm, per_task in rows.items()
+    }
+    print(f"\nSaliency quality, {args.n} fresh phantoms per type (enrichment / share in mask / pointing game):")
+    print(f"  {'arm':<40}" + "".join(f"{t[:16]:>24}" for t in HEMORRHAGE_TYPES) + f"{'mean enrichment':>18}{'s/map':>8}")
+    for arm in arms:
+        cells = "".join(f"{table[arm][t]['enrichment']:>9.1f}x/{100 * table[arm][t]['share_in_mask']:>5.1f}%/"
+                        f"{table[arm][t]['pointing_game']:>4.2f}  " for t in HEMORRHAGE_TYPES)
+        mean_e = np.mean([table[arm][t]["enrichment"] for t in HEMORRHAGE_TYPES])
+        print(f"  {arm:<40}{cells}{mean_e:>16.1f}x{seconds[arm] / (args.n * len(HEMORRHAGE_TYPES)):>8.2f}")
+    return {"table": table, "seconds_per_map": {a: s / (args.n * len(HEMORRHAGE_TYPES)) for a, s in seconds.items()}}
+
+
+def cost(args, bundle) -> dict:
+    from fmct.analyze import Analyzer
+    from fmct.explain import explain_captum
+    from fmct.io import read_volume
+    from fmct.outputs import write_study_outputs
+
+    analyzer = Analyzer(bundle, device="cpu")
+    folder = dicom_study("thick", Path(args.work) / "thick")
+    volume = read_volume(folder)
+    positive = [f.name for f in analyzer.analyze(volume, None).positive]
+    ks = list(range(1, len(positive) + 1))
+    out = Path(args.work) / "saliency_cost_out"
+
+    def run(k):  # k = None: findings only; "old": the per-finding Captum loop for all positive findings
+        t0 = time.perf_counter()
+        if k == "old":
+            result = analyzer.analyze(volume, None)
+            result.method = "integrated_gradients"
+            x = result.model_input.tensor
+            for name in positive:
+                result.model_saliency[name] = explain_captum(analyzer.model, x, analyzer.bundle.meta.task_names.index(name))
+                result.saliency[name] = analyzer.map_back(result, name)
+        else:
+            result = analyzer.analyze(volume, "integrated_gradients" if k else None, positive[:k] if k else "positive")
+        write_study_outputs(out, volume, result, analyzer.bundle.meta.name, "cpu", overwrite=True)
+        return time.perf_counter() - t0
+
+    arms = [None, *ks] + (["old"] if args.old else [])
+    for arm in arms:  # warm-up
+        if arm != "old":
+            run(arm)
+    times = {arm: [] for arm in arms}
+    for _ in range(args.repeat):
+        for arm in arms:
+            times[arm].append(run(arm))
+    med = {str(a): statistics.median(v) for a, v in times.items()}
+    base, k1, kall = med["None"], med["1"], med[str(ks[-1])]
+    growth = [(med[str(k)] - med[str(k - 1)]) / med[str(k - 1)] for k in ks[1:]]
+    mean_growth = (kall / k1) ** (1 / max(len(ks) - 1, 1)) - 1
+    print(f"\nAnalyze + write on the 5 mm CT, {len(positive)} positive findings, warm, median of {args.repeat}:")
+    print(f"  findings only (--explain none): {base:.2f} s")
+    for k in ks:
+        print(f"  IG maps for {k} finding(s): {med[str(k)]:.2f} s = {med[str(k)] / base:.2f}x findings only")
+    if args.old:
+        print(f"  old per-finding Captum loop, {len(positive)} maps: {med['old']:.2f} s = {med['old'] / base:.2f}x findings only"
+              f" = {med['old'] / kall:.2f}x the shared pass")
+    print(f"  all maps / findings only: {kall / base:.2f}x (target <= 2x); growth per extra finding: "
+          f"{100 * mean_growth:.1f}% geometric mean (target < 15%), steps {', '.join(f'{100 * g:.0f}%' for g in growth)}")
+    return {"positive": positive, "median_s": med, "all_over_findings_only": kall / base,
+            "growth_per_extra_finding": mean_growth, "growth_steps": growth}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--part", choices=["quality", "cost", "both"], default="both")
+    ap.add_argument("--n", type=int, default=6, help="phantoms per hemorrhage type (quality)")
+    ap.add_argument("--steps", default="16,8,4", help="IG steps of the new arms (quality)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds (cost)")
+    ap.add_argument("--no-old", dest="old", action="store_false", help="cost: skip the old per-finding loop")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "fmct_bench"))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    args.steps = [int(s) for s in args.steps.split(",")]
+    threads = set_threads(args.threads)
+    bundle = demo_bundle(Path(args.work))
+    results = {"benchmark": "saliency", "machine": machine("cpu", threads)}
+    if args.part in ("quality", "both"):
+        results["quality"] = quality(args, bundle)
+    if args.part in ("cost", "both"):
+        results["cost"] = cost(args, bundle)
+    emit(results, args.json)
+
+
+if __name__ == "__main__":
+    main()
