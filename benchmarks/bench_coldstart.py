@@ -16,6 +16,7 @@ top-level imports the cold start paid for.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -29,11 +30,12 @@ from pathlib import Path
 from common import ROOT, dicom_study, emit, machine
 
 DRIVER = r"""
-import sys, time, json
+import sys, time, json, shutil
 calls = int(sys.argv[1]); argv = sys.argv[2:]
 from fmct.cli import main
 ends = []
 for i in range(calls):
+    shutil.rmtree(argv[argv.index("--out") + 1], ignore_errors=True)  # a fresh folder: no --overwrite needed
     main(argv)
     ends.append(time.time())
 print("COLDSTART " + json.dumps(ends), flush=True)
@@ -42,15 +44,15 @@ print("COLDSTART " + json.dumps(ends), flush=True)
 
 def run_driver(tree: Path, ct: Path, out: Path, threads: int, calls: int, importtime: bool = False) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree)}
-    argv = ["analyze", str(ct), "--explain", "none", "--device", "cpu", "--out", str(out), "--overwrite"]
+    argv = ["analyze", str(ct), "--explain", "none", "--device", "cpu", "--out", str(out)]
     cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-c", DRIVER, str(calls), *argv]
     t_spawn = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     line = next((x for x in proc.stdout.splitlines() if x.startswith("COLDSTART ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"driver failed ({proc.returncode}): {proc.stderr[-2000:]}")
     ends = json.loads(line.split(" ", 1)[1])
-    times = [ends[0] - t_spawn] + [b - a for a, b in zip(ends, ends[1:])]
+    times = [ends[0] - t_spawn] + [b - a for a, b in itertools.pairwise(ends)]
     result = {"cold_s": times[0], "warm_s": min(times[1:]) if len(times) > 1 else None, "calls_s": times}
     if importtime:
         result["top_imports_s"] = top_level_imports(proc.stderr)

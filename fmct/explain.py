@@ -34,9 +34,10 @@ from fmct.errors import Cancelled
 from fmct.models import FMCTClassifier
 from fmct.runtime import CancelCheck, Progress, check_explain_method
 
-# 8 Gauss-Legendre nodes: as good as 16 on the saliency benchmark (benchmarks/bench_saliency.py,
-# RESULTS.md section "Saliency for every finding") at half the backward passes.
-DEFAULT_IG_STEPS = 8
+# 16 Gauss-Legendre nodes, as before: the maps are today's maps (to 1e-5). 8 or 4 nodes halve or
+# quarter the backward passes and score the same on average on the saliency benchmark, but not on
+# every hemorrhage type in the run so far (benchmarks/RESULTS.md, "Saliency for every finding").
+DEFAULT_IG_STEPS = 16
 
 
 def explain(
@@ -46,7 +47,7 @@ def explain(
     method: str = "integrated_gradients",
     progress: Progress | None = None,
     cancel: CancelCheck | None = None,
-    ig_steps: int = DEFAULT_IG_STEPS,
+    ig_steps: int | None = None,
 ) -> np.ndarray:
     """Saliency of one finding's logit for one input x [1, C, D, H, W]."""
     return explain_findings(model, x, [task_index], method, progress, cancel, ig_steps)[0]
@@ -59,17 +60,18 @@ def explain_findings(
     method: str = "integrated_gradients",
     progress: Progress | None = None,
     cancel: CancelCheck | None = None,
-    ig_steps: int = DEFAULT_IG_STEPS,
+    ig_steps: int | None = None,
     names: Sequence[str] | None = None,
     batch_size: int | None = None,
 ) -> list[np.ndarray]:
     """Saliency of each listed finding's logit for one input x [1, C, D, H, W], sharing the model work.
 
-    Returns one map per entry of task_indices, in order. progress(fraction, message) is called per
-    batch and per finding ("explaining <name>", names defaulting to "finding <index>"); cancel()
+    Returns one map per entry of task_indices, in order; ig_steps defaults to DEFAULT_IG_STEPS.
+    progress(fraction, message) is called per batch and per finding ("explaining <name>", names defaulting to "finding <index>"); cancel()
     is checked before every forward batch and every backward pass.
     """
     check_explain_method(method)
+    ig_steps = ig_steps or DEFAULT_IG_STEPS
     targets = [int(t) for t in task_indices]
     if not targets:
         return []
