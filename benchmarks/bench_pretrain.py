@@ -107,6 +107,79 @@ def bench_size(name: str, device: str, batch: int, steps: int) -> dict:
     return row
 
 
+def monai_views(cfg, volume, seed: int):
+    """The two global views with MONAI's randomizable transforms (RandAffine + per-channel intensity + noise),
+    seeded per sample from the same key, so it too would be a pure function of the step."""
+    import math
+
+    import numpy as np
+    from monai.transforms import Compose, RandAffine, RandGaussianNoise, RandScaleIntensity, RandShiftIntensity
+
+    c = cfg.crops
+    side = [g / s for g, s in zip(c.global_size, volume.shape[1:])]  # output voxel -> input voxels at full scale
+    t = Compose([
+        RandAffine(prob=1.0, spatial_size=c.global_size, rotate_range=[math.radians(c.max_rotation_deg)] * 3,
+                   scale_range=[(1 / s) * (1 - c.global_scale[0] ** (1 / 3)) for s in side],
+                   translate_range=[0.1 * s for s in volume.shape[1:]], padding_mode="zeros", mode="bilinear"),
+        RandScaleIntensity(factors=c.window_scale, prob=1.0, channel_wise=True),
+        RandShiftIntensity(offsets=c.window_shift, prob=1.0, channel_wise=True),
+        RandGaussianNoise(prob=1.0, std=c.noise_std),
+    ])
+    t.set_random_state(seed=int(np.random.SeedSequence([seed]).generate_state(1)[0]))
+    return [t(volume) for _ in range(2)]
+
+
+def bench_pipeline(steps: int, workers: list[int]) -> dict:
+    """samples/s of the crop pipeline alone (the shipped tiny recipe, batch 8) vs the model's step rate."""
+    import torch
+
+    from fmct.ssl.config import SSLConfig, recipe
+    from fmct.train import distributed as ddp
+    from fmct.train.pretrain import StepBatches, TensorVolumes, step_batches
+
+    raw = recipe("tiny")
+    raw["run"]["device"] = "cpu"
+    cfg = SSLConfig.from_dict(raw)
+    data = TensorVolumes(torch.rand(32, 3, 64, 64, 64, generator=torch.Generator().manual_seed(0)).half())
+    batches = StepBatches(data, cfg, ddp.DistInfo())
+    b = cfg.optim.batch_size
+    out = {"batch": b, "steps": steps, "pipeline": {}}
+    for w in workers:
+        feed = step_batches(batches, 0, steps + 1, w)
+        next(feed)  # start-up (spawned workers import torch) is not throughput
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            next(feed)
+        dt = time.perf_counter() - t0
+        out["pipeline"][f"fmct_workers{w}"] = {"samples_per_s": steps * b / dt, "s_per_step": dt / steps}
+        del feed
+    t0 = time.perf_counter()
+    for i in range(steps * b):
+        monai_views(cfg, data[i % len(data)].float(), i)
+    dt = time.perf_counter() - t0
+    out["pipeline"]["monai_workers0"] = {"samples_per_s": steps * b / dt, "s_per_step": dt * b / (steps * b)}
+
+    from fmct.ssl.meta_arch import SelfDistillation
+    from fmct.train.pretrain import param_groups
+
+    torch.manual_seed(0)
+    model = SelfDistillation(cfg)
+    opt = torch.optim.AdamW(param_groups(model.student, cfg), lr=cfg.optim.lr)
+    batch = batches(0)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        losses = model(batch, 0.01)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        model.update_teacher(0.99)
+        times.append(time.perf_counter() - t0)
+    step_s = sum(times[1:]) / steps
+    out["model"] = {"s_per_step": step_s, "samples_per_s": b / step_s}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -115,8 +188,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="volumes per step (default 8 on GPU, 2 on CPU)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on GPU, 2 on CPU)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--pipeline", action="store_true",
+                    help="instead: samples/s of the crop pipeline alone (fmct in 0..N DataLoader workers, and MONAI's "
+                         "transforms) against the model's step rate, tiny recipe on the CPU")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
     threads = set_threads(args.threads)
+    if args.pipeline:
+        res = {"machine": machine("cpu", threads), **bench_pipeline(args.steps or 4, args.workers)}
+        for k, v in res["pipeline"].items():
+            print(f"{k:>16}: {v['samples_per_s']:.1f} samples/s ({v['s_per_step']:.2f} s per batch of {res['batch']})")
+        print(f"{'model step':>16}: {res['model']['samples_per_s']:.1f} samples/s ({res['model']['s_per_step']:.2f} s per step)")
+        emit(res, args.json)
+        return
     gpu = args.device.startswith("cuda")
     batch = args.batch or (8 if gpu else 2)
     steps = args.steps or (10 if gpu else 2)

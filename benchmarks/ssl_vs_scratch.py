@@ -1,19 +1,21 @@
-"""Does self-supervised pretraining help when labels are scarce? (the FM-CT claim, on phantoms)
+"""Does self-supervised pretraining help when labels are scarce, and do both halves earn their place?
 
-    python benchmarks/ssl_vs_scratch.py                      # full run: tiny encoder, under an hour on 2 CPU cores
-    python benchmarks/ssl_vs_scratch.py --encoder RUN/bundle # reuse an encoder from `fmct pretrain` (e.g. a GPU run)
+    python benchmarks/ssl_vs_scratch.py                      # four arms, tiny encoder, CPU (hours on 2 cores)
+    python benchmarks/ssl_vs_scratch.py --arms scratch all   # two arms
+    python benchmarks/ssl_vs_scratch.py --encoder RUN/bundle # arm "given": an encoder from `fmct pretrain` vs scratch
     python benchmarks/ssl_vs_scratch.py --quick              # minutes: checks the pipeline, numbers meaningless
 
-1. Pretrain the tiny 3D ViT (DINO + iBOT + masked reconstruction) on unlabeled phantoms
-   ("default" anatomy), or take the encoder given with --encoder.
-2. For 8, 16 and 32 labels per class (K positives + K negatives for any_hemorrhage, seeded):
-   - full fine-tuning (layer-wise lr decay) from the pretrained encoder vs the same recipe from
-     random init, on the same labels (one draw per budget: it is the slow arm);
-   - linear probe (frozen encoder, L2 logistic regression on [CLS, mean patch token]) on the
-     pretrained encoder vs on the randomly initialised one (--probe-draws draws per budget).
-3. Test on held-out phantoms made with the "ood" anatomy preset (older, atrophic brains, other
-   noise/kernel, larger tilts): AUROC averaged over draws, with a 95% CI from a bootstrap over
-   test cases, and the SSL - scratch difference with a paired bootstrap CI.
+Arms: scratch (random init), mae (masked voxel reconstruction only), dino (DINO + iBOT only), all
+(DINO + iBOT + reconstruction: the shipped recipe). Every pretrained arm is the shipped tiny recipe
+(fmct.ssl.config.recipe) with the other losses switched off, on unlabeled phantoms of both anatomy
+presets, same steps and seed.
+For 8, 16 and 32 labels per class (K positives + K negatives for any_hemorrhage), several seeded
+label draws:
+   - linear probe (frozen encoder, L2 logistic regression on [CLS, mean patch token]), --probe-draws draws;
+   - full fine-tuning (layer-wise lr decay; the `fmct finetune --mode full` recipe), --finetune-draws draws.
+Test on held-out phantoms of the "ood" anatomy preset. AUROC averaged over draws, a 95% CI from a
+bootstrap over test cases, and paired differences (same resampled cases): every arm - scratch, and
+all - mae (does self-distillation add to masked reconstruction?).
 Prints a table and writes results JSON.
 """
 from __future__ import annotations
@@ -39,15 +41,13 @@ from fmct.train.supervised import SupervisedConfig, positive_weights, predict_lo
 
 TASK = "any_hemorrhage"
 SEEDS = {"unlabeled": 10_000_000, "labelled": 11_000_000, "test": 12_000_000}
-# What learns on 2 CPU cores in ~15 minutes: 48^3 global crops (216 tokens) keep a step at ~1.5 s;
-# Sinkhorn-Knopp and a 1024-prototype head resist DINO's uniform collapse at batch 8; the
-# masked-reconstruction loss gives the encoder a dense signal from the first step.
-PRETRAIN = {
-    "encoder": {"preset": "tiny"},
-    "crops": {"global_size": [48, 48, 48], "local_size": [24, 24, 24], "n_local": 2},
-    "dino": {"out_dim": 1024, "centering": "sinkhorn_knopp"},
-    "mae": {"enabled": True},
+ARMS = ("scratch", "mae", "dino", "all")
+ARM_LOSSES = {  # what each pretrained arm switches on, over the shipped tiny recipe
+    "mae": {"dino": {"loss_weight": 0.0}, "ibot": {"enabled": False}, "mae": {"enabled": True}},
+    "dino": {"mae": {"enabled": False}, "ibot": {"enabled": True}},
+    "all": {},
 }
+PAIRS = (("mae", "scratch"), ("dino", "scratch"), ("all", "scratch"), ("all", "mae"), ("given", "scratch"))
 
 
 def phantom_set(n: int, seed: int, anatomy: str, spec: PreprocessSpec) -> tuple[torch.Tensor, np.ndarray]:
@@ -66,24 +66,25 @@ def few_labels(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.concatenate([rng.choice(pos, min(k, len(pos)), replace=False), rng.choice(neg, min(k, len(neg)), replace=False)])
 
 
-def pretrained_encoder(args: argparse.Namespace, spec: PreprocessSpec, out: Path, n_unlabeled: int, steps: int) -> tuple[dict, ViT3DConfig, dict]:
-    """The encoder state, its config, and where it came from."""
-    if args.encoder:
-        bundle = load_bundle(args.encoder)
-        return bundle.model.encoder.state_dict(), bundle.meta.encoder, {"encoder": str(args.encoder), **bundle.meta.provenance}
-    x_unl, _ = phantom_set(n_unlabeled, SEEDS["unlabeled"], "default", spec)
-    cfg = SSLConfig.from_dict({
-        **PRETRAIN,
-        "data": {"source": "tensors", "path": "in-memory", "spacing_mm": list(spec.spacing_mm), "size": list(spec.size)},
-        "optim": {"batch_size": 8, "steps": steps, "warmup_steps": max(1, steps // 15)},
-        "run": {"seed": args.seed, "checkpoint_every": max(steps // 4, 1), "device": "cpu"},
-    })
+def pretrained_encoder(arm: str, args: argparse.Namespace, spec: PreprocessSpec, out: Path, x_unl: torch.Tensor,
+                       steps: int) -> tuple[dict, ViT3DConfig, dict]:
+    """One arm's encoder state, its config, and where it came from."""
+    from fmct.ssl.config import recipe
+
+    raw = recipe("tiny")
+    for section, values in ARM_LOSSES[arm].items():
+        raw.setdefault(section, {}).update(values)
+    raw["data"] = {"source": "tensors", "path": "in-memory", "spacing_mm": list(spec.spacing_mm), "size": list(spec.size)}
+    raw["optim"]["steps"] = steps
+    raw["run"] = {"seed": args.seed, "checkpoint_every": max(steps // 4, 1), "device": "cpu"}
+    cfg = SSLConfig.from_dict(raw)
     t0 = time.time()
-    result = pretrain(cfg, out / "pretrain", dataset=TensorVolumes(x_unl))
+    result = pretrain(cfg, out / f"pretrain-{arm}", dataset=TensorVolumes(x_unl))
     bundle = load_bundle(result.bundle)
-    last = result.losses[-1]
-    origin = {"pretrain_steps": steps, "n_unlabeled": n_unlabeled, "pretrain_seconds": round(time.time() - t0, 1),
-              "final_losses": {k: round(v, 4) for k, v in last.items() if k in ("dino", "ibot", "mae", "teacher_entropy")}}
+    tail = result.losses[-10:]
+    keys = ("dino", "ibot", "mae", "teacher_entropy", "view_gap", "feature_spread", "dino_over_log_k")
+    origin = {"arm": arm, "pretrain_steps": steps, "n_unlabeled": len(x_unl), "pretrain_seconds": round(time.time() - t0, 1),
+              "last10_mean": {k: round(sum(r[k] for r in tail) / len(tail), 4) for k in keys if k in tail[-1]}}
     return bundle.model.encoder.state_dict(), bundle.meta.encoder, origin
 
 
@@ -136,86 +137,115 @@ def linear_probe_scores(f_train: torch.Tensor, y: np.ndarray, f_test: torch.Tens
     return (b @ w + c).detach().numpy()
 
 
-def compare(y: np.ndarray, ssl: list[np.ndarray], scratch: list[np.ndarray], n_boot: int, seed: int) -> dict:
-    """Mean AUROC over draws for both arms, bootstrap CIs over test cases, paired for the difference."""
+def compare(y: np.ndarray, arms: dict[str, list[np.ndarray]], n_boot: int, seed: int) -> dict:
+    """Mean AUROC over draws per arm with bootstrap CIs over test cases, and paired differences (PAIRS)."""
     def mean_auc(scores: list[np.ndarray], idx: np.ndarray) -> float:
         return float(np.mean([auroc(y[idx], s[idx]) for s in scores]))
 
-    everyone = np.arange(len(y))
+    names = list(arms)
     rng = np.random.default_rng(seed)
     boot = []
     for _ in range(n_boot):
         idx = rng.integers(0, len(y), len(y))
         if 0 < y[idx].sum() < len(idx):
-            boot.append((mean_auc(ssl, idx), mean_auc(scratch, idx)))
+            boot.append([mean_auc(arms[n], idx) for n in names])
     b = np.array(boot)
     ci = lambda v: [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)]  # noqa: E731
-    s, c = mean_auc(ssl, everyone), mean_auc(scratch, everyone)
-    return {"ssl": {"auroc": round(s, 4), "ci95": ci(b[:, 0])}, "scratch": {"auroc": round(c, 4), "ci95": ci(b[:, 1])},
-            "difference": round(s - c, 4), "difference_ci95": ci(b[:, 0] - b[:, 1]), "draws": len(ssl)}
+    everyone = np.arange(len(y))
+    out = {"arms": {n: {"auroc": round(mean_auc(arms[n], everyone), 4), "ci95": ci(b[:, i]), "draws": len(arms[n])}
+                    for i, n in enumerate(names)}, "differences": {}}
+    for a, c in PAIRS:
+        if a in arms and c in arms:
+            i, j = names.index(a), names.index(c)
+            out["differences"][f"{a} - {c}"] = {"difference": round(out["arms"][a]["auroc"] - out["arms"][c]["auroc"], 4),
+                                                "ci95": ci(b[:, i] - b[:, j])}
+    return out
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'arm':>8} {'K':>3} {'SSL AUROC [95% CI]':>24} {'scratch AUROC [95% CI]':>24} {'SSL - scratch [95% CI]':>26}")
     for r in rows:
-        for arm in ("finetune", "linear"):
-            if arm not in r:
+        for kind in ("finetune", "linear"):
+            if kind not in r:
                 continue
-            a = r[arm]
-            s, c, d = a["ssl"], a["scratch"], a["difference_ci95"]
-            print(f"{arm:>8} {r['labels_per_class']:>3} {s['auroc']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
-                  f"     {c['auroc']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]     {a['difference']:+.3f} [{d[0]:+.3f}, {d[1]:+.3f}]")
+            arms = "  ".join(f"{n} {v['auroc']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" for n, v in r[kind]["arms"].items())
+            diffs = "  ".join(f"{n} {v['difference']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+                              for n, v in r[kind]["differences"].items())
+            print(f"{kind:>8} K={r['labels_per_class']:>2}  {arms}\n{'':>14}{diffs}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the pipeline only")
     ap.add_argument("--out", default="benchmarks/out/ssl_vs_scratch")
-    ap.add_argument("--encoder", default=None, help="a pretrained encoder bundle (fmct pretrain's RUN/bundle): skip step 1")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--encoder", default=None, help="a pretrained encoder bundle (fmct pretrain's RUN/bundle): arm 'given'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-unlabeled", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=600, help="pretraining steps (batch 8)")
+    ap.add_argument("--n-unlabeled", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=300, help="pretraining steps per arm (batch 8)")
     ap.add_argument("--n-labelled", type=int, default=300, help="labelled pool the K-per-class subsets are drawn from")
     ap.add_argument("--n-test", type=int, default=300, help="out-of-distribution test phantoms")
-    ap.add_argument("--epochs", type=int, default=25, help="fine-tuning epochs (both arms)")
+    ap.add_argument("--epochs", type=int, default=25, help="fine-tuning epochs (every arm)")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32], help="labels per class")
     ap.add_argument("--probe-draws", type=int, default=5, help="label draws per budget for the linear probe")
-    ap.add_argument("--skip-finetune", action="store_true", help="linear probes only (minutes instead of ~30)")
+    ap.add_argument("--finetune-draws", type=int, default=3, help="label draws per budget for full fine-tuning")
+    ap.add_argument("--skip-finetune", action="store_true", help="linear probes only")
     ap.add_argument("--n-boot", type=int, default=1000)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
-        n_unlabeled, steps, n_labelled, n_test, epochs = 16, 4, 40, 24, 2
+        n_unlabeled, steps, n_labelled, n_test, epochs, budgets = 16, 4, 40, 24, 2, (2, 4)
     else:
         n_unlabeled, steps, n_labelled, n_test, epochs = args.n_unlabeled, args.steps, args.n_labelled, args.n_test, args.epochs
-    budgets = (2, 4) if args.quick else (8, 16, 32)
+        budgets = tuple(args.budgets)
     spec = PreprocessSpec()
     out = Path(args.out)
     t_start = time.time()
 
-    enc_state, enc_cfg, origin = pretrained_encoder(args, spec, out, n_unlabeled, steps)
+    encoders: dict[str, tuple[dict | None, ViT3DConfig | None, dict]] = {}
+    pretrained = [a for a in args.arms if a != "scratch"]
+    if pretrained:
+        half = n_unlabeled // 2  # both anatomy presets: more varied data (RESULTS.md section 11)
+        x_unl = torch.cat([phantom_set(half, SEEDS["unlabeled"], "default", spec)[0],
+                           phantom_set(n_unlabeled - half, SEEDS["unlabeled"] + half, "ood", spec)[0]])
+        for arm in pretrained:
+            encoders[arm] = pretrained_encoder(arm, args, spec, out, x_unl, steps)
+            print(f"pretrained {arm}: {encoders[arm][2]}", flush=True)
+    if args.encoder:
+        bundle = load_bundle(args.encoder)
+        encoders["given"] = (bundle.model.encoder.state_dict(), bundle.meta.encoder, {"encoder": str(args.encoder)})
+    from fmct.ssl.config import recipe
+
+    enc_cfg = next((e[1] for e in encoders.values()), None) or SSLConfig.from_dict(recipe("tiny")).encoder_config
+    if "scratch" in args.arms:
+        encoders = {"scratch": (None, enc_cfg, {"arm": "scratch"}), **encoders}
+
     x_lab, y_lab = phantom_set(n_labelled, SEEDS["labelled"], "default", spec)
     x_test, y_test = phantom_set(n_test, SEEDS["test"], "ood", spec)
-    feats = {name: (frozen_features(state, enc_cfg, x_lab, args.seed), frozen_features(state, enc_cfg, x_test, args.seed))
-             for name, state in (("ssl", enc_state), ("scratch", None))}
+    feats = {name: (frozen_features(state, cfg, x_lab, args.seed), frozen_features(state, cfg, x_test, args.seed))
+             for name, (state, cfg, _) in encoders.items()}
     rows = []
     for k in budgets:
         row: dict = {"labels_per_class": k}
-        draws = [few_labels(y_lab, k, args.seed + 1000 * d + k) for d in range(args.probe_draws)]
-        probe = {name: [linear_probe_scores(f_lab[idx], y_lab[idx], f_test) for idx in draws] for name, (f_lab, f_test) in feats.items()}
-        row["linear"] = compare(y_test, probe["ssl"], probe["scratch"], args.n_boot, args.seed)
+        draws = [few_labels(y_lab, k, args.seed + 1000 * d + k) for d in range(max(args.probe_draws, args.finetune_draws))]
+        probe = {name: [linear_probe_scores(f_lab[idx], y_lab[idx], f_test) for idx in draws[:args.probe_draws]]
+                 for name, (f_lab, f_test) in feats.items()}
+        row["linear"] = compare(y_test, probe, args.n_boot, args.seed)
         if not args.skip_finetune:
-            idx, t0 = draws[0], time.time()
-            full = {name: [finetune_scores(state, enc_cfg, x_lab[idx], y_lab[idx], x_test, epochs, args.seed + k)]
-                    for name, state in (("ssl", enc_state), ("scratch", None))}
-            row["finetune"] = compare(y_test, full["ssl"], full["scratch"], args.n_boot, args.seed)
+            t0 = time.time()
+            full = {name: [finetune_scores(state, cfg, x_lab[idx], y_lab[idx], x_test, epochs, args.seed + k + 7 * d)
+                           for d, idx in enumerate(draws[:args.finetune_draws])]
+                    for name, (state, cfg, _) in encoders.items()}
+            row["finetune"] = compare(y_test, full, args.n_boot, args.seed)
             row["finetune"]["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print_table([row])
+    print("\nall budgets:")
     print_table(rows)
     summary = {
-        "task": TASK, "quick": args.quick, "threads": args.threads, "encoder": origin,
-        "n_labelled_pool": n_labelled, "n_test_ood": n_test, "finetune_epochs": epochs, "probe_draws": args.probe_draws,
+        "task": TASK, "quick": args.quick, "threads": args.threads, "arms": {n: e[2] for n, e in encoders.items()},
+        "n_unlabeled": n_unlabeled, "pretrain_steps": steps, "n_labelled_pool": n_labelled, "n_test_ood": n_test,
+        "finetune_epochs": epochs, "probe_draws": args.probe_draws, "finetune_draws": args.finetune_draws,
         "test_prevalence": float(y_test.mean()), "rows": rows, "total_seconds": round(time.time() - t_start, 1),
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -204,9 +204,34 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from fmct.train.pretrain import main as pretrain_main
+    from fmct.train.pretrain import run_from_args
 
-    return pretrain_main(args.rest)
+    return run_from_args(args)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from fmct.embed import embed
+
+    with TqdmProgress("embed") as progress:
+        result = embed(args.data, args.model, args.out, layers=args.layers, device=args.device, overwrite=args.overwrite,
+                       progress=progress)
+    extra = f", {result['reused']} kept from an earlier run" if result["reused"] else ""
+    skipped = f"; skipped {len(result['skipped'])} unreadable (see {result['out']}.skipped.json)" if result["skipped"] else ""
+    print(f"Wrote {result['rows']} row(s) ({', '.join(result['features'])}) to {result['out']}{extra}{skipped}")
+    print(f"Probe them on your labels: fmct probe {result['out']} [--labels LABELS.csv]")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from fmct.probe import format_report, probe, write_report
+
+    methods = tuple(m.strip() for m in args.method.split(",")) if args.method != "both" else ("knn", "logreg")
+    report = probe(args.features, labels=args.labels, tasks=args.tasks.split(",") if args.tasks else None, methods=methods,
+                   which=args.features_set, folds=args.folds, k=args.k, seed=args.seed)
+    print(format_report(report))
+    if args.out:
+        print(f"Wrote {write_report(report, args.out)}")
+    return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -230,19 +255,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fmct.train.evaluate_bundle import evaluate_bundle
 
-    options = {"model": args.model, "data": args.data, "ood_data": args.ood, "out": args.out, "device": args.device,
-               "cache_dir": args.cache_dir, "n_boot": args.n_boot}
-    if args.config:
-        from fmct.config_file import read_config_file
+    from fmct.config_file import EvaluateConfig
 
-        options = {**read_config_file(args.config), **{k: v for k, v in options.items() if v is not None}}
-    if not options.get("data"):
+    o = EvaluateConfig.from_file_and_flags(args.config, model=args.model, data=args.data, ood_data=args.ood, out=args.out,
+                                           device=args.device, cache_dir=args.cache_dir, n_boot=args.n_boot)
+    if not o.data:
         raise ConfigError("evaluate needs --data (a labelled manifest CSV or folder), on the command line or in --config")
     with TqdmProgress("evaluate") as progress:
-        evaluate_bundle(options.get("model"), options["data"], options.get("out") or "fmct_eval",
-                        ood_data=options.get("ood_data"), device=options.get("device") or "auto",
-                        cache_dir=options.get("cache_dir") or ".fmct_cache", n_boot=int(options.get("n_boot") or 1000),
-                        progress=progress)
+        evaluate_bundle(o.model, o.data, o.out, ood_data=o.ood_data, device=o.device, cache_dir=o.cache_dir,
+                        n_boot=o.n_boot, progress=progress)
     return 0
 
 
@@ -297,9 +318,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     e.set_defaults(func=cmd_export)
 
-    pt = sub.add_parser("pretrain", add_help=False,
-                        help="self-supervised pretraining of the encoder (DINO + iBOT); `fmct pretrain --help` for options")
-    pt.set_defaults(func=cmd_pretrain, passthrough=True)
+    from fmct.train.pretrain_args import USAGE_EXAMPLES, add_arguments
+
+    pt = sub.add_parser("pretrain", help="self-supervised pretraining of the encoder (DINO + iBOT + masked reconstruction)",
+                        description="Self-supervised pretraining of the encoder on unlabelled head CTs; writes a task-less "
+                                    "bundle (RUN/bundle) to embed with or fine-tune. Flags override --config.",
+                        epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(pt)
+    pt.set_defaults(func=cmd_pretrain)
+
+    em = sub.add_parser("embed", help="features of every study from an encoder bundle (CLS, mean patch token, last layers)",
+                        description="One feature row per study: the encoder's CLS token and mean patch token (and with "
+                                    "--layers N those of the last N blocks). Resumable: a rerun skips studies already "
+                                    "embedded with the same model and options.")
+    em.add_argument("data", help="studies: a folder (e.g. from `fmct phantom`), a manifest CSV, the RSNA or CQ500 layout")
+    em.add_argument("--model", required=True, help="encoder bundle: from `fmct pretrain` (RUN/bundle) or any fine-tuned bundle")
+    em.add_argument("--out", required=True, help="features.npz (arrays per feature, study_id, labels) or features.csv (one row per study)")
+    em.add_argument("--layers", type=int, default=0, help="also the CLS and mean patch token of the last N blocks (default 0)")
+    em.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP)
+    em.add_argument("--overwrite", action="store_true", help="start again when --out holds features of another model or options")
+    em.set_defaults(func=cmd_embed)
+
+    pb = sub.add_parser("probe", help="kNN / logistic-regression AUROC of saved embeddings on labels, cross-validated",
+                        description="Evaluate an encoder on your labels in minutes: stratified k-fold kNN and L2 logistic "
+                                    "regression on features from `fmct embed`; AUROC per fold and pooled with a 95%% CI.")
+    pb.add_argument("features", help="features.npz or .csv from `fmct embed`")
+    pb.add_argument("--labels", help="labels CSV (study_id + 0/1 task columns); default: the labels the features file carries")
+    pb.add_argument("--tasks", help="comma-separated tasks (default: all)")
+    pb.add_argument("--method", default="both", help="knn, logreg or both (default)")
+    pb.add_argument("--features-set", default="cls+patch_mean",
+                    help="which features, '+'-joined: cls, patch_mean, blockK_cls, ... (default cls+patch_mean)")
+    pb.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    pb.add_argument("--k", type=int, default=20, help="neighbours for kNN (default 20)")
+    pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("--out", help="write the report as JSON here")
+    pb.set_defaults(func=cmd_probe)
 
     ft = sub.add_parser("finetune", help="fine-tune task heads on labelled CTs (from a pretrained encoder or from scratch)",
                         description="Fine-tune task heads. Options override the --config file (YAML or JSON with the same names).")

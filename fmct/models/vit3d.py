@@ -6,6 +6,8 @@ A mask token is part of the encoder so masked image modeling can replace patch t
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -153,6 +155,74 @@ class ViT3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)["cls"]
+
+    @torch.no_grad()
+    def get_intermediate_layers(self, x: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
+                                return_class_token: bool = False, norm: bool = True) -> tuple:
+        """Outputs of the last ``n`` blocks (or of the blocks whose indices ``n`` lists), as DINOv2 has it.
+
+        Each entry is the patch tokens [B, N, D] (``reshape``: [B, D, gd, gh, gw] on the patch
+        grid), or with ``return_class_token`` a pair (patch tokens, CLS [B, D]). ``norm`` applies
+        the final LayerNorm to every returned layer, as DINOv2 does.
+        """
+        total = len(self.blocks)
+        wanted = set(range(total - n, total) if isinstance(n, int) else n)
+        if not wanted or min(wanted) < 0 or max(wanted) >= total:
+            raise ValueError(f"layers {sorted(wanted)} are outside this encoder's 0..{total - 1}")
+        grid = tuple(s // p for s, p in zip(x.shape[2:], self.cfg.patch_size))
+        tokens, outputs = self.prepare_tokens(x), []
+        for i, block in enumerate(self.blocks):
+            tokens, _ = block(tokens)
+            if i in wanted:
+                outputs.append(self.norm(tokens) if norm else tokens)
+        result = []
+        for out in outputs:
+            cls, patch = out[:, 0], out[:, 1:]
+            if reshape:
+                patch = patch.transpose(1, 2).reshape(out.shape[0], -1, *grid)
+            result.append((patch, cls) if return_class_token else patch)
+        return tuple(result)
+
+    # ------------------------------------------------------------------ parameter groups (timm's names)
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that weight decay must not shrink: tokens and positions (biases and norms are 1-D)."""
+        return {"cls_token", "mask_token", "pos_embed"}
+
+    def num_layers(self) -> int:
+        """Layer ids run 0 (embeddings) .. depth + 1 (final norm), for layer-wise lr decay."""
+        return len(self.blocks) + 2
+
+    def layer_id(self, name: str) -> int:
+        """The layer a parameter (its name inside this encoder) belongs to: 0 embeddings, i + 1 block i,
+        depth + 1 the final norm."""
+        if name.startswith(("patch_embed.", "cls_token", "mask_token", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
+    def param_groups(self, weight_decay: float, lr_decay: float = 1.0, patch_embed_lr_mult: float = 1.0,
+                     prefix: str = "") -> list[dict]:
+        """AdamW groups: no decay on 1-D parameters and ``no_weight_decay()``, an ``lr_scale`` per layer
+        (lr_decay ** (num_layers - 1 - layer_id)), the patch embedding times patch_embed_lr_mult.
+
+        Trainers multiply each group's lr by its ``lr_scale`` and its weight decay by ``wd_scale``
+        (1.0 or 0.0), so a weight-decay schedule keeps the no-decay groups at 0. ``prefix`` names
+        the parameters as the caller's module sees them (e.g. "encoder.").
+        """
+        skip, top, groups = self.no_weight_decay(), self.num_layers() - 1, {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            no_decay = p.ndim <= 1 or name in skip
+            lid = self.layer_id(name)
+            scale = lr_decay ** (top - lid) * (patch_embed_lr_mult if name.startswith("patch_embed.") else 1.0)
+            key = (lid, no_decay, name.startswith("patch_embed."))
+            g = groups.setdefault(key, {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                        "wd_scale": 0.0 if no_decay else 1.0, "lr_scale": scale, "layer_id": lid})
+            g["params"].append(p)
+            g["names"].append(prefix + name)
+        return [groups[k] for k in sorted(groups)]
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:

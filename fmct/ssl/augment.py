@@ -48,10 +48,13 @@ class MultiCropAugmentation:
 
     cfg: CropSection
 
-    def __call__(self, volume: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def __call__(self, volume: torch.Tensor, gen: torch.Generator, n_local: int | None = None) -> dict[str, torch.Tensor]:
+        """n_local: how many local crops (default cfg.n_local); the global views come first from gen,
+        so they are the same whatever n_local is."""
         volume = volume.float()
+        n_local = self.cfg.n_local if n_local is None else n_local
         globals_ = [self.view(volume, gen, self.cfg.global_scale, self.cfg.global_size) for _ in range(2)]
-        locals_ = [self.view(volume, gen, self.cfg.local_scale, self.cfg.local_size) for _ in range(self.cfg.n_local)]
+        locals_ = [self.view(volume, gen, self.cfg.local_scale, self.cfg.local_size) for _ in range(n_local)]
         out = {"global": torch.stack(globals_)}
         out["local"] = torch.stack(locals_) if locals_ else volume.new_zeros((0, volume.shape[0], *self.cfg.local_size))
         return out
@@ -65,7 +68,7 @@ class MultiCropAugmentation:
                             size: tuple[int, int, int]) -> torch.Tensor:
         """Crop a box covering a random fraction of the volume, rotate slightly, flip LR, resize."""
         frac = float(_uniform(gen, *scale))
-        aspect = torch.exp(_uniform(gen, -0.15, 0.15, 3))
+        aspect = torch.exp(_uniform(gen, -self.cfg.aspect_jitter, self.cfg.aspect_jitter, 3))
         side = (frac ** (1.0 / 3.0) * aspect).clamp(max=1.0)  # half-extent in normalised [-1, 1] units
         centre = (torch.rand(3, generator=gen, dtype=torch.float64) * 2 - 1) * (1 - side)
         flip = float(torch.rand(1, generator=gen)) < self.cfg.flip_lr

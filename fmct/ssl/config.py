@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from fmct.config_file import read_config_file
+from fmct.config_file import build_config, read_config_file
 from fmct.errors import ConfigError
 from fmct.models.config import ViT3DConfig, preset
 
@@ -53,6 +53,7 @@ class DataSection:
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)  # (x, y, z), as in PreprocessSpec
     size: tuple[int, int, int] = (64, 64, 64)  # (x, y, z); must match encoder img_size (z, y, x)
     in_plane_size: int = 128
+    anatomy: str = "default"  # phantoms: anatomy preset(s), comma-separated and taken in turn, e.g. "default,ood"
 
 
 @dataclass
@@ -66,13 +67,15 @@ class CropSection:
     global_size: tuple[int, int, int] = (64, 64, 64)
     local_size: tuple[int, int, int] = (32, 32, 32)
     n_local: int = 4
-    global_scale: tuple[float, float] = (0.5, 1.0)
+    local_start_step: int = 0  # local crops join from this step on (once the global views have started to learn)
+    global_scale: tuple[float, float] = (0.8, 1.0)
     local_scale: tuple[float, float] = (0.1, 0.35)
-    flip_lr: float = 0.5
-    max_rotation_deg: float = 10.0
-    window_scale: float = 0.1
-    window_shift: float = 0.05
-    noise_std: float = 0.02
+    aspect_jitter: float = 0.05  # per-axis log-aspect range of a crop box; phantoms' head shapes differ by ~8%
+    flip_lr: float = 0.0
+    max_rotation_deg: float = 5.0
+    window_scale: float = 0.05
+    window_shift: float = 0.02
+    noise_std: float = 0.01
 
 
 @dataclass
@@ -87,6 +90,7 @@ class DINOSection:
     warmup_teacher_temp_steps: int = 100
     centering: str = "centering"  # or "sinkhorn_knopp"
     center_momentum: float = 0.9
+    sinkhorn_queue: int = 0  # Sinkhorn-Knopp over this batch + this many past teacher rows (0 = the batch alone, DINOv2)
     loss_weight: float = 1.0
     koleo_loss_weight: float = 0.0  # DINOv2's KoLeo term on the student's CLS features (0.1 there); 0 = off
 
@@ -117,7 +121,10 @@ class OptimSection:
     min_lr: float = 1e-6
     warmup_steps: int = 100
     weight_decay: float = 0.04
-    clip_grad: float = 3.0
+    weight_decay_end: float = 0.2  # cosine from weight_decay to this over the run (DINOv2: 0.04 -> 0.2)
+    clip_grad: float = 3.0  # per part (backbone, each head), as DINOv2 clips
+    patch_embed_lr_mult: float = 0.2  # DINOv2 trains the patch embedding at a fifth of the lr
+    freeze_last_layer_steps: int = 0  # the heads' prototype layers get no update for this many steps (DINOv2: 1 epoch)
     momentum_teacher: float = 0.992
     final_momentum_teacher: float = 1.0
 
@@ -129,6 +136,7 @@ class RunSection:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     num_threads: int = 0  # 0: leave torch's default
+    workers: int = -1  # DataLoader processes making crops ahead of the model; -1: auto (min(8, CPUs - 1) beside a GPU, 0 on CPU)
 
 
 @dataclass
@@ -169,6 +177,10 @@ class SSLConfig:
             raise ConfigError(f"ibot.mask_ratio {[lo, hi]} must satisfy 0 <= min <= max < 1")
         if self.optim.batch_size < 1 or self.optim.steps < 1:
             raise ConfigError("optim.batch_size and optim.steps must be at least 1")
+        if self.dino.sinkhorn_queue < 0 or self.crops.local_start_step < 0 or self.optim.freeze_last_layer_steps < 0:
+            raise ConfigError("dino.sinkhorn_queue, crops.local_start_step and optim.freeze_last_layer_steps must be >= 0")
+        if not (0 < self.dino.warmup_teacher_temp and 0 < self.dino.teacher_temp):
+            raise ConfigError("dino.warmup_teacher_temp and dino.teacher_temp must be > 0")
         if self.run.checkpoint_every < 1:
             raise ConfigError("run.checkpoint_every must be at least 1")
 
@@ -206,49 +218,67 @@ def _to_plain(obj: Any) -> Any:
 
 
 def _from_dict(cls: type, d: Any, where: str) -> Any:
-    """Build dataclass cls from a mapping; sections recurse, leaves take their default's type."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"config section '{where or 'root'}' must be a mapping, got {type(d).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"config section '{where or 'root'}': unknown key(s) {unknown}; known: {sorted(known)}")
-    defaults = {f.name: f.default_factory() for f in fields(cls) if callable(f.default_factory)}  # type: ignore[misc]
-    defaults.update({f.name: f.default for f in fields(cls) if not callable(f.default_factory)})  # type: ignore[misc]
-    kwargs = {}
-    for name, value in d.items():
-        key = f"{where}.{name}" if where else name
-        default = defaults[name]
-        if is_dataclass(default):
-            kwargs[name] = _from_dict(type(default), value, key)
-        else:
-            kwargs[name] = _coerce(value, default, key)
-    return cls(**kwargs)
+    """Build dataclass cls from a mapping with the one typed loader (fmct.config_file.build_config)."""
+    return build_config(cls, d, where)
 
 
-def _coerce(value: Any, default: Any, key: str) -> Any:
-    """Give value the type of the default (tuples stay tuples, ints may become floats)."""
-    try:
-        if isinstance(default, tuple):
-            if not isinstance(value, (list, tuple)) or len(value) != len(default):
-                raise ConfigError(f"config key '{key}' must be a list of {len(default)} numbers, got {value!r}")
-            return tuple(type(x)(v) for x, v in zip(default, value))
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
-            return value
-        if isinstance(default, (int, float)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-            if isinstance(default, int) and not float(value).is_integer():
-                raise ConfigError(f"config key '{key}' must be a whole number, got {value!r}")
-            return type(default)(value)
-        if isinstance(default, str):
-            return str(value)
-        if isinstance(default, dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
-            return dict(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config key '{key}': {e}") from e
-    return value
+# ----------------------------------------------------------------------------- size presets
+# The recipe `fmct pretrain DATA --out RUN` starts from (flags and --config override it). "tiny" is
+# Resources/Configs/pretrain_tiny.yaml less its data section, measured to learn on 2 CPU cores
+# (benchmarks/RESULTS.md section 11); "small" and "base" scale the same recipe to the larger encoders
+# and a GPU (wider crops, more local crops, a longer run, a larger batch); they are not yet measured.
+_TINY_RECIPE: dict[str, Any] = {
+    "encoder": {"preset": "tiny"},
+    "data": {"source": "phantoms", "n": 96, "anatomy": "default,ood", "spacing_mm": [3.0, 3.0, 3.0], "size": [64, 64, 64]},
+    "crops": {"global_size": [48, 48, 48], "local_size": [24, 24, 24], "n_local": 2, "local_start_step": 200,
+              "global_scale": [0.8, 1.0], "local_scale": [0.3, 0.5], "aspect_jitter": 0.05, "flip_lr": 0.0,
+              "max_rotation_deg": 5.0, "window_scale": 0.05, "window_shift": 0.02, "noise_std": 0.01},
+    "dino": {"out_dim": 1024, "centering": "sinkhorn_knopp", "sinkhorn_queue": 256, "warmup_teacher_temp": 0.01,
+             "teacher_temp": 0.02, "warmup_teacher_temp_steps": 300},
+    "ibot": {"enabled": True, "mask_ratio": [0.1, 0.5]},
+    "mae": {"enabled": True},
+    "optim": {"batch_size": 8, "steps": 300, "lr": 5e-4, "warmup_steps": 30, "weight_decay": 0.04,
+              "weight_decay_end": 0.2, "freeze_last_layer_steps": 30, "momentum_teacher": 0.99,
+              "final_momentum_teacher": 0.999},
+    "run": {"seed": 0, "checkpoint_every": 100},
+}
+
+# per size: encoder preset, data grid (x, y, z) and spacing, global/local crop edge, and what a GPU run changes
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"grid": 64, "spacing": 3.0, "global": 48, "local": 24, "changes": {}},
+    "small": {"grid": 96, "spacing": 2.0, "global": 72, "local": 36,
+              "changes": {"crops": {"n_local": 8, "local_start_step": 1000},
+                          "dino": {"out_dim": 4096, "warmup_teacher_temp_steps": 3000, "teacher_temp": 0.04},
+                          "optim": {"batch_size": 32, "steps": 20000, "warmup_steps": 1000, "freeze_last_layer_steps": 500,
+                                    "momentum_teacher": 0.992, "final_momentum_teacher": 0.9995},
+                          "run": {"checkpoint_every": 1000}}},
+    "base": {"grid": 128, "spacing": 1.5, "global": 96, "local": 48,
+             "changes": {"crops": {"n_local": 8, "local_start_step": 2000},
+                         "dino": {"out_dim": 8192, "warmup_teacher_temp_steps": 5000, "teacher_temp": 0.04},
+                         "optim": {"batch_size": 64, "steps": 50000, "warmup_steps": 2500, "freeze_last_layer_steps": 1000,
+                                   "momentum_teacher": 0.994, "final_momentum_teacher": 0.9998, "lr": 3e-4},
+                         "run": {"checkpoint_every": 1000}}},
+}
+
+
+def apply_size(raw: dict[str, Any], size: str, changes: bool = True) -> dict[str, Any]:
+    """raw with the encoder, grid and crop sizes of a named size (and, with changes, its run scale)."""
+    if size not in SIZES:
+        raise ConfigError(f"unknown size '{size}'; choose one of {sorted(SIZES)}")
+    s, out = SIZES[size], {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    out.setdefault("encoder", {})["preset"] = size
+    data = out.setdefault("data", {})
+    data["size"], data["spacing_mm"] = [s["grid"]] * 3, [s["spacing"]] * 3
+    crops = out.setdefault("crops", {})
+    crops["global_size"], crops["local_size"] = [s["global"]] * 3, [s["local"]] * 3
+    if changes:
+        for section, values in s["changes"].items():
+            out.setdefault(section, {}).update(values)
+    return out
+
+
+def recipe(size: str = "tiny") -> dict[str, Any]:
+    """The default recipe of a size as a raw config mapping (SSLConfig.from_dict reads it)."""
+    import copy
+
+    return apply_size(copy.deepcopy(_TINY_RECIPE), size)

@@ -12,11 +12,12 @@ import math
 import torch
 from torch import nn
 
-from fmct.models.vit3d import ViT3D
+from fmct.models.vit3d import DropPath, ViT3D
 from fmct.ssl.config import SSLConfig
 from fmct.ssl.ema import update_teacher
 from fmct.ssl.heads import DINOHead, PixelDecoder, patchify
 from fmct.ssl.losses import DINOLoss, IBOTPatchLoss, koleo_loss, masked_reconstruction_loss
+from fmct.ssl.metrics import logit_spread, pixel_view_ratio, view_metrics
 
 
 @torch.no_grad()
@@ -60,7 +61,12 @@ class Student(nn.Module):
 
 
 class Teacher(nn.Module):
-    """The EMA copy: backbone + the heads it needs; never receives gradients."""
+    """The EMA copy: backbone + the heads it needs; never receives gradients, always in eval mode.
+
+    The student's stochastic depth is switched off in the copy (DINOv2's teacher has
+    drop_path 0), and ``train()`` never puts it back in training mode: the targets must be
+    the deterministic output of the averaged weights.
+    """
 
     def __init__(self, student: Student) -> None:
         super().__init__()
@@ -69,6 +75,13 @@ class Teacher(nn.Module):
         self.ibot_head = copy.deepcopy(student.ibot_head) if student.ibot_head is not None else None
         for p in self.parameters():
             p.requires_grad = False
+        for m in self.modules():
+            if isinstance(m, DropPath):
+                m.p = 0.0
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)
 
     def patch_head(self) -> DINOHead:
         return self.ibot_head if self.ibot_head is not None else self.dino_head
@@ -76,7 +89,7 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, global_crops: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         g = self.backbone.forward_features(global_crops)
-        return {"cls_logits": self.dino_head(g["cls"]), "patch_logits": self.patch_head()(g["patch"][masks])}
+        return {"cls_logits": self.dino_head(g["cls"]), "patch_logits": self.patch_head()(g["patch"][masks]), "cls": g["cls"]}
 
 
 class SelfDistillation(nn.Module):
@@ -87,8 +100,9 @@ class SelfDistillation(nn.Module):
         self.cfg = cfg
         self.student = Student(cfg)
         self.teacher = Teacher(self.student)
-        self.dino_loss = DINOLoss(cfg.dino.out_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
-        self.ibot_loss = IBOTPatchLoss(cfg.dino.out_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
+        q = cfg.dino.sinkhorn_queue if cfg.dino.centering == "sinkhorn_knopp" else 0
+        self.dino_loss = DINOLoss(cfg.dino.out_dim, cfg.dino.student_temp, cfg.dino.center_momentum, q)
+        self.ibot_loss = IBOTPatchLoss(cfg.dino.out_dim, cfg.dino.student_temp, cfg.dino.center_momentum, q)
 
     def forward(self, batch: dict[str, torch.Tensor], teacher_temp: float, student: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Losses of one step; batch holds "global" [2B, ...], "local" [nB, ...], "masks" [2B, N]."""
@@ -103,7 +117,13 @@ class SelfDistillation(nn.Module):
         s = student(glob, loc, masks)
         student_views = list(s["cls_logits"].split(b))
         losses = {"dino": self.dino_loss(student_views, list(teacher_probs)) * cfg.dino.loss_weight}
+        # What says whether DINO learns (fmct.ssl.metrics); logged, never differentiated.
         losses["teacher_entropy"] = normalized_entropy(torch.cat(teacher_probs))
+        losses["dino_over_log_k"] = losses["dino"].detach() / (cfg.dino.loss_weight * math.log(cfg.dino.out_dim)) \
+            if cfg.dino.loss_weight > 0 else losses["dino"].detach() * 0.0
+        losses.update(view_metrics(*t["cls"].chunk(n_global)))
+        losses["pixel_view_ratio"] = pixel_view_ratio(*glob.chunk(n_global))
+        losses["teacher_logit_spread"] = logit_spread(t["cls_logits"])
         total = losses["dino"]
         if cfg.dino.koleo_loss_weight > 0:
             losses["koleo"] = sum(koleo_loss(c) for c in s["global_cls"].chunk(n_global)) * cfg.dino.koleo_loss_weight

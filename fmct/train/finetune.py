@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle
 from fmct.ood import fit_reference
-from fmct.config_file import read_config_file
+from fmct.config_file import build_config, read_config_file
 from fmct.data import CachedVolumeDataset, collate_skip_none
 from fmct.errors import ConfigError
 from fmct.evaluate import evaluation_report
@@ -78,11 +78,8 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "FinetuneConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"finetune config: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**raw)
+        """Typed: every value converted to its field's type (YAML's string '1e-4' to 0.0001) or refused, naming the key."""
+        return build_config(cls, raw, "finetune")
 
 
 def few_label_subset(studies: list[Study], tasks: list[str], k: int, seed: int) -> list[Study]:
@@ -108,26 +105,19 @@ def split(manifest: Manifest, fraction: float, seed: int) -> tuple[list[Study], 
 def layer_decay_groups(model: FMCTClassifier, lr_decay: float, weight_decay: float) -> list[dict]:
     """Parameter groups whose lr shrinks by lr_decay per block from the head down to the patch embedding.
 
-    Early layers hold the generic features pretraining learnt; moving them less keeps them.
-    Norms, biases and tokens get no weight decay, as in DINOv2/BEiT fine-tuning.
+    Early layers hold the generic features pretraining learnt; moving them less keeps them. The
+    encoder declares its groups (ViT3D.param_groups: layer ids, no decay on norms, biases, tokens
+    and positions, as in DINOv2/BEiT fine-tuning); the head trains at the full lr.
     """
-    depth = len(model.encoder.blocks)
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith("encoder.blocks."):
-            layer = int(name.split(".")[2]) + 1
-        elif name.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.pos_embed", "encoder.mask_token")):
-            layer = 0
-        else:
-            layer = depth + 1
-        no_decay = p.ndim == 1 or name.endswith(("cls_token", "pos_embed", "mask_token"))
-        group = groups.setdefault((layer, no_decay), {
-            "params": [], "lr_scale": lr_decay ** (depth + 1 - layer), "weight_decay": 0.0 if no_decay else weight_decay,
-        })
-        group["params"].append(p)
-    return list(groups.values())
+    groups = [g for g in model.encoder.param_groups(weight_decay, lr_decay=lr_decay, prefix="encoder.")]
+    head = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("encoder.")]
+    decay = [p for p in head if p.ndim > 1]
+    no_decay = [p for p in head if p.ndim <= 1]
+    groups += [{"params": decay, "lr_scale": 1.0, "weight_decay": weight_decay},
+               {"params": no_decay, "lr_scale": 1.0, "weight_decay": 0.0}]
+    for g in groups:
+        g.pop("names", None)
+    return [g for g in groups if g["params"]]
 
 
 def build_model(cfg: FinetuneConfig, n_tasks: int) -> tuple[FMCTClassifier, PreprocessSpec, dict]:

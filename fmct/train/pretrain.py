@@ -39,6 +39,7 @@ from fmct.ssl.ema import cosine, teacher_momentum, teacher_temperature
 from fmct.ssl.masking import sample_masks
 from fmct.ssl.meta_arch import SelfDistillation
 from fmct.train import checkpoint as ckpt
+from fmct.train.pretrain_args import build_parser, config_from_args  # noqa: F401  (re-exported)
 from fmct.train import distributed as ddp
 from fmct.runtime import CancelCheck, Progress, autocast
 
@@ -46,6 +47,7 @@ log = logging.getLogger("fmct.train.pretrain")
 
 CONFIG_FILE = "config.json"
 LOSS_LOG = "losses.jsonl"
+VIEW_CHECK = "view_check.json"  # the data's view calibration, measured at the start of a run
 CHECKPOINT_DIR = "checkpoints"
 BUNDLE_DIR = "bundle"
 _STEP_SLEEP_ENV = "FMCT_PRETRAIN_STEP_SLEEP"  # tests only: slow steps down so a kill lands mid-run
@@ -79,15 +81,26 @@ class TensorVolumes:
         return self.x[index]
 
 
-def make_phantom_tensors(n: int, seed: int, spacing_mm: Sequence[float], size: Sequence[int], in_plane_size: int = 128) -> torch.Tensor:
-    """n synthetic head CTs preprocessed to the model grid: [n, 3, D, H, W] float16."""
+def make_phantom_tensors(n: int, seed: int, spacing_mm: Sequence[float], size: Sequence[int], in_plane_size: int = 128,
+                         anatomy: str = "default") -> torch.Tensor:
+    """n synthetic head CTs preprocessed to the model grid: [n, 3, D, H, W] float16.
+
+    anatomy: a preset name, or several comma-separated, taken in turn (more varied data)."""
     from fmct.phantom import make_phantom
     from fmct.preprocess import Preprocessor, PreprocessSpec
 
-    pre = Preprocessor(PreprocessSpec(spacing_mm=tuple(spacing_mm), size=tuple(size)))
-    slices = ("thick", "thin")
-    xs = [pre(make_phantom(seed + i, slices=slices[i % 2], in_plane_size=in_plane_size).volume).tensor[0].half() for i in range(n)]
+    pre = Preprocessor(PreprocessSpec(spacing_mm=tuple(float(v) for v in spacing_mm), size=tuple(int(v) for v in size)))
+    slices, presets = ("thick", "thin"), [a.strip() for a in anatomy.split(",") if a.strip()] or ["default"]
+    xs = [pre(make_phantom(seed + i, slices=slices[i % 2], in_plane_size=in_plane_size,
+                           anatomy=presets[(i // 2) % len(presets)]).volume).tensor[0].half() for i in range(n)]
     return torch.stack(xs)
+
+
+def preprocess_spec(cfg: SSLConfig) -> Any:
+    """The one PreprocessSpec of a run: what its data goes through and what its bundle records."""
+    from fmct.preprocess import PreprocessSpec
+
+    return PreprocessSpec(spacing_mm=tuple(cfg.data.spacing_mm), size=tuple(cfg.data.size))
 
 
 def load_dataset(cfg: SSLConfig) -> Any:
@@ -95,10 +108,8 @@ def load_dataset(cfg: SSLConfig) -> Any:
     if d.source == "manifest":
         from fmct.data import CachedVolumeDataset
         from fmct.manifests import load_manifest
-        from fmct.preprocess import PreprocessSpec
 
-        spec = PreprocessSpec(spacing_mm=tuple(d.spacing_mm), size=tuple(d.size))
-        return CachedVolumeDataset(load_manifest(d.path), spec, d.cache_dir, tasks=[]).prepare()
+        return CachedVolumeDataset(load_manifest(d.path), preprocess_spec(cfg), d.cache_dir, tasks=[]).prepare()
     if d.source == "tensors":
         from safetensors.torch import load_file
 
@@ -109,11 +120,48 @@ def load_dataset(cfg: SSLConfig) -> Any:
         if "x" not in tensors:
             raise ConfigError(f"data.path {path} has no tensor 'x' (it has {sorted(tensors)})")
         return TensorVolumes(tensors["x"])
-    return TensorVolumes(make_phantom_tensors(d.n, d.seed, d.spacing_mm, d.size, d.in_plane_size))
+    return TensorVolumes(make_phantom_tensors(d.n, d.seed, d.spacing_mm, d.size, d.in_plane_size, d.anatomy))
 
 
 def _image(item: Any) -> torch.Tensor:
     return item["image"] if isinstance(item, dict) else item
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Steps start..total-1 as a map-style dataset, so DataLoader workers make batches ahead of the model.
+
+    Item i is StepBatches(start + i): a pure function of the step and seed, so what a worker makes
+    is what the training process would have made, and resume stays exact.
+    """
+
+    def __init__(self, batches: "StepBatches", start: int, total: int) -> None:
+        self.batches, self.start, self.total = batches, start, total
+
+    def __len__(self) -> int:
+        return max(self.total - self.start, 0)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.batches(self.start + i)
+
+
+def resolve_workers(workers: int, device: torch.device) -> int:
+    """run.workers, with -1 (auto) meaning min(8, CPUs - 1) beside an accelerator and 0 on a CPU
+    (there the model and the crops share the same cores; RESULTS.md section 11)."""
+    if workers >= 0:
+        return workers
+    return min(8, max((os.cpu_count() or 1) - 1, 0)) if device.type != "cpu" else 0
+
+
+def step_batches(batches: "StepBatches", start: int, total: int, workers: int, pin: bool = False):
+    """An iterator over the batches of steps start..total-1, in order (in this process or in workers)."""
+    if workers <= 0:
+        return (batches(step) for step in range(start, total))
+    import multiprocessing
+
+    loader = torch.utils.data.DataLoader(
+        _Steps(batches, start, total), batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+        prefetch_factor=2, multiprocessing_context=multiprocessing.get_context("spawn"))  # no fork after torch's threads
+    return iter(loader)
 
 
 class StepBatches:
@@ -143,7 +191,9 @@ class StepBatches:
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
         epoch, position = self.position(step)
         seed = self.cfg.run.seed
-        samples = [self.augment(_image(self.dataset[i]), sample_generator(seed, epoch, i)) for i in self.indices(epoch, position)]
+        n_local = self.cfg.crops.n_local if step >= self.cfg.crops.local_start_step else 0
+        samples = [self.augment(_image(self.dataset[i]), sample_generator(seed, epoch, i), n_local)
+                   for i in self.indices(epoch, position)]
         batch = collate_crops(samples)
         ib = self.cfg.ibot
         prob = ib.mask_probability if (ib.enabled or self.cfg.mae.enabled) else 0.0
@@ -152,15 +202,62 @@ class StepBatches:
         return batch
 
 
+def view_calibration(dataset: VolumeDataset, cfg: SSLConfig, n: int = 16) -> dict[str, float]:
+    """Are two global views of one CT more alike than views of two CTs? Measured on the run's data.
+
+    pixel_view_ratio = rms(view 1, view 2 of one CT) / rms(view 1 of CT i, view 2 of CT j), over
+    the first n volumes, with the run's own augmentation (seeded apart from the run's crops). Below
+    1 the augmentations keep what tells CTs apart; at ~1 self-distillation cannot learn (RESULTS.md
+    section 11).
+    """
+    from fmct.ssl.metrics import pixel_view_ratio
+
+    augment, count = MultiCropAugmentation(cfg.crops), min(n, len(dataset))
+    views = [augment(_image(dataset[i]), sample_generator(cfg.run.seed, 0x76696577, i), 0)["global"] for i in range(count)]
+    a, b = torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
+    return {"pixel_view_ratio": float(pixel_view_ratio(a, b)), "volumes": count}
+
+
 # ============================================================================ optimisation
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, tokens and positions (they have no scale to shrink)."""
+def param_groups(student: torch.nn.Module, cfg: SSLConfig) -> list[dict[str, Any]]:
+    """The student's AdamW groups: the encoder declares its own (ViT3D.param_groups: no decay on
+    norms, biases, tokens and positions; the patch embedding at optim.patch_embed_lr_mult of the lr),
+    the heads add theirs. Each group has an "lr_scale" and a "wd_scale" the schedules multiply."""
+    o = cfg.optim
+    groups = student.backbone.param_groups(o.weight_decay, patch_embed_lr_mult=o.patch_embed_lr_mult, prefix="backbone.")
     decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
+    for name, p in student.named_parameters():
+        if not p.requires_grad or name.startswith("backbone."):
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "mask_token", "pos_embed")) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups += [{"params": decay, "weight_decay": o.weight_decay, "wd_scale": 1.0, "lr_scale": 1.0},
+               {"params": no_decay, "weight_decay": 0.0, "wd_scale": 0.0, "lr_scale": 1.0}]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = o.lr * g["lr_scale"]
+        g.pop("names", None)
+    return groups
+
+
+def weight_decay_at(step: int, cfg: SSLConfig) -> float:
+    """Cosine weight-decay schedule from optim.weight_decay to optim.weight_decay_end (DINOv2)."""
+    return cosine(step, cfg.optim.steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
+
+
+def clip_parts(student: torch.nn.Module, max_norm: float) -> None:
+    """Clip the backbone and each head on its own, as DINOv2 does: one huge head gradient must not
+    shrink the backbone's step."""
+    for part in ("backbone", "dino_head", "ibot_head", "pixel_decoder"):
+        module = getattr(student, part, None)
+        if module is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+
+
+def cancel_last_layer_gradients(student: torch.nn.Module) -> None:
+    """The prototypes stay put while the rest of the head settles (DINOv2's freeze_last_layer)."""
+    for name, p in student.named_parameters():
+        if ".last_layer." in f".{name}" and p.grad is not None:
+            p.grad = None
 
 
 def lr_factor(cfg: SSLConfig) -> Callable[[int], float]:
@@ -169,43 +266,80 @@ def lr_factor(cfg: SSLConfig) -> Callable[[int], float]:
 
 
 class CollapseWatch:
-    """Warns once when the teacher's targets stay near uniform: self-distillation is learning nothing.
+    """Warns once when self-distillation is learning nothing, judged from what the features do.
 
-    Past the teacher-temperature warm-up, a normalised target entropy above ``limit`` for
-    ``patience`` consecutive steps means the DINO loss has settled at log(K) (uniform collapse).
+    Entropy alone misleads (a very sharp teacher gives low-entropy targets on features that encode
+    nothing), so over the last ``patience`` steps, past ``min_step``, the mean of
+    - ``feature_spread`` (std of the normalised teacher CLS across the batch) below ``min_spread``:
+      collapsed, every CT gets the same feature;
+    - or ``dino_over_log_k`` above ``max_loss_ratio`` with ``view_gap`` below ``min_gap``: the DINO
+      loss sits at log(K) and the two views of one CT are no more alike than two CTs (uniform
+      targets, nothing learnt).
     The run goes on (masked reconstruction, if on, still trains the encoder), but the log says
-    what to change, naming only settings this run does not already use.
+    what to change, from what the run measured (view calibration, temperature vs logit spread).
     """
 
-    def __init__(self, cfg: SSLConfig, limit: float = 0.98, patience: int = 20) -> None:
-        self.cfg, self.limit, self.patience = cfg, limit, patience
-        self.run, self.warned = 0, False
+    def __init__(self, cfg: SSLConfig, patience: int = 20, min_step: int | None = None, min_spread: float = 0.1,
+                 max_loss_ratio: float = 0.97, min_gap: float = 0.03) -> None:
+        self.cfg, self.patience = cfg, patience
+        self.min_step = cfg.dino.warmup_teacher_temp_steps if min_step is None else min_step
+        self.min_spread, self.max_loss_ratio, self.min_gap = min_spread, max_loss_ratio, min_gap
+        self.recent: list[dict[str, float]] = []
+        self.warned = False
+
+    def verdict(self) -> str | None:
+        """'collapsed', 'not learning' or None, from the recent window."""
+        if len(self.recent) < self.patience:
+            return None
+        mean = {k: sum(r.get(k, 0.0) for r in self.recent) / len(self.recent)
+                for k in ("feature_spread", "view_gap", "dino_over_log_k")}
+        if "feature_spread" in self.recent[-1] and mean["feature_spread"] < self.min_spread:
+            return "collapsed"
+        if mean["dino_over_log_k"] > self.max_loss_ratio and mean["view_gap"] < self.min_gap:
+            return "not learning"
+        return None
 
     def __call__(self, step: int, record: dict[str, float]) -> bool:
         """True on the step the warning is issued."""
-        entropy = record.get("teacher_entropy", 0.0)
-        self.run = self.run + 1 if step > self.cfg.dino.warmup_teacher_temp_steps and entropy > self.limit else 0
-        if self.warned or self.run < self.patience:
+        if step <= self.min_step:
+            return False
+        self.recent = (self.recent + [record])[-self.patience:]
+        if self.warned:
+            return False
+        verdict = self.verdict()
+        if verdict is None:
             return False
         self.warned = True
-        log.warning("step %d: the teacher's targets have been uniform for %d steps (normalised entropy %.3f): "
-                    "DINO/iBOT teach the encoder nothing so far (collapsed, or too slow a start for this run's "
-                    "length)%s. Try %s.", step, self.run, entropy,
-                    " (masked reconstruction still does)" if self.cfg.mae.enabled else "", self.remedies())
+        r = {k: sum(x.get(k, 0.0) for x in self.recent) / len(self.recent) for k in record if isinstance(record[k], (int, float))}
+        log.warning("step %d: self-distillation is %s (last %d steps: feature spread %.3f, view gap %.3f, DINO loss "
+                    "%.2f x log K, teacher entropy %.3f): DINO/iBOT teach the encoder nothing so far%s. Try %s.",
+                    step, verdict, len(self.recent), r.get("feature_spread", 0.0), r.get("view_gap", 0.0),
+                    r.get("dino_over_log_k", 0.0), r.get("teacher_entropy", 0.0),
+                    " (masked reconstruction still does)" if self.cfg.mae.enabled else "", self.remedies(r))
         return True
 
-    def remedies(self) -> str:
-        d, tips = self.cfg.dino, []
+    def remedies(self, r: dict[str, float] | None = None) -> str:
+        r, d, c, tips = r or {}, self.cfg.dino, self.cfg.crops, []
+        if r.get("pixel_view_ratio", 0.0) > 0.9:
+            tips.append(f"milder views (two views of one CT differ {r['pixel_view_ratio']:.2f}x as much as two CTs do: "
+                        "raise crops.global_scale, lower crops.aspect_jitter, max_rotation_deg, window_scale, window_shift, "
+                        "noise_std)")
+        spread = r.get("teacher_logit_spread", 0.0)
+        if spread and d.teacher_temp > 2 * spread:
+            tips.append(f"a lower dino.warmup_teacher_temp / teacher_temp (the teacher's logits vary by {spread:.3f} "
+                        f"across the batch; at temperature {d.teacher_temp:g} its targets are near uniform)")
+        if c.n_local > 0 and c.local_start_step == 0:
+            tips.append("crops.local_start_step > 0 (global views first)")
         if d.centering != "sinkhorn_knopp":
             tips.append("dino.centering: sinkhorn_knopp")
-        if d.koleo_loss_weight <= 0:
-            tips.append("dino.koleo_loss_weight: 0.1")
+        elif d.sinkhorn_queue == 0 and 2 * self.cfg.optim.batch_size < d.out_dim:
+            tips.append("dino.sinkhorn_queue: 256 (more rows than the batch's to equipartition over)")
         if d.out_dim > 1024:
             tips.append("a smaller dino.out_dim (e.g. 1024)")
         if not self.cfg.mae.enabled:
             tips.append("mae.enabled: true")
         tips += ["a larger optim.batch_size (more processes)", "more varied data"]
-        return ", ".join(tips)
+        return "; ".join(tips)
 
 
 # ============================================================================ the loop
@@ -304,7 +438,7 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
     if info.enabled:  # DDP broadcast rank 0's student; the teacher starts as its copy everywhere
         model.teacher.load_state_dict({k: v for k, v in model.student.state_dict().items()
                                        if k in model.teacher.state_dict()})
-    opt = torch.optim.AdamW(param_groups(model.student, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    opt = torch.optim.AdamW(param_groups(model.student, cfg), lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
 
     start, history = 0, []
@@ -346,11 +480,23 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
             ckpt.save_checkpoint(ckpt_dir, step, {**tensors, **opt_tensors, **rng_tensors}, meta, cfg.run.keep_checkpoints)
         ddp.barrier()
 
+    if info.is_main and start == 0:
+        check = view_calibration(dataset, cfg)
+        ckpt.atomic_write(run_dir / VIEW_CHECK, json.dumps(check, indent=2).encode())
+        (log.warning if check["pixel_view_ratio"] > 0.95 else log.info)(
+            "views: two global views of one CT differ %.2fx as much as views of two CTs (pixel rms, %d volumes)%s",
+            check["pixel_view_ratio"], check["volumes"],
+            "; DINO cannot match views this different: use milder crops (see CollapseWatch's advice)"
+            if check["pixel_view_ratio"] > 0.95 else "")
     total = cfg.optim.steps
     sleep_s = float(os.environ.get(_STEP_SLEEP_ENV, "0") or 0)
     step, saved_at = start, start
     watch = CollapseWatch(cfg)
     log_file = open(log_path, "a") if info.is_main else None
+    workers = resolve_workers(cfg.run.workers, device)
+    feed = step_batches(batches, start, total, workers, pin=device.type == "cuda")
+    if workers:
+        log.info("crops made by %d DataLoader worker(s)", workers)
     try:
         with _StopRequest() as stop:
             while step < total:
@@ -362,7 +508,7 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
                     if cancelled:
                         raise Cancelled(f"pretraining cancelled at step {step}; --resume continues from there")
                     raise KeyboardInterrupt
-                batch = {k: v.to(device, non_blocking=True) for k, v in batches(step).items()}
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(feed).items()}
                 temp = teacher_temperature(step, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp, cfg.dino.warmup_teacher_temp_steps)
                 momentum = teacher_momentum(step, total, cfg.optim.momentum_teacher, cfg.optim.final_momentum_teacher)
                 with autocast(device):
@@ -373,14 +519,20 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
                                                 "start again or --resume from the last checkpoint")
                 opt.zero_grad(set_to_none=True)
                 losses["loss"].backward()
+                if step < cfg.optim.freeze_last_layer_steps:
+                    cancel_last_layer_gradients(model.student)
                 if cfg.optim.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.student.parameters(), cfg.optim.clip_grad)
-                lr = opt.param_groups[0]["lr"]
+                    clip_parts(model.student, cfg.optim.clip_grad)
+                lr = cfg.optim.lr * lr_factor(cfg)(step)  # the base lr; groups run at lr * lr_scale
+                wd = weight_decay_at(step, cfg)
+                for g in opt.param_groups:
+                    g["weight_decay"] = wd * g.get("wd_scale", 1.0)
                 opt.step()
                 sched.step()
                 model.update_teacher(momentum)
                 step += 1
-                record = {"step": step, **_mean_over_ranks(losses, info), "lr": lr, "teacher_temp": temp, "momentum": momentum}
+                record = {"step": step, **_mean_over_ranks(losses, info), "lr": lr, "weight_decay": wd,
+                          "teacher_temp": temp, "momentum": momentum}
                 history.append(record)
                 if info.is_main:
                     watch(step, record)
@@ -395,6 +547,7 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
                 if sleep_s:
                     time.sleep(sleep_s)
     finally:
+        feed = None  # a DataLoader iterator's workers stop when it goes
         if log_file is not None:
             log_file.close()
 
@@ -405,7 +558,8 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
 
 # Settings a resumed run may change: they do not change what the run computes (the device and thread
 # count change only float rounding; optim.steps is how long to go on).
-RESUME_MAY_CHANGE = ("run.device", "run.checkpoint_every", "run.keep_checkpoints", "run.num_threads", "optim.steps")
+RESUME_MAY_CHANGE = ("run.device", "run.checkpoint_every", "run.keep_checkpoints", "run.num_threads", "run.workers",
+                     "optim.steps")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -444,14 +598,13 @@ def _write_bundle(model: SelfDistillation, cfg: SSLConfig, run_dir: Path, steps:
     """The teacher encoder as a task-less bundle (DINO's teacher is the better encoder)."""
     from fmct.bundle import BundleMeta, save_bundle
     from fmct.models import FMCTClassifier
-    from fmct.preprocess import PreprocessSpec
 
     enc = cfg.encoder_config
     encoder = FMCTClassifier(enc, 0)
     encoder.encoder.load_state_dict(model.teacher.backbone.state_dict())
     meta = BundleMeta(
         name=f"fmct-pretrained-{run_dir.name}", encoder=enc,
-        preprocessing=PreprocessSpec(spacing_mm=cfg.data.spacing_mm, size=cfg.data.size),
+        preprocessing=preprocess_spec(cfg),
         tasks=[], description="Self-supervised (DINO + iBOT) pretrained encoder; fine-tune it to add tasks.",
         provenance={"recipe": "fmct.train.pretrain", "steps": steps, "seed": cfg.run.seed, "config": cfg.resolved_dict()},
     )
@@ -459,19 +612,11 @@ def _write_bundle(model: SelfDistillation, cfg: SSLConfig, run_dir: Path, steps:
 
 
 # ============================================================================ command line
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fmct.train.pretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML or JSON SSL config (see fmct.ssl.config.SSLConfig)")
-    parser.add_argument("--out", required=True, help="run folder: config.json, losses.jsonl, checkpoints/, bundle/")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    parser.add_argument("--seed", type=int, default=None, help="override run.seed")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    args = parser.parse_args(argv)
+def run_from_args(args: argparse.Namespace) -> int:
+    """`fmct pretrain` once parsed: exit 0 done, 2 a user error, 130 interrupted (checkpoint saved)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = SSLConfig.from_file(args.config)
-        if args.seed is not None:
-            cfg.run.seed = args.seed
+        cfg = config_from_args(args)
         bar = None
         is_main = int(os.environ.get("RANK", "0")) == 0
         if is_main and not args.no_progress:
@@ -491,7 +636,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if bar is not None:
                 bar.close()
         if result.bundle is not None:
+            last = result.losses[-1] if result.losses else {}
+            if last:
+                print(f"step {result.steps}: DINO loss {last.get('dino_over_log_k', float('nan')):.3f} x log K, view gap "
+                      f"{last.get('view_gap', float('nan')):.3f}, feature spread {last.get('feature_spread', float('nan')):.3f}")
             print(f"pretrained encoder bundle: {result.bundle}")
+            print(f"embed your CTs with it: fmct embed DATA --model {result.bundle} --out features.npz")
         return 0
     except KeyboardInterrupt:
         print(f"interrupted; checkpoint saved in {Path(args.out) / CHECKPOINT_DIR}; continue with --resume", file=sys.stderr)
@@ -501,6 +651,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         ddp.shutdown()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m fmct.train.pretrain` (what torchrun starts): the same options as `fmct pretrain`."""
+    return run_from_args(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
