@@ -155,20 +155,25 @@ def test_run_log_follower_reads_only_new_complete_records(tmp_path):
     assert [e.fraction for e in follower.poll()] == [0.1]
 
 
-def test_progress_bars_become_progress_not_log_lines():
+def test_json_progress_lines_become_progress_not_log_lines():
     parser = OutputParser()
-    events = list(parser.feed("loading data\nepoch:   0%|          | \repoch:  40%|####      | loss 0.52\r"))
-    events += list(parser.feed("epoch: 100%|##########| loss 0.31\nsaved runs/a\n"))
-    assert [e.line for e in events if e.line] == ["loading data", "saved runs/a"]
-    assert [(e.fraction, e.message) for e in events if e.line is None] == [
-        (0.0, "epoch"), (0.4, "epoch: loss 0.52"), (1.0, "epoch: loss 0.31")]
-    # A bar is reported as soon as it is complete, before the next redraw, and only once.
+    events = list(parser.feed('loading data\n{"event": "progress", "fraction": 0.4, "message": "finetune: epoch 2"}\n{"event": "pro'))
+    events += list(parser.feed('gress", "fraction": 1.0, "message": "finetune: done"}\nsaved runs/a\n{"not": "progress"}\n'))
+    assert [e.line for e in events if e.line] == ["loading data", "saved runs/a", '{"not": "progress"}']
+    assert [(e.fraction, e.message) for e in events if e.line is None] == [(0.4, "finetune: epoch 2"), (1.0, "finetune: done")]
+    assert parseProgress("2024-01-01 epoch 3 done") is None and parseProgress("{broken") is None
+
+
+def test_the_engine_reports_progress_as_json_lines_the_module_reads(logic, tmp_path):
+    """The real engine with the module's environment: its progress arrives as JSON lines, no bar."""
+    run = subprocess.run([sys.executable, "-m", "fmct.cli", "phantom", str(tmp_path / "p"), "--n", "2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env={**engine_env(), **logic.environment()})
+    assert run.returncode == 0, run.stderr
     parser = OutputParser()
-    first = list(parser.feed("\rphantom:   0%|          | "))
-    assert [(e.fraction, e.message) for e in first] == [(0.0, "phantom")]
-    later = list(parser.feed("\rphantom:  50%|#####     | , phantom 1/2"))
-    assert [(e.fraction, e.message) for e in later] == [(0.5, "phantom: phantom 1/2")]
-    assert parseProgress("2024-01-01 epoch 3 done") is None
+    events = list(parser.feed(run.stderr)) + list(parser.flush())
+    progress = [(e.fraction, e.message) for e in events if e.line is None]
+    assert progress and progress[-1][0] == 1.0 and progress[-1][1].startswith("phantom")
+    assert "%|" not in run.stderr  # no tqdm bar drawn
 
 
 @pytest.mark.parametrize("task", TASKS)

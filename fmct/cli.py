@@ -22,24 +22,40 @@ from fmct.runtime import DEFAULT_EXPLAIN, EXPLAIN_METHODS, explain_method_or_non
 
 log = logging.getLogger("fmct")
 EXPLAIN_CHOICES = (*EXPLAIN_METHODS, "none")
+PROGRESS_ENV = "FMCT_PROGRESS"  # "json": progress as JSON lines on stderr instead of a bar
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
 
 
 class TqdmProgress:
-    """Adapts the engine's progress(fraction, message) callback to a tqdm bar."""
+    """Adapts the engine's progress(fraction, message) callback to a tqdm bar on stderr, or, with
+    FMCT_PROGRESS=json in the environment, to JSON lines on stderr (fmct.runtime.JsonLinesProgress)
+    for programs that follow a run (the FMCTTraining Slicer module), so nobody parses a bar."""
 
     def __init__(self, desc: str) -> None:
-        from tqdm import tqdm
+        import os
 
-        self.bar = tqdm(total=1000, desc=desc, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}", file=sys.stderr)
+        self.desc = desc
+        self.bar = self.lines = None
+        if os.environ.get(PROGRESS_ENV, "").strip().lower() == "json":
+            from fmct.runtime import JsonLinesProgress
+
+            self.lines = JsonLinesProgress(sys.stderr, min_interval_s=0.2)
+        else:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, desc=desc, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}", file=sys.stderr)
 
     def __call__(self, fraction: float, message: str) -> None:
+        if self.lines is not None:
+            self.lines(fraction, f"{self.desc}: {message}" if message else self.desc)
+            return
         self.bar.n = int(1000 * min(max(fraction, 0.0), 1.0))
         self.bar.set_postfix_str(message, refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
     def __enter__(self) -> "TqdmProgress":
         return self

@@ -9,8 +9,8 @@ engine's CLI has are available here unchanged.
 
 Progress comes from the structured log the engine writes where it writes one: a pretraining run
 appends one JSON object per step to <run folder>/losses.jsonl (with the step count in its
-config.json), which RunLogFollower reads. The other commands write no such log; for them the
-progress bar the CLI prints is parsed (OutputParser) as a fallback.
+config.json), which RunLogFollower reads. The other commands report progress as JSON lines on
+their output (the engine runs with FMCT_PROGRESS=json), which OutputParser reads.
 
 Stop ends the whole process tree (FMCTLib.process): first an interrupt, on which a pretraining
 run saves a checkpoint and exits (so --resume continues from there), then, if it is still
@@ -44,8 +44,8 @@ TASK_TITLES = {"pretrain": "Pretrain (self-supervised)", "finetune": "Fine-tune"
 Log = Callable[[str], None]
 STOP_GRACE_SECONDS = 30.0  # a pretraining step and its checkpoint can take this long on a big model
 
-# A tqdm bar as the engine's CLI prints it: "<desc>:  42%|####      | <postfix>"
-_PROGRESS = re.compile(r"^\s*(?P<desc>[^:|]*?):?\s*(?P<percent>\d{1,3})%\|[^|]*\|\s*(?P<postfix>.*)$")
+PROGRESS_ENV = "FMCT_PROGRESS"  # = fmct.cli.PROGRESS_ENV: "json" makes the engine print progress as JSON lines
+PROGRESS_EVENT = "progress"  # = fmct.runtime.PROGRESS_EVENT (the module must not need the engine to parse it)
 
 
 class TrainingError(RuntimeError):
@@ -65,52 +65,46 @@ class OutputEvent:
 class OutputParser:
     """Splits the engine's output into log lines and progress updates.
 
-    tqdm redraws its bar as "\\r<bar>" with no terminator until the next redraw; logging those
-    redraws would fill the log with copies of a bar, so they become progress updates (shown as
-    soon as a whole bar is in, not at the next redraw) and only real lines are logged. Text may
-    arrive in arbitrary chunks (a pipe, QProcess), hence the buffer.
+    The engine is run with FMCT_PROGRESS=json, so its progress arrives as JSON lines
+    ({"event": "progress", "fraction": ..., "message": ...}, fmct.runtime.JsonLinesProgress) among
+    its ordinary log lines; nothing parses a drawn progress bar. Text may arrive in arbitrary chunks
+    (a pipe, QProcess), hence the buffer.
     """
 
     buffer: str = ""
-    shown: str = ""  # the bar already reported from the buffer, not to be reported twice
 
     def feed(self, text: str) -> Iterator[OutputEvent]:
         self.buffer += text
-        while True:
-            match = re.search(r"[\r\n]", self.buffer)
-            if match is None:
-                break
-            piece, self.buffer = self.buffer[:match.start()], self.buffer[match.end():]
-            yield from self._piece(piece, isLine=match.group() == "\n")
-        progress = parseProgress(self.buffer)
-        if progress is not None and self.buffer != self.shown:
-            self.shown = self.buffer
-            yield OutputEvent(fraction=progress[0], message=progress[1])
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            yield from self._line(line)
 
     def flush(self) -> Iterator[OutputEvent]:
-        piece, self.buffer = self.buffer, ""
-        yield from self._piece(piece, isLine=True)
+        line, self.buffer = self.buffer, ""
+        yield from self._line(line)
 
-    def _piece(self, piece: str, isLine: bool) -> Iterator[OutputEvent]:
-        shown, self.shown = self.shown, ""
-        if not piece.strip():
+    def _line(self, line: str) -> Iterator[OutputEvent]:
+        line = line.rstrip("\r")
+        if not line.strip():
             return
-        progress = parseProgress(piece)
-        if progress is not None:
-            if piece != shown:
-                yield OutputEvent(fraction=progress[0], message=progress[1])
-        elif isLine:
-            yield OutputEvent(line=piece.rstrip())
+        progress = parseProgress(line)
+        yield OutputEvent(fraction=progress[0], message=progress[1]) if progress else OutputEvent(line=line.rstrip())
 
 
-def parseProgress(text: str) -> tuple[float, str] | None:
-    """(fraction, message) from one tqdm bar rendering, or None if the text is not one."""
-    match = _PROGRESS.match(text)
-    if match is None:
+def parseProgress(line: str) -> tuple[float, str] | None:
+    """(fraction, message) from one of the engine's JSON progress lines, or None for any other line."""
+    if not line.lstrip().startswith("{"):
         return None
-    fraction = min(max(int(match.group("percent")) / 100.0, 0.0), 1.0)
-    desc, postfix = match.group("desc").strip(), match.group("postfix").strip().lstrip(",").strip()
-    return fraction, f"{desc}: {postfix}" if desc and postfix else desc or postfix
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("event") != PROGRESS_EVENT:
+        return None
+    try:
+        return min(max(float(record.get("fraction", 0.0)), 0.0), 1.0), str(record.get("message", ""))
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass
@@ -188,7 +182,7 @@ class FMCTTrainingLogic(ScriptedLoadableModuleLogic):
         that came with the module first on PYTHONPATH, so the engine that trains is that copy."""
         from FMCTLib.dependencies import engineSourceDir
 
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", PROGRESS_ENV: "json"}
         source = engineSourceDir()
         if source is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))
