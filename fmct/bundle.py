@@ -381,41 +381,16 @@ def safetensors_header(data: bytes, where: str = "bundle") -> dict[str, Any]:
     return header
 
 
-def _meta_parameters_mode():
-    """A torch function mode that creates tensors on the meta device (shapes, no memory), except the
-    small index/schedule tensors a constructor turns into Python numbers (linspace(...).tolist())."""
-    import torch
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._device import _device_constructors
-
-    class Mode(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func in _device_constructors() and kwargs.get("device") is None \
-                    and func not in (torch.linspace, torch.arange, torch.logspace, torch.tensor):
-                kwargs["device"] = "meta"
-            return func(*args, **kwargs)
-
-    return Mode()
-
-
-class _MetaParameters:
-    def __enter__(self):
-        self.mode = _meta_parameters_mode()
-        return self.mode.__enter__()
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
-
-
 def check_weights_header(meta: BundleMeta, data: bytes, where: str = "bundle") -> None:
     """The weights' names, shapes and dtypes against what the config needs, from the safetensors header
     alone and a model built on torch's meta device (no memory): a config that asks for far more than
     its weights hold is refused before anything is allocated."""
+    import torch
+
     from fmct.models import FMCTClassifier
 
     header = safetensors_header(data, where)
-    with _MetaParameters():
+    with torch.device("meta"):  # shapes only: nothing allocated, however large the config asks
         expected = {k: tuple(v.shape) for k, v in FMCTClassifier(meta.encoder, len(meta.tasks)).state_dict().items()}
     missing = sorted(set(expected) - set(header))
     extra = sorted(set(header) - set(expected))
