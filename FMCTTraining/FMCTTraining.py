@@ -22,19 +22,10 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from FMCTLib.slicerversion import applicationVersion, unsupportedMessage
+from FMCTLib.slicerversion import applicationVersion, translate, unsupportedMessage
+from FMCTLib.slicerversion import tr as _
 
 UNSUPPORTED = unsupportedMessage(sys.version_info, applicationVersion())
-
-try:
-    from slicer.i18n import tr as _
-    from slicer.i18n import translate
-except ImportError:  # a Slicer older than 5.4 (which then only shows UNSUPPORTED)
-    def _(text):
-        return text
-
-    def translate(context, text):
-        return text
 
 if UNSUPPORTED is None:
     from typing import Annotated

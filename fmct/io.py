@@ -6,6 +6,7 @@ what is wrong and what to do.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import math
@@ -13,6 +14,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -277,23 +279,10 @@ def _check_nifti_data(path: Path) -> None:
     if dtype is not None:
         dtype = np.dtype(dtype).newbyteorder(header["endian"])
     counter = _NonFiniteCounter(offset, expected, dtype)
-    compressed = format_suffix(path) == ".nii.gz"
-    try:
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
-            while chunk := f.read(1 << 24):
-                counter.feed(chunk)  # reading to the end also makes gzip check the CRC
-    except EOFError:
-        raise UnreadableInputError(
-            f"{path.name} is truncated: the compressed data ends before the {expected} bytes its header describes. "
-            "Copy or export the file again.") from None
-    except (OSError, zlib.error) as e:
-        raise UnreadableInputError(
-            f"{path.name} is corrupt: its compressed data fails the integrity check ({e}). "
-            "Copy or export the file again.") from None
-    if counter.seen < expected:
-        raise UnreadableInputError(
-            f"{path.name} is truncated: the header describes {expected} bytes but the file holds {counter.seen}"
-            f"{' once decompressed' if compressed else ''}. Copy or export the file again.")
+    with _nifti_stream(path, expected) as f:
+        while chunk := f.read(1 << 24):
+            counter.feed(chunk)  # reading to the end also makes gzip check the CRC
+    _check_complete(path, expected, counter.seen)
     if counter.bad:
         raise NotCTError(nonfinite_message(str(path), counter.bad, counter.voxels))
 
@@ -328,19 +317,27 @@ def _read_nifti_voxels(path: Path, reader: sitk.ImageFileReader | None) -> np.nd
     array = np.empty(shape, np.dtype(dtype).newbyteorder(header["endian"]))
     buf = memoryview(array.reshape(-1).view(np.uint8))
     expected = offset + len(buf)
+    with _nifti_stream(path, expected) as f:
+        got = len(f.read(offset))
+        while got < expected:
+            n = f.readinto(buf[got - offset : min(len(buf), got - offset + READ_CHUNK_BYTES)])
+            if not n:
+                break
+            got += n
+        if format_suffix(path) == ".nii.gz":
+            while f.read(READ_CHUNK_BYTES):  # to the end of the stream, so that gzip checks the CRC
+                pass
+    _check_complete(path, expected, got)
+    return array
+
+
+@contextlib.contextmanager
+def _nifti_stream(path: Path, expected: int) -> Iterator[BinaryIO]:
+    """The NIfTI file's bytes (decompressed for .nii.gz); a cut or corrupt stream is one clear error."""
     compressed = format_suffix(path) == ".nii.gz"
-    got = 0
     try:
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
-            got = len(f.read(offset))
-            while got < expected:
-                n = f.readinto(buf[got - offset : min(len(buf), got - offset + READ_CHUNK_BYTES)])
-                if not n:
-                    break
-                got += n
-            if compressed:
-                while f.read(READ_CHUNK_BYTES):  # to the end of the stream, so that gzip checks the CRC
-                    pass
+            yield f
     except EOFError:
         raise UnreadableInputError(
             f"{path.name} is truncated: the compressed data ends before the {expected} bytes its header describes. "
@@ -349,11 +346,13 @@ def _read_nifti_voxels(path: Path, reader: sitk.ImageFileReader | None) -> np.nd
         raise UnreadableInputError(
             f"{path.name} is corrupt: its compressed data fails the integrity check ({e}). "
             "Copy or export the file again.") from None
+
+
+def _check_complete(path: Path, expected: int, got: int) -> None:
     if got < expected:
         raise UnreadableInputError(
             f"{path.name} is truncated: the header describes {expected} bytes but the file holds {got}"
-            f"{' once decompressed' if compressed else ''}. Copy or export the file again.")
-    return array
+            f"{' once decompressed' if format_suffix(path) == '.nii.gz' else ''}. Copy or export the file again.")
 
 
 class _NonFiniteCounter:

@@ -38,3 +38,13 @@ def applicationVersion():
         return (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
     except (ImportError, AttributeError):
         return None
+
+
+try:  # Slicer's translation functions, re-exported so both modules share the one fallback
+    from slicer.i18n import tr, translate  # noqa: F401
+except ImportError:  # a Slicer older than 5.4 (which then only shows the unsupported message), or no Slicer
+    def tr(text):
+        return text
+
+    def translate(context, text):
+        return text
