@@ -121,6 +121,11 @@ class SelfDistillation(nn.Module):
         losses["teacher_entropy"] = normalized_entropy(torch.cat(teacher_probs))
         losses["dino_over_log_k"] = losses["dino"].detach() / (cfg.dino.loss_weight * math.log(cfg.dino.out_dim)) \
             if cfg.dino.loss_weight > 0 else losses["dino"].detach() * 0.0
+        if len(student_views) > n_global:  # the same ratio over the global-view terms alone (local crops are harder)
+            with torch.no_grad():
+                losses["dino_global_over_log_k"] = self.dino_loss(student_views[:n_global], list(teacher_probs)) / math.log(cfg.dino.out_dim)
+        else:
+            losses["dino_global_over_log_k"] = losses["dino_over_log_k"]
         losses.update(view_metrics(*t["cls"].chunk(n_global)))
         losses["pixel_view_ratio"] = pixel_view_ratio(*glob.chunk(n_global))
         losses["teacher_logit_spread"] = logit_spread(t["cls_logits"])

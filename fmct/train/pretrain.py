@@ -146,7 +146,7 @@ class _Steps(torch.utils.data.Dataset):
 
 def resolve_workers(workers: int, device: torch.device) -> int:
     """run.workers, with -1 (auto) meaning min(8, CPUs - 1) beside an accelerator and 0 on a CPU
-    (there the model and the crops share the same cores; RESULTS.md section 11)."""
+    (there the model and the crops share the same cores; RESULTS.md section 15)."""
     if workers >= 0:
         return workers
     return min(8, max((os.cpu_count() or 1) - 1, 0)) if device.type != "cpu" else 0
@@ -208,7 +208,7 @@ def view_calibration(dataset: VolumeDataset, cfg: SSLConfig, n: int = 16) -> dic
     pixel_view_ratio = rms(view 1, view 2 of one CT) / rms(view 1 of CT i, view 2 of CT j), over
     the first n volumes, with the run's own augmentation (seeded apart from the run's crops). Below
     1 the augmentations keep what tells CTs apart; at ~1 self-distillation cannot learn (RESULTS.md
-    section 11).
+    section 15).
     """
     from fmct.ssl.metrics import pixel_view_ratio
 
@@ -272,9 +272,9 @@ class CollapseWatch:
     nothing), so over the last ``patience`` steps, past ``min_step``, the mean of
     - ``feature_spread`` (std of the normalised teacher CLS across the batch) below ``min_spread``:
       collapsed, every CT gets the same feature;
-    - or ``dino_over_log_k`` above ``max_loss_ratio`` with ``view_gap`` below ``min_gap``: the DINO
-      loss sits at log(K) and the two views of one CT are no more alike than two CTs (uniform
-      targets, nothing learnt).
+    - or ``dino_global_over_log_k`` (the DINO loss of the global views over log K; local crops are
+      harder) above ``max_loss_ratio`` with ``view_gap`` below ``min_gap``: the loss sits at log(K)
+      and the two views of one CT are no more alike than two CTs (uniform targets, nothing learnt).
     The run goes on (masked reconstruction, if on, still trains the encoder), but the log says
     what to change, from what the run measured (view calibration, temperature vs logit spread).
     """
@@ -291,8 +291,9 @@ class CollapseWatch:
         """'collapsed', 'not learning' or None, from the recent window."""
         if len(self.recent) < self.patience:
             return None
-        mean = {k: sum(r.get(k, 0.0) for r in self.recent) / len(self.recent)
-                for k in ("feature_spread", "view_gap", "dino_over_log_k")}
+        loss_key = "dino_global_over_log_k" if "dino_global_over_log_k" in self.recent[-1] else "dino_over_log_k"
+        mean = {k: sum(r.get(k, 0.0) for r in self.recent) / len(self.recent) for k in ("feature_spread", "view_gap")}
+        mean["dino_over_log_k"] = sum(r.get(loss_key, 0.0) for r in self.recent) / len(self.recent)
         if "feature_spread" in self.recent[-1] and mean["feature_spread"] < self.min_spread:
             return "collapsed"
         if mean["dino_over_log_k"] > self.max_loss_ratio and mean["view_gap"] < self.min_gap:
