@@ -107,7 +107,8 @@ class ViT3D(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.embed_dim))
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        # torch.linspace(0, rate, depth) in plain Python, so the model can be built on the meta device
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self._init_weights()
