@@ -234,7 +234,7 @@ _TINY_RECIPE: dict[str, Any] = {
               "global_scale": [0.8, 1.0], "local_scale": [0.3, 0.5], "aspect_jitter": 0.05, "flip_lr": 0.0,
               "max_rotation_deg": 5.0, "window_scale": 0.05, "window_shift": 0.02, "noise_std": 0.01},
     "dino": {"out_dim": 1024, "centering": "sinkhorn_knopp", "sinkhorn_queue": 256, "warmup_teacher_temp": 0.01,
-             "teacher_temp": 0.02, "warmup_teacher_temp_steps": 300},
+             "teacher_temp": 0.01, "warmup_teacher_temp_steps": 300},
     "ibot": {"enabled": True, "mask_ratio": [0.1, 0.5]},
     "mae": {"enabled": True},
     "optim": {"batch_size": 8, "steps": 300, "lr": 5e-4, "warmup_steps": 30, "weight_decay": 0.04,
