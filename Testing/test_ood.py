@@ -114,3 +114,11 @@ def test_batch_summary_says_which_studies_are_out_of_distribution(tmp_path):
         rows = {r["study_id"]: r for r in csv.DictReader(f)}
     assert rows["normal"]["in_distribution"] == "yes" and rows["enhanced"]["in_distribution"] == "no"
     assert float(rows["enhanced"]["ood_score"]) > float(rows["normal"]["ood_score"])
+
+
+def test_cli_says_when_the_check_passed(tmp_path, capsys):
+    write_volume(make_phantom(3_000_002, slices="thick", in_plane_size=128).volume, tmp_path / "ct.nii.gz")
+    assert main(["analyze", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "out"), "--explain", "none",
+                 "--device", "cpu"]) == 0
+    assert "In-distribution check passed" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "findings.json").read_text())["warning"] is None

@@ -117,7 +117,10 @@ def _print_summary(result, model_name: str, written: Sequence[Path], timings: di
     print(f"\nFMCT findings ({model_name}; research use only, not for diagnosis)")
     if result.warning:
         print(f"  {result.warning}")
-    elif result.ood is None:
+    elif result.ood is not None:
+        print(f"  In-distribution check passed: score {result.ood['score']:.3f} <= {result.ood['threshold']:.3f} "
+              "(this CT is like the model's training data)")
+    else:
         print("  (this model carries no out-of-distribution statistics: it cannot say when a CT is unlike its training data)")
     print(f"  {'finding':<20}{'probability':>12}{'threshold':>11}  result")
     primary = result.primary_finding()
