@@ -271,7 +271,7 @@ def build_model(meta: BundleMeta) -> FMCTClassifier:
     return FMCTClassifier(meta.encoder, len(meta.tasks))
 
 
-def _read_members(path: Path, wanted: tuple[str, ...] = (META_FILE, WEIGHTS_FILE)) -> dict[str, bytes]:
+def read_members(path: Path, wanted: tuple[str, ...] = (META_FILE, WEIGHTS_FILE)) -> dict[str, bytes]:
     """The bundle's files as bytes, whether it is a folder or a .zip (only those wanted are read)."""
     if not path.exists():
         raise BundleError(f"Model bundle not found: {path}. Give a bundle folder or .zip (see README, 'Model bundles').")
@@ -337,7 +337,7 @@ def read_bundle(path: str | Path, onnx: bool = False) -> tuple[BundleMeta, dict[
     model.onnx is read only with onnx=True (the onnxruntime path and export need it).
     """
     path = Path(path)
-    members = _read_members(path, (META_FILE, WEIGHTS_FILE, ONNX_FILE) if onnx else (META_FILE, WEIGHTS_FILE))
+    members = read_members(path, (META_FILE, WEIGHTS_FILE, ONNX_FILE) if onnx else (META_FILE, WEIGHTS_FILE))
     if META_FILE not in members:
         raise BundleError(f"{path}: no {META_FILE}; this is not an fmct model bundle")
     try:

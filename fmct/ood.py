@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fmct.bundle import OOD_FILE, WEIGHTS_FILE, Bundle, _read_members
+from fmct.bundle import OOD_FILE, WEIGHTS_FILE, Bundle, read_members
 from fmct.errors import BundleError
 
 FEATURE = "cls+mean_patch"  # what the statistics describe: the task head's input
@@ -125,7 +125,7 @@ def load_reference_stats(bundle: Bundle) -> ReferenceStats | None:
     """The bundle's out-of-distribution statistics, checked against its weights; None when it has none."""
     if bundle.path is None:
         return None
-    members = _read_members(bundle.path, (OOD_FILE,) if bundle.weights_sha256 else (OOD_FILE, WEIGHTS_FILE))
+    members = read_members(bundle.path, (OOD_FILE,) if bundle.weights_sha256 else (OOD_FILE, WEIGHTS_FILE))
     if OOD_FILE not in members:
         return None
     sha = bundle.weights_sha256 or hashlib.sha256(members[WEIGHTS_FILE]).hexdigest()
