@@ -166,7 +166,8 @@ def test_json_progress_lines_become_progress_not_log_lines():
 
 def test_the_engine_reports_progress_as_json_lines_the_module_reads(logic, tmp_path):
     """The real engine with the module's environment: its progress arrives as JSON lines, no bar."""
-    run = subprocess.run([sys.executable, "-m", "fmct.cli", "phantom", str(tmp_path / "p"), "--n", "2"], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "fmct.cli", "phantom", str(tmp_path / "p"), "--n", "2",
+                          "--size", "96", "--slices", "thick"], cwd=REPO,
                          capture_output=True, text=True, timeout=300, env={**engine_env(), **logic.environment()})
     assert run.returncode == 0, run.stderr
     parser = OutputParser()
