@@ -29,7 +29,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from FMCTLib.slicerversion import applicationVersion, translate, unsupportedMessage
+from FMCTLib.slicerversion import applicationVersion, showUnsupported, translate, unsupportedMessage
 from FMCTLib.slicerversion import tr as _
 
 # None on a Slicer that can run FMCT; else what the panel says instead of loading the rest.
@@ -179,10 +179,7 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
         if UNSUPPORTED is not None:
-            label = qt.QLabel(UNSUPPORTED)
-            label.wordWrap = True
-            self.layout.addWidget(label)
-            self.layout.addStretch(1)
+            showUnsupported(self.layout, UNSUPPORTED)
             return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/FMCT.ui"))
         self.layout.addWidget(uiWidget)

@@ -22,7 +22,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from FMCTLib.slicerversion import applicationVersion, translate, unsupportedMessage
+from FMCTLib.slicerversion import applicationVersion, showUnsupported, translate, unsupportedMessage
 from FMCTLib.slicerversion import tr as _
 
 UNSUPPORTED = unsupportedMessage(sys.version_info, applicationVersion())
@@ -98,10 +98,7 @@ class FMCTTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
         if UNSUPPORTED is not None:
-            label = qt.QLabel(UNSUPPORTED)
-            label.wordWrap = True
-            self.layout.addWidget(label)
-            self.layout.addStretch(1)
+            showUnsupported(self.layout, UNSUPPORTED)
             return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/FMCTTraining.ui"))
         self.layout.addWidget(uiWidget)

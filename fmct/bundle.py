@@ -392,13 +392,7 @@ def check_weights_header(meta: BundleMeta, data: bytes, where: str = "bundle") -
     header = safetensors_header(data, where)
     with torch.device("meta"):  # shapes only: nothing allocated, however large the config asks
         expected = {k: tuple(v.shape) for k, v in FMCTClassifier(meta.encoder, len(meta.tasks)).state_dict().items()}
-    missing = sorted(set(expected) - set(header))
-    extra = sorted(set(header) - set(expected))
-    if missing or extra:
-        raise BundleError(
-            f"{where}/{WEIGHTS_FILE} does not fit the config in {META_FILE}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
-        )
+    _check_names(set(expected), set(header), where)
     for key, info in header.items():
         shape = tuple(info.get("shape", ())) if isinstance(info, dict) else None
         if shape != expected[key]:
@@ -414,6 +408,16 @@ def check_weights_header(meta: BundleMeta, data: bytes, where: str = "bundle") -
                 "by fmct, or was converted wrongly.")
 
 
+def _check_names(expected: set[str], found: set[str], where: str) -> None:
+    """The weights must hold exactly the tensors the config's model has."""
+    missing, extra = sorted(expected - found), sorted(found - expected)
+    if missing or extra:
+        raise BundleError(
+            f"{where}/{WEIGHTS_FILE} does not fit the config in {META_FILE}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+
+
 def load_weights(model: torch.nn.Module, data: bytes, where: str = "bundle") -> None:
     """Load safetensors bytes into model, refusing any missing, extra or mis-shaped tensor."""
     import torch
@@ -424,13 +428,7 @@ def load_weights(model: torch.nn.Module, data: bytes, where: str = "bundle") -> 
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise BundleError(f"{where}/{WEIGHTS_FILE} is not a readable safetensors file ({e})") from e
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise BundleError(
-            f"{where}/{WEIGHTS_FILE} does not fit the config in {META_FILE}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
-        )
+    _check_names(set(expected), set(state), where)
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise BundleError(

@@ -116,13 +116,13 @@ class OnnxModel:
         return logits, features
 
 
-def load_onnx_bundle(path: str | Path, device: str = "auto", threads: int | None = None) -> tuple[BundleMeta, OnnxModel]:
-    """The bundle's metadata and a checked onnxruntime model (never imports torch)."""
+def load_onnx_bundle(path: str | Path, device: str = "auto", threads: int | None = None) -> tuple[BundleMeta, OnnxModel, str]:
+    """The bundle's metadata, a checked onnxruntime model and the SHA-256 of its weights (never imports torch)."""
     meta, members = read_bundle(path, onnx=True)
     check_onnx_record(meta, members, str(path))
     model = OnnxModel(members[ONNX_FILE], device, threads)
     check_graph(model, meta, str(path))
-    return meta, model
+    return meta, model, sha256(members[WEIGHTS_FILE])
 
 
 def check_graph(model: OnnxModel, meta: BundleMeta, where: str) -> None:

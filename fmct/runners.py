@@ -85,8 +85,9 @@ def load_runner(bundle: Bundle | str | Path | None = None, backend: str = "torch
 
         where = bundle.path if isinstance(bundle, Bundle) else bundle
         where = Path(where) if where is not None else default_bundle_path()
-        meta, model = load_onnx_bundle(where, device, threads)
-        return Bundle(meta, None, where), model
+        meta, model, weights_sha256 = load_onnx_bundle(where, device, threads)
+        # the hash of the weights just read: the OOD statistics and the batch's model identity need no second read
+        return Bundle(meta, None, where, weights_sha256=weights_sha256), model
     if isinstance(bundle, Bundle) and bundle.model is None:
         if bundle.path is None:
             raise ConfigError("this Bundle has no torch model and no path to load one from")

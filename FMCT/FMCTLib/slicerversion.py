@@ -48,3 +48,13 @@ except ImportError:  # a Slicer older than 5.4 (which then only shows the unsupp
 
     def translate(context, text):
         return text
+
+
+def showUnsupported(layout, message):
+    """Fill a module panel with the one message an unsupported Slicer gets, instead of its UI."""
+    import qt
+
+    label = qt.QLabel(message)
+    label.wordWrap = True
+    layout.addWidget(label)
+    layout.addStretch(1)
