@@ -10,12 +10,20 @@ GPU is working); "waiting for data" is the share spent waiting for the next deco
 
     python benchmarks/bench_batch.py --device cpu --threads 2 --n 8
     python benchmarks/bench_batch.py --device cuda --n 64 --workers 12 --json out/batch_gpu.json
+
+--cpu-arms (the CPU question: threads vs processes, and oversubscription): the demo model on CPU,
+findings only and with IG maps, each run with 0 or 1 decoding processes and SimpleITK (decoding in
+this process, mapping back in the writer thread) on every core or on one, rounds interleaved; ratio
+= studies/h against today's default (0 workers, SimpleITK on every core) in the same round.
+
+    python benchmarks/bench_batch.py --device cpu --threads 2 --cpu-arms --n 12 --rounds 3
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +83,48 @@ def sequential(analyzer, root: Path, out: Path, n: int) -> float:
     return time.perf_counter() - t0
 
 
+def cpu_arms(args, work: Path, root: Path) -> dict:
+    """Studies/h of run_batch on CPU per (explain, decoding workers, SimpleITK threads), interleaved."""
+    import SimpleITK as sitk
+
+    from fmct.analyze import Analyzer
+    from fmct.batch import run_batch
+
+    analyzer = Analyzer(demo_bundle(work), device="cpu")
+    analyzer.analyze(__import__("fmct.io", fromlist=["read_volume"]).read_volume(root / "study_0000"))  # warm-up
+    cores = args.threads or os.cpu_count() or 1
+    arms = [(explain, workers, st) for explain in ("none", "integrated_gradients") for workers in (0, 1)
+            for st in (cores, 1)]
+    rates: dict[tuple, list[float]] = {arm: [] for arm in arms}
+    for r in range(args.rounds):
+        for arm in arms:
+            explain, workers, st = arm
+            if explain != "none" and r >= args.ig_rounds:
+                continue
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(st)
+            out = work / "out_batch_arms"
+            shutil.rmtree(out, ignore_errors=True)
+            rep = run_batch(analyzer, root, out, explain_method=None if explain == "none" else explain,
+                            num_workers=workers)
+            assert rep.counts.get("ok") == args.n, rep.counts
+            rates[arm].append(rep.studies_per_hour)
+            print(f"  round {r + 1}: {explain}, {workers} decoding process(es), SimpleITK {st} thread(s): "
+                  f"{rep.studies_per_hour:.0f} studies/h", flush=True)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cores)
+    rows = []
+    for explain in ("none", "integrated_gradients"):
+        if not rates[(explain, 0, cores)]:
+            continue
+        base = statistics.median(rates[(explain, 0, cores)])
+        for arm in [a for a in arms if a[0] == explain]:
+            med = statistics.median(rates[arm])
+            rows.append({"explain": explain, "workers": arm[1], "sitk_threads": arm[2], "studies_per_h": med,
+                         "ratio_vs_default": med / base, "rounds": rates[arm]})
+            print(f"{explain:>22}, {arm[1]} decoding process(es), SimpleITK {arm[2]} thread(s): {med:.0f} studies/h "
+                  f"= {med / base:.2f}x today's default", flush=True)
+    return {"rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -85,6 +135,9 @@ def main() -> None:
     ap.add_argument("--models", default="demo", help="comma list: demo (the demo model's size), base (ViT-B/16, 128^3)")
     ap.add_argument("--compile", action="store_true", help="Analyzer(compile=True) for the batch")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "fmct_bench"))
+    ap.add_argument("--cpu-arms", action="store_true", help="CPU: decoding processes x SimpleITK threads, see above")
+    ap.add_argument("--rounds", type=int, default=3, help="--cpu-arms: interleaved rounds")
+    ap.add_argument("--ig-rounds", type=int, default=1, help="--cpu-arms: rounds that include the IG arms")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     threads = set_threads(args.threads)
@@ -98,6 +151,10 @@ def main() -> None:
     root = make_studies(work, args.n)
     n_base = args.n_baseline or max(2, args.n // 4)
     results = {"benchmark": "batch", "machine": machine(args.device, threads), "n": args.n, "rows": []}
+    if args.cpu_arms:
+        results["cpu_arms"] = cpu_arms(args, work, root)
+        emit(results, args.json)
+        return
     for name in args.models.split(","):
         bundle = demo_bundle(work) if name == "demo" else base_bundle(work)
         analyzer = Analyzer(bundle, device=args.device, compile=args.compile)
