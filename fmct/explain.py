@@ -34,9 +34,11 @@ from fmct.errors import Cancelled
 from fmct.models import FMCTClassifier
 from fmct.runtime import CancelCheck, Progress, check_explain_method
 
-# 16 Gauss-Legendre nodes, as before: the maps are today's maps (to 1e-5). 8 or 4 nodes halve or
-# quarter the backward passes and score the same on average on the saliency benchmark, but not on
-# every hemorrhage type in the run so far (benchmarks/RESULTS.md, "Saliency for every finding").
+# 16 Gauss-Legendre nodes, kept by measurement (benchmarks/RESULTS.md, "Saliency for every finding").
+# Fewer nodes are a quarter of the backward passes but not provably as good: on 30 phantoms (6 per
+# hemorrhage type) 4 nodes scored higher (enrichment 12.1x vs 10.9x, pointing game 17/30 vs 16/30), on
+# 20 others lower (15.1x vs 18.3x, 12/20 each) and failed test_demo_model's pointing game. The IG
+# integrand of a ViT is rough: 32-node maps differ from 16-node ones as much as 4-node ones do.
 DEFAULT_IG_STEPS = 16
 
 
