@@ -53,6 +53,11 @@ class _Anatomy:
     below: float
     headrest: bool
     background: float
+    # drawn after all of the above (issue #12 item 3), so the rest of a head does not depend on them
+    sutures: tuple | None = None       # (coronal, lambdoid offsets mm; zigzag amplitude, wave number, phases; width; open)
+    edh_sutures: bool = False
+    mastoid: tuple | None = None       # (air-cell wave number, phases, threshold) per pneumatised mastoid
+    tentorium: bool = False
 
 
 def _sample_anatomy(rng: np.random.Generator, s: AnatomySettings) -> _Anatomy:
@@ -66,7 +71,7 @@ def _sample_anatomy(rng: np.random.Generator, s: AnatomySettings) -> _Anatomy:
         "nuclei": wm + (gm - wm) * _u(rng, (0.55, 0.85)), "stem": wm + _u(rng, (1, 5)), "falx": _u(rng, (45, 75)),
         "globe": _u(rng, (5, 20)), "lens": _u(rng, (90, 130)), "sinus": _u(rng, (-980, -850)),
     }
-    return _Anatomy(
+    anat = _Anatomy(
         a=a, b=b, c=c, c_down=c * _u(rng, (1.5, 1.8)), egg=_u(rng, (0.0, 0.09)), asym=_u(rng, (-0.04, 0.04)),
         fat_t=_u(rng, (1.0, 3.0)), skin_t=_u(rng, (1.0, 2.0)), scalp_t=_u(rng, s.scalp_thickness_mm),
         temporalis=_u(rng, (4.0, 9.0)), skull_t=_u(rng, s.skull_thickness_mm), base_t=_u(rng, (2.5, 4.5)),
@@ -86,6 +91,20 @@ def _sample_anatomy(rng: np.random.Generator, s: AnatomySettings) -> _Anatomy:
         below=_u(rng, s.scan_below_centre_mm), headrest=bool(rng.random() < s.headrest_prob),
         background=float(s.background_hu),
     )
+    return _sample_realism(rng, s, anat)
+
+
+def _sample_realism(rng: np.random.Generator, s: AnatomySettings, anat: _Anatomy) -> _Anatomy:
+    """Sutures, mastoid air cells, tentorium: drawn last, so the other parameters of a seed stay as they were."""
+    sut = (_u(rng, (-5.0, 5.0)), _u(rng, (-5.0, 5.0)), _u(rng, (0.6, 1.6)), 2 * math.pi / _u(rng, (5.0, 9.0)),
+           _u(rng, (0, 2 * math.pi)), _u(rng, (0, 2 * math.pi)), _u(rng, (0.5, 1.2)), _u(rng, s.suture_open))
+    anat.sutures = sut if s.sutures else None
+    anat.edh_sutures = bool(s.edh_limited_by_sutures)
+    mastoid = (2 * math.pi / _u(rng, (3.5, 6.0)), _u(rng, (0, 2 * math.pi)), _u(rng, (0, 2 * math.pi)),
+               _u(rng, (0.2, 0.9)))
+    anat.mastoid = mastoid if rng.random() < s.mastoid_prob else None
+    anat.tentorium = bool(s.tentorium)
+    return anat
 
 
 def _waves(rng: np.random.Generator, n: int) -> tuple[list, list, list]:
@@ -116,6 +135,25 @@ def _z_floor(anat: _Anatomy, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     z += (post - mid) * _sigmoid((yr + 2.0 - 0.55 * ax) * 0.2)
     r_fm = np.sqrt(xr * xr + (yr - 28.0) ** 2)
     return (z - 150.0 * _sigmoid((14.0 - r_fm) * (1.0 / 1.5))) * sz
+
+
+def _suture_planes(anat: _Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Signed distances (mm, approximately) to the coronal and lambdoid suture surfaces, zigzag included.
+
+    Coronal: > 0 behind it (parietal side); it runs from bregma (0, -20, 75) down to the pterion
+    (+-60, -35, 0) of the reference head. Lambdoid: > 0 behind it (occipital side), from lambda
+    (0, 70, 50) down to the asterion (+-50, 55, -25). Both are planes tilted forward at the top, so
+    on the skull they run lower at the sides, as the real ones do. The sagittal suture is x = 0
+    between the two.
+    """
+    sx, sy, sz = anat.sc
+    cor, lam, amp, k, p1, p2 = anat.sutures[:6]
+    zig = amp * (np.sin(x * k + p1) + np.sin(z * k + p2)) * 0.5
+    norm = sy / math.sqrt(1.04)
+    yr, zr = y * (1.0 / sy), z * (1.0 / sz)
+    coronal = (yr - 0.2 * zr + (35.0 + cor)) * norm + zig
+    lambdoid = (yr - 0.2 * zr - (60.0 + lam)) * norm + zig
+    return coronal, lambdoid
 
 
 def _sigmoid(t: np.ndarray) -> np.ndarray:

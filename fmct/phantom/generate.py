@@ -2,7 +2,7 @@
 
 The pipeline in one place: separate child generators for anatomy, findings, lesions, scan and
 noise (so the same seed with other findings gives the same head), then anatomy -> plan -> scan ->
-scene -> render -> into the scanner -> head rest, noise -> masks, labels and info.
+scene -> render -> into the scanner -> head rest, beam hardening, noise -> masks, labels and info.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from fmct.errors import ConfigError
 from fmct.phantom.anatomy import _sample_anatomy
-from fmct.phantom.artifacts import _add_headrest, _add_noise_and_circle
+from fmct.phantom.artifacts import _add_beam_hardening, _add_headrest, _add_noise_and_circle
 from fmct.phantom.findings import _plan_findings
 from fmct.phantom.grid import _render_grid
 from fmct.phantom.render import _render
@@ -58,8 +58,9 @@ def make_phantom(
     """
     settings, anatomy_name = _resolve_anatomy(anatomy)
     _check_arguments(slices, in_plane_size, fov_mm)
-    rng_anat, rng_find, rng_lesion, rng_scan, rng_noise = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(5))
+    # the sixth generator (artifacts added for issue #12) leaves the first five, and so older phantoms, as they were
+    rng_anat, rng_find, rng_lesion, rng_scan, rng_noise, rng_artifacts = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(6))
     anat = _sample_anatomy(rng_anat, settings)
     plan = _plan_findings(rng_find, findings)
     scan = _sample_scan(rng_scan, settings, anat, slices, in_plane_size, fov_mm)
@@ -68,10 +69,13 @@ def make_phantom(
     hu, bits = _render(scene, grid)
     array, out_bits = _place_in_scanner(hu, bits, grid, scan, anat)
     _add_headrest(array, scan)
+    beam = _add_beam_hardening(array, scan, anat, rng_artifacts, settings.beam_hardening_prob, settings.beam_hardening_hu)
     _add_noise_and_circle(array, scan, rng_noise)
     volume = Volume(array, scan.spacing, scan.origin, np.eye(3), {"series_description": "FMCT phantom"})
     masks, labels = _masks_and_labels(out_bits, scene)
     info = _info(seed, anatomy_name, anat, scan, scene, labels)
+    if beam is not None:
+        info["beam_hardening"] = beam
     return Phantom(volume, masks, labels, info)
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fmct.phantom.anatomy import _ref
+from fmct.phantom.anatomy import _ref, _suture_planes
 from fmct.phantom.common import Range, _f3, _u, _unit
 from fmct.phantom.draw import _ellipsoid_sd, _inside, _mark, _paint
 from fmct.phantom.findings import _LESION_BIT
@@ -97,6 +97,7 @@ class _ExtraAxial:
     extent: float
     power: float
     hu: float
+    sutures: tuple | None = None          # (anatomy, side of the coronal, side of the lambdoid): an epidural stops at both
     info: dict = field(default_factory=dict)
 
     def box(self):
@@ -113,6 +114,11 @@ class _ExtraAxial:
         sd = np.minimum(prof * self.thickness - a_in, a_in + 0.5 * ew)
         np.minimum(sd, s.b, out=sd)
         np.minimum(sd, s.xd * self.side - 0.5, out=sd)          # the falx stops it at the midline
+        if self.sutures is not None:                            # so does the dura fixed at the sutures
+            anat, side_c, side_l = self.sutures
+            coronal, lambdoid = _suture_planes(anat, s.x, s.y, s.z)
+            np.minimum(sd, side_c * coronal, out=sd)
+            np.minimum(sd, side_l * lambdoid, out=sd)
         alpha = _inside(sd, ew)
         _paint(s.hu, self.hu, alpha)
         _mark(s.bits, _LESION_BIT[self.name], alpha)
@@ -131,7 +137,14 @@ def _make_sdh(scene: _Scene, rng: np.random.Generator, side: float, big: bool) -
 def _make_edh(scene: _Scene, rng: np.random.Generator, side: float, big: bool) -> _ExtraAxial:
     u = _convexity_direction(rng, side, (0.7, 1.0), (-0.5, 0.5), (-0.25, 0.5))
     thickness = _u(rng, (18.0, 28.0) if big else (10.0, 20.0))
-    return _extra_axial(scene, "epidural", u, side, thickness, _u(rng, (24.0, 36.0)), 0.5, _u(rng, (60.0, 90.0)))
+    lesion = _extra_axial(scene, "epidural", u, side, thickness, _u(rng, (24.0, 36.0)), 0.5, _u(rng, (60.0, 90.0)))
+    an = scene.anat
+    if an.edh_sutures and an.sutures is not None:
+        p = np.asarray(lesion.point, dtype=np.float32)
+        coronal, lambdoid = _suture_planes(an, p[0], p[1], p[2])
+        lesion.sutures = (an, 1.0 if coronal > 0 else -1.0, 1.0 if lambdoid > 0 else -1.0)
+        lesion.info["bone"] = "frontal" if coronal < 0 else "occipital" if lambdoid > 0 else "parietal"
+    return lesion
 
 
 def _extra_axial(scene: _Scene, name: str, u: np.ndarray, side: float, thickness: float, extent: float,

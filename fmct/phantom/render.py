@@ -1,8 +1,9 @@
 """Rendering in the head frame: HU and lesion bits on the render grid, chunk by chunk.
 
 Depth fields (below the skin, the inner table, above the skull base) and the CSF clefts are
-computed once per chunk; tissues, deep structures, the falx, the skull base and the lesions are
-then painted from them, each only inside its bounding box.
+computed once per chunk; tissues (sutures included), deep structures, the falx and tentorium, the
+skull base (mastoids included) and the lesions are then painted from them, each only inside its
+bounding box.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 
 import numpy as np
 
-from fmct.phantom.anatomy import _Anatomy, _ref, _z_callosum, _z_floor
+from fmct.phantom.anatomy import _Anatomy, _ref, _suture_planes, _z_callosum, _z_floor
 from fmct.phantom.common import _AIR, _f3
 from fmct.phantom.draw import _Ellipsoid, _inside, _mark, _paint, _Tube
 from fmct.phantom.findings import _MIDLINE_BIT
@@ -180,10 +181,37 @@ def _paint_tissues(scene: _Scene, ch: _Chunk, ew: float) -> None:
     if "sinus" in f:
         diploe_hu = H["diploe"] + (H["sinus"] - H["diploe"]) * np.clip(2.0 * f["sinus"] - 0.4, 0.0, 1.0)
     _paint(hu, H["bone"] + (diploe_hu - H["bone"]) * diploe, bone)
+    if an.sutures is not None:
+        _paint_sutures(scene, ch, bone, ew)
     _paint(hu, H["csf"], _inside(f["di"], ew))
     e = f["e"]
     brain = H["wm"] + (H["gm"] - H["wm"]) * _inside(an.gm_t - e, ew)
     _paint(hu, brain, _inside(e, ew))
+
+
+def _paint_sutures(scene: _Scene, ch: _Chunk, bone: np.ndarray, ew: float) -> None:
+    """Coronal, lambdoid and sagittal sutures: thin zigzag gaps through the calvarium, partly fused.
+
+    Evaluated only on the bone voxels of the chunk (a tenth of them), so they cost little.
+    """
+    an = scene.anat
+    amp, k, p1 = an.sutures[2:5]
+    width, open_ = an.sutures[6:8]
+    where = np.nonzero(bone > 0.0)
+    if where[0].size == 0:
+        return
+    x, y, z = ch.x.ravel()[where[2]], ch.y.ravel()[where[1]], ch.z.ravel()[where[0]]
+    coronal, lambdoid = _suture_planes(an, x, y, z)
+    sagittal = np.abs(x + 0.5 * amp * np.sin(y * k + p1))
+    dist = np.minimum(np.abs(coronal), np.abs(lambdoid))
+    np.minimum(dist, np.where((coronal > 0) & (lambdoid < 0), sagittal, np.float32(1e3)), out=dist)
+    gap = _inside(0.5 * width - dist, ew)
+    gap *= bone[where]
+    gap *= _inside(ch.f["b"][where] - an.base_t - 4.0, ew)   # the calvarium, not the skull base
+    gap *= open_
+    hu = ch.hu[where]
+    _paint(hu, an.hu["muscle"], gap)
+    ch.hu[where] = hu
 
 
 def _paint_structures(scene: _Scene, ch: _Chunk, ew: float) -> None:
@@ -204,6 +232,8 @@ def _paint_structures(scene: _Scene, ch: _Chunk, ew: float) -> None:
             if scene.shift:
                 _mark(sub.bits, _MIDLINE_BIT, alpha)
     _paint_falx(scene, ch, ew)
+    if an.tentorium:
+        _paint_tentorium(scene, ch, ew)
     calcs = []
     if an.calc_choroid:
         wide = 1 + 0.35 * (an.vent_scale - 1)
@@ -235,8 +265,56 @@ def _paint_falx(scene: _Scene, ch: _Chunk, ew: float) -> None:
         _mark(sub.bits, _MIDLINE_BIT, _inside(region, ew))
 
 
+def _tentorium_sd(an: _Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Signed distance (mm, > 0 inside) to the tentorium cerebelli, reference-head landmarks.
+
+    A tent over the posterior fossa: highest at the incisura behind the midbrain, sloping down
+    backwards to the torcula and sideways to the petrous ridges, open in front (the tentorial
+    notch around the midbrain) and absent in front of the petrous ridges.
+    """
+    sx, sy, sz = an.sc
+    ax_ = np.abs(x) * (1.0 / sx)
+    yr = y * (1.0 / sy)
+    zt = (-5.0 - 0.6 * np.maximum(yr - 20.0, 0.0) - 0.5 * ax_) * sz
+    sheet = 0.5 - np.abs(z - zt) * (1.0 / 1.22)                        # about 1 mm thick across the slope
+    behind = (yr - 0.55 * ax_ + 2.0) * sy                              # behind the petrous ridges
+    notch = (np.sqrt((ax_ * (1.0 / 16.0)) ** 2 + ((yr - 8.0) * (1.0 / 30.0)) ** 2) - 1.0) * 16.0 * sx
+    return np.minimum(np.minimum(sheet, behind), notch)
+
+
+def _paint_tentorium(scene: _Scene, ch: _Chunk, ew: float) -> None:
+    """The dense dural tent between the occipital lobes and the cerebellum."""
+    an = scene.anat
+    sx, sy, sz = an.sc
+    dx = scene.displacement_box_dx()
+    sub = ch.sub((-70.0 * sx - dx, -25.0 * sy, -65.0 * sz), (70.0 * sx + dx, 95.0 * sy, 0.0))
+    if sub is None:
+        return
+    sd = _tentorium_sd(an, sub.xd, sub.y, sub.z)
+    np.minimum(sd, sub.di, out=sd)
+    _paint(sub.hu, an.hu["falx"], _inside(sd, ew * 0.75))
+
+
+def _paint_mastoids(scene: _Scene, ch: _Chunk, ew: float) -> None:
+    """Pneumatised mastoids behind the ear: bone honeycombed with air cells, below the posterior fossa."""
+    an, H = scene.anat, scene.anat.hu
+    k, p1, p2, threshold = an.mastoid
+    for sgn in (1.0, -1.0):
+        ell = _Ellipsoid(_ref(an, (sgn * 53, 36, -56)), _ref(an, (10, 13, 12)))
+        sub = ch.sub(*ell.box(2.0))
+        if sub is None:
+            continue
+        sd = ell.sd(sub.x, sub.y, sub.z)
+        keep = _inside(sub.d - an.scalp_t, ew) * _inside(-(sub.b + 0.5 * an.base_t), ew)
+        _paint(sub.hu, H["bone"], _inside(sd, ew) * keep)
+        cells = np.cos(sub.x * k + p1) + np.cos(sub.y * k + p2)
+        cells = cells + np.cos(sub.z * k)
+        air = np.clip((cells - threshold) * 2.0, 0.0, 1.0) * _inside(sd - 1.5, ew) * keep
+        _paint(sub.hu, H["sinus"], air)
+
+
 def _paint_skull_base(scene: _Scene, ch: _Chunk, ew: float) -> None:
-    """Petrous ridges, orbits (fat, globe, lens) and sinus air under the anterior and middle fossae."""
+    """Petrous ridges, orbits (fat, globe, lens), sinus air under the anterior and middle fossae, mastoids."""
     an, H = scene.anat, scene.anat.hu
     for sgn in (1.0, -1.0):
         ridge = _Tube([_ref(an, (sgn * 54, 30, -52)), _ref(an, (sgn * 14, 5, -45))], [6.0, 3.5], (1.0, 1.0, 1.0))
@@ -262,3 +340,5 @@ def _paint_skull_base(scene: _Scene, ch: _Chunk, ew: float) -> None:
         below = _inside(-(sub.b + 1.0), ew)
         _paint(sub.hu, H["bone"] * 0.5, _inside(air.sd(sub.x, sub.y, sub.z) + 1.5, ew) * below)
         _paint(sub.hu, H["sinus"], _inside(air.sd(sub.x, sub.y, sub.z), ew) * below)
+    if an.mastoid is not None:
+        _paint_mastoids(scene, ch, ew)

@@ -59,6 +59,8 @@ def _info(seed: int, anatomy_name: str, anat: _Anatomy, scan: _Scan, scene: _Sce
         "head_semi_axes_mm": [round(v, 1) for v in (anat.a, anat.b, anat.c)], "atrophy": round(anat.atrophy, 3),
         "ventricle_scale": round(anat.vent_scale, 3), "skull_thickness_mm": round(anat.skull_t, 2),
         "grey_white_hu": [round(anat.hu["gm"], 1), round(anat.hu["wm"], 1)], "headrest": scan.headrest is not None,
+        "tissue_hu": {k: round(anat.hu[k], 1) for k in ("gm", "wm", "csf", "nuclei", "bone", "diploe", "fat", "muscle")},
+        "mastoid_air_cells": anat.mastoid is not None, "sutures": anat.sutures is not None,
         "lesions": lesions,
     })
 
