@@ -105,9 +105,14 @@ class CachedVolumeDataset(_TorchDataset):
 
     def __init__(self, manifest: Sequence[Study], spec: PreprocessSpec, cache_dir: str | Path,
                  transform: Callable[[dict], dict] | None = None, tasks: Sequence[str] | None = None,
-                 cache_dtype: str = "float16") -> None:
+                 cache_dtype: str = "float16", augment: float = 0.0, augment_seed: int = 0) -> None:
         if cache_dtype not in ("float16", "float32"):
             raise ConfigError(f"cache_dtype must be 'float16' or 'float32', got {cache_dtype!r}")
+        if not 0.0 <= augment <= 1.0:
+            raise ConfigError(f"augment must be a probability between 0 and 1, got {augment}")
+        self.augment = float(augment)       # share of items rescanned at random (fmct.augment) before preprocessing
+        self.augment_seed = int(augment_seed)
+        self.epoch = 0
         self.manifest = list(manifest)
         self.spec = spec
         self.cache_dir = Path(cache_dir)
@@ -187,13 +192,39 @@ class CachedVolumeDataset(_TorchDataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next items belong to: with `augment`, item i of epoch e is always the same rescan."""
+        self.epoch = int(epoch)
+
+    def augmented(self, i: int) -> np.ndarray | None:
+        """Item i's CT rescanned with a random variation, preprocessed; None if this (seed, epoch, i) draws none.
+
+        The generator is seeded by (augment_seed, epoch, i), so a resumed or repeated run sees the
+        same rescans. It re-reads the study (the cache holds preprocessed tensors): the price of
+        varying the CT itself rather than the tensor.
+        """
+        from fmct.augment import random_variation
+
+        rng = np.random.default_rng([self.augment_seed, self.epoch, i])
+        if rng.random() >= self.augment:
+            return None
+        volume, _ = random_variation(read_study(self.index[i][0]), rng)
+        return self.preprocessor(volume).array[0].astype(self.cache_dtype)
+
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         """One study; None if its cache file vanished and it cannot be rebuilt (see `collate_skip_none`)."""
         import torch
 
         study, path = self.index[i]
+        array = None
+        if self.augment > 0.0:
+            try:
+                array = self.augmented(i)
+            except Exception as error:  # noqa: BLE001 - a study that read once but not now: use its cached tensor
+                log.warning("Augmenting %s failed (%s); using it as cached.", study.study_id, error)
         try:
-            array = np.load(path, allow_pickle=False)
+            if array is None:
+                array = np.load(path, allow_pickle=False)
         except (OSError, ValueError):
             rebuilt = self._prepare_one(study)
             if rebuilt is None:

@@ -22,6 +22,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from fmct.augment import random_variation
 from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle, write_meta
 from fmct.ood import fit_reference
 from fmct.errors import ConfigError
@@ -45,18 +46,26 @@ IN_PLANE_SIZES = (128, 160)
 
 
 def _one_case(args: tuple) -> tuple[np.ndarray, np.ndarray, str]:
-    seed, slices, in_plane, spec_dict = args
+    seed, slices, in_plane, spec_dict, augment = args
     phantom = make_phantom(seed, slices=slices, in_plane_size=in_plane)
-    x = Preprocessor(PreprocessSpec.from_dict(spec_dict))(phantom.volume).tensor[0].half().numpy()
+    volume = phantom.volume
+    if augment:  # a label-preserving rescan (pose, FOV, kernel, noise, slices), seeded by the case
+        volume, _ = random_variation(volume, np.random.default_rng([seed, 12]))
+    x = Preprocessor(PreprocessSpec.from_dict(spec_dict))(volume).tensor[0].half().numpy()
     y = np.array([phantom.labels[t] for t in TASKS], dtype=np.uint8)
     return x, y, slices
 
 
-def make_split(split: str, n: int, spec: PreprocessSpec, workers: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """n preprocessed phantoms; half thick, half thin slices, so both are always measured."""
+def make_split(split: str, n: int, spec: PreprocessSpec, workers: int,
+               augment: bool = False) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """n preprocessed phantoms; half thick, half thin slices, so both are always measured.
+
+    augment: each phantom rescanned with one random CT-level variation (`fmct.augment`), seeded by
+    its seed; for the training split only, so validation and test measure clean phantoms.
+    """
     base = SEED_BASE[split]
     jobs = [
-        (base + i, "thick" if i % 2 == 0 else "thin", IN_PLANE_SIZES[(i // 2) % len(IN_PLANE_SIZES)], spec.to_dict())
+        (base + i, "thick" if i % 2 == 0 else "thin", IN_PLANE_SIZES[(i // 2) % len(IN_PLANE_SIZES)], spec.to_dict(), augment)
         for i in range(n)
     ]
     # spawn, not fork: a forked child of a process whose torch thread pool is running can hang
@@ -130,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--saliency-cases", type=int, default=10, help="test phantoms per hemorrhage type for saliency metrics (0: skip)")
     ap.add_argument("--encoder", default=None, help="start from this pretrained encoder bundle (fmct pretrain's RUN/bundle)")
+    ap.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                    help="rescan each training phantom with one random CT-level variation (fmct.augment); val/test stay clean")
     ap.add_argument("--layer-decay", type=float, default=0.75, help="lr shrink per block below the head, with --encoder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -140,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay)  # a bad bundle fails before the phantoms
 
     t0 = time.time()
-    splits = {s: make_split(s, n, spec, args.workers) for s, n in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test))}
+    splits = {s: make_split(s, n, spec, args.workers, augment=args.augment and s == "train")
+              for s, n in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test))}
     log.info("made %d phantoms in %.0f s", sum(len(v[0]) for v in splits.values()), time.time() - t0)
 
     t0 = time.time()
@@ -188,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
                 "source": "fmct.phantom, anatomy preset 'default', half thick (4-5 mm) / half thin (0.5-1 mm) slices, in-plane sizes " + str(IN_PLANE_SIZES),
                 "seeds": {s: f"{SEED_BASE[s]}..{SEED_BASE[s] + n - 1}" for s, n in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test))},
                 "saliency_seeds": f"{SEED_BASE['saliency']}.. (100 per hemorrhage type)",
+                "augmentation": "training split: one random label-preserving CT-level variation per phantom "
+                                "(fmct.augment.random_variation, seeded by the phantom seed)" if args.augment else "none",
             },
             "seed": args.seed,
         },

@@ -59,6 +59,7 @@ class FinetuneConfig:
     layer_decay: float = 0.75
     warmup_epochs: int = 2
     seed: int = 0
+    augment: float = 0.0  # share of training items rescanned at random each epoch (fmct.augment), 0 = off
     device: str = "auto"
     name: str = "fmct-finetuned"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +69,8 @@ class FinetuneConfig:
             raise ConfigError(f"finetune: mode '{self.mode}' must be 'full' or 'linear'")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("finetune: val_fraction must be between 0 and 1")
+        if not 0.0 <= self.augment <= 1.0:
+            raise ConfigError("finetune: augment must be between 0 (off) and 1 (every training item, every epoch)")
         if self.labels_per_class is not None and self.labels_per_class < 1:
             raise ConfigError("finetune: labels_per_class must be a positive integer")
 
@@ -162,7 +165,8 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     report(0.0, "preparing data")
     if not info.is_main:
         barrier()  # rank 0 fills the cache first; the others then only read it
-    train_ds = CachedVolumeDataset(train_studies, spec, cfg.cache_dir, tasks=tasks).prepare(cancel=cancel)
+    train_ds = CachedVolumeDataset(train_studies, spec, cfg.cache_dir, tasks=tasks, augment=cfg.augment,
+                                   augment_seed=cfg.seed).prepare(cancel=cancel)   # validation stays clean
     val_ds = CachedVolumeDataset(val_studies, spec, cfg.cache_dir, tasks=tasks).prepare(cancel=cancel)
     if info.is_main:
         barrier()
@@ -178,6 +182,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     sampler = distributed_sampler(train_ds, info, cfg.seed) if info.enabled else None
 
     def batches(epoch: int):
+        train_ds.set_epoch(epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
             loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
