@@ -20,7 +20,7 @@ How it is built, and why:
   the same seed with other findings gives the same head (the mass-effect test relies on this).
 
 One module per stage, in the order `make_phantom` runs them:
-  settings    the populations (AnatomySettings, ANATOMY_PRESETS)
+  settings    the populations (AnatomySettings, ANATOMY_PRESETS: default, ood, realistic)
   anatomy     one sampled head and its landmark surfaces
   findings    which findings, the mass effect, the lesion bits
   scan        slice thickness, pixel, field of view, pose, head rest
@@ -31,12 +31,13 @@ One module per stage, in the order `make_phantom` runs them:
   lesions     each lesion: box, drawing, record
   render      HU and lesion bits in the head frame
   scanner     resampling onto the axial slices (partial volume)
-  artifacts   head rest, correlated noise, reconstruction circle
+  artifacts   head rest, skull-base beam hardening, correlated noise, reconstruction circle
   truth       labels, masks and the info record
   generate    make_phantom and Phantom
   writers     write_phantom_set: a phantom dataset on disk
   common      helpers all of them share
-  variations  the same head scanned otherwise (pose, FOV, kernel, noise, slices, contrast, size): benchmarks, OOD tests
+  variations  the same head scanned otherwise (pose, FOV, kernel, noise, slices, contrast, size): benchmarks, OOD tests,
+              training augmentation (fmct.augment draws among them)
 The task names the labels use are in `fmct.tasks`.
 """
 from __future__ import annotations
