@@ -7,6 +7,7 @@ from fmct.data import CachedVolumeDataset
 from fmct.manifests import load_manifest
 from fmct.phantom import make_phantom, write_phantom_set
 from fmct.preprocess import PreprocessSpec
+from fmct.volume import Volume
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,14 @@ def test_demo_recipe_augments_training_phantoms_only():
     plain = _one_case((1_000_001, "thin", 64, spec, False))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], plain[1])      # seeded; labels as made
     assert not np.array_equal(a[0], plain[0])
+
+
+def test_cuts_only_where_the_slices_run_foot_to_head(subdural):
+    """A sagittal or head-to-foot storage has no 'top slices' to cut: cut is never drawn for it."""
+    v = subdural.volume
+    top = np.asarray(v.origin) + v.direction[:, 2] * v.spacing[2] * (v.array.shape[0] - 1)
+    flipped = Volume(v.array[::-1].copy(), v.spacing, top, v.direction @ np.diag([1.0, 1.0, -1.0]), v.meta)
+    kinds = {random_variation(flipped, np.random.default_rng(s))[1]["kind"] for s in range(60)}
+    assert "cut" not in kinds and "rigid" in kinds
+    kinds_up = {random_variation(v, np.random.default_rng(s))[1]["kind"] for s in range(60)}
+    assert "cut" in kinds_up

@@ -5,8 +5,9 @@ training phantoms) and `fmct finetune` (training studies, before preprocessing) 
 `random_variation`. The variations themselves are `fmct.phantom.variations` (they apply to any CT).
 
 Only changes that keep every label true are drawn: the head moved by at most 5 mm and turned by
-at most 5 degrees, at most 2 cm cut from the vertex or 1.5 cm from the neck (a lesion may lose an
-edge, never all of itself), a smoother or sharper kernel, a little more noise, thicker slices (up
+at most 5 degrees, at most 2 cm cut from the vertex or 1.5 cm from the neck (only when the slices
+run foot to head, k pointing superior, so "top" means the vertex; a lesion lying wholly in the top
+2 cm of the head could lose all of itself, which the labels cannot know: rare, but possible), a smoother or sharper kernel, a little more noise, thicker slices (up
 to 5 mm, only from thin ones). Never a head-size change, contrast, or a crop to the vertex: those
 make another patient or another study, which the labels would no longer describe.
 """
@@ -33,7 +34,9 @@ def random_variation(volume: Volume, rng: np.random.Generator) -> tuple[Volume, 
     Deterministic given the generator's state: seed it from (seed, epoch, index) or from the case
     seed and training repeats exactly.
     """
-    kinds = [k for k in KINDS if k != "thicker_slices" or 2 * volume.spacing[2] <= MAX_SLICE_MM + 1e-6]
+    axial_up = float(volume.direction[2, 2]) > 0.9  # LPS: the k axis points superior
+    kinds = [k for k in KINDS if (k != "thicker_slices" or 2 * volume.spacing[2] <= MAX_SLICE_MM + 1e-6)
+             and (k != "cut" or axial_up)]
     kind = str(rng.choice(kinds))
     if kind == "rigid":
         axis = rng.normal(size=3)
