@@ -71,14 +71,18 @@ def test_finetune_dataset_rescans_deterministically_per_seed_epoch_index(tmp_pat
 
 
 def test_finetune_with_augmentation_makes_a_bundle(tmp_path):
+    """`fmct finetune --augment P`: the flag reaches the recipe and is recorded in the bundle."""
     from fmct.bundle import load_bundle
     from fmct.errors import ConfigError
-    from fmct.train.finetune import FinetuneConfig, finetune
+    from fmct.train.finetune import FinetuneConfig
 
     root = write_phantom_set(tmp_path / "set", 8, seed=3, slices="thick", in_plane_size=48)
-    cfg = FinetuneConfig(data=str(root), out=str(tmp_path / "ft"), size="tiny", tasks=["any_hemorrhage"], epochs=1,
-                         batch_size=4, augment=0.5, cache_dir=str(tmp_path / "cache"), device="cpu")
-    bundle = load_bundle(finetune(cfg).bundle)
+    from fmct.cli import main
+
+    assert main(["finetune", "--data", str(root), "--out", str(tmp_path / "ft"), "--tasks", "any_hemorrhage",
+                 "--epochs", "1", "--batch-size", "4", "--augment", "0.5", "--cache-dir", str(tmp_path / "cache"),
+                 "--device", "cpu"]) == 0
+    bundle = load_bundle(tmp_path / "ft")
     assert bundle.meta.provenance["config"]["augment"] == 0.5
     with pytest.raises(ConfigError, match="augment"):
         FinetuneConfig(data="x", augment=1.5)

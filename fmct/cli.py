@@ -257,7 +257,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from fmct.train.finetune import FinetuneConfig, finetune
 
     overrides = {k: getattr(args, k) for k in ("data", "out", "encoder", "mode", "labels_per_class", "epochs",
-                                               "batch_size", "lr", "device", "seed", "cache_dir", "name")}
+                                               "batch_size", "lr", "device", "seed", "cache_dir", "name", "augment")}
     if args.tasks:
         overrides["tasks"] = args.tasks.split(",")
     if args.config:
@@ -388,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--device", type=_device_arg, help=DEVICE_HELP)
     ft.add_argument("--seed", type=int)
     ft.add_argument("--cache-dir", help="where preprocessed volumes are cached (default .fmct_cache)")
+    ft.add_argument("--augment", type=float, metavar="P",
+                    help="share of training studies rescanned at random each epoch (pose, field of view, kernel, "
+                         "noise, slice thickness; fmct.augment), 0 (default) to 1; validation stays as stored")
     ft.add_argument("--name", help="model name written into the bundle")
     ft.set_defaults(func=cmd_finetune)
 
