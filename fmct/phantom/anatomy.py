@@ -9,11 +9,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from fmct.phantom.common import _f3, _u, _unit
 from fmct.phantom.settings import AnatomySettings
+
+
+class _Sutures(NamedTuple):
+    """Where the coronal and lambdoid sutures lie and how they look (see `_suture_planes`)."""
+
+    coronal_mm: float      # offset of the coronal suture from the reference head's
+    lambdoid_mm: float     # offset of the lambdoid suture
+    zigzag_mm: float       # zigzag amplitude
+    wave: float            # zigzag wave number, rad/mm
+    phase_x: float
+    phase_z: float
+    width_mm: float        # gap width
+    open: float            # how unfused: share of soft tissue in the gap
+
+
+class _Mastoid(NamedTuple):
+    """The air-cell pattern of both pneumatised mastoids: a thresholded sum of cosines."""
+
+    wave: float            # rad/mm
+    phase_x: float
+    phase_y: float
+    threshold: float
 
 
 @dataclass
@@ -54,9 +77,9 @@ class _Anatomy:
     headrest: bool
     background: float
     # drawn after all of the above (issue #12 item 3), so the rest of a head does not depend on them
-    sutures: tuple | None = None       # (coronal, lambdoid offsets mm; zigzag amplitude, wave number, phases; width; open)
+    sutures: "_Sutures | None" = None
     edh_sutures: bool = False
-    mastoid: tuple | None = None       # (air-cell wave number, phases, threshold) per pneumatised mastoid
+    mastoid: "_Mastoid | None" = None  # None: not pneumatised
     tentorium: bool = False
 
 
@@ -96,12 +119,12 @@ def _sample_anatomy(rng: np.random.Generator, s: AnatomySettings) -> _Anatomy:
 
 def _sample_realism(rng: np.random.Generator, s: AnatomySettings, anat: _Anatomy) -> _Anatomy:
     """Sutures, mastoid air cells, tentorium: drawn last, so the other parameters of a seed stay as they were."""
-    sut = (_u(rng, (-5.0, 5.0)), _u(rng, (-5.0, 5.0)), _u(rng, (0.6, 1.6)), 2 * math.pi / _u(rng, (5.0, 9.0)),
-           _u(rng, (0, 2 * math.pi)), _u(rng, (0, 2 * math.pi)), _u(rng, (0.5, 1.2)), _u(rng, s.suture_open))
+    sut = _Sutures(_u(rng, (-5.0, 5.0)), _u(rng, (-5.0, 5.0)), _u(rng, (0.6, 1.6)), 2 * math.pi / _u(rng, (5.0, 9.0)),
+                   _u(rng, (0, 2 * math.pi)), _u(rng, (0, 2 * math.pi)), _u(rng, (0.5, 1.2)), _u(rng, s.suture_open))
     anat.sutures = sut if s.sutures else None
     anat.edh_sutures = bool(s.edh_limited_by_sutures)
-    mastoid = (2 * math.pi / _u(rng, (3.5, 6.0)), _u(rng, (0, 2 * math.pi)), _u(rng, (0, 2 * math.pi)),
-               _u(rng, (0.2, 0.9)))
+    mastoid = _Mastoid(2 * math.pi / _u(rng, (3.5, 6.0)), _u(rng, (0, 2 * math.pi)), _u(rng, (0, 2 * math.pi)),
+                       _u(rng, (0.2, 0.9)))
     anat.mastoid = mastoid if rng.random() < s.mastoid_prob else None
     anat.tentorium = bool(s.tentorium)
     return anat
@@ -146,13 +169,13 @@ def _suture_planes(anat: _Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) 
     on the skull they run lower at the sides, as the real ones do. The sagittal suture is x = 0
     between the two.
     """
-    sx, sy, sz = anat.sc
-    cor, lam, amp, k, p1, p2 = anat.sutures[:6]
-    zig = amp * (np.sin(x * k + p1) + np.sin(z * k + p2)) * 0.5
+    _, sy, sz = anat.sc
+    su = anat.sutures
+    zig = su.zigzag_mm * (np.sin(x * su.wave + su.phase_x) + np.sin(z * su.wave + su.phase_z)) * 0.5
     norm = sy / math.sqrt(1.04)
     yr, zr = y * (1.0 / sy), z * (1.0 / sz)
-    coronal = (yr - 0.2 * zr + (35.0 + cor)) * norm + zig
-    lambdoid = (yr - 0.2 * zr - (60.0 + lam)) * norm + zig
+    coronal = (yr - 0.2 * zr + (35.0 + su.coronal_mm)) * norm + zig
+    lambdoid = (yr - 0.2 * zr - (60.0 + su.lambdoid_mm)) * norm + zig
     return coronal, lambdoid
 
 

@@ -195,20 +195,19 @@ def _paint_sutures(scene: _Scene, ch: _Chunk, bone: np.ndarray, ew: float) -> No
     Evaluated only on the bone voxels of the chunk (a tenth of them), so they cost little.
     """
     an = scene.anat
-    amp, k, p1 = an.sutures[2:5]
-    width, open_ = an.sutures[6:8]
+    su = an.sutures
     where = np.nonzero(bone > 0.0)
     if where[0].size == 0:
         return
     x, y, z = ch.x.ravel()[where[2]], ch.y.ravel()[where[1]], ch.z.ravel()[where[0]]
     coronal, lambdoid = _suture_planes(an, x, y, z)
-    sagittal = np.abs(x + 0.5 * amp * np.sin(y * k + p1))
+    sagittal = np.abs(x + 0.5 * su.zigzag_mm * np.sin(y * su.wave + su.phase_x))
     dist = np.minimum(np.abs(coronal), np.abs(lambdoid))
     np.minimum(dist, np.where((coronal > 0) & (lambdoid < 0), sagittal, np.float32(1e3)), out=dist)
-    gap = _inside(0.5 * width - dist, ew)
+    gap = _inside(0.5 * su.width_mm - dist, ew)
     gap *= bone[where]
     gap *= _inside(ch.f["b"][where] - an.base_t - 4.0, ew)   # the calvarium, not the skull base
-    gap *= open_
+    gap *= su.open
     hu = ch.hu[where]
     _paint(hu, an.hu["muscle"], gap)
     ch.hu[where] = hu
@@ -298,7 +297,7 @@ def _paint_tentorium(scene: _Scene, ch: _Chunk, ew: float) -> None:
 def _paint_mastoids(scene: _Scene, ch: _Chunk, ew: float) -> None:
     """Pneumatised mastoids behind the ear: bone honeycombed with air cells, below the posterior fossa."""
     an, H = scene.anat, scene.anat.hu
-    k, p1, p2, threshold = an.mastoid
+    m = an.mastoid
     for sgn in (1.0, -1.0):
         ell = _Ellipsoid(_ref(an, (sgn * 53, 36, -56)), _ref(an, (10, 13, 12)))
         sub = ch.sub(*ell.box(2.0))
@@ -307,9 +306,8 @@ def _paint_mastoids(scene: _Scene, ch: _Chunk, ew: float) -> None:
         sd = ell.sd(sub.x, sub.y, sub.z)
         keep = _inside(sub.d - an.scalp_t, ew) * _inside(-(sub.b + 0.5 * an.base_t), ew)
         _paint(sub.hu, H["bone"], _inside(sd, ew) * keep)
-        cells = np.cos(sub.x * k + p1) + np.cos(sub.y * k + p2)
-        cells = cells + np.cos(sub.z * k)
-        air = np.clip((cells - threshold) * 2.0, 0.0, 1.0) * _inside(sd - 1.5, ew) * keep
+        cells = np.cos(sub.x * m.wave + m.phase_x) + np.cos(sub.y * m.wave + m.phase_y) + np.cos(sub.z * m.wave)
+        air = np.clip((cells - m.threshold) * 2.0, 0.0, 1.0) * _inside(sd - 1.5, ew) * keep
         _paint(sub.hu, H["sinus"], air)
 
 
