@@ -89,9 +89,10 @@ def cpu_arms(args, work: Path, root: Path) -> dict:
 
     from fmct.analyze import Analyzer
     from fmct.batch import run_batch
+    from fmct.io import read_volume
 
     analyzer = Analyzer(demo_bundle(work), device="cpu")
-    analyzer.analyze(__import__("fmct.io", fromlist=["read_volume"]).read_volume(root / "study_0000"))  # warm-up
+    analyzer.analyze(read_volume(root / "study_0000"))  # warm-up
     cores = args.threads or os.cpu_count() or 1
     arms = [(explain, workers, st) for explain in ("none", "integrated_gradients") for workers in (0, 1)
             for st in (cores, 1)]
@@ -146,6 +147,7 @@ def main() -> None:
     logging.getLogger("fmct").setLevel(logging.WARNING)
     from fmct.analyze import Analyzer
     from fmct.batch import run_batch
+    from fmct.io import read_volume
 
     work = Path(args.work)
     root = make_studies(work, args.n)
@@ -158,7 +160,7 @@ def main() -> None:
     for name in args.models.split(","):
         bundle = demo_bundle(work) if name == "demo" else base_bundle(work)
         analyzer = Analyzer(bundle, device=args.device, compile=args.compile)
-        analyzer.analyze(__import__("fmct.io", fromlist=["read_volume"]).read_volume(root / "study_0000"))  # warm-up
+        analyzer.analyze(read_volume(root / "study_0000"))  # warm-up
         out = work / f"out_batch_{name}"
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(work / f"out_seq_{name}", ignore_errors=True)
