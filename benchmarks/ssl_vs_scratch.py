@@ -4,6 +4,11 @@
     python benchmarks/ssl_vs_scratch.py --arms scratch all   # two arms
     python benchmarks/ssl_vs_scratch.py --encoder RUN/bundle # arm "given": an encoder from `fmct pretrain` vs scratch
     python benchmarks/ssl_vs_scratch.py --quick              # minutes: checks the pipeline, numbers meaningless
+    python benchmarks/ssl_vs_scratch.py --resume             # a killed run goes on where it stopped
+
+--resume continues each arm's pretraining from its last checkpoint and skips the fine-tunes whose test
+logits are already in OUT/finetune_cache.json (written atomically after each one; refused when the
+run's settings differ), so a CPU run of several hours survives being stopped.
 
 Arms: scratch (random init), mae (masked voxel reconstruction only), dino (DINO + iBOT only), all
 (DINO + iBOT + reconstruction: the shipped recipe). Every pretrained arm is the shipped tiny recipe
@@ -28,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fmct.atomic import write_text_atomic
 from fmct.bundle import load_bundle
 from fmct.evaluate import auroc
 from fmct.models import FMCTClassifier
@@ -79,7 +85,7 @@ def pretrained_encoder(arm: str, args: argparse.Namespace, spec: PreprocessSpec,
     raw["run"] = {"seed": args.seed, "checkpoint_every": max(steps // 4, 1), "device": "cpu"}
     cfg = SSLConfig.from_dict(raw)
     t0 = time.time()
-    result = pretrain(cfg, out / f"pretrain-{arm}", dataset=TensorVolumes(x_unl))
+    result = pretrain(cfg, out / f"pretrain-{arm}", resume=args.resume, dataset=TensorVolumes(x_unl))
     bundle = load_bundle(result.bundle)
     tail = result.losses[-10:]
     keys = ("dino", "ibot", "mae", "teacher_entropy", "view_gap", "feature_spread", "dino_over_log_k")
@@ -162,6 +168,25 @@ def compare(y: np.ndarray, arms: dict[str, list[np.ndarray]], n_boot: int, seed:
     return out
 
 
+class FinetuneCache:
+    """Test logits of finished fine-tunes, keyed by arm, budget and draw, for --resume."""
+
+    def __init__(self, path: Path, settings: dict, resume: bool):
+        self.path, self.settings, self.done = path, settings, {}
+        if resume and path.exists():
+            stored = json.loads(path.read_text())
+            if stored["settings"] != settings:
+                raise SystemExit(f"--resume: {path} was made with other settings ({stored['settings']}); "
+                                 "use another --out or drop --resume")
+            self.done = stored["logits"]
+
+    def get(self, key: str, compute) -> np.ndarray:
+        if key not in self.done:
+            self.done[key] = [float(v) for v in compute()]
+            write_text_atomic(self.path, json.dumps({"settings": self.settings, "logits": self.done}))
+        return np.array(self.done[key])
+
+
 def print_table(rows: list[dict]) -> None:
     for r in rows:
         for kind in ("finetune", "linear"):
@@ -191,6 +216,7 @@ def main() -> None:
     ap.add_argument("--finetune-draws", type=int, default=3, help="label draws per budget for full fine-tuning")
     ap.add_argument("--skip-finetune", action="store_true", help="linear probes only")
     ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--resume", action="store_true", help="continue a killed run in the same --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -224,6 +250,10 @@ def main() -> None:
     x_test, y_test = phantom_set(n_test, SEEDS["test"], "ood", spec)
     feats = {name: (frozen_features(state, cfg, x_lab, args.seed), frozen_features(state, cfg, x_test, args.seed))
              for name, (state, cfg, _) in encoders.items()}
+    settings = {"arms": list(encoders), "seed": args.seed, "n_unlabeled": n_unlabeled, "steps": steps,
+                "n_labelled": n_labelled, "n_test": n_test, "epochs": epochs, "encoder": args.encoder}
+    out.mkdir(parents=True, exist_ok=True)
+    cache = FinetuneCache(out / "finetune_cache.json", settings, args.resume)
     rows = []
     for k in budgets:
         row: dict = {"labels_per_class": k}
@@ -233,7 +263,8 @@ def main() -> None:
         row["linear"] = compare(y_test, probe, args.n_boot, args.seed)
         if not args.skip_finetune:
             t0 = time.time()
-            full = {name: [finetune_scores(state, cfg, x_lab[idx], y_lab[idx], x_test, epochs, args.seed + k + 7 * d)
+            full = {name: [cache.get(f"{name}/K{k}/draw{d}", lambda: finetune_scores(
+                               state, cfg, x_lab[idx], y_lab[idx], x_test, epochs, args.seed + k + 7 * d))
                            for d, idx in enumerate(draws[:args.finetune_draws])]
                     for name, (state, cfg, _) in encoders.items()}
             row["finetune"] = compare(y_test, full, args.n_boot, args.seed)
@@ -248,8 +279,7 @@ def main() -> None:
         "finetune_epochs": epochs, "probe_draws": args.probe_draws, "finetune_draws": args.finetune_draws,
         "test_prevalence": float(y_test.mean()), "rows": rows, "total_seconds": round(time.time() - t_start, 1),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=2))
     print(f"\ntotal {summary['total_seconds']:.0f} s; results in {out / 'results.json'}")
 
 
