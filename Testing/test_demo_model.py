@@ -101,6 +101,16 @@ def test_recipe_fine_tunes_a_pretrained_encoder_and_records_it(tmp_path):
     assert training["encoder_provenance"]["steps"] == 7 and "--encoder" in demo.meta.provenance["recipe"]
     assert [t.name for t in demo.meta.tasks] == list(demo_model.TASKS)
     assert (tmp_path / "demo" / "ood.safetensors").is_file()  # the recipe's bundles can say when a CT is unlike them
+    # Trained on the default and realistic anatomies, measured per test anatomy with CIs and calibration.
+    assert "'default', 'realistic'" in demo.meta.provenance["data"]["source"]
+    assert set(demo.meta.metrics["test"]) == {"default", "ood"} and demo.meta.metrics["test_anatomy"] == "default"
+    for anatomy, report in demo.meta.metrics["test"].items():
+        assert report["any_hemorrhage"]["n"] == 6, anatomy
+        assert 0.0 <= report["any_hemorrhage"]["ece"] <= 1.0 and len(report["any_hemorrhage"]["auroc_ci95"]) == 2
+    assert demo.meta.provenance["data"]["seeds"]["test ood"].startswith(str(demo_model.SEED_BASE["test"] + demo_model.TEST_ANATOMY_OFFSET))
+    with pytest.raises(ConfigError, match="unknown anatomy preset adult"):
+        demo_model.main(["--out", str(tmp_path / "never"), "--anatomy", "default,adult", "--device", "cpu"])
+    assert not (tmp_path / "never").exists()
 
     coarse = BundleMeta(name="coarse", encoder=encoder.encoder.cfg, preprocessing=PreprocessSpec(spacing_mm=(4.0, 4.0, 4.0)),
                         tasks=[], provenance={})

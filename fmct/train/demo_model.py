@@ -6,8 +6,10 @@
 Trains on phantoms (random findings, thick and thin slices, varied anatomy), from scratch or
 from a self-supervised encoder made by `fmct pretrain` (with layer-wise lr decay), calibrates a
 temperature and picks a threshold per task on a validation split, and measures AUROC and
-saliency-in-lesion on test phantoms whose seeds never appear in training. Everything it
-did is written into the bundle's fmct.json.
+saliency-in-lesion on test phantoms whose seeds never appear in training, of every --test-anatomy
+(AUROC with a bootstrap CI, ECE and sensitivity / specificity at the chosen threshold, per anatomy:
+the real-CT issue's targets are on "default" and "ood"). Everything it did is written into the
+bundle's fmct.json.
 """
 from __future__ import annotations
 
@@ -26,10 +28,10 @@ from fmct.augment import random_variation
 from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle, write_meta
 from fmct.ood import fit_reference
 from fmct.errors import ConfigError
-from fmct.evaluate import auroc, pointing_game, saliency_in_mask
+from fmct.evaluate import auroc, evaluation_report, pointing_game, saliency_in_mask
 from fmct.explain import explain
 from fmct.models import FMCTClassifier, preset
-from fmct.phantom import make_phantom
+from fmct.phantom import ANATOMY_PRESETS, make_phantom
 from fmct.preprocess import Preprocessor, PreprocessSpec
 from fmct.train.calibration import fit_temperature, youden_threshold
 from fmct.train.finetune import layer_decay_groups
@@ -42,12 +44,22 @@ log = logging.getLogger("fmct.train.demo_model")
 
 SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000, "saliency": 4_000_000,
              "reference": 5_000_000, "calibration": 6_000_000}  # the last two: out-of-distribution statistics
-IN_PLANE_SIZES = (128, 160)
+IN_PLANE_SIZES = (128, 160, 256)  # a 512-px CT block-averages like 256 at 3 mm, with less noise
+TEST_ANATOMY_OFFSET = 100_000     # test seeds of the i-th --test-anatomies preset: SEED_BASE["test"] + i * this
+
+
+def _presets(text: str) -> list[str]:
+    """Comma-separated anatomy presets; an unknown one fails before any phantom is made."""
+    names = [a.strip() for a in text.split(",") if a.strip()] or ["default"]
+    unknown = [n for n in names if n not in ANATOMY_PRESETS]
+    if unknown:
+        raise ConfigError(f"unknown anatomy preset {', '.join(unknown)}: use {', '.join(ANATOMY_PRESETS)}")
+    return names
 
 
 def _one_case(args: tuple) -> tuple[np.ndarray, np.ndarray, str]:
-    seed, slices, in_plane, spec_dict, augment = args
-    phantom = make_phantom(seed, slices=slices, in_plane_size=in_plane)
+    seed, slices, in_plane, spec_dict, augment, anatomy = args
+    phantom = make_phantom(seed, slices=slices, in_plane_size=in_plane, anatomy=anatomy)
     volume = phantom.volume
     if augment:  # a label-preserving rescan (pose, FOV, kernel, noise, slices), seeded by the case
         volume, _ = random_variation(volume, np.random.default_rng([seed, 12]))
@@ -56,16 +68,20 @@ def _one_case(args: tuple) -> tuple[np.ndarray, np.ndarray, str]:
     return x, y, slices
 
 
-def make_split(split: str, n: int, spec: PreprocessSpec, workers: int,
-               augment: bool = False) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def make_split(split: str, n: int, spec: PreprocessSpec, workers: int, augment: bool = False,
+               anatomies: list[str] | None = None, seed_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """n preprocessed phantoms; half thick, half thin slices, so both are always measured.
 
     augment: each phantom rescanned with one random CT-level variation (`fmct.augment`), seeded by
     its seed; for the training split only, so validation and test measure clean phantoms.
+    anatomies: presets taken in turn, in runs of 2 x len(IN_PLANE_SIZES) cases so every preset gets
+    every slice kind and in-plane size.
     """
-    base = SEED_BASE[split]
+    base, anatomies = SEED_BASE[split] + seed_offset, anatomies or ["default"]
+    run = 2 * len(IN_PLANE_SIZES)
     jobs = [
-        (base + i, "thick" if i % 2 == 0 else "thin", IN_PLANE_SIZES[(i // 2) % len(IN_PLANE_SIZES)], spec.to_dict(), augment)
+        (base + i, "thick" if i % 2 == 0 else "thin", IN_PLANE_SIZES[(i // 2) % len(IN_PLANE_SIZES)], spec.to_dict(), augment,
+         anatomies[(i // run) % len(anatomies)])
         for i in range(n)
     ]
     # spawn, not fork: a forked child of a process whose torch thread pool is running can hang
@@ -107,6 +123,33 @@ def measure_saliency(model: FMCTClassifier, spec: PreprocessSpec, device: torch.
     return results
 
 
+def test_metrics(model: FMCTClassifier, tests: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]],
+                 tasks: list[Task], device: torch.device) -> dict:
+    """Per test anatomy: every task's AUROC with its CI, ECE of the calibrated probabilities and
+    sensitivity / specificity at the bundle's threshold; the first anatomy also as test_auroc
+    (all / thick / thin), the bundle's headline numbers."""
+    temps = np.array([t.temperature for t in tasks])
+    metrics: dict = {"test": {}}
+    for n, (anatomy, (x, y, slices)) in enumerate(tests.items()):
+        logits, labels = predict_logits(model, x, device), y.numpy()
+        report = evaluation_report(labels.astype(np.float64), 1 / (1 + np.exp(-logits / temps)), TASKS,
+                                   [t.threshold for t in tasks])
+        for i, name in enumerate(TASKS):
+            for kind in ("thick", "thin"):
+                report[name][f"auroc_{kind}"] = auroc(labels[slices == kind, i], logits[slices == kind, i])
+            log.info("test %-9s %-18s AUROC %.3f [%.3f, %.3f] thick %.3f thin %.3f ECE %.3f", anatomy, name,
+                     report[name]["auroc"], *report[name]["auroc_ci95"], report[name]["auroc_thick"],
+                     report[name]["auroc_thin"], report[name]["ece"])
+        metrics["test"][anatomy] = report
+        if n == 0:
+            metrics["test_anatomy"] = anatomy
+            metrics["test_auroc"] = {name: {"all": r["auroc"], "thick": r["auroc_thick"], "thin": r["auroc_thin"]}
+                                     for name, r in report.items()}
+            metrics["test_prevalence"] = {name: float(labels[:, i].mean()) for i, name in enumerate(TASKS)}
+            metrics["n_test"] = int(len(labels))
+    return metrics
+
+
 def initial_model(encoder: str | None, spec: PreprocessSpec, layer_decay: float, weight_decay: float) -> tuple[FMCTClassifier, list[dict] | None, dict]:
     """Random init, or the given pretrained encoder with layer-wise lr decay; plus provenance."""
     if encoder is None:
@@ -141,19 +184,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--encoder", default=None, help="start from this pretrained encoder bundle (fmct pretrain's RUN/bundle)")
     ap.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                     help="rescan each training phantom with one random CT-level variation (fmct.augment); val/test stay clean")
+    ap.add_argument("--anatomy", default="default,realistic",
+                    help="anatomy presets of the training and validation phantoms, comma-separated, taken in turn")
+    ap.add_argument("--test-anatomies", default="default,ood",
+                    help="one test split of --n-test phantoms per preset; metrics per preset (the first also as test_auroc)")
     ap.add_argument("--layer-decay", type=float, default=0.75, help="lr shrink per block below the head, with --encoder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
     device = torch_device(args.device)
     spec = PreprocessSpec()
+    train_anatomies, test_anatomies = _presets(args.anatomy), _presets(args.test_anatomies)
     train_cfg = SupervisedConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay)  # a bad bundle fails before the phantoms
 
     t0 = time.time()
-    splits = {s: make_split(s, n, spec, args.workers, augment=args.augment and s == "train")
-              for s, n in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test))}
-    log.info("made %d phantoms in %.0f s", sum(len(v[0]) for v in splits.values()), time.time() - t0)
+    splits = {s: make_split(s, n, spec, args.workers, augment=args.augment and s == "train", anatomies=train_anatomies)
+              for s, n in (("train", args.n_train), ("val", args.n_val))}
+    tests = {a: make_split("test", args.n_test, spec, args.workers, anatomies=[a], seed_offset=i * TEST_ANATOMY_OFFSET)
+             for i, a in enumerate(test_anatomies)}
+    log.info("made %d phantoms in %.0f s", sum(len(v[0]) for v in [*splits.values(), *tests.values()]), time.time() - t0)
 
     t0 = time.time()
     x_train, y_train = splits["train"][0], splits["train"][1].float()
@@ -172,19 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         thr = youden_threshold(1 / (1 + np.exp(-val_logits[:, i] / temp)), val_y[:, i])
         tasks.append(Task(name, TASK_DESCRIPTIONS[name], round(thr, 4), round(temp, 4)))
 
-    test_logits = predict_logits(model, splits["test"][0], device)
-    test_y, test_slices = splits["test"][1].numpy(), splits["test"][2]
-    metrics: dict = {"test_auroc": {}, "test_prevalence": {}}
-    for i, name in enumerate(TASKS):
-        metrics["test_auroc"][name] = {
-            "all": auroc(test_y[:, i], test_logits[:, i]),
-            "thick": auroc(test_y[test_slices == "thick", i], test_logits[test_slices == "thick", i]),
-            "thin": auroc(test_y[test_slices == "thin", i], test_logits[test_slices == "thin", i]),
-        }
-        metrics["test_prevalence"][name] = float(test_y[:, i].mean())
-    for name, row in metrics["test_auroc"].items():
-        log.info("AUROC %-18s all %.3f thick %.3f thin %.3f", name, row["all"], row["thick"], row["thin"])
-    metrics["n_test"] = int(len(test_y))
+    metrics = test_metrics(model, tests, tasks, device)
 
     meta = BundleMeta(
         name="fmct-demo-tiny",
@@ -197,8 +235,11 @@ def main(argv: list[str] | None = None) -> None:
             "recipe": "python -m fmct.train.demo_model " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
             "training": {**origin, **asdict(train_cfg), "final_loss": losses[-1], "train_seconds": round(train_s, 1), "device": str(device)},
             "data": {
-                "source": "fmct.phantom, anatomy preset 'default', half thick (4-5 mm) / half thin (0.5-1 mm) slices, in-plane sizes " + str(IN_PLANE_SIZES),
-                "seeds": {s: f"{SEED_BASE[s]}..{SEED_BASE[s] + n - 1}" for s, n in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test))},
+                "source": f"fmct.phantom, anatomy presets {train_anatomies} in turn (test: {test_anatomies}, one split each), "
+                          f"half thick (4-5 mm) / half thin (0.5-1 mm) slices, in-plane sizes {IN_PLANE_SIZES}",
+                "seeds": {**{s: f"{SEED_BASE[s]}..{SEED_BASE[s] + n - 1}" for s, n in (("train", args.n_train), ("val", args.n_val))},
+                          **{f"test {a}": f"{SEED_BASE['test'] + i * TEST_ANATOMY_OFFSET}..{SEED_BASE['test'] + i * TEST_ANATOMY_OFFSET + args.n_test - 1}"
+                             for i, a in enumerate(test_anatomies)}},
                 "saliency_seeds": f"{SEED_BASE['saliency']}.. (100 per hemorrhage type)",
                 "augmentation": "training split: one random label-preserving CT-level variation per phantom "
                                 "(fmct.augment.random_variation, seeded by the phantom seed)" if args.augment else "none",
