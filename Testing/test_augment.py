@@ -92,9 +92,9 @@ def test_demo_recipe_augments_training_phantoms_only():
     from fmct.train.demo_model import _one_case
 
     spec = PreprocessSpec().to_dict()
-    a = _one_case((1_000_001, "thin", 64, spec, True))
-    b = _one_case((1_000_001, "thin", 64, spec, True))
-    plain = _one_case((1_000_001, "thin", 64, spec, False))
+    a = _one_case((1_000_001, "thin", 64, spec, True, "default"))
+    b = _one_case((1_000_001, "thin", 64, spec, True, "default"))
+    plain = _one_case((1_000_001, "thin", 64, spec, False, "default"))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], plain[1])      # seeded; labels as made
     assert not np.array_equal(a[0], plain[0])
 
