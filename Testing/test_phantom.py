@@ -389,6 +389,28 @@ def test_subdural_lies_on_the_inner_table_over_the_convexity():
         assert (normal.volume.array[m] < 20).mean() < 0.1               # over brain, not in the ventricles
 
 
+def test_subdural_also_layers_along_the_falx_and_on_the_tentorium():
+    where = {}
+    for seed in range(8):
+        ph = flat(seed, ("subdural",), slices="thin", size=128, dural_subdural_prob=1.0, tentorium=True)
+        normal = flat(seed, (), slices="thin", size=128, dural_subdural_prob=1.0, tentorium=True)
+        info, m = ph.info["lesions"]["subdural"], ph.masks["subdural"]
+        where.setdefault(info["where"], []).append(seed)
+        xyz = local_mm(ph, m)
+        x_side = xyz[:, 0] * info["side"]                              # > 0: the lesion's side of the midline
+        assert m.sum() > 100 and np.median(ph.volume.array[m]) >= 45   # acute blood, partial volume included
+        assert np.median(ph.volume.array[m].astype(float) - normal.volume.array[m]) > 5
+        if info["where"] == "falx":                                    # a thin sheet beside the midline, high up
+            assert (x_side > 0).all() and (x_side < 8).all() and np.median(xyz[:, 2]) > 20
+        else:                                                          # on one tentorial leaf, over the posterior fossa
+            assert info["where"] == "tentorium" and (x_side > 0).mean() > 0.99 and np.median(x_side) > 10
+            assert (xyz[:, 1] > 5).all() and (xyz[:, 2] < 5).all() and (xyz[:, 2] > -70).all()
+    assert set(where) == {"falx", "tentorium"}
+    default = [flat(s, ("subdural",)).info["lesions"]["subdural"]["where"] for s in (1, 2, 3)]
+    assert default == ["convexity"] * 3 and ANATOMY_PRESETS["default"].dural_subdural_prob == 0
+    assert ANATOMY_PRESETS["realistic"].dural_subdural_prob > 0
+
+
 def test_intraventricular_blood_layers_dependently_inside_the_ventricles():
     seeds = [s for s in range(2, 12) if flat(s, ("intraventricular",)).info["lesions"]["intraventricular"]["mode"] == "layering"][:2]
     assert seeds

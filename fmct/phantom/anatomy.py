@@ -81,6 +81,7 @@ class _Anatomy:
     edh_sutures: bool = False
     mastoid: "_Mastoid | None" = None  # None: not pneumatised
     tentorium: bool = False
+    dural_sdh_prob: float = 0.0        # share of small subdurals on the falx or the tentorium
 
 
 def _sample_anatomy(rng: np.random.Generator, s: AnatomySettings) -> _Anatomy:
@@ -127,6 +128,7 @@ def _sample_realism(rng: np.random.Generator, s: AnatomySettings, anat: _Anatomy
                        _u(rng, (0.2, 0.9)))
     anat.mastoid = mastoid if rng.random() < s.mastoid_prob else None
     anat.tentorium = bool(s.tentorium)
+    anat.dural_sdh_prob = float(s.dural_subdural_prob)
     return anat
 
 
@@ -181,6 +183,13 @@ def _suture_planes(anat: _Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) 
 
 def _sigmoid(t: np.ndarray) -> np.ndarray:
     return 0.5 + 0.5 * np.tanh(t)
+
+
+def _tentorium_z(anat: _Anatomy, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Height (local z, mm) of the tentorium's mid-surface: highest at the incisura, sloping down
+    backwards to the torcula and sideways to the petrous ridges."""
+    sx, sy, sz = anat.sc
+    return (-5.0 - 0.6 * np.maximum(y * (1.0 / sy) - 20.0, 0.0) - 0.5 * np.abs(x) * (1.0 / sx)) * sz
 
 
 def _z_callosum(anat: _Anatomy, y: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Lesions: intraparenchymal, subdural/epidural, subarachnoid, intraventricular, fracture.
+"""Lesions: intraparenchymal, subdural (convexity, falx, tentorium)/epidural, subarachnoid, intraventricular, fracture.
 
 Each lesion knows its bounding box, how to draw itself on a `_Sub` (HU and its lesion bit), and
 what to record in the phantom's info; its `_make_*` function places and sizes it in a scene.
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fmct.phantom.anatomy import _ref, _suture_planes
+from fmct.phantom.anatomy import _Anatomy, _ref, _suture_planes, _tentorium_z, _z_callosum
 from fmct.phantom.common import Range, _f3, _u, _unit
 from fmct.phantom.draw import _ellipsoid_sd, _inside, _mark, _paint
 from fmct.phantom.findings import _LESION_BIT
@@ -128,10 +128,78 @@ def _convexity_direction(rng: np.random.Generator, side: float, lateral: Range, 
     return _unit((side * _u(rng, lateral), _u(rng, ap), _u(rng, si)))
 
 
-def _make_sdh(scene: _Scene, rng: np.random.Generator, side: float, big: bool) -> _ExtraAxial:
+@dataclass
+class _DuralSDH:
+    """Subdural blood layering on one side of the falx (interhemispheric) or on one leaf of the tentorium.
+
+    A thin lens on the dural sheet, thickest at its centre: `along` is its centre along the sheet
+    (falx: y; tentorium: (x away from the midline, y)) and `extent` its half-length(s) there.
+    """
+
+    where: str                              # "falx" or "tentorium"
+    anat: _Anatomy
+    side: float
+    along: tuple[float, ...]
+    extent: tuple[float, ...]
+    thickness: float
+    hu: float
+    reach: float                            # how far the midline may be displaced (mm): widens the box
+    info: dict = field(default_factory=dict)
+
+    def box(self):
+        an, m = self.anat, self.thickness + self.reach + 4.0
+        if self.where == "falx":
+            return (-m - an.ihf_w, self.along[0] - self.extent[0] - 2, -30.0 * an.sc[2]), \
+                   (m + an.ihf_w, self.along[0] + self.extent[0] + 2, an.c + 2)
+        x0, y0 = self.along
+        return (-(x0 + self.extent[0] + m), y0 - self.extent[1] - 2, -75.0 * an.sc[2]), \
+               (x0 + self.extent[0] + m, y0 + self.extent[1] + 2, 5.0 * an.sc[2] + self.thickness)
+
+    def paint(self, s: _Sub, ew: float) -> None:
+        away = s.xd * self.side                                # > 0 on the lesion's side of the midline
+        if self.where == "falx":
+            prof = np.clip(1.0 - ((s.y - self.along[0]) * (1.0 / self.extent[0])) ** 2, 0.0, 1.0)
+            depth = away - 0.5                                 # from the falx's surface outwards
+            limit = s.z - (_z_callosum(self.anat, s.y) + 4.0 * self.anat.sc[2])   # above the callosum, as the falx
+        else:
+            u = (away - self.along[0]) * (1.0 / self.extent[0])
+            v = (s.y - self.along[1]) * (1.0 / self.extent[1])
+            prof = np.clip(1.0 - u * u - v * v, 0.0, 1.0)
+            depth = s.z - _tentorium_z(self.anat, s.xd, s.y) - 0.6    # up from the tentorium's upper surface
+            limit = away - 0.5
+        np.sqrt(prof, out=prof)
+        sd = np.minimum(np.minimum(depth, prof * self.thickness - depth), limit)
+        sd = np.minimum(sd, s.di)
+        alpha = _inside(sd, ew)
+        _paint(s.hu, self.hu, alpha)
+        _mark(s.bits, _LESION_BIT["subdural"], alpha)
+
+
+def _make_dural_sdh(scene: _Scene, rng: np.random.Generator, side: float) -> _DuralSDH:
+    an = scene.anat
+    sx, sy, _ = an.sc
+    hu = _u(rng, (50.0, 80.0))
+    reach = scene.displacement_box_dx()
+    if an.tentorium and rng.random() < 0.5:
+        along = (_u(rng, (22.0, 40.0)) * sx, _u(rng, (35.0, 60.0)) * sy)
+        extent = (_u(rng, (14.0, 24.0)) * sx, _u(rng, (18.0, 30.0)) * sy)
+        lesion = _DuralSDH("tentorium", an, side, along, extent, _u(rng, (2.5, 5.0)), hu, reach)
+    else:
+        lesion = _DuralSDH("falx", an, side, (_u(rng, (-10.0, 50.0)) * sy,), (_u(rng, (25.0, 45.0)) * sy,),
+                           _u(rng, (2.5, 6.0)), hu, reach)
+    lesion.info = {"where": lesion.where, "thickness_mm": lesion.thickness, "hu": hu, "side": side,
+                   "centre_along_mm": [float(a) for a in lesion.along], "extent_mm": [2 * float(e) for e in lesion.extent]}
+    return lesion
+
+
+def _make_sdh(scene: _Scene, rng: np.random.Generator, side: float, big: bool) -> "_ExtraAxial | _DuralSDH":
+    if not big and scene.anat.dural_sdh_prob > 0 and rng.random() < scene.anat.dural_sdh_prob:
+        return _make_dural_sdh(scene, rng, side)     # drawn only when on: other presets keep their voxels
     u = _convexity_direction(rng, side, (0.5, 1.0), (-0.8, 0.6), (-0.1, 0.8))
     thickness = _u(rng, (11.0, 19.0) if big else (5.0, 12.0))
-    return _extra_axial(scene, "subdural", u, side, thickness, _u(rng, (50.0, 80.0)), 0.3, _u(rng, (50.0, 80.0)))
+    lesion = _extra_axial(scene, "subdural", u, side, thickness, _u(rng, (50.0, 80.0)), 0.3, _u(rng, (50.0, 80.0)))
+    lesion.info["where"] = "convexity"
+    return lesion
 
 
 def _make_edh(scene: _Scene, rng: np.random.Generator, side: float, big: bool) -> _ExtraAxial:

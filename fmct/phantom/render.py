@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from fmct.phantom.anatomy import _Anatomy, _ref, _suture_planes, _z_callosum, _z_floor
+from fmct.phantom.anatomy import _Anatomy, _ref, _suture_planes, _tentorium_z, _z_callosum, _z_floor
 from fmct.phantom.common import _AIR, _f3
 from fmct.phantom.draw import _Ellipsoid, _inside, _mark, _paint, _Tube
 from fmct.phantom.findings import _MIDLINE_BIT
@@ -274,8 +274,7 @@ def _tentorium_sd(an: _Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> 
     sx, sy, sz = an.sc
     ax_ = np.abs(x) * (1.0 / sx)
     yr = y * (1.0 / sy)
-    zt = (-5.0 - 0.6 * np.maximum(yr - 20.0, 0.0) - 0.5 * ax_) * sz
-    sheet = 0.5 - np.abs(z - zt) * (1.0 / 1.22)                        # about 1 mm thick across the slope
+    sheet = 0.5 - np.abs(z - _tentorium_z(an, x, y)) * (1.0 / 1.22)   # about 1 mm thick across the slope
     behind = (yr - 0.55 * ax_ + 2.0) * sy                              # behind the petrous ridges
     notch = (np.sqrt((ax_ * (1.0 / 16.0)) ** 2 + ((yr - 8.0) * (1.0 / 30.0)) ** 2) - 1.0) * 16.0 * sx
     return np.minimum(np.minimum(sheet, behind), notch)

@@ -43,6 +43,7 @@ class AnatomySettings:
     tentorium: bool = False                # the dural tent over the posterior fossa (on in "realistic")
     beam_hardening_prob: float = 0.0       # dark band / streaks between the petrous bones (artifacts stage)
     beam_hardening_hu: Range = (8.0, 25.0)  # depth of the dark band
+    dural_subdural_prob: float = 0.0       # share of small subdurals along the falx / tentorium instead of the convexity
 
 
 ANATOMY_PRESETS: dict[str, AnatomySettings] = {
@@ -66,8 +67,8 @@ ANATOMY_PRESETS: dict[str, AnatomySettings] = {
     ),
     # The population the next demo-model retrain is meant for (issue #12 items 2-3): everything of
     # "default", plus the realism the shipped demo model has not seen and that moves its answers
-    # (cortex at 34-41 HU, the tentorium, skull-base beam hardening) and wider intensity, noise,
-    # kernel and pose ranges.
+    # (cortex at 34-41 HU, the tentorium, skull-base beam hardening, subdurals along the falx and
+    # the tentorium) and wider intensity, noise, kernel and pose ranges.
     "realistic": AnatomySettings(
         grey_matter_hu=(34.0, 41.0),
         white_matter_hu=(22.0, 31.0),
@@ -79,6 +80,7 @@ ANATOMY_PRESETS: dict[str, AnatomySettings] = {
         scan_below_centre_mm=(45.0, 80.0),
         tentorium=True,
         beam_hardening_prob=0.7,
+        dural_subdural_prob=0.3,
     ),
 }
 
