@@ -116,3 +116,32 @@ def test_recipe_fine_tunes_a_pretrained_encoder_and_records_it(tmp_path):
                         tasks=[], provenance={})
     with pytest.raises(ConfigError, match="preprocessing"):
         demo_model.initial_model(str(save_bundle(encoder, coarse, tmp_path / "coarse")), spec, 0.75, 0.05)
+
+
+def test_recipe_resumes_from_its_kept_splits_and_checkpoints(tmp_path, caplog):
+    """Hours on a CPU: a second run with the same --resume folder makes no phantom and trains no step again."""
+    import logging
+
+    from fmct.bundle import load_bundle
+    from fmct.errors import ConfigError
+    from fmct.train import demo_model
+
+    work = tmp_path / "work"
+    args = ["--n-train", "8", "--n-val", "6", "--n-test", "4", "--test-anatomies", "default", "--epochs", "2",
+            "--batch-size", "8", "--device", "cpu", "--workers", "2", "--saliency-cases", "0", "--resume", str(work)]
+    demo_model.main(["--out", str(tmp_path / "first"), *args])
+    assert sorted(p.name for p in work.glob("split-*")) == ["split-test-default.safetensors", "split-train.safetensors",
+                                                          "split-val.safetensors"]
+    assert (work / "checkpoints" / "ckpt-00000002.json").is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        demo_model.main(["--out", str(tmp_path / "again"), *args])
+    said = caplog.text
+    assert "split train: 8 phantoms from" in said and "split test-default: 4 phantoms from" in said
+    assert "resumed from ckpt-00000002.json after epoch 2" in said and "epoch 1/2" not in said
+    first, again = load_bundle(tmp_path / "first"), load_bundle(tmp_path / "again")
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], value), name
+    assert again.meta.metrics["test"] == first.meta.metrics["test"]
+    with pytest.raises(ConfigError, match="another recipe"):
+        demo_model.main(["--out", str(tmp_path / "other"), *[a if a != "2" else "3" for a in args]])

@@ -2,6 +2,7 @@
 
     python -m fmct.train.demo_model --out Resources/DemoModel
     python -m fmct.train.demo_model --encoder runs/pretrain/bundle --out Resources/DemoModel
+    python -m fmct.train.demo_model --out Resources/DemoModel --resume runs/demo   # hours on a CPU: resumable
 
 Trains on phantoms (random findings, thick and thin slices, varied anatomy), from scratch or
 from a self-supervised encoder made by `fmct pretrain` (with layer-wise lr decay), calibrates a
@@ -14,16 +15,21 @@ bundle's fmct.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from fmct.atomic import write_bytes_atomic, write_text_atomic
 from fmct.augment import random_variation
 from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle, write_meta
 from fmct.ood import fit_reference
@@ -46,6 +52,8 @@ SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000, "saliency"
              "reference": 5_000_000, "calibration": 6_000_000}  # the last two: out-of-distribution statistics
 IN_PLANE_SIZES = (128, 160, 256)  # a 512-px CT block-averages like 256 at 3 mm, with less noise
 TEST_ANATOMY_OFFSET = 100_000     # test seeds of the i-th --test-anatomies preset: SEED_BASE["test"] + i * this
+Split = tuple[torch.Tensor, torch.Tensor, np.ndarray]   # preprocessed phantoms, labels, "thick"/"thin" per case
+_DATA_SOURCES = ("fmct/phantom", "fmct/augment.py", "fmct/preprocess.py", "fmct/train/demo_model.py")  # what makes a split
 
 
 def _presets(text: str) -> list[str]:
@@ -69,7 +77,7 @@ def _one_case(args: tuple) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def make_split(split: str, n: int, spec: PreprocessSpec, workers: int, augment: bool = False,
-               anatomies: list[str] | None = None, seed_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+               anatomies: list[str] | None = None, seed_offset: int = 0) -> Split:
     """n preprocessed phantoms; half thick, half thin slices, so both are always measured.
 
     augment: each phantom rescanned with one random CT-level variation (`fmct.augment`), seeded by
@@ -90,6 +98,48 @@ def make_split(split: str, n: int, spec: PreprocessSpec, workers: int, augment: 
     x = torch.from_numpy(np.stack([c[0] for c in cases]))
     y = torch.from_numpy(np.stack([c[1] for c in cases]))
     return x, y, np.array([c[2] for c in cases])
+
+
+def _data_code_hash() -> str:
+    """The source of everything that makes a split: a cache made by other code is never reused."""
+    root, h = Path(__file__).resolve().parents[2], hashlib.sha256()
+    for src in _DATA_SOURCES:
+        for f in sorted((root / src).rglob("*.py")) if (root / src).is_dir() else [root / src]:
+            h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cached_split(folder: Path | None, name: str, key: dict, make: Callable[[], Split]) -> Split:
+    """A split from folder/<name>.safetensors when it was made with this key, else made (and kept there)."""
+    from safetensors.torch import load_file, save
+
+    if folder is None:
+        return make()
+    path, key_text = folder / f"split-{name}.safetensors", json.dumps({**key, "code": _data_code_hash()}, sort_keys=True)
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            stored = (f.metadata() or {}).get("key")
+        if stored == key_text:
+            t = load_file(str(path))
+            log.info("split %s: %d phantoms from %s", name, len(t["x"]), path)
+            return t["x"], t["y"], np.where(t["thin"].numpy() == 1, "thin", "thick")
+        log.info("split %s: %s was made with other settings or code; making it again", name, path)
+    x, y, slices = make()
+    thin = torch.from_numpy((slices == "thin").astype(np.uint8))
+    write_bytes_atomic(path, save({"x": x.contiguous(), "y": y.contiguous(), "thin": thin}, metadata={"key": key_text}))
+    return x, y, slices
+
+
+def _check_resume_recipe(folder: Path, recipe: dict) -> None:
+    """A --resume folder serves one recipe: continuing it with other settings would mix two trainings."""
+    path = folder / "recipe.json"
+    if path.is_file() and json.loads(path.read_text()) != recipe:
+        raise ConfigError(f"--resume {folder} holds a run of another recipe ({path}); use the same options, "
+                          "or another --resume folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(recipe, indent=1, sort_keys=True))
 
 
 def measure_saliency(model: FMCTClassifier, spec: PreprocessSpec, device: torch.device, n_per_task: int, methods: list[str]) -> dict:
@@ -189,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test-anatomies", default="default,ood",
                     help="one test split of --n-test phantoms per preset; metrics per preset (the first also as test_auroc)")
     ap.add_argument("--layer-decay", type=float, default=0.75, help="lr shrink per block below the head, with --encoder")
+    ap.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                    help="keep the phantom splits and a checkpoint per epoch in DIR, and continue from what is there")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
@@ -197,11 +249,19 @@ def main(argv: list[str] | None = None) -> None:
     train_anatomies, test_anatomies = _presets(args.anatomy), _presets(args.test_anatomies)
     train_cfg = SupervisedConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay)  # a bad bundle fails before the phantoms
+    work = args.resume
+    if work is not None:
+        _check_resume_recipe(work, {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                    if k not in ("out", "device", "workers", "resume")})
 
     t0 = time.time()
-    splits = {s: make_split(s, n, spec, args.workers, augment=args.augment and s == "train", anatomies=train_anatomies)
+    splits = {s: cached_split(work, s, {"n": n, "augment": args.augment and s == "train", "anatomies": train_anatomies},
+                              lambda s=s, n=n: make_split(s, n, spec, args.workers, augment=args.augment and s == "train",
+                                                          anatomies=train_anatomies))
               for s, n in (("train", args.n_train), ("val", args.n_val))}
-    tests = {a: make_split("test", args.n_test, spec, args.workers, anatomies=[a], seed_offset=i * TEST_ANATOMY_OFFSET)
+    tests = {a: cached_split(work, f"test-{a}", {"n": args.n_test, "offset": i * TEST_ANATOMY_OFFSET},
+                             lambda a=a, i=i: make_split("test", args.n_test, spec, args.workers, anatomies=[a],
+                                                         seed_offset=i * TEST_ANATOMY_OFFSET))
              for i, a in enumerate(test_anatomies)}
     log.info("made %d phantoms in %.0f s", sum(len(v[0]) for v in [*splits.values(), *tests.values()]), time.time() - t0)
 
@@ -211,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         x_train, y_train = x_train.to(device), y_train.to(device)  # a phantom set fits in GPU memory
     batches, steps = tensor_batches(x_train, y_train, args.batch_size, args.seed)
     losses = train_classifier(model, batches, steps, positive_weights(y_train, train_cfg.max_pos_weight), train_cfg,
-                              device, groups, progress=lambda f, m: log.info(m))
+                              device, groups, progress=lambda f, m: log.info(m),
+                              checkpoints=work / "checkpoints" if work is not None else None)
     train_s = time.time() - t0
 
     val_logits, val_features = predict_with_features(model, splits["val"][0], device)
@@ -232,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         preprocessing=spec,
         tasks=tasks,
         provenance={
-            "recipe": "python -m fmct.train.demo_model " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
+            "recipe": "python -m fmct.train.demo_model " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "resume") and v is not None),
             "training": {**origin, **asdict(train_cfg), "final_loss": losses[-1], "train_seconds": round(train_s, 1), "device": str(device)},
             "data": {
                 "source": f"fmct.phantom, anatomy presets {train_anatomies} in turn (test: {test_anatomies}, one split each), "

@@ -6,17 +6,22 @@ lets partially labelled manifests train every task they do have.
 """
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmct.errors import Cancelled
+from fmct.errors import Cancelled, ConfigError
 from fmct.models import FMCTClassifier
 from fmct.runtime import CancelCheck, Progress, autocast
+from fmct.train import checkpoint as ckpt
+
+log = logging.getLogger("fmct.train.supervised")
 
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> (x, y) batches
 
@@ -76,8 +81,15 @@ def train_classifier(
     param_groups: list[dict] | None = None,
     progress: Progress | None = None,
     cancel: CancelCheck | None = None,
+    checkpoints: str | Path | None = None,
 ) -> list[float]:
-    """AdamW with warm-up + cosine decay, bf16 autocast on CUDA; returns the mean loss per epoch."""
+    """AdamW with warm-up + cosine decay, bf16 autocast on CUDA; returns the mean loss per epoch.
+
+    checkpoints: a folder; after every epoch the model, optimizer and RNG states go there
+    (safetensors + JSON, atomic), and a call with the same folder continues after the last
+    finished epoch, exactly as the uninterrupted run would (batch order is a function of the
+    epoch). A checkpoint from other settings is refused.
+    """
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device).train()
     params = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -88,8 +100,11 @@ def train_classifier(
     warmup = max(cfg.warmup_epochs * steps_per_epoch, 1)
     schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1)))  # noqa: E731
     pos_weight = pos_weight.to(device)
-    losses, step = [], 0
-    for epoch in range(cfg.epochs):
+    settings = {"config": asdict(cfg), "steps_per_epoch": steps_per_epoch, "pos_weight": pos_weight.tolist(),
+                "parameters": [list(p.shape) for p in model.parameters()]}
+    losses, start = (_resume(checkpoints, settings, model, opt, gen) if checkpoints is not None else ([], 0))
+    step = start * steps_per_epoch
+    for epoch in range(start, cfg.epochs):
         total_loss, seen = 0.0, 0
         for xb, yb in batches(epoch):
             if cancel is not None and cancel():
@@ -109,10 +124,39 @@ def train_classifier(
             total_loss += loss.item() * len(xb)
             seen += len(xb)
         losses.append(total_loss / max(seen, 1))
+        if checkpoints is not None:
+            _save(checkpoints, epoch + 1, settings, losses, model, opt, gen)
         if progress is not None:
             progress((epoch + 1) / cfg.epochs, f"epoch {epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
     model.eval()
     return losses
+
+
+def _save(folder: str | Path, epochs_done: int, settings: dict, losses: list[float], model: FMCTClassifier,
+          opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+    opt_tensors, opt_meta = ckpt.optimizer_state(opt)
+    rng_tensors, rng_meta = ckpt.rng_state()
+    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors, **rng_tensors,
+               "rng.augment": gen.get_state()}
+    meta = {"epochs_done": epochs_done, "losses": losses, "settings": settings, "optimizer": opt_meta, "rng": rng_meta}
+    ckpt.save_checkpoint(folder, epochs_done, tensors, meta)
+
+
+def _resume(folder: str | Path, settings: dict, model: FMCTClassifier, opt: torch.optim.Optimizer,
+            gen: torch.Generator) -> tuple[list[float], int]:
+    """(losses so far, epochs done) from the folder's last checkpoint; ([], 0) when it has none."""
+    found = ckpt.load_checkpoint(folder)
+    if found is None:
+        return [], 0
+    if found.meta.get("settings") != settings:
+        raise ConfigError(f"cannot resume from {found.path}: it was trained with other settings (config, data size "
+                          "or model); use the same settings, or another checkpoint folder")
+    model.load_state_dict(ckpt.subset(found.tensors, "model"))
+    ckpt.load_optimizer_state(opt, found.tensors, found.meta["optimizer"])
+    ckpt.set_rng_state(found.tensors, found.meta["rng"])
+    gen.set_state(found.tensors["rng.augment"])
+    log.info("resumed from %s after epoch %d", found.path.name, found.meta["epochs_done"])
+    return list(found.meta["losses"]), int(found.meta["epochs_done"])
 
 
 @torch.no_grad()
