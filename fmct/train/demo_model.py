@@ -53,7 +53,8 @@ SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000, "saliency"
 IN_PLANE_SIZES = (128, 160, 256)  # a 512-px CT block-averages like 256 at 3 mm, with less noise
 TEST_ANATOMY_OFFSET = 100_000     # test seeds of the i-th --test-anatomies preset: SEED_BASE["test"] + i * this
 Split = tuple[torch.Tensor, torch.Tensor, np.ndarray]   # preprocessed phantoms, labels, "thick"/"thin" per case
-_DATA_SOURCES = ("fmct/phantom", "fmct/augment.py", "fmct/preprocess.py", "fmct/train/demo_model.py")  # what makes a split
+_DATA_SOURCES = ("fmct/phantom", "fmct/augment.py", "fmct/preprocess.py")  # the code a split's voxels come from
+SPLIT_FORMAT = 1  # bump when _one_case / make_split change what a split holds: kept splits are then made again
 
 
 def _presets(text: str) -> list[str]:
@@ -94,7 +95,11 @@ def make_split(split: str, n: int, spec: PreprocessSpec, workers: int, augment: 
     ]
     # spawn, not fork: a forked child of a process whose torch thread pool is running can hang
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        cases = list(pool.map(_one_case, jobs, chunksize=4))
+        cases = []
+        for case in pool.map(_one_case, jobs, chunksize=4):
+            cases.append(case)
+            if len(cases) % max(n // 10, 1) == 0 or len(cases) == n:
+                log.info("%s split: %d/%d phantoms", split, len(cases), n)
     x = torch.from_numpy(np.stack([c[0] for c in cases]))
     y = torch.from_numpy(np.stack([c[1] for c in cases]))
     return x, y, np.array([c[2] for c in cases])
@@ -115,7 +120,8 @@ def cached_split(folder: Path | None, name: str, key: dict, make: Callable[[], S
 
     if folder is None:
         return make()
-    path, key_text = folder / f"split-{name}.safetensors", json.dumps({**key, "code": _data_code_hash()}, sort_keys=True)
+    key = {**key, "format": SPLIT_FORMAT, "seed_base": SEED_BASE, "in_plane": IN_PLANE_SIZES, "code": _data_code_hash()}
+    path, key_text = folder / f"split-{name}.safetensors", json.dumps(key, sort_keys=True)
     if path.is_file():
         from safetensors import safe_open
 
