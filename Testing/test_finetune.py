@@ -98,3 +98,24 @@ def test_evaluate_bundle_in_and_out_of_distribution(tmp_path, phantoms):
     assert saved["reports"]["in-distribution"]["subdural"]["n"] == 12
     assert (tmp_path / "ev" / "roc.png").stat().st_size > 10_000
     assert "out-of-distribution AUROC" in (tmp_path / "ev" / "report.txt").read_text()
+
+
+def test_a_cancelled_finetune_resumes_from_its_checkpoints_to_the_same_bundle(tmp_path, phantoms):
+    from fmct.errors import Cancelled
+
+    def cfg(name, checkpoints=None):
+        return FinetuneConfig(data=str(phantoms), out=str(tmp_path / name), size="tiny", tasks=["any_hemorrhage"],
+                              epochs=3, batch_size=4, augment=0.5, cache_dir=str(tmp_path / "cache"), device="cpu",
+                              checkpoints=checkpoints)
+
+    whole = load_bundle(finetune(cfg("whole")).bundle)
+    first = tmp_path / "ckpt" / "ckpt-00000001.json"
+    with pytest.raises(Cancelled):                         # cut as epoch 2 starts
+        finetune(cfg("cut", str(tmp_path / "ckpt")), cancel=first.is_file)
+    assert not (tmp_path / "cut").exists() and sorted(p.name for p in first.parent.glob("*.json")) == [first.name, "last.json"]
+    resumed = load_bundle(finetune(cfg("cut", str(tmp_path / "ckpt"))).bundle)
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    assert resumed.meta.provenance["training"]["losses"] == whole.meta.provenance["training"]["losses"]
+    with pytest.raises(ConfigError, match="other settings"):
+        finetune(FinetuneConfig(**{**cfg("x", str(tmp_path / "ckpt")).__dict__, "lr": 1e-3}))

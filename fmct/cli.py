@@ -257,7 +257,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from fmct.train.finetune import FinetuneConfig, finetune
 
     overrides = {k: getattr(args, k) for k in ("data", "out", "encoder", "mode", "labels_per_class", "epochs",
-                                               "batch_size", "lr", "device", "seed", "cache_dir", "name", "augment")}
+                                               "batch_size", "lr", "device", "seed", "cache_dir", "name", "augment",
+                                               "checkpoints")}
     if args.tasks:
         overrides["tasks"] = args.tasks.split(",")
     if args.config:
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of training studies rescanned at random each epoch (pose, field of view, kernel, "
                          "noise, slice thickness; fmct.augment), 0 (default) to 1; validation stays as stored")
     ft.add_argument("--name", help="model name written into the bundle")
+    ft.add_argument("--checkpoints", metavar="DIR",
+                    help="keep a checkpoint per epoch in DIR; rerunning the same command continues after the last one "
+                         "(exactly; refused if the settings differ)")
     ft.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="AUROC with 95%% CIs, AUPRC, sensitivity/specificity, ECE; in- vs out-of-distribution",

@@ -62,6 +62,7 @@ class FinetuneConfig:
     augment: float = 0.0  # share of training items rescanned at random each epoch (fmct.augment), 0 = off
     device: str = "auto"
     name: str = "fmct-finetuned"
+    checkpoints: str | None = None  # a folder: a checkpoint per epoch, and a rerun continues after the last one
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -149,6 +150,9 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     report = progress or (lambda f, m: None)
     info = init_from_env(process_group_kind(cfg.device))  # also refuses an unknown or absent device
     device = device_for(info, cfg.device)
+    if cfg.checkpoints and info.enabled:
+        raise ConfigError("finetune: checkpoints are kept for single-process runs only (each torchrun rank has its "
+                          "own random state, so a resume would not be exact); drop --checkpoints under torchrun")
     manifest = load_manifest(cfg.data, cfg.layout)
     tasks = cfg.tasks or manifest.tasks
     if not tasks:
@@ -196,7 +200,8 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     steps = -(-len(train_ds) // (cfg.batch_size * info.world_size))
     trained = wrap_ddp(model.to(device), info, device)
     losses = train_classifier(trained, batches, steps, positive_weights(y_train, train_cfg.max_pos_weight), train_cfg,
-                              device, groups, progress=lambda f, m: report(0.05 + 0.85 * f, m), cancel=cancel)
+                              device, groups, progress=lambda f, m: report(0.05 + 0.85 * f, m), cancel=cancel,
+                              checkpoints=cfg.checkpoints)
     if not info.is_main:
         return FinetuneResult(None, model)
 
