@@ -103,9 +103,11 @@ def test_evaluate_bundle_in_and_out_of_distribution(tmp_path, phantoms):
 def test_a_cancelled_finetune_resumes_from_its_checkpoints_to_the_same_bundle(tmp_path, phantoms):
     from fmct.errors import Cancelled
 
+    encoder, _, _ = tiny_bundle(tmp_path / "encoder", tasks=())             # 2 blocks, small grid: fast
+
     def cfg(name, checkpoints=None):
-        return FinetuneConfig(data=str(phantoms), out=str(tmp_path / name), size="tiny", tasks=["any_hemorrhage"],
-                              epochs=3, batch_size=4, augment=0.5, cache_dir=str(tmp_path / "cache"), device="cpu",
+        return FinetuneConfig(data=str(phantoms), out=str(tmp_path / name), encoder=str(encoder), tasks=["any_hemorrhage"],
+                              epochs=2, batch_size=4, augment=0.5, cache_dir=str(tmp_path / "cache"), device="cpu",
                               checkpoints=checkpoints)
 
     whole = load_bundle(finetune(cfg("whole")).bundle)
