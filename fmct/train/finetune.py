@@ -201,7 +201,9 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     trained = wrap_ddp(model.to(device), info, device)
     losses = train_classifier(trained, batches, steps, positive_weights(y_train, train_cfg.max_pos_weight), train_cfg,
                               device, groups, progress=lambda f, m: report(0.05 + 0.85 * f, m), cancel=cancel,
-                              checkpoints=cfg.checkpoints)
+                              checkpoints=cfg.checkpoints,
+                              identity={"config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "checkpoints")},
+                                        "studies": [str(s.path) for s in train_ds.studies]})
     if not info.is_main:
         return FinetuneResult(None, model)
 

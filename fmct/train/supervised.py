@@ -6,6 +6,7 @@ lets partially labelled manifests train every task they do have.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -82,13 +83,15 @@ def train_classifier(
     progress: Progress | None = None,
     cancel: CancelCheck | None = None,
     checkpoints: str | Path | None = None,
+    identity: dict | None = None,
 ) -> list[float]:
     """AdamW with warm-up + cosine decay, bf16 autocast on CUDA; returns the mean loss per epoch.
 
     checkpoints: a folder; after every epoch the model, optimizer and RNG states go there
     (safetensors + JSON, atomic), and a call with the same folder continues after the last
     finished epoch, exactly as the uninterrupted run would (batch order is a function of the
-    epoch). A checkpoint from other settings is refused.
+    epoch). A checkpoint from other settings is refused; identity (JSON) names what else must
+    match, such as the training studies.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device).train()
@@ -101,7 +104,8 @@ def train_classifier(
     schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1)))  # noqa: E731
     pos_weight = pos_weight.to(device)
     settings = {"config": asdict(cfg), "steps_per_epoch": steps_per_epoch, "pos_weight": pos_weight.tolist(),
-                "parameters": [list(p.shape) for p in model.parameters()]}
+                "parameters": [list(p.shape) for p in model.parameters()], "identity": identity}
+    settings = json.loads(json.dumps(settings, default=str))  # as a checkpoint stores it: tuples, paths as JSON has them
     losses, start = (_resume(checkpoints, settings, model, opt, gen) if checkpoints is not None else ([], 0))
     step = start * steps_per_epoch
     for epoch in range(start, cfg.epochs):
@@ -149,7 +153,7 @@ def _resume(folder: str | Path, settings: dict, model: FMCTClassifier, opt: torc
     if found is None:
         return [], 0
     if found.meta.get("settings") != settings:
-        raise ConfigError(f"cannot resume from {found.path}: it was trained with other settings (config, data size "
+        raise ConfigError(f"cannot resume from {found.path}: it was trained with other settings (config, data "
                           "or model); use the same settings, or another checkpoint folder")
     model.load_state_dict(ckpt.subset(found.tensors, "model"))
     ckpt.load_optimizer_state(opt, found.tensors, found.meta["optimizer"])
