@@ -104,7 +104,7 @@ def train_classifier(
     schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1)))  # noqa: E731
     pos_weight = pos_weight.to(device)
     settings = {"config": asdict(cfg), "steps_per_epoch": steps_per_epoch, "pos_weight": pos_weight.tolist(),
-                "parameters": [list(p.shape) for p in model.parameters()], "identity": identity}
+                "parameters": [list(p.shape) for p in model.parameters()], **({"identity": identity} if identity else {})}
     settings = json.loads(json.dumps(settings, default=str))  # as a checkpoint stores it: tuples, paths as JSON has them
     losses, start = (_resume(checkpoints, settings, model, opt, gen) if checkpoints is not None else ([], 0))
     step = start * steps_per_epoch
