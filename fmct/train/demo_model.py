@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                              lambda a=a, i=i: make_split("test", args.n_test, spec, args.workers, anatomies=[a],
                                                          seed_offset=i * TEST_ANATOMY_OFFSET))
              for i, a in enumerate(test_anatomies)}
-    log.info("made %d phantoms in %.0f s", sum(len(v[0]) for v in [*splits.values(), *tests.values()]), time.time() - t0)
+    log.info("%d phantoms ready (made or kept) in %.0f s", sum(len(v[0]) for v in [*splits.values(), *tests.values()]), time.time() - t0)
 
     t0 = time.time()
     x_train, y_train = splits["train"][0], splits["train"][1].float()
