@@ -145,3 +145,41 @@ def test_recipe_resumes_from_its_kept_splits_and_checkpoints(tmp_path, caplog):
     assert again.meta.metrics["test"] == first.meta.metrics["test"]
     with pytest.raises(ConfigError, match="another recipe"):
         demo_model.main(["--out", str(tmp_path / "other"), *[a if a != "2" else "3" for a in args]])
+
+
+def test_recipe_continues_an_earlier_demo_model_and_records_it(tmp_path):
+    """--init: every weight, head included, is where training starts (lr 0 keeps them); a bundle of
+    other tasks, or --init with --encoder, is refused before any phantom is made."""
+    from dataclasses import replace
+
+    from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle
+    from fmct.errors import ConfigError
+    from fmct.models import FMCTClassifier, preset
+    from fmct.preprocess import PreprocessSpec
+    from fmct.train import demo_model
+
+    spec = PreprocessSpec()
+    torch.manual_seed(6)
+    cfg = replace(preset("tiny", img_size=spec.tensor_shape, in_chans=spec.in_channels), depth=2)
+    earlier = FMCTClassifier(cfg, len(demo_model.TASKS))
+    tasks = [Task(t, "", 0.5, 1.0) for t in demo_model.TASKS]
+    init = save_bundle(earlier, BundleMeta(name="demo-v1", encoder=cfg, preprocessing=spec, tasks=tasks,
+                                           provenance={"recipe": "earlier"}), tmp_path / "v1")
+    common = ["--n-train", "8", "--n-val", "6", "--n-test", "6", "--epochs", "1", "--batch-size", "8", "--lr", "0",
+              "--device", "cpu", "--workers", "2", "--saliency-cases", "0", "--test-anatomies", "default"]
+    demo_model.main(["--out", str(tmp_path / "demo"), "--init", str(init), *common])
+    demo = load_bundle(tmp_path / "demo")
+    for name, value in earlier.state_dict().items():
+        torch.testing.assert_close(demo.model.state_dict()[name], value)
+    training = demo.meta.provenance["training"]
+    assert training["kind"] == "continued from an earlier demo model" and training["init_bundle"] == "demo-v1"
+    assert training["init_sha256"] == load_bundle(init).weights_sha256 and "--init" in demo.meta.provenance["recipe"]
+
+    other = save_bundle(FMCTClassifier(cfg, 2), BundleMeta(name="two-tasks", encoder=cfg, preprocessing=spec,
+                                                           tasks=[Task("a", "", 0.5, 1.0), Task("b", "", 0.5, 1.0)]),
+                        tmp_path / "other")
+    with pytest.raises(ConfigError, match="predicts"):
+        demo_model.main(["--out", str(tmp_path / "x"), "--init", str(other), *common])
+    with pytest.raises(ConfigError, match="give one"):
+        demo_model.main(["--out", str(tmp_path / "x"), "--init", str(init), "--encoder", str(init), *common])
+    assert not (tmp_path / "x").exists()

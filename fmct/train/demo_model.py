@@ -206,16 +206,33 @@ def test_metrics(model: FMCTClassifier, tests: dict[str, tuple[torch.Tensor, tor
     return metrics
 
 
-def initial_model(encoder: str | None, spec: PreprocessSpec, layer_decay: float, weight_decay: float) -> tuple[FMCTClassifier, list[dict] | None, dict]:
-    """Random init, or the given pretrained encoder with layer-wise lr decay; plus provenance."""
-    if encoder is None:
+def initial_model(encoder: str | None, spec: PreprocessSpec, layer_decay: float, weight_decay: float,
+                  init: str | None = None) -> tuple[FMCTClassifier, list[dict] | None, dict]:
+    """Random init, the given pretrained encoder with layer-wise lr decay, or (init) a trained
+    demo-model bundle whose every weight, head included, training continues from; plus provenance.
+
+    init exists because a CPU cannot afford the recipe from scratch (hours): a retrain on new phantoms
+    can start from the previous model and say so in its provenance."""
+    if encoder is not None and init is not None:
+        raise ConfigError("--encoder and --init both name a starting point; give one")
+    if encoder is None and init is None:
         cfg = preset("tiny", img_size=spec.tensor_shape, in_chans=spec.in_channels)
         return FMCTClassifier(cfg, len(TASKS)), None, {"kind": "supervised from scratch"}
-    pretrained = load_bundle(encoder)
+    start = encoder or init
+    pretrained = load_bundle(start)
     if pretrained.meta.preprocessing.to_dict() != spec.to_dict():
-        raise ConfigError(f"{encoder} was pretrained with preprocessing {pretrained.meta.preprocessing.to_dict()}, "
+        raise ConfigError(f"{start} was trained with preprocessing {pretrained.meta.preprocessing.to_dict()}, "
                           f"the demo model uses {spec.to_dict()}; pretrain with data.spacing_mm {list(spec.spacing_mm)} "
                           f"and data.size {list(spec.size)}")
+    if init is not None:
+        names = [t.name for t in pretrained.meta.tasks]
+        if names != list(TASKS):
+            raise ConfigError(f"--init {init} predicts {names or 'no tasks'}, the demo model {list(TASKS)}; "
+                              "use a demo-model bundle (or --encoder for a pretrained encoder)")
+        model = FMCTClassifier(pretrained.meta.encoder, len(TASKS))
+        model.load_state_dict(pretrained.model.state_dict())
+        return model, None, {"kind": "continued from an earlier demo model", "init_bundle": pretrained.meta.name,
+                             "init_sha256": pretrained.weights_sha256, "init_provenance": pretrained.meta.provenance}
     model = FMCTClassifier(pretrained.meta.encoder, len(TASKS))
     model.encoder.load_state_dict(pretrained.model.encoder.state_dict())
     model.encoder.mask_token.requires_grad_(False)
@@ -244,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="anatomy presets of the training and validation phantoms, comma-separated, taken in turn")
     ap.add_argument("--test-anatomies", default="default,ood",
                     help="one test split of --n-test phantoms per preset; metrics per preset (the first also as test_auroc)")
+    ap.add_argument("--init", default=None, metavar="BUNDLE",
+                    help="continue training this demo-model bundle (all weights, head included) instead of starting afresh")
     ap.add_argument("--layer-decay", type=float, default=0.75, help="lr shrink per block below the head, with --encoder")
     ap.add_argument("--resume", type=Path, default=None, metavar="DIR",
                     help="keep the phantom splits and a checkpoint per epoch in DIR, and continue from what is there")
@@ -254,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = PreprocessSpec()
     train_anatomies, test_anatomies = _presets(args.anatomy), _presets(args.test_anatomies)
     train_cfg = SupervisedConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay)  # a bad bundle fails before the phantoms
+    model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay, args.init)  # a bad bundle fails before the phantoms
     work = args.resume
     if work is not None:
         _check_resume_recipe(work, {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
