@@ -142,6 +142,28 @@ def demo_bundle(folder: Path) -> Path:
     return save_bundle(model, meta, target)
 
 
+def bootstrap_aurocs(y: np.ndarray, arms: list[list[np.ndarray]], n_boot: int, seed: int) -> np.ndarray:
+    """[resamples, arms]: each arm's AUROC (mean over its score sets) on the same bootstrap resamples of the cases.
+
+    One resampling for every arm is what makes differences between arms paired: the CI of a column
+    difference then reflects the arms, not two unrelated draws of cases. Resamples with one class only
+    are skipped (AUROC is undefined there).
+    """
+    from fmct.evaluate import auroc
+
+    rng, rows = np.random.default_rng(seed), []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if 0 < y[idx].sum() < len(idx):
+            rows.append([float(np.mean([auroc(y[idx], s[idx]) for s in scores])) for scores in arms])
+    return np.array(rows)
+
+
+def ci95(values: np.ndarray) -> list[float]:
+    """The 2.5 and 97.5 percentiles, rounded as RESULTS.md shows them."""
+    return [round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)]
+
+
 def emit(results: dict[str, Any], path: str | None) -> None:
     """Write the results as JSON to path, or print them when no path is given."""
     text = json.dumps(results, indent=2, default=float)

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from common import emit, machine, set_threads
+from common import bootstrap_aurocs, ci95, emit, machine, set_threads
 
 
 def calibrated_probabilities(bundle_path: str, x) -> np.ndarray:
@@ -34,16 +34,10 @@ def paired(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) 
     """AUROC of a and b with CIs, and b - a with the CI of the same resamples."""
     from fmct.evaluate import auroc
 
-    rng, boot = np.random.default_rng(seed), []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        if 0 < y[idx].sum() < len(idx):
-            boot.append((auroc(y[idx], a[idx]), auroc(y[idx], b[idx])))
-    d = np.array(boot)
-    ci = lambda v: [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)]  # noqa: E731
+    d = bootstrap_aurocs(y, [[a], [b]], n_boot, seed)
     first, second = auroc(y, a), auroc(y, b)
-    return {"first": round(first, 4), "first_ci95": ci(d[:, 0]), "second": round(second, 4), "second_ci95": ci(d[:, 1]),
-            "difference": round(second - first, 4), "difference_ci95": ci(d[:, 1] - d[:, 0])}
+    return {"first": round(first, 4), "first_ci95": ci95(d[:, 0]), "second": round(second, 4), "second_ci95": ci95(d[:, 1]),
+            "difference": round(second - first, 4), "difference_ci95": ci95(d[:, 1] - d[:, 0])}
 
 
 def main() -> None:

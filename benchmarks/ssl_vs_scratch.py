@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import bootstrap_aurocs, ci95
 
 from fmct.atomic import write_text_atomic
 from fmct.bundle import load_bundle
@@ -145,26 +146,15 @@ def linear_probe_scores(f_train: torch.Tensor, y: np.ndarray, f_test: torch.Tens
 
 def compare(y: np.ndarray, arms: dict[str, list[np.ndarray]], n_boot: int, seed: int) -> dict:
     """Mean AUROC over draws per arm with bootstrap CIs over test cases, and paired differences (PAIRS)."""
-    def mean_auc(scores: list[np.ndarray], idx: np.ndarray) -> float:
-        return float(np.mean([auroc(y[idx], s[idx]) for s in scores]))
-
     names = list(arms)
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        if 0 < y[idx].sum() < len(idx):
-            boot.append([mean_auc(arms[n], idx) for n in names])
-    b = np.array(boot)
-    ci = lambda v: [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)]  # noqa: E731
-    everyone = np.arange(len(y))
-    out = {"arms": {n: {"auroc": round(mean_auc(arms[n], everyone), 4), "ci95": ci(b[:, i]), "draws": len(arms[n])}
-                    for i, n in enumerate(names)}, "differences": {}}
+    b = bootstrap_aurocs(y, [arms[n] for n in names], n_boot, seed)
+    out = {"arms": {n: {"auroc": round(float(np.mean([auroc(y, s) for s in arms[n]])), 4), "ci95": ci95(b[:, i]),
+                        "draws": len(arms[n])} for i, n in enumerate(names)}, "differences": {}}
     for a, c in PAIRS:
         if a in arms and c in arms:
             i, j = names.index(a), names.index(c)
             out["differences"][f"{a} - {c}"] = {"difference": round(out["arms"][a]["auroc"] - out["arms"][c]["auroc"], 4),
-                                                "ci95": ci(b[:, i] - b[:, j])}
+                                                "ci95": ci95(b[:, i] - b[:, j])}
     return out
 
 
