@@ -114,8 +114,11 @@ def test_recipe_fine_tunes_a_pretrained_encoder_and_records_it(tmp_path):
 
     coarse = BundleMeta(name="coarse", encoder=encoder.encoder.cfg, preprocessing=PreprocessSpec(spacing_mm=(4.0, 4.0, 4.0)),
                         tasks=[], provenance={})
-    with pytest.raises(ConfigError, match="preprocessing"):
-        demo_model.initial_model(str(save_bundle(encoder, coarse, tmp_path / "coarse")), spec, 0.75, 0.05)
+    coarse_path = str(save_bundle(encoder, coarse, tmp_path / "coarse"))
+    with pytest.raises(ConfigError, match="preprocessing .*pretrain with data.spacing_mm"):
+        demo_model.initial_model(coarse_path, spec, 0.75, 0.05)
+    with pytest.raises(ConfigError, match="preprocessing .*continue from a demo model made with the same"):
+        demo_model.initial_model(None, spec, 0.75, 0.05, init=coarse_path)
 
 
 def test_recipe_resumes_from_its_kept_splits_and_checkpoints(tmp_path, caplog):

@@ -222,8 +222,9 @@ def initial_model(encoder: str | None, spec: PreprocessSpec, layer_decay: float,
     pretrained = load_bundle(start)
     if pretrained.meta.preprocessing.to_dict() != spec.to_dict():
         raise ConfigError(f"{start} was trained with preprocessing {pretrained.meta.preprocessing.to_dict()}, "
-                          f"the demo model uses {spec.to_dict()}; pretrain with data.spacing_mm {list(spec.spacing_mm)} "
-                          f"and data.size {list(spec.size)}")
+                          f"the demo model uses {spec.to_dict()}; " + (
+                              "continue from a demo model made with the same preprocessing" if init is not None else
+                              f"pretrain with data.spacing_mm {list(spec.spacing_mm)} and data.size {list(spec.size)}"))
     if init is not None:
         names = [t.name for t in pretrained.meta.tasks]
         if names != list(TASKS):
