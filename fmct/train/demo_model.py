@@ -143,7 +143,8 @@ def _check_resume_recipe(folder: Path, recipe: dict) -> None:
     path = folder / "recipe.json"
     if path.is_file() and json.loads(path.read_text()) != recipe:
         raise ConfigError(f"--resume {folder} holds a run of another recipe ({path}); use the same options, "
-                          "or another --resume folder")
+                          "or another --resume folder (its split-*.safetensors phantoms may be moved there: they are reused "
+                          "when their data settings match)")
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(recipe, indent=1, sort_keys=True))
 
