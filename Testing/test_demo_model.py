@@ -74,6 +74,9 @@ def test_demo_command_writes_everything(tmp_path, capsys):
     assert (out / "ct.nii.gz").exists() and (out / "report.png").stat().st_size > 20_000
     printed = capsys.readouterr().out
     assert "POSITIVE" in printed and "Ground truth" in printed
+    # The demo checks its own answer against the phantom: every false positive is named.
+    wrong = [name for name in positive if name not in ("any_hemorrhage", "subdural")]
+    assert f"false positive: {', '.join(wrong) or 'none'};" in printed
 
 
 def test_recipe_fine_tunes_a_pretrained_encoder_and_records_it(tmp_path):

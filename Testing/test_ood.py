@@ -10,7 +10,7 @@ from fmct.bundle import OOD_FILE, default_bundle_path
 from fmct.cli import main
 from fmct.errors import BundleError
 from fmct.io import write_volume
-from fmct.ood import ReferenceStats, fit_reference
+from fmct.ood import MIN_HEAD_EXTENT_MM, ReferenceStats, fit_reference
 from fmct.phantom import make_phantom
 from fmct.phantom.variations import contrast_enhanced, scaled, vertex_only
 from fmct.volume import Volume
@@ -57,14 +57,21 @@ def test_shipped_model_flags_strongly_unlike_ct_and_few_training_like_ones(analy
     assert analyzer.reference is not None, f"the bundled demo model must carry {OOD_FILE}"
     threshold = analyzer.reference.threshold
     # Fresh phantoms of the demo recipe's own distribution (its test-split seeds): flagged at about the calibrated rate.
-    in_dist = [_score(analyzer, make_phantom(3_000_000 + i, slices="thick" if i % 2 == 0 else "thin",
-                                             in_plane_size=128).volume) for i in range(16)]
+    volumes = [make_phantom(3_000_000 + i, slices="thick" if i % 2 == 0 else "thin", in_plane_size=128).volume
+               for i in range(16)]
+    in_dist = [_score(analyzer, v) for v in volumes]
     assert np.mean(np.array(in_dist) > threshold) <= 1 / 16
+    assert all(analyzer.preprocessor(v).head_extent_mm >= MIN_HEAD_EXTENT_MM for v in volumes)  # whole heads
     heads = [make_phantom(7_000_000 + i, slices="thick", in_plane_size=160).volume for i in range(3)]
-    for name, change in [("contrast-enhanced", contrast_enhanced), ("vertex only", vertex_only),
-                         ("infant-scale head (half size)", lambda v: scaled(v, 0.5))]:
-        scores = [_score(analyzer, change(v)) for v in heads]
-        assert min(scores) > threshold, f"{name}: scores {scores} not all above {threshold:.3f}"
+    scores = [_score(analyzer, contrast_enhanced(v)) for v in heads]
+    assert min(scores) > threshold, f"contrast-enhanced: scores {scores} not all above {threshold:.3f}"
+    # A partial scan or an infant-size head is flagged by the head's extent, whatever its score (a model
+    # trained with field-of-view augmentations scores some below the threshold), with a warning saying why.
+    for name, change in [("vertex only", vertex_only), ("infant-scale head (half size)", lambda v: scaled(v, 0.5))]:
+        for v in heads:
+            result = analyzer.analyze(change(v), explain_method=None)
+            assert result.in_distribution is False and result.ood["head_too_short"] is True, name
+            assert result.ood["head_extent_mm"] < MIN_HEAD_EXTENT_MM and "partial scan or a child" in result.warning
 
 
 def test_cli_warns_and_findings_json_records_the_score(tmp_path, capsys):

@@ -1,9 +1,12 @@
 """Which seed `fmct demo` shows: the clearest correct case among the first N sample CTs.
 
 `fmct demo` makes one subdural phantom (thick slices) and analyzes it with the bundled model. Its seed
-is a showcase choice, so it is chosen by a rule, not by eye: every finding decided correctly, the CT
-well inside the model's distribution, and the largest smallest distance of a probability from its
-threshold. The printout lists every seed tried, so a reader sees how typical the chosen one is.
+is a showcase choice, so it is chosen by a rule, not by eye: the CT well inside the model's
+distribution, its headline findings (any_hemorrhage, subdural) decided correctly, the fewest wrong
+findings overall, then the largest distance of a headline probability from its threshold. The
+printout lists every seed tried with what the model gets wrong, so a reader sees how typical the
+chosen one is (with the session-7 demo model: the intraparenchymal, intraventricular and
+subarachnoid heads fire on almost every bleeding CT, so no seed is right on every finding).
 
     python benchmarks/pick_demo_seed.py --n 40
 """
@@ -20,13 +23,15 @@ sys.path.insert(0, str(ROOT))
 from fmct.analyze import Analyzer  # noqa: E402
 from fmct.phantom import make_phantom  # noqa: E402
 
+HEADLINE = ("any_hemorrhage", "subdural")  # what the demo's sample is: a subdural hematoma
+
 
 def score_seed(analyzer: Analyzer, seed: int) -> dict:
     """How clearly the bundled model decides the demo's sample CT made with this seed."""
     phantom = make_phantom(seed, findings=["subdural"], slices="thick")
     result = analyzer.analyze(phantom.volume, explain_method=None)
     wrong = [f.name for f in result.findings if f.positive != bool(phantom.labels[f.name])]
-    margin = min(abs(f.probability - f.threshold) for f in result.findings)
+    margin = min(abs(f.probability - f.threshold) for f in result.findings if f.name in HEADLINE)
     ood = result.ood or {"score": float("nan"), "threshold": float("nan")}
     return {"seed": seed, "wrong": wrong, "margin": round(margin, 4),
             "ood_ratio": round(ood["score"] / ood["threshold"], 3),
@@ -47,17 +52,18 @@ def main() -> int:
         rows.append(row)
         print(f"seed {seed:3d}: margin {row['margin']:.3f}  ood/threshold {row['ood_ratio']:.2f}  "
               f"wrong: {', '.join(row['wrong']) or '-'}", flush=True)
-    clear = [r for r in rows if not r["wrong"] and r["ood_ratio"] <= args.max_ood_ratio]
+    clear = [r for r in rows if not set(HEADLINE) & set(r["wrong"]) and r["ood_ratio"] <= args.max_ood_ratio]
     correct = sum(not r["wrong"] for r in rows)
-    print(f"\n{correct}/{len(rows)} seeds decided correctly on every finding; {len(clear)} of them also "
-          f"in distribution (ood/threshold <= {args.max_ood_ratio})")
+    print(f"\n{correct}/{len(rows)} seeds decided correctly on every finding; {len(clear)} right on "
+          f"{', '.join(HEADLINE)} and in distribution (ood/threshold <= {args.max_ood_ratio})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if not clear:
         print("no clear seed: the model does not decide the demo's sample reliably")
         return 1
-    best = max(clear, key=lambda r: r["margin"])
-    print(f"clearest: seed {best['seed']} (smallest |p - threshold| {best['margin']:.3f}): {best['probabilities']}")
+    best = min(clear, key=lambda r: (len(r["wrong"]), -r["margin"]))
+    print(f"clearest: seed {best['seed']} (wrong: {', '.join(best['wrong']) or 'none'}; smallest |p - threshold| "
+          f"of {', '.join(HEADLINE)} {best['margin']:.3f}): {best['probabilities']}")
     return 0
 
 

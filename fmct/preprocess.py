@@ -155,6 +155,7 @@ class ModelInput:
     model_grid: Grid
     input_grid: Grid
     head_center_mm: tuple[float, float, float]
+    head_extent_mm: float | None = None  # the head from bottom to top (fmct.ood judges coverage by it)
 
     @property
     def tensor(self) -> "torch.Tensor":  # noqa: F821
@@ -173,11 +174,11 @@ class Preprocessor:
     def __call__(self, volume: Volume) -> ModelInput:
         canonical = canonical_view(volume, self.direction)
         image = self.reduced_image(canonical)
-        center = head_center(image)
+        center, extent = head_geometry(image)
         grid = self.model_grid(center)
         hu = grid.resample(image, sitk.sitkLinear, AIR_HU)
         channels = np.stack([w.apply(hu) for w in self.spec.windows]).astype(np.float32)
-        return ModelInput(channels[None], grid, Grid.of(volume), center)
+        return ModelInput(channels[None], grid, Grid.of(volume), center, extent)
 
     def block_factors(self, canonical: "CanonicalView") -> tuple[int, int, int]:
         """Voxels averaged per block along each canonical (x, y, z) axis.
@@ -234,10 +235,18 @@ class Preprocessor:
 
 
 def head_center(image: sitk.Image) -> tuple[float, float, float]:
-    """Physical centre of the largest connected non-air object (the head, not the couch).
+    """Physical centre of the largest connected non-air object (the head, not the couch)."""
+    return head_geometry(image)[0]
+
+
+def head_geometry(image: sitk.Image) -> tuple[tuple[float, float, float], float]:
+    """Centre of the largest connected non-air object (the head, not the couch), and its extent in
+    mm from bottom to top (along the grid axis closest to superior).
 
     Computed on a ~4 mm copy of the canonical, block-averaged CT: precise enough to centre a crop,
-    cheap on 512x512x300, and the same for every storage of the same CT.
+    cheap on 512x512x300, and the same for every storage of the same CT. The extent tells a whole
+    head (130 mm or more with the skull base) from a partial scan, which the model's features alone
+    may not: a model trained with field-of-view augmentations learns to shrug at missing slices.
     """
     factors = [max(1, int(round(4.0 / s))) for s in image.GetSpacing()]
     small = sitk.BinShrink(image, factors) if any(f > 1 for f in factors) else image
@@ -249,7 +258,9 @@ def head_center(image: sitk.Image) -> tuple[float, float, float]:
         raise InputVolumeError(
             "No head found: no voxel is above -300 HU. Check that the input is a CT in Hounsfield units."
         )
-    return tuple(float(c) for c in stats.GetCentroid(1))
+    superior_axis = int(np.argmax(np.abs(np.asarray(small.GetDirection()).reshape(3, 3)[2])))  # LPS: row 2 is S
+    extent = stats.GetBoundingBox(1)[3 + superior_axis] * small.GetSpacing()[superior_axis]
+    return tuple(float(c) for c in stats.GetCentroid(1)), float(extent)
 
 
 # --------------------------------------------------------------------------------------------

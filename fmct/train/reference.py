@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-reference", type=int, default=400)
     ap.add_argument("--n-calibration", type=int, default=200)
     ap.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE)
+    ap.add_argument("--anatomy", default="default",
+                    help="phantom anatomy presets, comma-separated, taken in turn (the bundle's training anatomies)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
@@ -63,13 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(args.bundle)
     device = torch_device(args.device)
     spec = bundle.meta.preprocessing
-    x_ref, _, _ = make_split("reference", args.n_reference, spec, args.workers)
-    x_cal, _, _ = make_split("calibration", args.n_calibration, spec, args.workers)
+    anatomies = [a.strip() for a in args.anatomy.split(",") if a.strip()]
+    x_ref, _, _ = make_split("reference", args.n_reference, spec, args.workers, anatomies=anatomies)
+    x_cal, _, _ = make_split("calibration", args.n_calibration, spec, args.workers, anatomies=anatomies)
     _, f_ref = predict_with_features(bundle.model, x_ref, device)
     _, f_cal = predict_with_features(bundle.model, x_cal, device)
     stats = fit_reference(f_ref, f_cal, args.quantile, source=(
-        f"demo-recipe phantoms: reference = split 'reference' ({len(f_ref)}), threshold = split 'calibration' "
-        f"({len(f_cal)}), fmct.train.demo_model seeds"))
+        f"demo-recipe phantoms (anatomy {', '.join(anatomies)}, not augmented): reference = split 'reference' "
+        f"({len(f_ref)}), threshold = split 'calibration' ({len(f_cal)}), fmct.train.demo_model seeds"))
     path = write_reference(args.bundle, stats)
     log.info("wrote %s: %d reference and %d calibration phantoms, threshold %.3f", path, len(f_ref), len(f_cal),
              stats.threshold)
