@@ -4,7 +4,8 @@ The test splits are the ones a demo-recipe run kept in its --resume folder
 (`split-test-<anatomy>.safetensors`: preprocessed phantoms whose seeds no training split uses), so
 both bundles see exactly the same cases. Per finding: AUROC with a 95% bootstrap CI over test cases,
 the difference (second - first) with a paired CI (the same resamples for both), and the ECE of each
-bundle's calibrated probabilities.
+bundle's calibrated probabilities. For each hemorrhage type also its AUROC among the bleeding CTs
+only: a head that only tells bleed from none scores ~0.5 there, however high its overall AUROC.
 
     python benchmarks/compare_demo_models.py --splits RUN_DIR --bundles OLD NEW --json benchmarks/results/demo_models.json
 """
@@ -52,7 +53,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from fmct.evaluate import expected_calibration_error
-    from fmct.tasks import TASKS
+    from fmct.tasks import HEMORRHAGE_TYPES, TASKS
 
     results = {"machine": machine("cpu", threads), "bundles": args.bundles, "anatomies": {}}
     for path in sorted(args.splits.glob("split-test-*.safetensors")):
@@ -70,6 +71,11 @@ def main() -> None:
                   f"{r['second']:.3f} [{r['second_ci95'][0]:.3f}, {r['second_ci95'][1]:.3f}]  "
                   f"{r['difference']:+.3f} [{r['difference_ci95'][0]:+.3f}, {r['difference_ci95'][1]:+.3f}]  "
                   f"ECE {r['ece'][0]:.3f} -> {r['ece'][1]:.3f}")
+            if task in HEMORRHAGE_TYPES:  # does the head tell this type from other bleeds, or only bleed from none?
+                bleed = y[:, TASKS.index("any_hemorrhage")] == 1
+                w = r["within_bleeds"] = paired(y[bleed, i], p[0][bleed, i], p[1][bleed, i], args.boot, seed=100 + i)
+                print(f"{'':>9} {'  among bleeds':<18} {w['first']:.3f} -> {w['second']:.3f} "
+                      f"[{w['second_ci95'][0]:.3f}, {w['second_ci95'][1]:.3f}]  (chance 0.5; {int(bleed.sum())} bleeding CTs)")
         results["anatomies"][anatomy] = {"n": int(len(y)), "findings": rows}
     if not results["anatomies"]:
         raise SystemExit(f"{args.splits} holds no split-test-*.safetensors: run the demo recipe with --resume {args.splits}")

@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=None, help="model bundle (default: the bundled demo model)")
     parser.add_argument("--finding", default="subdural", help="finding to show (default: subdural)")
-    parser.add_argument("--seed", type=int, default=7, help="seed of the synthetic CT")
+    parser.add_argument("--seed", type=int, default=20, help="seed of the synthetic CT (fmct demo's)")
     parser.add_argument("--explain", default="integrated_gradients")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = parser.parse_args(argv)
