@@ -24,6 +24,12 @@ def test_threshold_keeps_the_calibrated_share_and_flags_a_shifted_population():
     assert 0.02 < np.mean(fresh > stats.threshold) < 0.09
     shifted = stats.score(rng.normal(size=(200, 32)) * scale + 1.5)
     assert np.mean(shifted > stats.threshold) > 0.95
+    # A head too short from bottom to top is out of distribution even with a typical score.
+    typical = stats.mean[None]
+    assert stats.judge(typical)["in_distribution"] and "head_too_short" not in stats.judge(typical)
+    assert stats.judge(typical, head_extent_mm=MIN_HEAD_EXTENT_MM + 40)["head_too_short"] is False
+    short = stats.judge(typical, head_extent_mm=MIN_HEAD_EXTENT_MM - 1)
+    assert short["in_distribution"] is False and short["head_too_short"] is True
 
 
 def test_statistics_round_trip_and_refuse_other_weights_or_broken_values():
