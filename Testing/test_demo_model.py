@@ -12,6 +12,8 @@ from fmct.analyze import Analyzer
 from fmct.bundle import default_bundle_path
 from fmct.cli import main
 from fmct.evaluate import auroc, pointing_game, saliency_in_mask
+from fmct.onnx_backend import TOLERANCE
+from fmct.onnx_export import check_onnx_parity
 from fmct.phantom import make_phantom
 
 FRESH_SEED = 9_000_000
@@ -32,6 +34,8 @@ def test_bundle_is_small_and_documented():
         assert key in meta["provenance"], key
     assert meta["metrics"]["test_auroc"]["any_hemorrhage"]["thick"] >= 0.9
     assert meta["metrics"]["test_auroc"]["any_hemorrhage"]["thin"] >= 0.9
+    # It carries a model.onnx that agrees with its weights: `fmct analyze --explain none` runs without torch.
+    assert check_onnx_parity(path) <= TOLERANCE
 
 
 @pytest.mark.parametrize("slices", ["thick", "thin"])
@@ -105,6 +109,7 @@ def test_recipe_fine_tunes_a_pretrained_encoder_and_records_it(tmp_path):
     assert training["encoder_provenance"]["steps"] == 7 and "--encoder" in demo.meta.provenance["recipe"]
     assert [t.name for t in demo.meta.tasks] == list(demo_model.TASKS)
     assert (tmp_path / "demo" / "ood.safetensors").is_file()  # the recipe's bundles can say when a CT is unlike them
+    assert check_onnx_parity(tmp_path / "demo") <= TOLERANCE  # and analyze findings only without torch
     # Trained on the default and realistic anatomies, measured per test anatomy with CIs and calibration.
     assert "'default', 'realistic'" in demo.meta.provenance["data"]["source"]
     assert set(demo.meta.metrics["test"]) == {"default", "ood"} and demo.meta.metrics["test_anatomy"] == "default"

@@ -17,7 +17,8 @@ from fmct.cli import main
 from fmct.errors import BundleError, ConfigError
 from fmct.io import write_volume
 from fmct.onnx_backend import TOLERANCE
-from fmct.runners import calibrated_probabilities
+from fmct.runners import calibrated_probabilities, choose_backend
+from fmct.runtime import cuda_may_be_present
 from fmct_testing import ball_ct, tiny_bundle
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,14 +62,17 @@ def test_calibration_matches_the_torch_formula():
     np.testing.assert_allclose(calibrated_probabilities(logits, temps), expected, atol=1e-7)
 
 
-def test_cli_onnx_analysis_never_imports_torch(exported, tmp_path):
+@pytest.mark.parametrize("flags", [["--backend", "onnx"], ["--explain", "none", "--device", "cpu"]],
+                         ids=["backend onnx", "default backend, findings only"])
+def test_cli_onnx_analysis_never_imports_torch(exported, tmp_path, flags):
+    """Also the default: findings only on the CPU with a checked model.onnx is onnxruntime's (cold start)."""
     ct, _ = ball_ct()
     write_volume(ct, tmp_path / "ct.nii.gz")
     out = tmp_path / "out"
     code = (
         "import sys\n"
         "from fmct.cli import main\n"
-        f"rc = main(['analyze', {str(tmp_path / 'ct.nii.gz')!r}, '--model', {str(exported)!r}, '--backend', 'onnx', "
+        f"rc = main(['analyze', {str(tmp_path / 'ct.nii.gz')!r}, '--model', {str(exported)!r}, *{flags!r}, "
         f"'--out', {str(out)!r}])\n"
         "assert rc == 0, rc\n"
         "leaked = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
@@ -84,6 +88,35 @@ def test_cli_onnx_analysis_never_imports_torch(exported, tmp_path):
     torch_probs = Analyzer(exported, device="cpu").analyze(ct, explain_method=None).findings
     for f, g in zip(payload["findings"], torch_probs):
         assert abs(f["probability"] - g.probability) <= TOLERANCE
+
+
+def test_auto_backend_is_onnxruntime_only_for_findings_on_the_cpu_with_a_checked_onnx(exported, tmp_path):
+    assert choose_backend("auto", exported, "cpu", None) == "onnx"
+    assert choose_backend("auto", exported, "cpu", "integrated_gradients") == "torch"  # gradients
+    assert choose_backend("auto", exported, "cuda", None) == "torch"  # onnxruntime here has no GPU
+    assert choose_backend("auto", exported, "auto", None) == ("torch" if cuda_may_be_present() else "onnx")
+    assert choose_backend("torch", exported, "cpu", None) == "torch"
+    plain = Path(shutil.copytree(exported, tmp_path / "plain"))
+    (plain / "model.onnx").unlink()
+    meta = json.loads((plain / "fmct.json").read_text())
+    meta["onnx"] = None
+    (plain / "fmct.json").write_text(json.dumps(meta))
+    assert choose_backend("auto", plain, "cpu", None) == "torch"  # nothing vouched for: torch
+    if torch.__version__.endswith("+cpu"):
+        assert not cuda_may_be_present()
+    with pytest.raises(ConfigError, match="unknown backend"):
+        choose_backend("tensorrt", exported, "cpu", None)
+
+
+def test_auto_backend_refuses_a_tampered_onnx_instead_of_passing_it_over(bundle_copy, tmp_path, capsys):
+    data = bytearray((bundle_copy / "model.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (bundle_copy / "model.onnx").write_bytes(bytes(data))
+    write_volume(ball_ct()[0], tmp_path / "ct.nii.gz")
+    rc = main(["analyze", str(tmp_path / "ct.nii.gz"), "--model", str(bundle_copy), "--explain", "none",
+               "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "edited or replaced" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "findings.json").exists()
 
 
 def test_onnx_backend_refuses_explanations_and_compile(exported, tmp_path, capsys):

@@ -47,7 +47,8 @@ def run_driver(tree: Path, ct: Path, out: Path, threads: int, calls: int, import
     argv = ["analyze", str(ct), "--explain", "none", "--device", "cpu", "--out", str(out)]
     cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-c", DRIVER, str(calls), *argv]
     t_spawn = time.time()
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", cwd=tempfile.gettempdir())
     line = next((x for x in proc.stdout.splitlines() if x.startswith("COLDSTART ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"driver failed ({proc.returncode}): {proc.stderr[-2000:]}")

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from fmct import __version__
 from fmct.errors import Cancelled, ConfigError, FMCTError
-from fmct.runners import BACKENDS
+from fmct.runners import BACKEND_CHOICES, choose_backend
 from fmct.runtime import DEFAULT_EXPLAIN, EXPLAIN_METHODS, explain_method_or_none, parse_device
 
 log = logging.getLogger("fmct")
@@ -74,9 +74,14 @@ def _device_arg(text: str) -> str:
 
 
 def _explain_method(args: argparse.Namespace) -> str | None:
-    """--explain, defaulting to integrated_gradients on torch and none on onnx (which has no gradients)."""
+    """--explain, defaulting to integrated_gradients, except with --backend onnx (which has no gradients)."""
     explain = args.explain or ("none" if getattr(args, "backend", "torch") == "onnx" else DEFAULT_EXPLAIN)
     return explain_method_or_none(explain)
+
+
+def _settle_backend(args: argparse.Namespace) -> None:
+    """--backend auto made concrete once, before anything is loaded: what findings.json records and a resumed batch compares."""
+    args.backend = choose_backend(args.backend, args.model, args.device, _explain_method(args))
 
 
 def _make_analyzer(args: argparse.Namespace, device: str | None = None):
@@ -144,6 +149,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("Making a sample head CT (synthetic, 512 x 512, 4-5 mm slices, a subdural hematoma) ...", file=sys.stderr)
     phantom = make_phantom(args.seed, findings=["subdural"], slices="thick")
     args.findings = "positive"
+    _settle_backend(args)
     code = _run_analysis(phantom.volume, args, Path(args.out), save_ct=True)
     truth = [t for t, v in phantom.labels.items() if v]
     print(f"Ground truth of the sample CT: {', '.join(truth) or 'normal'}")
@@ -167,6 +173,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     findings = args.findings if args.findings in ("positive", "all") else args.findings.split(",")
     args.findings = findings
+    _settle_backend(args)
     check_output_folder(args.out)  # before reading the CT
     if args.batch or is_manifest(args.input):
         return _run_batch(args)
@@ -310,9 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP)
         sp.add_argument("--explain", default=None, choices=EXPLAIN_CHOICES,
                         help="saliency method for positive findings (default: integrated_gradients; none with --backend onnx)")
-        sp.add_argument("--backend", default="torch", choices=BACKENDS,
-                        help="torch (default), or onnx: the bundle's checked model.onnx on onnxruntime, without torch "
-                             "(findings only; see `fmct export --onnx`)")
+        sp.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="auto (default): onnx for findings only (--explain none) on the CPU when the bundle "
+                             "carries a checked model.onnx, else torch; torch; or onnx: the bundle's checked "
+                             "model.onnx on onnxruntime, without torch (findings only; see `fmct export --onnx`)")
         sp.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on a GPU over many studies)")
 
     d = sub.add_parser("demo", help="make a sample head CT and analyze it with the bundled model")

@@ -7,19 +7,22 @@ talks to either through `logits(array)` and `device`, calibrates once with
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
-from fmct.bundle import Bundle, default_bundle_path, load_bundle
+from fmct.bundle import META_FILE, Bundle, default_bundle_path, load_bundle, read_members
 from fmct.errors import ConfigError
-from fmct.runtime import autocast, parse_device, torch_device
+from fmct.runtime import autocast, cuda_may_be_present, parse_device, torch_device
 
 if TYPE_CHECKING:
     import torch
 
 BACKENDS = ("torch", "onnx")
+BACKEND_CHOICES = ("auto", *BACKENDS)  # what a user may ask for; auto is settled by choose_backend
 
 
 class Runner(Protocol):
@@ -70,6 +73,33 @@ def calibrated_probabilities(logits: np.ndarray, temperatures: Sequence[float]) 
     z = np.asarray(logits, dtype=np.float64) / np.asarray(temperatures, dtype=np.float64)
     e = np.exp(-np.abs(z))
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+
+
+def choose_backend(backend: str, bundle: str | Path | None, device: str, explain_method: str | None) -> str:
+    """The backend a run uses: "auto" is onnxruntime when only findings are asked for, the model runs on
+    the CPU anyway and the bundle's fmct.json vouches for a model.onnx; torch otherwise.
+
+    Both give the same probabilities (export checks them to 1e-4 and records both files' SHA-256,
+    which load_onnx_bundle verifies: a stale or edited model.onnx is refused, not passed over), but
+    onnxruntime imports in 0.1 s where torch takes 1-2 s, most of a findings-only cold start
+    (benchmarks/RESULTS.md, section 19). Explanations need gradients, hence torch.
+    """
+    if backend not in BACKEND_CHOICES:
+        raise ConfigError(f"unknown backend '{backend}'; choose one of {', '.join(BACKEND_CHOICES)}")
+    if backend != "auto":
+        return backend
+    device = parse_device(device)
+    if explain_method is not None or device.startswith("cuda") or (device == "auto" and cuda_may_be_present()):
+        return "torch"
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "torch"
+    path = Path(bundle) if bundle is not None else default_bundle_path()
+    raw = read_members(path, (META_FILE,)).get(META_FILE)
+    try:
+        vouched = raw is not None and isinstance(json.loads(raw.decode("utf-8")).get("onnx"), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        vouched = False  # loading the bundle says what is wrong with its fmct.json
+    return "onnx" if vouched else "torch"
 
 
 def load_runner(bundle: Bundle | str | Path | None = None, backend: str = "torch", device: str = "auto",

@@ -71,6 +71,28 @@ def device_index(device: str) -> int | None:
     return int(name[5:]) if name.startswith("cuda:") else None
 
 
+def cuda_may_be_present() -> bool:
+    """Whether device "auto" could resolve to a GPU, decided without importing torch (1-2 s of a cold start).
+
+    No for a CPU-only torch build (version "+cpu"), on macOS, and on Linux when no NVIDIA driver is
+    loaded (/proc/driver/nvidia, visible inside containers too) and torch is not a ROCm build; yes
+    when unsure, so that a GPU is never passed over.
+    """
+    import os
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        build = version("torch")
+    except PackageNotFoundError:
+        build = ""
+    if build.endswith("+cpu") or sys.platform == "darwin":
+        return False
+    if sys.platform.startswith("linux"):
+        return "+rocm" in build or os.path.exists("/proc/driver/nvidia/version")
+    return True
+
+
 def torch_device(device: str | None = "auto") -> "torch.device":
     """The torch device for a user's device name, refusing a GPU that is not there."""
     import torch

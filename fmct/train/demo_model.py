@@ -32,6 +32,7 @@ import torch
 from fmct.atomic import write_bytes_atomic, write_text_atomic
 from fmct.augment import random_variation
 from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle, write_meta
+from fmct.onnx_backend import onnx_summary
 from fmct.ood import fit_reference
 from fmct.errors import ConfigError
 from fmct.evaluate import auroc, evaluation_report, pointing_game, saliency_in_mask
@@ -340,14 +341,17 @@ def main(argv: list[str] | None = None) -> None:
     reference = fit_reference(train_features, val_features, source="demo recipe: training split (reference), "
                                                                     "validation split (threshold)")
     save_bundle(model.cpu(), meta, args.out, reference=reference)  # before the slow part: a cut-off run keeps its model
-    if args.saliency_cases < 1:
-        log.info("wrote %s", args.out)
-        return
-    log.info("wrote %s; measuring saliency", args.out)
-    meta.metrics["saliency"] = measure_saliency(model.to(device), spec, device, args.saliency_cases,
-                                                [m for m in EXPLAIN_METHODS if m != "attention_rollout"])
-    write_meta(meta, args.out)
-    log.info("saliency metrics added to %s", args.out)
+    log.info("wrote %s", args.out)
+    if args.saliency_cases >= 1:
+        meta.metrics["saliency"] = measure_saliency(model.to(device), spec, device, args.saliency_cases,
+                                                    [m for m in EXPLAIN_METHODS if m != "attention_rollout"])
+        write_meta(meta, args.out)
+        log.info("saliency metrics added to %s", args.out)
+    # Last, since it records itself in fmct.json: findings-only analysis then runs without torch
+    # (fmct.runners.choose_backend), a third of the cold start.
+    from fmct.onnx_export import export_onnx
+
+    log.info("model.onnx: %s", onnx_summary(export_onnx(args.out)))
 
 
 if __name__ == "__main__":
