@@ -3,11 +3,11 @@
 Mapping a saliency map from the 64^3 model grid back onto a CT's own grid is the one step whose
 cost grows with the CT rather than with the model. When the two grids' axes are parallel (every
 CT that is not oblique, whatever its axis order and flips), trilinear interpolation is a tensor
-product of 1-D interpolations, one per axis: two small passes on the model-sized side (matrix
-products) and one pass that writes each CT slice as the blend of two planes, straight into the
-uint8 result. No float32 copy of the CT-sized map is ever made, and the work is a few operations
-per output voxel instead of ITK's per-voxel point transform and neighbourhood fetch
-(benchmarks/RESULTS.md, section 19: 3-5x faster). Oblique grids return None and go to ITK.
+product of 1-D interpolations, one per axis: first along the CT's slice axis on the model-sized
+side, then each CT slice on its own as two small matrix products into one float plane, cast
+straight into the uint8 result. No float32 copy of the CT-sized map is ever made (one slice at a
+time), and the work is dense matrix products instead of ITK's per-voxel point transform and
+neighbourhood fetch (benchmarks/RESULTS.md, section 19). Oblique grids return None and go to ITK.
 
 The sampling rule is ITK's (sitk.Resample with sitkLinear and default 0), so either path gives
 the same map to within one grey level: a point is inside the source when its continuous index
@@ -83,19 +83,22 @@ def resample_parallel(array: np.ndarray, src: Any, dst: Any, levels: int | None 
     n_src = [src_np.shape[2 - q] for q in range(3)]
     if levels is not None:
         src_np = np.clip(src_np, 0.0, 1.0) * np.float32(levels)
-    # Model-sized passes: x, then y (matrix products, at most [nz_src, ny, nx] floats).
-    t = src_np @ weight_matrix(coords[0], n_src[0]).T
-    t = np.matmul(weight_matrix(coords[1], n_src[1]), t)
-    # The CT-sized pass: each output slice blends two planes, written straight into the result.
+    # Along z on the model-sized side: [nz_dst, ny_src, nx_src], small.
+    slabs = np.tensordot(weight_matrix(coords[2], n_src[2]), src_np, axes=(1, 0))
+    wy, wx_t = weight_matrix(coords[1], n_src[1]), np.ascontiguousarray(weight_matrix(coords[0], n_src[0]).T)
+    # Then each CT slice on its own: two small matrix products into one float plane, cast into the result.
     dtype = np.uint8 if levels is not None else np.float32
     out = np.zeros((dst_size[2], dst_size[1], dst_size[0]), dtype)
-    i0, i1, w0, w1 = taps(coords[2], n_src[2])
-    plane = np.empty(t.shape[1:], np.float32)
-    for k in np.flatnonzero((w0 > 0) | (w1 > 0)):
-        np.multiply(t[i0[k]], np.float32(w0[k]), out=plane)
-        if w1[k] > 0:
-            plane += t[i1[k]] * np.float32(w1[k])
-        if levels is not None:  # clamp, then truncation rounds half up: ITK's cast to uint8
-            np.minimum(plane + np.float32(0.5), np.float32(levels), out=plane)
+    rows = np.empty((n_src[1], dst_size[0]), np.float32)
+    plane = np.empty((dst_size[1], dst_size[0]), np.float32)
+    filled = np.flatnonzero(np.abs(slabs).reshape(len(slabs), -1).max(axis=1) > 0)
+    if levels is not None:
+        # The y and x weights sum to 1 inside the source grid and to 0 outside, so this adds 0.5
+        # exactly where the map is defined: truncation into uint8 then rounds half up (ITK's cast),
+        # and the values stay below levels + 1 (the input is clipped to [0, 1], the weights convex).
+        slabs += np.float32(0.5)
+    for k in filled:
+        np.matmul(slabs[k], wx_t, out=rows)
+        np.matmul(wy, rows, out=plane)
         np.copyto(out[k], plane, casting="unsafe")
     return out
