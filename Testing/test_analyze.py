@@ -99,3 +99,39 @@ def test_primary_finding_is_the_clearest_decision_among_explained_or_positive():
     # With maps, only explained findings compete (the overlay must exist).
     assert AnalysisResult(findings, model_saliency={"a": np.zeros(1), "c": np.zeros(1)}).primary_finding().name == "a"
     assert AnalysisResult([findings[2]]).primary_finding() is None
+
+
+def test_files_written_at_once_are_the_files_written_one_by_one(analyzer, tmp_path, monkeypatch):
+    """The CLI writes a study's maps, CT and report concurrently; the folder is the same, and a failed
+    write still leaves no findings.json (the folder reads as incomplete)."""
+    import SimpleITK as sitk
+
+    from fmct.outputs import write_study_outputs
+
+    ct, _ = ball_ct()
+    result = analyzer.analyze(ct, explain_method="attention", explain_findings="all")
+    assert len(result.saliency) >= 2
+    folders = {}
+    for threads in (1, None):
+        folders[threads] = tmp_path / f"t{threads}"
+        payload, written = write_study_outputs(folders[threads], ct, result, "m", "cpu", save_ct=True, threads=threads)
+        assert [p.name for p in written] == ["findings.json", "ct.nii.gz",
+                                             *[f"saliency_{n}.nii.gz" for n in result.saliency], "report.png"]
+    for name in ["ct.nii.gz", *payload["saliency_files"].values()]:
+        a, b = (sitk.ReadImage(str(folders[t] / name)) for t in (1, None))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+        assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+
+    import fmct.outputs
+
+    real = fmct.outputs._write_saliency
+
+    def fail_on_one(saliency, path):
+        if path.name.endswith(f"{next(iter(result.saliency))}.nii.gz"):
+            raise OSError(28, "No space left on device")
+        return real(saliency, path)
+
+    monkeypatch.setattr(fmct.outputs, "_write_saliency", fail_on_one)
+    with pytest.raises(OSError, match="No space"):
+        write_study_outputs(tmp_path / "full", ct, result, "m", "cpu", threads=None)
+    assert not (tmp_path / "full" / "findings.json").exists()

@@ -7,7 +7,7 @@ quality: the RESULTS.md saliency benchmark (fmct.train.demo_model.measure_salien
   before); new = fmct.explain.explain_findings at each --steps. All arms on the same phantoms.
   Enrichment = share of the map in the lesion / the lesion's share of the head (1 = chance);
   pointing game = the map's maximum within 5 mm of the lesion.
-cost: on the 5 mm 512x512x40 CT of benchmarks/common.py, warm, in one process: analyze + write the
+cost: on the 5 mm 512x512x40 CT of benchmarks/common.py (--ct thin: 512x512x300), warm, in one process: analyze + write the
   result folder (findings.json, saliency NIfTIs, report.png: what `fmct analyze` does after loading)
   with --explain none, then with maps for the first K positive findings (K = 1, half, all), rounds
   interleaved so drifting load hits every arm alike; plus the old per-finding loop (Captum) for
@@ -20,6 +20,7 @@ cost: on the 5 mm 512x512x40 CT of benchmarks/common.py, warm, in one process: a
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import tempfile
 import time
@@ -88,8 +89,11 @@ def cost(args, bundle) -> dict:
     from fmct.outputs import write_study_outputs
 
     analyzer = Analyzer(bundle, device="cpu")
-    folder = dicom_study("thick", Path(args.work) / "thick")
+    folder = dicom_study(args.ct, Path(args.work) / args.ct)
     volume = read_volume(folder)
+    # The files as `fmct analyze` writes them (several at once, where this fmct can; an older tree
+    # measured with --baseline-tree writes them one by one, as it did).
+    write_options = {"threads": None} if "threads" in inspect.signature(write_study_outputs).parameters else {}
     positive = [f.name for f in analyzer.analyze(volume, None).positive]
     ks = sorted({1, max(1, len(positive) // 2), len(positive)})
     out = Path(args.work) / "saliency_cost_out"
@@ -107,7 +111,7 @@ def cost(args, bundle) -> dict:
         else:
             ex.DEFAULT_IG_STEPS = steps
             result = analyzer.analyze(volume, "integrated_gradients" if k else None, positive[:k] if k else "positive")
-        write_study_outputs(out, volume, result, analyzer.bundle.meta.name, "cpu", overwrite=True)
+        write_study_outputs(out, volume, result, analyzer.bundle.meta.name, "cpu", overwrite=True, **write_options)
         return time.perf_counter() - t0
 
     arms = [(0, 0)] + [(s, k) for s in args.cost_steps for k in ks] + ([("old", len(positive))] if args.old else [])
@@ -119,7 +123,7 @@ def cost(args, bundle) -> dict:
         print(f"  round {r + 1}/{args.repeat}", flush=True)
     med = {arm: statistics.median(v) for arm, v in times.items()}
     base = med[(0, 0)]
-    print(f"\nAnalyze + write (findings.json, saliency NIfTIs, report.png) on the 5 mm CT, {len(positive)} positive "
+    print(f"\nAnalyze + write (findings.json, saliency NIfTIs, report.png) on the {args.ct} CT, {len(positive)} positive "
           f"findings, warm, median of {args.repeat}:")
     print(f"  findings only (--explain none): {base:.2f} s")
     summary = {}
@@ -148,6 +152,8 @@ def main() -> None:
     ap.add_argument("--steps", default="16,8,4", help="IG steps of the new arms (quality)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds (cost)")
     ap.add_argument("--cost-steps", default="16,8", help="IG steps of the shared arms (cost)")
+    ap.add_argument("--ct", choices=["thick", "thin"], default="thick",
+                    help="cost: the 5 mm 512x512x40 CT (the issue's) or the thin 512x512x300 one")
     ap.add_argument("--no-old", dest="old", action="store_false", help="cost: skip the old per-finding loop")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "fmct_bench"))
     ap.add_argument("--json", default=None)

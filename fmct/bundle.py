@@ -293,6 +293,17 @@ def read_members(path: Path, wanted: tuple[str, ...] = (META_FILE, WEIGHTS_FILE)
     raise BundleError(f"{path} is neither a bundle folder nor a .zip of one")
 
 
+def has_member(path: Path, name: str) -> bool:
+    """Whether a bundle folder or .zip holds the file `name` (nothing is read or inflated)."""
+    if path.is_dir():
+        return (path / name).is_file()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return name in _zip_layout(path, zf)
+    except (OSError, zipfile.BadZipFile):
+        return False  # loading the bundle says what is wrong with it
+
+
 def _zip_layout(path: Path, zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     """The bundle files of a zip, which must sit all at its root or all under one top-level folder."""
     known = (META_FILE, WEIGHTS_FILE, ONNX_FILE, OOD_FILE)

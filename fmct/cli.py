@@ -114,7 +114,7 @@ def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
     payload, written = write_study_outputs(out, volume, result, analyzer.bundle.meta.name, str(analyzer.device),
                                            analyzer.backend, save_ct=save_ct, timings=timings, overwrite=overwrite,
                                            model_id=model_identity(analyzer.bundle),
-                                           options=_output_options(args, method, save_ct, True))
+                                           options=_output_options(args, method, save_ct, True), threads=None)
     _print_summary(result, analyzer.bundle.meta.name, written, payload["timings"])
     return 0
 

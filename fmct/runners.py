@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
-from fmct.bundle import META_FILE, Bundle, default_bundle_path, load_bundle, read_members
+from fmct.bundle import META_FILE, ONNX_FILE, Bundle, default_bundle_path, has_member, load_bundle, read_members
 from fmct.errors import ConfigError
 from fmct.runtime import autocast, cuda_may_be_present, parse_device, torch_device
 
@@ -77,7 +77,7 @@ def calibrated_probabilities(logits: np.ndarray, temperatures: Sequence[float]) 
 
 def choose_backend(backend: str, bundle: str | Path | None, device: str, explain_method: str | None) -> str:
     """The backend a run uses: "auto" is onnxruntime when only findings are asked for, the model runs on
-    the CPU anyway and the bundle's fmct.json vouches for a model.onnx; torch otherwise.
+    the CPU anyway and the bundle holds a model.onnx its fmct.json vouches for; torch otherwise.
 
     Both give the same probabilities (export checks them to 1e-4 and records both files' SHA-256,
     which load_onnx_bundle verifies: a stale or edited model.onnx is refused, not passed over), but
@@ -99,7 +99,7 @@ def choose_backend(backend: str, bundle: str | Path | None, device: str, explain
         vouched = raw is not None and isinstance(json.loads(raw.decode("utf-8")).get("onnx"), dict)
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         vouched = False  # loading the bundle says what is wrong with its fmct.json
-    return "onnx" if vouched else "torch"
+    return "onnx" if vouched and has_member(path, ONNX_FILE) else "torch"
 
 
 def load_runner(bundle: Bundle | str | Path | None = None, backend: str = "torch", device: str = "auto",
