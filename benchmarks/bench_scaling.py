@@ -116,10 +116,12 @@ def run_stages(paths: dict[str, str], mode: str) -> dict:
     if mode == "fmct":  # the map back again, warm and interleaved with ITK's, best of 3 (a single run is noisy)
         best = {"itk": float("inf"), "fmct": float("inf")}
         for _ in range(3):
-            for name, fn in (("itk", lambda: itk_resample(model_map, mi.model_grid, mi.input_grid, 255)),
-                             ("fmct", lambda: pre.to_input_grid(model_map, mi, levels=255))):
+            for name in best:
                 t = time.perf_counter()
-                fn()
+                if name == "itk":
+                    itk_resample(model_map, mi.model_grid, mi.input_grid, 255)
+                else:
+                    pre.to_input_grid(model_map, mi, levels=255)
                 best[name] = min(best[name], time.perf_counter() - t)
         out["map_back_warm_best_s"] = best
     del volume, mi, back

@@ -11,6 +11,8 @@ torch is imported inside the functions that need it, so the onnxruntime path nev
 """
 from __future__ import annotations
 
+import os
+import sys
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
@@ -78,9 +80,7 @@ def cuda_may_be_present() -> bool:
     loaded (/proc/driver/nvidia, visible inside containers too) and torch is not a ROCm build; yes
     when unsure, so that a GPU is never passed over.
     """
-    import os
-    import sys
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError, version  # only on this path: its import is not free
 
     try:
         build = version("torch")
