@@ -111,18 +111,23 @@ def dicom_study(kind: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    return b.is_file() and a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+
+
 def demo_bundle(folder: Path) -> Path:
-    """Resources/DemoModel when it exists (copied: exports must not touch it), else a random model of its size."""
+    """Resources/DemoModel when it exists (copied: exports must not touch it; copied again when the
+    shipped model has changed since), else a random model of its size."""
     from fmct.bundle import BundleMeta, Task, save_bundle
 
     target = folder / "bundle"
     demo = ROOT / "Resources" / "DemoModel"
-    if target.exists():
+    shipped = demo / "model.safetensors"
+    if target.exists() and (not shipped.is_file() or _same_file(shipped, target / "model.safetensors")):
         return target
-    if (demo / "fmct.json").is_file():
+    if shipped.is_file():
+        shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(demo, target)
-        if (target / "model.onnx").exists():  # an onnx file is exported here from these exact weights
-            (target / "model.onnx").unlink()
         return target
     import torch
 
