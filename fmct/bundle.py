@@ -349,16 +349,26 @@ def read_bundle(path: str | Path, onnx: bool = False) -> tuple[BundleMeta, dict[
     """
     path = Path(path)
     members = read_members(path, (META_FILE, WEIGHTS_FILE, ONNX_FILE) if onnx else (META_FILE, WEIGHTS_FILE))
+    meta = _parse_meta(path, members)
+    if WEIGHTS_FILE not in members:
+        raise BundleError(f"{path}: {WEIGHTS_FILE} is missing")
+    return meta, members
+
+
+def read_meta(path: str | Path) -> BundleMeta:
+    """A bundle's validated metadata alone (only fmct.json is read: no weights, no torch)."""
+    path = Path(path)
+    return _parse_meta(path, read_members(path, (META_FILE,)))
+
+
+def _parse_meta(path: Path, members: dict[str, bytes]) -> BundleMeta:
     if META_FILE not in members:
         raise BundleError(f"{path}: no {META_FILE}; this is not an fmct model bundle")
     try:
         raw = json.loads(members[META_FILE].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}/{META_FILE} is not valid JSON ({e})") from e
-    meta = BundleMeta.from_dict(raw)
-    if WEIGHTS_FILE not in members:
-        raise BundleError(f"{path}: {WEIGHTS_FILE} is missing")
-    return meta, members
+    return BundleMeta.from_dict(raw)
 
 
 def load_bundle(path: str | Path, load_onnx: bool = False, load_model: bool = True) -> Bundle:

@@ -8,13 +8,12 @@ talks to either through `logits(array)` and `device`, calibrates once with
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
-from fmct.bundle import META_FILE, ONNX_FILE, Bundle, default_bundle_path, has_member, load_bundle, read_members
+from fmct.bundle import ONNX_FILE, Bundle, default_bundle_path, has_member, load_bundle, read_meta
 from fmct.errors import ConfigError
 from fmct.runtime import autocast, cuda_may_be_present, parse_device, torch_device
 
@@ -94,11 +93,7 @@ def choose_backend(backend: str, bundle: str | Path | None, device: str, explain
     if importlib.util.find_spec("onnxruntime") is None:
         return "torch"
     path = Path(bundle) if bundle is not None else default_bundle_path()
-    raw = read_members(path, (META_FILE,)).get(META_FILE)
-    try:
-        vouched = raw is not None and isinstance(json.loads(raw.decode("utf-8")).get("onnx"), dict)
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        vouched = False  # loading the bundle says what is wrong with its fmct.json
+    vouched = isinstance(read_meta(path).onnx, dict)  # a broken fmct.json is refused here, as loading would
     return "onnx" if vouched and has_member(path, ONNX_FILE) else "torch"
 
 

@@ -3,7 +3,7 @@
 Mapping a saliency map from the 64^3 model grid back onto a CT's own grid is the one step whose
 cost grows with the CT rather than with the model. When the two grids' axes are parallel (every
 CT that is not oblique, whatever its axis order and flips), trilinear interpolation is a tensor
-product of 1-D interpolations, one per axis: first along the CT's slice axis on the model-sized
+product of 1-D interpolations, one per axis: first along the CT array's slice axis on the model-sized
 side, then each CT slice on its own as two small matrix products into one float plane, cast
 straight into the uint8 result. No float32 copy of the CT-sized map is ever made (one slice at a
 time), and the work is dense matrix products instead of ITK's per-voxel point transform and
@@ -83,7 +83,7 @@ def resample_parallel(array: np.ndarray, src: Any, dst: Any, levels: int | None 
     n_src = [src_np.shape[2 - q] for q in range(3)]
     if levels is not None:
         src_np = np.clip(src_np, 0.0, 1.0) * np.float32(levels)
-    # Along z on the model-sized side: [nz_dst, ny_src, nx_src], small.
+    # Along the destination's slice axis (its numpy axis 0) on the model-sized side: [n0_dst, n1_src, n2_src], small.
     slabs = np.tensordot(weight_matrix(coords[2], n_src[2]), src_np, axes=(1, 0))
     wy, wx_t = weight_matrix(coords[1], n_src[1]), np.ascontiguousarray(weight_matrix(coords[0], n_src[0]).T)
     # Then each CT slice on its own: two small matrix products into one float plane, cast into the result.
