@@ -299,7 +299,7 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             explain=method))
 
     def _start(self, startJob) -> None:
-        from fmct.errors import FMCTError
+        from fmct.conventions.errors import FMCTError
 
         try:
             self._job = startJob()
@@ -332,7 +332,7 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._finish(job)
 
     def _finish(self, job) -> None:
-        from fmct.errors import Cancelled, FMCTError
+        from fmct.conventions.errors import Cancelled, FMCTError
 
         try:
             result = self.logic.finishAnalysis(  # repaint between maps; no user input while loading

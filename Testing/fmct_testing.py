@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fmct.fixtures import oblique_direction, small_spec, tiny_bundle, tiny_meta  # noqa: F401  (one definition, shared with the Slicer self-tests)
-from fmct.volume import Volume
+from fmct.phantom.fixtures import oblique_direction, small_spec, tiny_bundle, tiny_meta  # noqa: F401  (one definition, shared with the Slicer self-tests)
+from fmct.reading.volume import Volume
 
 SMALL_SPEC = small_spec()
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fmct.analyze import Analyzer
-from fmct.runtime import torch_device
-from fmct.errors import Cancelled, ConfigError
-from fmct.explain import explain
-from fmct.runtime import EXPLAIN_METHODS as METHODS
-from fmct.bundle import load_bundle
+from fmct.inference.analyze import Analyzer
+from fmct.conventions.runtime import torch_device
+from fmct.conventions.errors import Cancelled, ConfigError
+from fmct.inference.explain import explain
+from fmct.conventions.runtime import EXPLAIN_METHODS as METHODS
+from fmct.inference.bundle import load_bundle
 from fmct_testing import ball_ct, oblique_direction, tiny_bundle
 
 
@@ -91,7 +91,7 @@ def test_encoder_only_bundle_is_refused_for_analysis(tmp_path):
 
 
 def test_primary_finding_is_the_clearest_decision_among_explained_or_positive():
-    from fmct.analyze import AnalysisResult, Finding
+    from fmct.inference.analyze import AnalysisResult, Finding
 
     findings = [Finding("a", "", 0.95, 0.90, True), Finding("b", "", 0.70, 0.30, True), Finding("c", "", 0.2, 0.5, False)]
     # Thresholds differ: b is further above its threshold (0.40) than a (0.05), so b is shown first.
@@ -106,7 +106,7 @@ def test_files_written_at_once_are_the_files_written_one_by_one(analyzer, tmp_pa
     write still leaves no findings.json (the folder reads as incomplete)."""
     import SimpleITK as sitk
 
-    from fmct.outputs import write_study_outputs
+    from fmct.inference.study_folder import write_study_outputs
 
     ct, _ = ball_ct()
     result = analyzer.analyze(ct, explain_method="attention", explain_findings="all")
@@ -122,16 +122,16 @@ def test_files_written_at_once_are_the_files_written_one_by_one(analyzer, tmp_pa
         np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
         assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
 
-    import fmct.outputs
+    import fmct.inference.study_folder
 
-    real = fmct.outputs._write_saliency
+    real = fmct.inference.study_folder._write_saliency
 
     def fail_on_one(saliency, path):
         if path.name.endswith(f"{next(iter(result.saliency))}.nii.gz"):
             raise OSError(28, "No space left on device")
         return real(saliency, path)
 
-    monkeypatch.setattr(fmct.outputs, "_write_saliency", fail_on_one)
+    monkeypatch.setattr(fmct.inference.study_folder, "_write_saliency", fail_on_one)
     with pytest.raises(OSError, match="No space"):
         write_study_outputs(tmp_path / "full", ct, result, "m", "cpu", threads=None)
     assert not (tmp_path / "full" / "findings.json").exists()

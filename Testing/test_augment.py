@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 
-from fmct.augment import KINDS, MAX_ANGLE_DEG, MAX_NECK_CUT_MM, MAX_SHIFT_MM, MAX_SLICE_MM, MAX_VERTEX_CUT_MM, random_variation
-from fmct.data import CachedVolumeDataset
-from fmct.manifests import load_manifest
+from fmct.data.rescan import KINDS, MAX_ANGLE_DEG, MAX_NECK_CUT_MM, MAX_SHIFT_MM, MAX_SLICE_MM, MAX_VERTEX_CUT_MM, random_variation
+from fmct.data.datasets import CachedVolumeDataset
+from fmct.data.manifests import load_manifest
 from fmct.phantom import make_phantom, write_phantom_set
-from fmct.preprocess import PreprocessSpec
-from fmct.volume import Volume
+from fmct.preprocessing.preprocessor import PreprocessSpec
+from fmct.reading.volume import Volume
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def test_finetune_dataset_rescans_deterministically_per_seed_epoch_index(tmp_pat
 
 def test_finetune_with_augmentation_makes_a_bundle(tmp_path):
     """`fmct finetune --augment P`: the flag reaches the recipe and is recorded in the bundle."""
-    from fmct.bundle import load_bundle
-    from fmct.errors import ConfigError
+    from fmct.inference.bundle import load_bundle
+    from fmct.conventions.errors import ConfigError
     from fmct.train.finetune import FinetuneConfig
 
     root = write_phantom_set(tmp_path / "set", 8, seed=3, slices="thick", in_plane_size=48)

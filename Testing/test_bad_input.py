@@ -22,9 +22,9 @@ import SimpleITK as sitk
 from fmct_testing import ball_ct, tiny_bundle
 
 from fmct.cli import main
-from fmct.dicom import write_dicom_series
-from fmct.io import write_volume
-from fmct.volume import Volume
+from fmct.reading.dicom import write_dicom_series
+from fmct.reading.files import write_volume
+from fmct.reading.volume import Volume
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -303,8 +303,8 @@ def bundle(tmp_path_factory):
 @pytest.fixture
 def no_model(monkeypatch):
     """Call it to make any model run from then on (torch or onnxruntime) fail the test."""
-    from fmct.onnx_backend import OnnxModel
-    from fmct.runners import TorchRunner
+    from fmct.inference.onnx_runner import OnnxModel
+    from fmct.inference.runners import TorchRunner
 
     def refuse(*a, **k):
         raise AssertionError("a model ran on bad input")
@@ -378,8 +378,8 @@ def test_padding_and_metal_are_analyzed(build, tmp_path, bundle, capfd):
 
 def test_padding_is_analyzed_as_air(tmp_path, bundle):
     """Padding of -3024 HU outside the field of view gives the model the same tensor as air there."""
-    from fmct.analyze import Analyzer
-    from fmct.io import read_volume
+    from fmct.inference.analyze import Analyzer
+    from fmct.reading.files import read_volume
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -468,9 +468,9 @@ def bad_crc_zip(d: Path) -> Path:
 
 def onnx_wrong_outputs(d: Path) -> Path:
     """A model.onnx of a 2-task model in a 3-task bundle whose record vouches for it."""
-    from fmct.bundle import load_bundle, save_bundle
-    from fmct.onnx_backend import sha256
-    from fmct.onnx_export import export_onnx
+    from fmct.inference.bundle import load_bundle, save_bundle
+    from fmct.inference.onnx_runner import sha256
+    from fmct.export.onnx import export_onnx
 
     two, _, _ = tiny_bundle(d / "two")
     export_onnx(two)
@@ -539,19 +539,19 @@ def test_bad_bundle_is_refused(case: Case, tmp_path, ct_file, no_model, capfd):
 
 def test_weights_checked_before_the_model_is_built(tmp_path, ct_file, monkeypatch, capfd):
     """A config far larger than its weights is refused from the safetensors header, before any allocation."""
-    import fmct.bundle
+    import fmct.inference.bundle
 
     path = edited_meta(lambda m: m["encoder"].update(embed_dim=8192, depth=48, num_heads=8))(tmp_path)
-    monkeypatch.setattr(fmct.bundle, "build_model", lambda meta: pytest.fail("the model was built before the check"))
+    monkeypatch.setattr(fmct.inference.bundle, "build_model", lambda meta: pytest.fail("the model was built before the check"))
     code, lines = run_cli(["analyze", ct_file, "--model", str(path), "--out", str(tmp_path / "o")], capfd)
     assert code == 2 and "does not fit the config" in lines[-1], lines
 
 
 def test_zip_reads_only_what_it_needs(tmp_path, monkeypatch):
     """Unrelated members are never inflated, model.onnx only for the ONNX path, and sizes are capped."""
-    import fmct.bundle
-    from fmct.bundle import load_bundle
-    from fmct.errors import BundleError
+    import fmct.inference.bundle
+    from fmct.inference.bundle import load_bundle
+    from fmct.conventions.errors import BundleError
 
     path, _, _ = tiny_bundle(tmp_path / "b")
     with zipfile.ZipFile(tmp_path / "b.zip", "w", zipfile.ZIP_DEFLATED) as zf:
@@ -564,15 +564,15 @@ def test_zip_reads_only_what_it_needs(tmp_path, monkeypatch):
     monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append(getattr(name, "filename", name)) or real_open(self, name, *a, **k))
     load_bundle(tmp_path / "b.zip")
     assert sorted(opened) == ["b/fmct.json", "b/model.safetensors"]
-    monkeypatch.setattr(fmct.bundle, "MAX_MEMBER_BYTES", {**fmct.bundle.MAX_MEMBER_BYTES, "model.safetensors": 1000})
+    monkeypatch.setattr(fmct.inference.bundle, "MAX_MEMBER_BYTES", {**fmct.inference.bundle.MAX_MEMBER_BYTES, "model.safetensors": 1000})
     with pytest.raises(BundleError, match="larger than"):
         load_bundle(tmp_path / "b.zip")
 
 
 def test_nan_probability_is_never_written(tmp_path):
-    from fmct.analyze import AnalysisResult, Finding
-    from fmct.errors import FMCTError
-    from fmct.outputs import write_study_outputs
+    from fmct.inference.analyze import AnalysisResult, Finding
+    from fmct.conventions.errors import FMCTError
+    from fmct.inference.study_folder import write_study_outputs
 
     result = AnalysisResult([Finding("bleed", "", float("nan"), 0.5, False)])
     with pytest.raises(FMCTError, match="not a finite probability"):
@@ -636,8 +636,8 @@ def _batch_studies(root: Path) -> Path:
 
 
 def test_batch_resume_redoes_studies_of_another_model_or_options(tmp_path):
-    from fmct.analyze import Analyzer
-    from fmct.batch import run_batch
+    from fmct.inference.analyze import Analyzer
+    from fmct.inference.batch import run_batch
 
     studies = _batch_studies(tmp_path / "in")
     first = Analyzer(tiny_bundle(tmp_path / "m1", seed=0)[0], device="cpu")
@@ -648,7 +648,7 @@ def test_batch_resume_redoes_studies_of_another_model_or_options(tmp_path):
     again = run_batch(second, studies, out, explain_method=None, num_workers=0)
     assert again.counts == {"ok": 2, "error": 0, "skipped": 0}
     p = json.loads((out / "a" / "findings.json").read_text())["findings"][0]["probability"]
-    expected = second.analyze(__import__("fmct.io", fromlist=["read_volume"]).read_volume(studies / "a.nii.gz"),
+    expected = second.analyze(__import__("fmct.reading.files", fromlist=["read_volume"]).read_volume(studies / "a.nii.gz"),
                               explain_method=None).findings[0].probability
     assert abs(p - expected) < 1e-5  # the new model's numbers under the new model's name, not the old ones
     with_ct = run_batch(second, studies, out, explain_method=None, num_workers=0, save_ct=True)
@@ -660,8 +660,8 @@ def test_second_batch_process_skips_the_study_the_first_is_doing(tmp_path):
     import fcntl
     import threading
 
-    from fmct.analyze import Analyzer
-    from fmct.batch import LOCK_DIR, run_batch
+    from fmct.inference.analyze import Analyzer
+    from fmct.inference.batch import LOCK_DIR, run_batch
 
     studies = _batch_studies(tmp_path / "in")
     analyzer = Analyzer(tiny_bundle(tmp_path / "m")[0], device="cpu")
@@ -683,7 +683,7 @@ def test_second_batch_process_skips_the_study_the_first_is_doing(tmp_path):
 @pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])
 def test_atomic_writes_get_the_umask_mode(tmp_path, umask, file_mode, dir_mode):
-    from fmct.atomic import write_bytes_atomic
+    from fmct.conventions.atomic import write_bytes_atomic
 
     old = os.umask(umask)
     try:
@@ -698,8 +698,8 @@ def test_atomic_writes_get_the_umask_mode(tmp_path, umask, file_mode, dir_mode):
 
 # ------------------------------------------------------------------------------------- ONNX parity on demand (item 9)
 def test_export_check_reproves_onnx_parity(tmp_path, capfd):
-    from fmct.onnx_backend import sha256
-    from fmct.onnx_export import export_onnx
+    from fmct.inference.onnx_runner import sha256
+    from fmct.export.onnx import export_onnx
 
     good, _, _ = tiny_bundle(tmp_path / "good")
     assert main(["export", str(good), "--onnx", "--check"]) == 0
@@ -715,7 +715,7 @@ def test_export_check_reproves_onnx_parity(tmp_path, capfd):
 
 # ------------------------------------------------------------------------------------- reading large CTs (item 14)
 def test_int16_ct_is_read_as_int16_without_a_copy(tmp_path):
-    from fmct.io import read_volume
+    from fmct.reading.files import read_volume
 
     ct = small_ct()
     ct.array = ct.array.astype(np.int16)
@@ -731,14 +731,14 @@ def test_int16_ct_is_read_as_int16_without_a_copy(tmp_path):
 
 def test_memory_guard_comes_from_the_header(tmp_path, monkeypatch):
     """The refusal names the size and the variable, and happens before the pixels are read."""
-    import fmct.io
-    from fmct.errors import VolumeTooLargeError
+    import fmct.reading.files
+    from fmct.conventions.errors import VolumeTooLargeError
 
     path = good_ct(tmp_path)
     monkeypatch.setenv("FMCT_MAX_MEMORY_GB", "0.0001")
-    monkeypatch.setattr(fmct.io, "_read_sitk", lambda *a: pytest.fail("pixels read before the memory check"))
+    monkeypatch.setattr(fmct.reading.files, "_read_sitk", lambda *a: pytest.fail("pixels read before the memory check"))
     with pytest.raises(VolumeTooLargeError, match=r"64 x 64 x 16 voxels .* FMCT_MAX_MEMORY_GB"):
-        fmct.io.read_volume(path)
+        fmct.reading.files.read_volume(path)
 
 
 # ------------------------------------------------------------------------------------- training runs (items 12, 13, 17)
@@ -775,7 +775,7 @@ def ssl_data():
 @pytest.fixture
 def one_step_run(tmp_path, ssl_data):
     """A pretraining run cancelled after its first step (checkpoint at step 1)."""
-    from fmct.errors import Cancelled
+    from fmct.conventions.errors import Cancelled
     from fmct.train.pretrain import pretrain
 
     with pytest.raises(Cancelled):
@@ -795,7 +795,7 @@ def _after(n):
     ({"dino.teacher_temp": 0.05}, "dino.teacher_temp"),
 ], ids=["seed", "architecture", "crops", "loss"])
 def test_resume_refuses_a_changed_run(one_step_run, ssl_data, changes, fields):
-    from fmct.errors import ResumeMismatchError
+    from fmct.conventions.errors import ResumeMismatchError
     from fmct.train.pretrain import pretrain
 
     before = (one_step_run / "config.json").read_text()
@@ -813,7 +813,7 @@ def test_resume_may_change_harmless_settings(one_step_run, ssl_data):
 
 
 def test_resume_from_a_damaged_checkpoint_of_the_same_size(one_step_run, ssl_data):
-    from fmct.errors import ConfigError
+    from fmct.conventions.errors import ConfigError
     from fmct.train.pretrain import pretrain
 
     ckpt = next((one_step_run / "checkpoints").glob("ckpt-*.safetensors"))

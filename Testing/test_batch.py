@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmct.analyze import Analyzer
-from fmct.batch import Rank, discover_studies, rank_from_env, run_batch
+from fmct.inference.analyze import Analyzer
+from fmct.inference.batch import Rank, discover_studies, rank_from_env, run_batch
 from fmct.cli import main
-from fmct.dicom import write_dicom_series
-from fmct.errors import ConfigError
-from fmct.io import read_volume, write_volume
+from fmct.reading.dicom import write_dicom_series
+from fmct.conventions.errors import ConfigError
+from fmct.reading.files import read_volume, write_volume
 from fmct_testing import ball_ct, tiny_bundle
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fmct.bundle import load_bundle
-from fmct.errors import BundleError
+from fmct.inference.bundle import load_bundle
+from fmct.conventions.errors import BundleError
 from fmct_testing import tiny_bundle
 
 
@@ -129,7 +129,7 @@ def test_loading_a_bundle_does_not_import_the_compiler(tmp_path):
     import sys
 
     path, _, _ = tiny_bundle(tmp_path / "b")
-    code = ("import sys; from fmct.bundle import load_bundle; b = load_bundle(sys.argv[1]); "
+    code = ("import sys; from fmct.inference.bundle import load_bundle; b = load_bundle(sys.argv[1]); "
             "assert b.model is not None; print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

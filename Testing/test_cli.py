@@ -8,9 +8,9 @@ import pytest
 import SimpleITK as sitk
 
 from fmct.cli import main
-from fmct.dicom import write_dicom_series
-from fmct.io import read_volume, write_volume
-from fmct.volume import Volume
+from fmct.reading.dicom import write_dicom_series
+from fmct.reading.files import read_volume, write_volume
+from fmct.reading.volume import Volume
 from fmct_testing import ball_ct, oblique_direction, tiny_bundle
 
 

@@ -2,7 +2,7 @@
 phantom -> pretrain (self-supervised, on the CTs as a manifest) -> finetune from that encoder -> evaluate."""
 import json
 
-from fmct.bundle import load_bundle
+from fmct.inference.bundle import load_bundle
 from fmct.cli import main
 
 PRETRAIN_YAML = """

@@ -1,4 +1,4 @@
-"""fmct.manifests and fmct.data: manifests from folder, CSV, RSNA ICH and CQ500 layouts built from generated DICOMs,
+"""fmct.data.manifests and fmct.data.datasets: manifests from folder, CSV, RSNA ICH and CQ500 layouts built from generated DICOMs,
 and the on-disk cache of preprocessed volumes (hits, misses, unreadable studies)."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import fmct.data as data
-import fmct.manifests as manifests
-from fmct.data import CachedVolumeDataset, collate_skip_none
-from fmct.manifests import (
+import fmct.data.datasets as data
+import fmct.data.manifests as manifests
+from fmct.data.datasets import CachedVolumeDataset, collate_skip_none
+from fmct.data.manifests import (
     Study,
     load_manifest,
     majority,
@@ -26,12 +26,12 @@ from fmct.manifests import (
     manifest_from_rsna,
     write_manifest_csv,
 )
-from fmct.dicom import new_uid, write_dicom_series
-from fmct.errors import ConfigError
-from fmct.io import write_volume
+from fmct.reading.dicom import new_uid, write_dicom_series
+from fmct.conventions.errors import ConfigError
+from fmct.reading.files import write_volume
 from fmct.phantom import write_phantom_set
-from fmct.tasks import TASKS
-from fmct.preprocess import PreprocessSpec, Window
+from fmct.conventions.tasks import TASKS
+from fmct.preprocessing.preprocessor import PreprocessSpec, Window
 from fmct_testing import ball_ct
 
 PATIENT_NAME = "DOE^JANE"

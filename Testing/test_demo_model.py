@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from fmct.analyze import Analyzer
-from fmct.bundle import default_bundle_path
+from fmct.inference.analyze import Analyzer
+from fmct.inference.bundle import default_bundle_path
 from fmct.cli import main
-from fmct.evaluate import auroc, pointing_game, saliency_in_mask
-from fmct.onnx_backend import TOLERANCE
-from fmct.onnx_export import check_onnx_parity
+from fmct.features.metrics import auroc, pointing_game, saliency_in_mask
+from fmct.inference.onnx_runner import TOLERANCE
+from fmct.export.onnx import check_onnx_parity
 from fmct.phantom import make_phantom
 
 FRESH_SEED = 9_000_000
@@ -86,10 +86,10 @@ def test_demo_command_writes_everything(tmp_path, capsys):
 
 def test_recipe_fine_tunes_a_pretrained_encoder_and_records_it(tmp_path):
     """The demo recipe from a task-less encoder bundle (what `fmct pretrain` writes); lr 0 keeps its weights."""
-    from fmct.bundle import BundleMeta, load_bundle, save_bundle
-    from fmct.errors import ConfigError
+    from fmct.inference.bundle import BundleMeta, load_bundle, save_bundle
+    from fmct.conventions.errors import ConfigError
     from fmct.models import FMCTClassifier, preset
-    from fmct.preprocess import PreprocessSpec
+    from fmct.preprocessing.preprocessor import PreprocessSpec
     from fmct.train import demo_model
 
     spec = PreprocessSpec()
@@ -134,8 +134,8 @@ def test_recipe_resumes_from_its_kept_splits_and_checkpoints(tmp_path, caplog):
     """Hours on a CPU: a second run with the same --resume folder makes no phantom and trains no step again."""
     import logging
 
-    from fmct.bundle import load_bundle
-    from fmct.errors import ConfigError
+    from fmct.inference.bundle import load_bundle
+    from fmct.conventions.errors import ConfigError
     from fmct.train import demo_model
 
     work = tmp_path / "work"
@@ -164,10 +164,10 @@ def test_recipe_continues_an_earlier_demo_model_and_records_it(tmp_path):
     other tasks, or --init with --encoder, is refused before any phantom is made."""
     from dataclasses import replace
 
-    from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle
-    from fmct.errors import ConfigError
+    from fmct.inference.bundle import BundleMeta, Task, load_bundle, save_bundle
+    from fmct.conventions.errors import ConfigError
     from fmct.models import FMCTClassifier, preset
-    from fmct.preprocess import PreprocessSpec
+    from fmct.preprocessing.preprocessor import PreprocessSpec
     from fmct.train import demo_model
 
     spec = PreprocessSpec()

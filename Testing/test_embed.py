@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fmct.cli import main
-from fmct.embed import load_encoder, read_features
-from fmct.fixtures import tiny_bundle
+from fmct.features.embed import load_encoder, read_features
+from fmct.phantom.fixtures import tiny_bundle
 from fmct.models.config import ViT3DConfig
 from fmct.models.vit3d import ViT3D
 from fmct.phantom import write_phantom_set
@@ -37,9 +37,9 @@ def test_embed_writes_one_row_per_study_resumes_and_probes(studies, capsys):
     assert "any_hemorrhage" in feats["tasks"] and feats["labels"].shape == (8, len(feats["tasks"]))
 
     # the row is the encoder's own output for that study, through the bundle's preprocessing
-    from fmct.data import read_study
-    from fmct.manifests import load_manifest
-    from fmct.preprocess import Preprocessor
+    from fmct.data.datasets import read_study
+    from fmct.data.manifests import load_manifest
+    from fmct.preprocessing.preprocessor import Preprocessor
 
     study = next(s for s in load_manifest(folder) if s.study_id == feats["study_id"][3])
     x = Preprocessor(encoder.preprocessing)(read_study(study)).tensor
@@ -70,7 +70,7 @@ def test_embed_writes_one_row_per_study_resumes_and_probes(studies, capsys):
 
 
 def test_probe_separates_separable_features(tmp_path):
-    from fmct.probe import probe
+    from fmct.features.probe import probe
 
     rng = np.random.default_rng(0)
     y = np.array([0, 1] * 20)

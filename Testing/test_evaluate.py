@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from fmct.evaluate import (auprc, auroc, auroc_ci, evaluation_report, expected_calibration_error, format_table,
+from fmct.features.metrics import (auprc, auroc, auroc_ci, evaluation_report, expected_calibration_error, format_table,
                            plot_roc, pointing_game, saliency_in_mask, sensitivity_specificity)
 
 

@@ -1,4 +1,4 @@
-"""Shared explanations (fmct.explain.explain_findings) against the per-finding reference (Captum).
+"""Shared explanations (fmct.inference.explain.explain_findings) against the per-finding reference (Captum).
 
 A tiny random-weights model on the 32^3 test grid: the shared computation must give the same maps
 as explaining each finding on its own, report progress, and stop when cancelled, between findings
@@ -11,13 +11,13 @@ import pytest
 import torch
 from fmct_testing import ball_ct, tiny_bundle
 
-from fmct.errors import Cancelled
-from fmct.explain import explain, explain_captum, explain_findings, gauss_legendre
+from fmct.conventions.errors import Cancelled
+from fmct.inference.explain import explain, explain_captum, explain_findings, gauss_legendre
 
 
 @pytest.fixture(scope="module")
 def model_and_input(tmp_path_factory):
-    from fmct.preprocess import Preprocessor
+    from fmct.preprocessing.preprocessor import Preprocessor
 
     torch.set_num_threads(2)
     _, model, meta = tiny_bundle(tmp_path_factory.mktemp("b") / "bundle", tasks=["bleed", "fracture", "mass"])
@@ -41,7 +41,7 @@ def test_shared_maps_equal_the_per_finding_reference(model_and_input, method):
 
 def test_token_space_path_equals_the_input_space_path(model_and_input, monkeypatch):
     """The exact shortcut through the linear patch embedding changes nothing but the cost."""
-    import fmct.explain as ex
+    import fmct.inference.explain as ex
 
     model, x = model_and_input
     fast = explain_findings(model, x, [0, 1], ig_steps=4)

@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from fmct.analyze import Analyzer
-from fmct.bundle import load_bundle
-from fmct.manifests import Study
-from fmct.errors import ConfigError
-from fmct.io import read_volume
+from fmct.inference.analyze import Analyzer
+from fmct.inference.bundle import load_bundle
+from fmct.data.manifests import Study
+from fmct.conventions.errors import ConfigError
+from fmct.reading.files import read_volume
 from fmct.models import FMCTClassifier
 from fmct.phantom import write_phantom_set
 from fmct.train.finetune import FinetuneConfig, few_label_subset, finetune, layer_decay_groups
@@ -85,7 +85,7 @@ def test_bad_config_is_refused(tmp_path):
 
 def test_evaluate_bundle_in_and_out_of_distribution(tmp_path, phantoms):
     from fmct.train.evaluate_bundle import evaluate_bundle
-    from fmct.bundle import default_bundle_path
+    from fmct.inference.bundle import default_bundle_path
 
     ood = tmp_path / "ood"
     write_phantom_set(ood, 6, seed=4, slices="thin", in_plane_size=64, anatomy="ood")
@@ -101,7 +101,7 @@ def test_evaluate_bundle_in_and_out_of_distribution(tmp_path, phantoms):
 
 
 def test_a_cancelled_finetune_resumes_from_its_checkpoints_to_the_same_bundle(tmp_path, phantoms):
-    from fmct.errors import Cancelled
+    from fmct.conventions.errors import Cancelled
 
     encoder, _, _ = tiny_bundle(tmp_path / "encoder", tasks=())             # 2 blocks, small grid: fast
 

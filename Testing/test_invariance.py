@@ -9,12 +9,12 @@ from itertools import permutations, product
 import numpy as np
 import pytest
 
-from fmct.analyze import Analyzer
-from fmct.bundle import default_bundle_path
-from fmct.dicom import write_dicom_series
-from fmct.io import read_volume, write_volume
+from fmct.inference.analyze import Analyzer
+from fmct.inference.bundle import default_bundle_path
+from fmct.reading.dicom import write_dicom_series
+from fmct.reading.files import read_volume, write_volume
 from fmct.phantom import make_phantom
-from fmct.volume import Volume
+from fmct.reading.volume import Volume
 
 STORAGES = [(axes, signs) for axes in permutations(range(3)) for signs in product((1, -1), repeat=3)]
 

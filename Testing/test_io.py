@@ -1,4 +1,4 @@
-"""fmct.io / fmct.dicom on real files written to tmp_path: DICOM series as scanners write them,
+"""fmct.reading.files / fmct.reading.dicom on real files written to tmp_path: DICOM series as scanners write them,
 NIfTI/NRRD/MHA, and every refusal with its specific error."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fmct.dicom import list_series, new_uid, read_dicom_files, read_header, write_dicom_series
-from fmct.errors import (
+from fmct.reading.dicom import list_series, new_uid, read_dicom_files, read_header, write_dicom_series
+from fmct.conventions.errors import (
     AbsurdSpacingError,
     EmptyInputError,
     GantryTiltError,
@@ -23,9 +23,9 @@ from fmct.errors import (
     NotVolumeError,
     UnreadableInputError,
 )
-from fmct.io import read_volume, write_volume
-from fmct.volume import validate_ct
-from fmct.volume import Volume
+from fmct.reading.files import read_volume, write_volume
+from fmct.reading.volume import validate_ct
+from fmct.reading.volume import Volume
 
 PATIENT_NAME = "DOE^JOHNATHAN"
 PATIENT_ID = "PID-8675309"
@@ -133,7 +133,7 @@ def test_multi_series_folder_picks_axial_soft_tissue_and_says_why(tmp_path, capl
     assert series[uids["scout"]].is_localizer and not series[uids["coronal"]].is_axial
     assert series[uids["soft"]].is_axial and series[uids["soft"]].n_files == 24
 
-    with caplog.at_level(logging.INFO, logger="fmct.io"):
+    with caplog.at_level(logging.INFO, logger="fmct.reading.files"):
         got = read_volume(tmp_path)
     assert got.meta["series_uid"] == uids["soft"] and got.meta["series_description"] == "Head soft tissue"
     choice = got.meta["series_choice"]
@@ -277,7 +277,7 @@ def test_gantry_tilt_is_resampled_so_a_marker_lands_where_it_is(tmp_path, caplog
     naive_position = (ct.index_to_physical @ [*marker_ijk, 1])[:3]
     assert np.linalg.norm(true_position - naive_position) > 20  # what an uncorrected reader would get
 
-    with caplog.at_level(logging.INFO, logger="fmct.io"):
+    with caplog.at_level(logging.INFO, logger="fmct.reading.files"):
         got = read_volume(tmp_path)
     assert got.meta["gantry_tilt_deg"] == pytest.approx(tilt, abs=0.05)
     assert "Gantry tilt of 15.0 degrees" in caplog.text

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fmct.errors import ConfigError
+from fmct.conventions.errors import ConfigError
 from fmct.models import PRESETS, FMCTClassifier, ViT3D, ViT3DConfig, preset
 
 CFG = ViT3DConfig(img_size=(32, 32, 32), patch_size=(8, 8, 8), embed_dim=48, depth=2, num_heads=2)

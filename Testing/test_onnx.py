@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from fmct.analyze import Analyzer
-from fmct.batch import run_batch
-from fmct.bundle import load_bundle, save_bundle
+from fmct.inference.analyze import Analyzer
+from fmct.inference.batch import run_batch
+from fmct.inference.bundle import load_bundle, save_bundle
 from fmct.cli import main
-from fmct.errors import BundleError, ConfigError
-from fmct.io import write_volume
-from fmct.onnx_backend import TOLERANCE
-from fmct.runners import calibrated_probabilities, choose_backend
-from fmct.runtime import cuda_may_be_present
+from fmct.conventions.errors import BundleError, ConfigError
+from fmct.reading.files import write_volume
+from fmct.inference.onnx_runner import TOLERANCE
+from fmct.inference.runners import calibrated_probabilities, choose_backend
+from fmct.conventions.runtime import cuda_may_be_present
 from fmct_testing import ball_ct, tiny_bundle
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,7 +167,7 @@ def test_unchecked_or_missing_onnx_is_refused(bundle_copy, tmp_path):
 
 
 def test_parity_failure_refuses_the_export(tmp_path, monkeypatch):
-    import fmct.onnx_export as ox
+    import fmct.export.onnx as ox
 
     path, model, _ = tiny_bundle(tmp_path / "b")
     before = (path / "fmct.json").read_text()

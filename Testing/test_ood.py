@@ -5,15 +5,15 @@ import shutil
 import numpy as np
 import pytest
 
-from fmct.analyze import Analyzer
-from fmct.bundle import OOD_FILE, default_bundle_path
+from fmct.inference.analyze import Analyzer
+from fmct.inference.bundle import OOD_FILE, default_bundle_path
 from fmct.cli import main
-from fmct.errors import BundleError
-from fmct.io import write_volume
-from fmct.ood import MIN_HEAD_EXTENT_MM, ReferenceStats, fit_reference
+from fmct.conventions.errors import BundleError
+from fmct.reading.files import write_volume
+from fmct.inference.ood import MIN_HEAD_EXTENT_MM, ReferenceStats, fit_reference
 from fmct.phantom import make_phantom
 from fmct.phantom.variations import contrast_enhanced, scaled, vertex_only
-from fmct.volume import Volume
+from fmct.reading.volume import Volume
 
 
 def test_threshold_keeps_the_calibrated_share_and_flags_a_shifted_population():
@@ -116,7 +116,7 @@ def test_onnx_backend_gives_the_same_out_of_distribution_score(tmp_path):
 def test_batch_summary_says_which_studies_are_out_of_distribution(tmp_path):
     import csv
 
-    from fmct.batch import run_batch
+    from fmct.inference.batch import run_batch
 
     studies = tmp_path / "studies"
     head = make_phantom(3_000_000, slices="thick", in_plane_size=128).volume

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fmct.errors import ConfigError
+from fmct.conventions.errors import ConfigError
 from fmct.phantom import ANATOMY_PRESETS, make_phantom, write_phantom_set
-from fmct.tasks import HEMORRHAGE_TYPES, TASKS
+from fmct.conventions.tasks import HEMORRHAGE_TYPES, TASKS
 
 SIZE = 128
 LESIONS = ("intraparenchymal", "intraventricular", "subarachnoid", "subdural", "epidural", "fracture")

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from fmct.errors import ConfigError
-from fmct.preprocess import Preprocessor, PreprocessSpec, Window, orientation_direction
+from fmct.conventions.errors import ConfigError
+from fmct.preprocessing.preprocessor import Preprocessor, PreprocessSpec, Window, orientation_direction
 from fmct_testing import ball_ct, oblique_direction
 
 SPEC = PreprocessSpec(spacing_mm=(3.0, 3.0, 3.0), size=(64, 64, 64))
@@ -107,7 +107,7 @@ def test_padding_below_air_counts_as_air():
 
 def test_map_back_as_uint8_is_the_float_map_rounded():
     """levels=255 (what the Analyzer keeps and writes) equals quantising the float map, voxel for voxel."""
-    from fmct.outputs import quantize_saliency
+    from fmct.inference.study_folder import quantize_saliency
 
     ct, _ = ball_ct(shape_zyx=(37, 101, 90), spacing=(0.9, 1.3, 4.5), direction=oblique_direction(12.0))
     pre = Preprocessor(SPEC)
@@ -134,8 +134,8 @@ _STORAGES = {
 def test_separable_map_back_is_itks_resampling(name, levels):
     """The three-pass map back gives ITK's linear resampling (0 outside, edges clamped) on any
     non-oblique storage, to within float rounding: at most one grey level on a few voxels."""
-    from fmct.preprocess import itk_resample
-    from fmct.separable import resample_parallel
+    from fmct.preprocessing.preprocessor import itk_resample
+    from fmct.preprocessing.separable import resample_parallel
 
     # A CT larger than the model grid on one axis and smaller on another: both edges are exercised.
     ct, _ = ball_ct(shape_zyx=(33, 150, 71), spacing=(1.7, 1.4, 4.6), direction=_STORAGES[name], origin=(-60.0, -110.0, -75.0))
@@ -157,8 +157,8 @@ def test_separable_map_back_is_itks_resampling(name, levels):
 
 
 def test_oblique_grids_are_left_to_itk():
-    from fmct.preprocess import itk_resample
-    from fmct.separable import resample_parallel
+    from fmct.preprocessing.preprocessor import itk_resample
+    from fmct.preprocessing.separable import resample_parallel
 
     ct, _ = ball_ct(direction=oblique_direction(12.0))
     pre = Preprocessor(SPEC)

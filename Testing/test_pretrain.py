@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmct.errors import ConfigError
+from fmct.conventions.errors import ConfigError
 from fmct.train import checkpoint as ckpt
 from fmct.train.pretrain import make_phantom_tensors
 
@@ -144,7 +144,7 @@ def test_sigkill_resume_gives_the_same_losses(tmp_path, data_file):
     np.testing.assert_allclose([resumed[s] for s in steps], [expected[s] for s in steps], rtol=1e-6)
 
     # the run's outputs: resolved config with seed, and a task-less bundle of encoder.* weights
-    from fmct.bundle import load_bundle
+    from fmct.inference.bundle import load_bundle
 
     config_record = json.loads((killed_run / "config.json").read_text())
     assert config_record["seed"] == 3 and config_record["encoder_resolved"]["embed_dim"] == 48
@@ -169,7 +169,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, data_file):
 
 def test_in_process_progress_and_cancel(tmp_path):
     """pretrain() as a library: progress callback, cancel -> checkpoint + Cancelled, then resume to the end."""
-    from fmct.errors import Cancelled
+    from fmct.conventions.errors import Cancelled
     from fmct.ssl.config import SSLConfig
     from fmct.train.pretrain import TensorVolumes, pretrain
 

@@ -2,9 +2,9 @@
 import matplotlib.image as mpimg
 import numpy as np
 
-from fmct.analyze import AnalysisResult, Finding
-from fmct.report import radiological_view, write_report
-from fmct.volume import Volume
+from fmct.inference.analyze import AnalysisResult, Finding
+from fmct.inference.report_png import radiological_view, write_report
+from fmct.reading.volume import Volume
 from test_invariance import stored
 
 

@@ -21,7 +21,7 @@ from slicer_testing import REPO, headless_slicer  # noqa: E402
 from FMCTLib import outputs, selftest  # noqa: E402
 from FMCTLib.logic import EXPLAIN_METHODS, FMCTLogic, engineDevice  # noqa: E402
 from FMCTLib.process import processGroupAlive  # noqa: E402
-from fmct.errors import BundleError, Cancelled, ConfigError, InputVolumeError  # noqa: E402
+from fmct.conventions.errors import BundleError, Cancelled, ConfigError, InputVolumeError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -334,8 +334,8 @@ def test_saliency_to_segmentation(app, ph, bundle, tmp_path):
 # -- module wiring ----------------------------------------------------------------------------------
 
 def test_module_choices_match_the_engine():
-    from fmct.outputs import SALIENCY_MAX
-    from fmct.runtime import EXPLAIN_METHODS as METHODS
+    from fmct.inference.study_folder import SALIENCY_MAX
+    from fmct.conventions.runtime import EXPLAIN_METHODS as METHODS
 
     assert EXPLAIN_METHODS == (*METHODS, "none")
     assert outputs.SALIENCY_MAX == SALIENCY_MAX
@@ -356,7 +356,7 @@ def test_sample_data_synthetic_head_ct_is_analyzable(app, tmp_path):
     ct = logic.loadSyntheticHeadCT(app.scene, tmp_path, inPlaneSize=128)
     assert ct.GetName() == "FMCT synthetic head CT" and ct.GetStorageNode() is not None
     volume = selftest.geometry.volumeFromNode(ct)
-    from fmct.volume import validate_ct
+    from fmct.reading.volume import validate_ct
 
     validate_ct(volume, "sample")
     assert volume.array.min() <= -900 and volume.array.max() >= 40

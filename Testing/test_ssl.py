@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmct.errors import ConfigError
+from fmct.conventions.errors import ConfigError
 from fmct.ssl.augment import MultiCropAugmentation, collate_crops, sample_generator
 from fmct.ssl.config import CropSection, SSLConfig
 from fmct.ssl.ema import cosine, teacher_momentum, teacher_temperature, update_teacher

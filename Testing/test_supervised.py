@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fmct.errors import Cancelled, ConfigError
+from fmct.conventions.errors import Cancelled, ConfigError
 from fmct.models import FMCTClassifier, preset
 from fmct.train.supervised import SupervisedConfig, positive_weights, tensor_batches, train_classifier
 

@@ -25,9 +25,9 @@ TARGET_S = {"cpu": 5.0, "cuda": 1.0}  # the issue's targets, for the 5 mm CT
 
 
 def analyze_once(analyzer, folder: Path, out: Path, device: str, write: bool) -> dict[str, float]:
-    from fmct.io import read_volume
-    from fmct.outputs import write_study_outputs
-    from fmct.report import write_report
+    from fmct.reading.files import read_volume
+    from fmct.inference.study_folder import write_study_outputs
+    from fmct.inference.report_png import write_report
 
     t = {}
     t0 = time.perf_counter()
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     threads = set_threads(args.threads)
-    from fmct.analyze import Analyzer
+    from fmct.inference.analyze import Analyzer
 
     work = Path(args.work)
     bundle = demo_bundle(work)

@@ -2,7 +2,7 @@
 
 --n copies (hard links) of the 5 mm DICOM study (512x512x40) are analyzed with Integrated Gradients
 for each positive finding, writing findings.json and saliency NIfTIs (no report.png, the batch
-default). fmct.batch.run_batch decodes in DataLoader workers and writes in threads; the baseline in
+default). fmct.inference.batch.run_batch decodes in DataLoader workers and writes in threads; the baseline in
 the same run is the plain loop a script would write (read -> Analyzer.analyze -> write, one study
 after another, same process, same model). Ratio = batch studies/h / loop studies/h.
 "model busy" is the share of wall time the main loop spends in predict + explain (on a GPU: the
@@ -35,10 +35,10 @@ def base_bundle(work: Path) -> Path:
     """A random ViT-B/16 on 128^3 at 1.5 mm: what a GPU-bound model looks like (pretraining target size)."""
     import torch
 
-    from fmct.bundle import BundleMeta, Task, save_bundle
+    from fmct.inference.bundle import BundleMeta, Task, save_bundle
     from fmct.models import FMCTClassifier, preset
-    from fmct.tasks import TASKS
-    from fmct.preprocess import PreprocessSpec
+    from fmct.conventions.tasks import TASKS
+    from fmct.preprocessing.preprocessor import PreprocessSpec
 
     target = work / "bundle_base"
     if target.exists():
@@ -71,8 +71,8 @@ def make_studies(work: Path, n: int) -> Path:
 
 def sequential(analyzer, root: Path, out: Path, n: int) -> float:
     """The baseline: one study after another in this process; returns wall seconds for n studies."""
-    from fmct.io import read_volume
-    from fmct.outputs import write_study_outputs
+    from fmct.reading.files import read_volume
+    from fmct.inference.study_folder import write_study_outputs
 
     studies = sorted(p for p in root.iterdir() if p.is_dir())[:n]
     t0 = time.perf_counter()
@@ -87,9 +87,9 @@ def cpu_arms(args, work: Path, root: Path) -> dict:
     """Studies/h of run_batch on CPU per (explain, decoding workers, SimpleITK threads), interleaved."""
     import SimpleITK as sitk
 
-    from fmct.analyze import Analyzer
-    from fmct.batch import run_batch
-    from fmct.io import read_volume
+    from fmct.inference.analyze import Analyzer
+    from fmct.inference.batch import run_batch
+    from fmct.reading.files import read_volume
 
     analyzer = Analyzer(demo_bundle(work), device="cpu")
     analyzer.analyze(read_volume(root / "study_0000"))  # warm-up
@@ -145,9 +145,9 @@ def main() -> None:
     import logging
 
     logging.getLogger("fmct").setLevel(logging.WARNING)
-    from fmct.analyze import Analyzer
-    from fmct.batch import run_batch
-    from fmct.io import read_volume
+    from fmct.inference.analyze import Analyzer
+    from fmct.inference.batch import run_batch
+    from fmct.reading.files import read_volume
 
     work = Path(args.work)
     root = make_studies(work, args.n)

@@ -28,9 +28,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     threads = set_threads(args.threads)
-    from fmct.analyze import Analyzer
-    from fmct.io import read_volume
-    from fmct.onnx_export import export_onnx
+    from fmct.inference.analyze import Analyzer
+    from fmct.reading.files import read_volume
+    from fmct.export.onnx import export_onnx
 
     work = Path(args.work)
     bundle = demo_bundle(work)

@@ -5,7 +5,7 @@ recipe's test-split seeds, "default" anatomy, thick and thin) against: the "ood"
 contrast-enhanced heads, heads at 0.7 and 0.5 of adult size, and scans holding only the vertex.
 Reported: AUROC of the score (1 = perfect separation), the share flagged at the bundle's
 threshold (the calibrated rate for in-distribution CTs is 1 - 0.975), and the share flagged by the
-verdict `analyze` reports (the score, or a head under fmct.ood.MIN_HEAD_EXTENT_MM bottom to top).
+verdict `analyze` reports (the score, or a head under fmct.inference.ood.MIN_HEAD_EXTENT_MM bottom to top).
 
     python benchmarks/bench_ood.py --n 60 --json benchmarks/results/ood.json
 """
@@ -25,8 +25,8 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    from fmct.analyze import Analyzer
-    from fmct.evaluate import auroc
+    from fmct.inference.analyze import Analyzer
+    from fmct.features.metrics import auroc
     from fmct.phantom import make_phantom
     from fmct.phantom.variations import contrast_enhanced, scaled, vertex_only
 

@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "fmct_bench"))
     args = ap.parse_args()
     threads = set_threads(args.threads)
-    from fmct.preprocess import Preprocessor, PreprocessSpec
+    from fmct.preprocessing.preprocessor import Preprocessor, PreprocessSpec
 
     spec = PreprocessSpec()
     fmct_pre, monai_pre = Preprocessor(spec), monai_pipeline(spec)

@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    from fmct.analyze import Analyzer
+    from fmct.inference.analyze import Analyzer
     from fmct.phantom import make_phantom
 
     models = [Model(Analyzer(path, device="cpu"), path) for path in args.model]

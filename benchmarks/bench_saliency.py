@@ -4,7 +4,7 @@ quality: the RESULTS.md saliency benchmark (fmct.train.demo_model.measure_salien
   fresh phantoms, n per hemorrhage type (256 in-plane, thick and thin slices alternating), the map
   of the true finding mapped back onto the CT grid, with the demo model. Old = Captum's
   IntegratedGradients, 16 Gauss-Legendre steps, one finding at a time (how every map was made
-  before); new = fmct.explain.explain_findings at each --steps. All arms on the same phantoms.
+  before); new = fmct.inference.explain.explain_findings at each --steps. All arms on the same phantoms.
   Enrichment = share of the map in the lesion / the lesion's share of the head (1 = chance);
   pointing game = the map's maximum within 5 mm of the lesion.
 cost: on the 5 mm 512x512x40 CT of benchmarks/common.py (--ct thin: 512x512x300), warm, in one process: analyze + write the
@@ -33,11 +33,11 @@ SEED_BASE = 4_600_000  # fresh: neither training (1-3 M), nor demo_model's salie
 
 
 def quality(args, bundle) -> dict:
-    from fmct.analyze import Analyzer
-    from fmct.evaluate import pointing_game, saliency_in_mask
-    from fmct.explain import explain_captum, explain_findings
+    from fmct.inference.analyze import Analyzer
+    from fmct.features.metrics import pointing_game, saliency_in_mask
+    from fmct.inference.explain import explain_captum, explain_findings
     from fmct.phantom import make_phantom
-    from fmct.tasks import HEMORRHAGE_TYPES
+    from fmct.conventions.tasks import HEMORRHAGE_TYPES
 
     analyzer = Analyzer(bundle, device="cpu")
     pre, names = analyzer.preprocessor, analyzer.bundle.meta.task_names
@@ -82,11 +82,11 @@ def quality(args, bundle) -> dict:
 
 
 def cost(args, bundle) -> dict:
-    import fmct.explain as ex
-    from fmct.analyze import Analyzer
-    from fmct.explain import explain_captum
-    from fmct.io import read_volume
-    from fmct.outputs import write_study_outputs
+    import fmct.inference.explain as ex
+    from fmct.inference.analyze import Analyzer
+    from fmct.inference.explain import explain_captum
+    from fmct.reading.files import read_volume
+    from fmct.inference.study_folder import write_study_outputs
 
     analyzer = Analyzer(bundle, device="cpu")
     folder = dicom_study(args.ct, Path(args.work) / args.ct)

@@ -4,8 +4,8 @@ Three CTs: 5 mm (512x512x40), thin (512x512x300) and very large (1024x1024x1000,
 Each stage is timed in a fresh process per CT, whose peak RSS is reported (beyond the imports)
 against the int16 size of the input. Reading is timed from the ways a CT arrives: uncompressed
 int16 NIfTI (a streaming copy), gzipped NIfTI and, for the 5 mm and thin CTs, a DICOM series.
-The baseline in the same run is the map back fmct used before fmct.separable: ITK's linear
-resampling straight into uint8 (`fmct.preprocess.itk_resample`, still the path for oblique CTs),
+The baseline in the same run is the map back fmct used before fmct.preprocessing.separable: ITK's linear
+resampling straight into uint8 (`fmct.preprocessing.preprocessor.itk_resample`, still the path for oblique CTs),
 and a study folder of four maps written one file at a time (fmct now writes them several at once);
 preprocessing and the single map's write are the same code in both processes.
 Ratios above 1: fmct's path is faster / smaller. The mapping back and writing of one saliency map
@@ -35,8 +35,8 @@ def write_ct(kind: str, folder: Path) -> dict[str, Path]:
     one), the same as .nii.gz and, but for the large one, as a DICOM series: {format: path}."""
     import SimpleITK as sitk
 
-    from fmct.dicom import write_dicom_series
-    from fmct.io import read_volume
+    from fmct.reading.dicom import write_dicom_series
+    from fmct.reading.files import read_volume
 
     path = folder / f"{kind}.nii"
     paths = {"nii": path, "nii.gz": folder / f"{kind}.nii.gz"}
@@ -77,12 +77,12 @@ def peak_rss_mb() -> float:
 
 def run_stages(paths: dict[str, str], mode: str) -> dict:
     """In this (fresh) process: each stage once, its seconds, and the peak RSS."""
-    from fmct.bundle import default_bundle_path, read_bundle
-    from fmct.analyze import AnalysisResult
-    from fmct.io import read_volume, write_volume
-    from fmct.outputs import quantize_saliency, write_study_outputs
-    from fmct.preprocess import Preprocessor, itk_resample
-    from fmct.volume import Volume
+    from fmct.inference.bundle import default_bundle_path, read_bundle
+    from fmct.inference.analyze import AnalysisResult
+    from fmct.reading.files import read_volume, write_volume
+    from fmct.inference.study_folder import quantize_saliency, write_study_outputs
+    from fmct.preprocessing.preprocessor import Preprocessor, itk_resample
+    from fmct.reading.volume import Volume
 
     spec = read_bundle(default_bundle_path())[0].preprocessing
     pre = Preprocessor(spec)

@@ -64,7 +64,7 @@ def ct_volume(kind: str):
     import SimpleITK as sitk
 
     from fmct.phantom import make_phantom
-    from fmct.volume import Volume
+    from fmct.reading.volume import Volume
 
     ph = make_phantom(7, findings=["subdural"], slices="thick", in_plane_size=512)
     if kind == "thick":
@@ -186,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fmct-bench-slicer-") as tmp:
         work = Path(tmp)
         modules = {"before": export_module(rev, work / "before"), "after": ROOT / "FMCT"}
-        from fmct.io import write_volume
+        from fmct.reading.files import write_volume
 
         if "memory" in args.cases.split(","):
-            from fmct.fixtures import tiny_bundle
+            from fmct.phantom.fixtures import tiny_bundle
 
             tiny_bundle(work / "seven", tasks=[(n, 0.01) for n in SEVEN], temperature=1.0)
         for case in args.cases.split(","):  # int16 HU, as CTs are stored

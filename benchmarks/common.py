@@ -83,7 +83,7 @@ def head_ct(kind: str, seed: int = 0):
     import SimpleITK as sitk
 
     from fmct.phantom import make_phantom
-    from fmct.volume import Volume
+    from fmct.reading.volume import Volume
 
     slices, dz = {"thick": (40, 5.0), "thin": (300, 0.625)}[kind]
     ph = make_phantom(seed, findings=["subdural"], slices="thick" if kind == "thick" else "thin", in_plane_size=512)
@@ -101,7 +101,7 @@ def head_ct(kind: str, seed: int = 0):
 
 def dicom_study(kind: str, folder: Path, seed: int = 0) -> Path:
     """Write (once) the head CT of `kind` as a DICOM series into folder; returns the folder."""
-    from fmct.dicom import write_dicom_series
+    from fmct.reading.dicom import write_dicom_series
 
     done = folder / ".complete"
     if not done.exists():
@@ -118,7 +118,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def demo_bundle(folder: Path) -> Path:
     """Resources/DemoModel when it exists (copied: exports must not touch it; copied again when the
     shipped model has changed since), else a random model of its size."""
-    from fmct.bundle import BundleMeta, Task, save_bundle
+    from fmct.inference.bundle import BundleMeta, Task, save_bundle
 
     target = folder / "bundle"
     demo = ROOT / "Resources" / "DemoModel"
@@ -132,8 +132,8 @@ def demo_bundle(folder: Path) -> Path:
     import torch
 
     from fmct.models import FMCTClassifier, preset
-    from fmct.tasks import TASKS
-    from fmct.preprocess import PreprocessSpec
+    from fmct.conventions.tasks import TASKS
+    from fmct.preprocessing.preprocessor import PreprocessSpec
 
     torch.manual_seed(0)
     spec = PreprocessSpec()
@@ -154,7 +154,7 @@ def bootstrap_aurocs(y: np.ndarray, arms: list[list[np.ndarray]], n_boot: int, s
     difference then reflects the arms, not two unrelated draws of cases. Resamples with one class only
     are skipped (AUROC is undefined there).
     """
-    from fmct.evaluate import auroc
+    from fmct.features.metrics import auroc
 
     rng, rows = np.random.default_rng(seed), []
     for _ in range(n_boot):

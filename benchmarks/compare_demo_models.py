@@ -22,7 +22,7 @@ def calibrated_probabilities(bundle_path: str, x) -> np.ndarray:
     """The bundle's probabilities for preprocessed phantoms, with its own temperatures."""
     import torch
 
-    from fmct.bundle import load_bundle
+    from fmct.inference.bundle import load_bundle
     from fmct.train.supervised import predict_logits
 
     bundle = load_bundle(bundle_path)
@@ -33,7 +33,7 @@ def calibrated_probabilities(bundle_path: str, x) -> np.ndarray:
 
 def paired(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict:
     """AUROC of a and b with CIs, and b - a with the CI of the same resamples."""
-    from fmct.evaluate import auroc
+    from fmct.features.metrics import auroc
 
     d = bootstrap_aurocs(y, [[a], [b]], n_boot, seed)
     first, second = auroc(y, a), auroc(y, b)
@@ -52,8 +52,8 @@ def main() -> None:
     threads = set_threads(args.threads)
     from safetensors.torch import load_file
 
-    from fmct.evaluate import expected_calibration_error
-    from fmct.tasks import HEMORRHAGE_TYPES, TASKS
+    from fmct.features.metrics import expected_calibration_error
+    from fmct.conventions.tasks import HEMORRHAGE_TYPES, TASKS
 
     results = {"machine": machine("cpu", threads), "bundles": args.bundles, "anatomies": {}}
     for path in sorted(args.splits.glob("split-test-*.safetensors")):

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fmct.analyze import Analyzer  # noqa: E402
+from fmct.inference.analyze import Analyzer  # noqa: E402
 from fmct.phantom import make_phantom  # noqa: E402
 
 HEADLINE = ("any_hemorrhage", "subdural")  # what the demo's sample is: a subdural hematoma

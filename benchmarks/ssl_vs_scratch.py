@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from common import bootstrap_aurocs, ci95
 
-from fmct.atomic import write_text_atomic
-from fmct.bundle import load_bundle
-from fmct.evaluate import auroc
+from fmct.conventions.atomic import write_text_atomic
+from fmct.inference.bundle import load_bundle
+from fmct.features.metrics import auroc
 from fmct.models import FMCTClassifier
 from fmct.models.config import ViT3DConfig
 from fmct.phantom import make_phantom
-from fmct.preprocess import Preprocessor, PreprocessSpec
+from fmct.preprocessing.preprocessor import Preprocessor, PreprocessSpec
 from fmct.ssl.config import SSLConfig
 from fmct.train.finetune import layer_decay_groups
 from fmct.train.pretrain import TensorVolumes, pretrain

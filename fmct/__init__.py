@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from fmct.errors import FMCTError
-    from fmct.volume import Volume
+    from fmct.conventions.errors import FMCTError
+    from fmct.reading.volume import Volume
 
 __all__ = ["FMCTError", "Volume", "__version__"]
-_LAZY = {"FMCTError": "fmct.errors", "Volume": "fmct.volume"}
+_LAZY = {"FMCTError": "fmct.conventions.errors", "Volume": "fmct.reading.volume"}
 
 
 def __getattr__(name: str) -> Any:

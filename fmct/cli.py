@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Sequence
 
 from fmct import __version__
-from fmct.errors import Cancelled, ConfigError, FMCTError
-from fmct.runners import BACKEND_CHOICES, choose_backend
-from fmct.runtime import DEFAULT_EXPLAIN, EXPLAIN_METHODS, explain_method_or_none, parse_device
+from fmct.conventions.errors import Cancelled, ConfigError, FMCTError
+from fmct.inference.runners import BACKEND_CHOICES, choose_backend
+from fmct.conventions.runtime import DEFAULT_EXPLAIN, EXPLAIN_METHODS, explain_method_or_none, parse_device
 
 log = logging.getLogger("fmct")
 EXPLAIN_CHOICES = (*EXPLAIN_METHODS, "none")
@@ -29,7 +29,7 @@ DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
 
 class TqdmProgress:
     """Adapts the engine's progress(fraction, message) callback to a tqdm bar on stderr, or, with
-    FMCT_PROGRESS=json in the environment, to JSON lines on stderr (fmct.runtime.JsonLinesProgress)
+    FMCT_PROGRESS=json in the environment, to JSON lines on stderr (fmct.conventions.runtime.JsonLinesProgress)
     for programs that follow a run (the FMCTTraining Slicer module), so nobody parses a bar."""
 
     def __init__(self, desc: str) -> None:
@@ -38,7 +38,7 @@ class TqdmProgress:
         self.desc = desc
         self.bar = self.lines = None
         if os.environ.get(PROGRESS_ENV, "").strip().lower() == "json":
-            from fmct.runtime import JsonLinesProgress
+            from fmct.conventions.runtime import JsonLinesProgress
 
             self.lines = JsonLinesProgress(sys.stderr, min_interval_s=0.2)
         else:
@@ -66,7 +66,7 @@ class TqdmProgress:
 
 
 def _device_arg(text: str) -> str:
-    """argparse type for --device: the one device-name check (fmct.runtime.parse_device)."""
+    """argparse type for --device: the one device-name check (fmct.conventions.runtime.parse_device)."""
     try:
         return parse_device(text)
     except ConfigError as e:
@@ -85,7 +85,7 @@ def _settle_backend(args: argparse.Namespace) -> None:
 
 
 def _make_analyzer(args: argparse.Namespace, device: str | None = None):
-    from fmct.analyze import Analyzer
+    from fmct.inference.analyze import Analyzer
 
     return Analyzer(args.model, device=device or args.device, backend=getattr(args, "backend", "torch"),
                     compile=getattr(args, "compile", False))
@@ -99,8 +99,8 @@ def _output_options(args: argparse.Namespace, method: str | None, save_ct: bool,
 
 
 def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
-    from fmct.bundle import model_identity
-    from fmct.outputs import check_study_folder, study_fingerprint, write_study_outputs
+    from fmct.inference.bundle import model_identity
+    from fmct.inference.study_folder import check_study_folder, study_fingerprint, write_study_outputs
 
     t_start = time.perf_counter()
     overwrite = getattr(args, "overwrite", False)
@@ -143,7 +143,7 @@ def _print_summary(result, model_name: str, written: Sequence[Path], timings: di
 def cmd_demo(args: argparse.Namespace) -> int:
     from fmct.phantom import make_phantom
 
-    from fmct.outputs import check_output_folder
+    from fmct.inference.study_folder import check_output_folder
 
     check_output_folder(args.out)
     print("Making a sample head CT (synthetic, 512 x 512, 4-5 mm slices, a subdural hematoma) ...", file=sys.stderr)
@@ -168,8 +168,8 @@ def _print_against_truth(findings: list[dict], labels: dict[str, int]) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from fmct.batch import is_manifest
-    from fmct.outputs import check_output_folder
+    from fmct.inference.batch import is_manifest
+    from fmct.inference.study_folder import check_output_folder
 
     findings = args.findings if args.findings in ("positive", "all") else args.findings.split(",")
     args.findings = findings
@@ -179,14 +179,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return _run_batch(args)
     if args.workers is not None:
         raise ConfigError("--workers applies to a batch (a folder of studies with --batch, or a manifest .csv)")
-    from fmct.io import read_volume
+    from fmct.reading.files import read_volume
 
     volume = read_volume(args.input, series_uid=args.series)
     return _run_analysis(volume, args, Path(args.out), save_ct=args.save_ct)
 
 
 def _run_batch(args: argparse.Namespace) -> int:
-    from fmct.batch import discover_studies, rank_device, rank_from_env, run_batch
+    from fmct.inference.batch import discover_studies, rank_device, rank_from_env, run_batch
 
     if args.series is not None:
         raise ConfigError("--series applies to one DICOM folder, not to a batch; give each study its own folder")
@@ -217,8 +217,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.onnx and not args.check:
         raise ConfigError("nothing to do: give --onnx (writes model.onnx into the bundle and checks it) or --check "
                           "(re-checks an existing model.onnx against the torch weights)")
-    from fmct.onnx_backend import onnx_summary
-    from fmct.onnx_export import check_onnx_parity, export_onnx
+    from fmct.inference.onnx_runner import onnx_summary
+    from fmct.export.onnx import check_onnx_parity, export_onnx
 
     if args.onnx:
         with TqdmProgress("export") as progress:
@@ -248,7 +248,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from fmct.embed import embed
+    from fmct.features.embed import embed
 
     with TqdmProgress("embed") as progress:
         result = embed(args.data, args.model, args.out, layers=args.layers, device=args.device, overwrite=args.overwrite,
@@ -261,7 +261,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from fmct.probe import format_report, probe, write_report
+    from fmct.features.probe import format_report, probe, write_report
 
     methods = tuple(m.strip() for m in args.method.split(",")) if args.method != "both" else ("knn", "logreg")
     report = probe(args.features, labels=args.labels, tasks=args.tasks.split(",") if args.tasks else None, methods=methods,
@@ -294,7 +294,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fmct.train.evaluate_bundle import evaluate_bundle
 
-    from fmct.config_file import EvaluateConfig
+    from fmct.conventions.config_file import EvaluateConfig
 
     o = EvaluateConfig.from_file_and_flags(args.config, model=args.model, data=args.data, ood_data=args.ood, out=args.out,
                                            device=args.device, cache_dir=args.cache_dir, n_boot=args.n_boot)
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--cache-dir", help="where preprocessed volumes are cached (default .fmct_cache)")
     ft.add_argument("--augment", type=float, metavar="P",
                     help="share of training studies rescanned at random each epoch (pose, field of view, kernel, "
-                         "noise, slice thickness; fmct.augment), 0 (default) to 1; validation stays as stored")
+                         "noise, slice thickness; fmct.data.rescan), 0 (default) to 1; validation stays as stored")
     ft.add_argument("--name", help="model name written into the bundle")
     ft.add_argument("--checkpoints", metavar="DIR",
                     help="keep a checkpoint per epoch in DIR; rerunning the same command continues after the last one "

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # the engine is imported only when an analysis runs, never at module import
-    from fmct.volume import Volume
+    from fmct.reading.volume import Volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # its own inverse
 
@@ -42,7 +42,7 @@ def checkInputNode(node) -> None:
 
     Checked before any voxel is copied, so a wrong selection fails at once and cheaply.
     """
-    from fmct.errors import InputVolumeError, NotCTError
+    from fmct.conventions.errors import InputVolumeError, NotCTError
 
     if node is None:
         raise InputVolumeError("No input volume is selected. Load a head CT and select it as the input volume.")
@@ -68,7 +68,7 @@ def volumeFromNode(node, copy: bool = True) -> "Volume":
     Only geometry and voxels cross the boundary: the node's name (which may come from DICOM
     tags) is not put into meta, so it can never reach an engine log.
     """
-    from fmct.volume import Volume
+    from fmct.reading.volume import Volume
 
     checkInputNode(node)
     import slicer.util

@@ -49,7 +49,7 @@ except ImportError:  # slicer-core from PyPI has MRML and the module logics, not
 log = logging.getLogger("FMCT")
 
 DEVICES = ("auto", "CPU", "GPU")
-# The engine's methods (fmct.runtime.EXPLAIN_METHODS) and "none"; spelled out here because the
+# The engine's methods (fmct.conventions.runtime.EXPLAIN_METHODS) and "none"; spelled out here because the
 # panel needs them before the engine is installed. A test checks they match the engine.
 EXPLAIN_METHODS = ("integrated_gradients", "occlusion", "attention", "attention_rollout", "none")
 DEFAULT_EXPLAIN = "integrated_gradients"
@@ -99,15 +99,15 @@ def defaultBundlePath() -> Path:
     source = engineSourceDir()
     if source is not None and (source / "Resources" / "DemoModel").exists():
         return source / "Resources" / "DemoModel"
-    from fmct.bundle import default_bundle_path
+    from fmct.inference.bundle import default_bundle_path
 
     return default_bundle_path()
 
 
 def engineDevice(device: str | None) -> str:
     """Map the module's device choice (auto, CPU, GPU; any case; or the engine's own names) to the
-    engine's, checked by the engine's one device parser (fmct.runtime.parse_device)."""
-    from fmct.runtime import parse_device
+    engine's, checked by the engine's one device parser (fmct.conventions.runtime.parse_device)."""
+    from fmct.conventions.runtime import parse_device
 
     choice = (device or "auto").strip().lower()
     return parse_device({"gpu": "cuda"}.get(choice, choice))
@@ -115,7 +115,7 @@ def engineDevice(device: str | None) -> str:
 
 def engineExplainMethod(explain: str | None) -> str | None:
     """The engine's method name, or None for no explanation ('none' or None); the engine checks it."""
-    from fmct.runtime import explain_method_or_none
+    from fmct.conventions.runtime import explain_method_or_none
 
     return explain_method_or_none(explain)
 
@@ -128,7 +128,7 @@ def engineExplainFindings(explainFindings: str | Sequence[str]) -> str:
         return explainFindings.strip()
     names = [str(n).strip() for n in explainFindings]
     if not names or any(not n or "," in n for n in names):
-        from fmct.errors import ConfigError
+        from fmct.conventions.errors import ConfigError
 
         raise ConfigError(f"explainFindings must name findings (got {list(explainFindings)!r})")
     return ",".join(names)
@@ -140,7 +140,7 @@ def bundlePathFromChoice(useDemoModel: bool, bundlePath: str | Path | None) -> P
         return None
     text = str(bundlePath or "").strip()
     if text in ("", "."):  # an empty ctkPathLineEdit reads as Path("."), not as a bundle
-        from fmct.errors import ConfigError
+        from fmct.conventions.errors import ConfigError
 
         raise ConfigError("Choose a model bundle (a folder with fmct.json, or a .zip of one), "
                           "or tick 'Bundled demo model'.")
@@ -270,7 +270,7 @@ class AnalysisJob:
 
         When the worker has exited and all its output is read, the state becomes done or failed.
         """
-        from fmct.runtime import PROGRESS_EVENT, read_json_line
+        from fmct.conventions.runtime import PROGRESS_EVENT, read_json_line
 
         if self.state != "running":
             return []
@@ -318,14 +318,14 @@ class AnalysisJob:
 
     def raiseError(self) -> None:
         """Raise what made the worker fail: the engine's own exception type for a user mistake."""
-        import fmct.errors
+        import fmct.conventions.errors
 
         if self.exception is not None:
             raise self.exception
         if self.error is not None:
-            kind = getattr(fmct.errors, str(self.error.get("type")), None)
+            kind = getattr(fmct.conventions.errors, str(self.error.get("type")), None)
             message = str(self.error.get("message", ""))
-            if isinstance(kind, type) and issubclass(kind, fmct.errors.FMCTError):
+            if isinstance(kind, type) and issubclass(kind, fmct.conventions.errors.FMCTError):
                 raise kind(message)
             detail = self.error.get("traceback") or self.child.stderrTail()
             raise RuntimeError(f"FMCT analysis failed: {message}\n{detail}")
@@ -358,10 +358,10 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         explain: one of EXPLAIN_METHODS; explainFindings: "auto" (every positive finding on a GPU,
         the top one on a CPU), "top", "positive", "all", or a list of names.
         progress(fraction, message) is called as the work advances; cancel() -> True stops it
-        (as does requestCancel()): the worker is killed, fmct.errors.Cancelled raised, and the
+        (as does requestCancel()): the worker is killed, fmct.conventions.errors.Cancelled raised, and the
         scene keeps its earlier outputs.
         """
-        from fmct.errors import Cancelled
+        from fmct.conventions.errors import Cancelled
 
         report = progress or (lambda fraction, message: None)
         self._cancelRequested = False
@@ -397,7 +397,7 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         """
         self.dependencies.requireEngine()
         useEngineSource(self.dependencies.engineSource)
-        from fmct.errors import BundleError
+        from fmct.conventions.errors import BundleError
 
         geometry.checkInputNode(inputVolumeNode)
         engineName = engineDevice(device)
@@ -420,8 +420,8 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         def prepare() -> ChildProcess:
             """Off the GUI thread: refuse what is not a head CT, write it (uncompressed, its own voxel
             type), start the worker."""
-            from fmct.io import write_volume
-            from fmct.volume import validate_ct
+            from fmct.reading.files import write_volume
+            from fmct.reading.volume import validate_ct
 
             validate_ct(volume, "The input volume")
             write_volume(volume, workDir / "ct.nrrd")
@@ -444,9 +444,9 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
 
         def warmUp() -> None:
             useEngineSource(self.dependencies.engineSource)
-            import fmct.errors  # noqa: F401
-            import fmct.io  # noqa: F401
-            import fmct.runtime  # noqa: F401
+            import fmct.conventions.errors  # noqa: F401
+            import fmct.reading.files  # noqa: F401
+            import fmct.conventions.runtime  # noqa: F401
 
         thread = threading.Thread(target=warmUp, name="fmct-warm-up", daemon=True)
         thread.start()
@@ -464,7 +464,7 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         node is touched. between(), if given, is called after each saliency map: the panel lets
         Qt repaint there (user input excluded, so the scene cannot be closed under the load).
         """
-        from fmct.errors import Cancelled, InputVolumeError
+        from fmct.conventions.errors import Cancelled, InputVolumeError
 
         try:
             if job.state == "cancelled":
@@ -563,7 +563,7 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         would be; the file stays in `folder` (Slicer's cache folder in the application).
         """
         self.dependencies.requireEngine()
-        from fmct.io import write_volume
+        from fmct.reading.files import write_volume
         from fmct.phantom import make_phantom
 
         folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="fmct-sample-"))

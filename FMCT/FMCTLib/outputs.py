@@ -6,7 +6,7 @@ of piling up new ones, and the links survive saving and reloading the scene. Eac
 points back at its CT, so selecting a row of a findings table is enough to show its overlay.
 
 Saliency volumes hold the engine's uint8 maps (0-255, 255 = the strongest attribution in that
-CT, as fmct.outputs writes them), a quarter of float32's memory: seven maps of a 512x512x165 CT
+CT, as fmct.inference.study_folder writes them), a quarter of float32's memory: seven maps of a 512x512x165 CT
 take 300 MB instead of 1.2 GB. They are displayed over 0-255 with the heat colour table.
 
 Nothing here does numerical work: the saliency maps arrive finished from the engine's worker.
@@ -34,7 +34,7 @@ COLUMN_TITLES = {"name": "Finding", "description": "Description", "probability":
                  "threshold": "Threshold", "positive": "Positive"}
 
 HEAT_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
-SALIENCY_MAX = 255  # = fmct.outputs.SALIENCY_MAX (a test checks it): the stored value of a map's peak
+SALIENCY_MAX = 255  # = fmct.inference.study_folder.SALIENCY_MAX (a test checks it): the stored value of a map's peak
 # Below 0.2 of the peak a map is mostly diffuse background, which would tint the whole brain:
 # those voxels are transparent.
 DISPLAY_THRESHOLD = 0.2

@@ -32,7 +32,7 @@ def tinyBundle(folder: str | Path, seed: int = 0) -> Path:
     Its thresholds make the outcome certain whatever the random logits: two findings are
     always positive (threshold 0.01), one always negative (0.99).
     """
-    from fmct.fixtures import tiny_bundle
+    from fmct.phantom.fixtures import tiny_bundle
 
     return tiny_bundle(Path(folder) / "tiny-bundle", seed=seed, tasks=TINY_TASKS, temperature=1.0,
                        name="fmct-selftest-random", recipe="random weights, for testing the Slicer module")[0]
@@ -66,7 +66,7 @@ def loadAsNRRD(scene, volume, folder: str | Path, name: str = "CT", volumes=None
     Slicer's reader does its own LPS-to-RAS conversion, so the node's geometry is independent
     of FMCTLib.geometry, which the checks then test against it.
     """
-    from fmct.io import write_volume
+    from fmct.reading.files import write_volume
 
     path = write_volume(volume, Path(folder) / f"{name}.nrrd")
     node = (volumes if volumes is not None else volumesLogic(scene)).AddArchetypeScalarVolume(str(path), name, 0, None)
@@ -79,7 +79,7 @@ def loadAsDICOM(scene, volume, folder: str | Path, name: str = "DICOM CT", volum
     the archetype reader over the series' files)."""
     import vtk
 
-    from fmct.dicom import write_dicom_series
+    from fmct.reading.dicom import write_dicom_series
 
     files = write_dicom_series(volume, Path(folder) / name.replace(" ", "_"))
     fileList = vtk.vtkStringArray()
@@ -96,7 +96,7 @@ def loadAsDICOM(scene, volume, folder: str | Path, name: str = "DICOM CT", volum
 
 def checkFindings(result, bundlePath) -> None:
     """One row per task of the bundle, in order; table and result agree; decisions follow thresholds."""
-    from fmct.bundle import load_bundle
+    from fmct.inference.bundle import load_bundle
 
     tasks = load_bundle(bundlePath).meta.tasks
     assert [f["name"] for f in result.findings] == [t.name for t in tasks], "findings must follow the bundle's tasks"
@@ -132,7 +132,7 @@ def checkSaliencyValues(result, engineSaliency: dict) -> None:
     unchanged."""
     import slicer.util
 
-    from fmct.outputs import quantize_saliency
+    from fmct.inference.study_folder import quantize_saliency
 
     for name, node in result.saliencyNodes.items():
         array = slicer.util.arrayFromVolume(node)
@@ -190,8 +190,8 @@ def checkSelectingRowsSwitchesOverlay(scene, ctNode, result, logic: FMCTLogic) -
 
 
 def primaryFinding(findings: list, explained) -> str | None:
-    """The finding the engine shows first (fmct.analyze.AnalysisResult.primary_finding), from findings dicts."""
-    from fmct.analyze import AnalysisResult, Finding
+    """The finding the engine shows first (fmct.inference.analyze.AnalysisResult.primary_finding), from findings dicts."""
+    from fmct.inference.analyze import AnalysisResult, Finding
 
     result = AnalysisResult([Finding(**f) for f in findings])
     result.model_saliency = {name: None for name in explained}
@@ -221,7 +221,7 @@ def checkRerunReusesNodes(scene, ctNode, first, logic: FMCTLogic, bundlePath) ->
 
 def checkBadInput(scene, logic: FMCTLogic, bundlePath) -> None:
     """No input, a single slice, a label map: clear InputVolumeErrors, and no output nodes."""
-    from fmct.errors import InputVolumeError, NotVolumeError
+    from fmct.conventions.errors import InputVolumeError, NotVolumeError
 
     tablesBefore = scene.GetNumberOfNodesByClass("vtkMRMLTableNode")
     for bad, expected, words in _badInputs(scene):
@@ -238,7 +238,7 @@ def checkBadInput(scene, logic: FMCTLogic, bundlePath) -> None:
 def _badInputs(scene):
     import slicer.util
 
-    from fmct.errors import InputVolumeError, NotCTError, NotVolumeError
+    from fmct.conventions.errors import InputVolumeError, NotCTError, NotVolumeError
 
     ct = np.full((1, 64, 64), -1000.0, np.float32)
     ct[0, 16:48, 16:48] = 40.0
@@ -317,7 +317,7 @@ def checkCancelKillsTheWorker(scene, ctNode, logic: FMCTLogic, bundlePath) -> No
     import time
 
     from FMCTLib.process import processGroupAlive, waitUntil
-    from fmct.errors import Cancelled
+    from fmct.conventions.errors import Cancelled
 
     classes = ("vtkMRMLTableNode", "vtkMRMLScalarVolumeNode", "vtkMRMLScalarVolumeDisplayNode",
                "vtkMRMLVolumeRenderingDisplayNode")
@@ -356,7 +356,7 @@ def checkSaliencyInLesion(scene, logic: FMCTLogic, bundlePath, folder, finding: 
     keep the check fast on a CPU."""
     import slicer.util
 
-    from fmct.evaluate import pointing_game, saliency_in_mask
+    from fmct.features.metrics import pointing_game, saliency_in_mask
 
     ph = phantom(seed=LESION_SEED, findings=(finding,))
     ct = loadAsNRRD(scene, ph.volume, folder, name="lesion CT", volumes=volumes)
@@ -379,21 +379,21 @@ def checkSaliencyInLesion(scene, logic: FMCTLogic, bundlePath, folder, finding: 
 
 def obliqueDirection(degrees: float = 20.0) -> np.ndarray:
     """An orthonormal direction rotated about S then L (the engine's test fixture)."""
-    from fmct.fixtures import oblique_direction
+    from fmct.phantom.fixtures import oblique_direction
 
     return oblique_direction(degrees)
 
 
 def obliqueVolume(volume):
     """The same voxels on an oblique grid with anisotropic spacing (as from a tilted DICOM series)."""
-    from fmct.volume import Volume
+    from fmct.reading.volume import Volume
 
     return Volume(volume.array, (0.9, 1.1, 4.5), (-100.0, 80.0, -40.0), obliqueDirection(20.0))
 
 
 def engineSaliency(volume, bundlePath, explain: str = "integrated_gradients") -> dict:
     """The engine's own maps for a Volume, computed without Slicer, to compare the nodes with."""
-    from fmct.analyze import Analyzer
+    from fmct.inference.analyze import Analyzer
 
     return Analyzer(bundlePath, device="cpu").analyze(volume, explain_method=explain).saliency
 

@@ -9,10 +9,10 @@ the process tree. The worker:
 
 1. reads the CT the logic exported (LPS geometry, the node's own voxel type);
 2. runs the engine's Analyzer on it;
-3. writes the result with the engine's study writer (fmct.outputs): findings.json and one uint8
+3. writes the result with the engine's study writer (fmct.inference.study_folder): findings.json and one uint8
    saliency NIfTI per explained finding on the CT's grid, mapped back one map at a time, so the
    worker never holds more than one full-size map;
-4. prints one JSON object per line on stdout (fmct.runtime.JsonLinesProgress): progress events,
+4. prints one JSON object per line on stdout (fmct.conventions.runtime.JsonLinesProgress): progress events,
    a "device" event once the model is on its device, then "done" (findings, the finding shown
    first, the explained findings, the out-of-distribution record and its warning) or "error"
    (the engine's exception type and message).
@@ -93,13 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parseArguments(argv)
     if args.engine_source:
         sys.path.insert(0, str(Path(args.engine_source).resolve()))
-    from fmct.runtime import JsonLinesProgress
+    from fmct.conventions.runtime import JsonLinesProgress
 
     out = JsonLinesProgress(sys.stdout, min_interval_s=0.1)
     try:
         return run(args, out)
     except Exception as error:  # reported as one event; the logic raises it again on its side
-        from fmct.errors import FMCTError
+        from fmct.conventions.errors import FMCTError
 
         userError = isinstance(error, FMCTError)
         out.event("error", type=type(error).__name__, message=str(error),
@@ -113,11 +113,11 @@ def run(args: argparse.Namespace, out: Any) -> int:
     started = time.perf_counter()
     out(0.0, "starting the analysis process")
     out(0.01, "loading the model")
-    from fmct.analyze import Analyzer
-    from fmct.io import read_volume
-    from fmct.outputs import write_study_outputs
-    from fmct.runtime import explain_method_or_none, parse_device, sub_progress
-    from fmct.volume import validate_ct
+    from fmct.inference.analyze import Analyzer
+    from fmct.reading.files import read_volume
+    from fmct.inference.study_folder import write_study_outputs
+    from fmct.conventions.runtime import explain_method_or_none, parse_device, sub_progress
+    from fmct.reading.volume import validate_ct
 
     method = explain_method_or_none(args.explain)
     analyzer = Analyzer(args.bundle, device=parse_device(args.device))

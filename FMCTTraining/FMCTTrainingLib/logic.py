@@ -45,7 +45,7 @@ Log = Callable[[str], None]
 STOP_GRACE_SECONDS = 30.0  # a pretraining step and its checkpoint can take this long on a big model
 
 PROGRESS_ENV = "FMCT_PROGRESS"  # = fmct.cli.PROGRESS_ENV: "json" makes the engine print progress as JSON lines
-PROGRESS_EVENT = "progress"  # = fmct.runtime.PROGRESS_EVENT (the module must not need the engine to parse it)
+PROGRESS_EVENT = "progress"  # = fmct.conventions.runtime.PROGRESS_EVENT (the module must not need the engine to parse it)
 
 
 class TrainingError(RuntimeError):
@@ -66,7 +66,7 @@ class OutputParser:
     """Splits the engine's output into log lines and progress updates.
 
     The engine is run with FMCT_PROGRESS=json, so its progress arrives as JSON lines
-    ({"event": "progress", "fraction": ..., "message": ...}, fmct.runtime.JsonLinesProgress) among
+    ({"event": "progress", "fraction": ..., "message": ...}, fmct.conventions.runtime.JsonLinesProgress) among
     its ordinary log lines; nothing parses a drawn progress bar. Text may arrive in arbitrary chunks
     (a pipe, QProcess), hence the buffer.
     """

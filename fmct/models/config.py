@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from fmct.errors import ConfigError
+from fmct.conventions.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ One module per stage, in the order `make_phantom` runs them:
   writers     write_phantom_set: a phantom dataset on disk
   common      helpers all of them share
   variations  the same head scanned otherwise (pose, FOV, kernel, noise, slices, contrast, size): benchmarks, OOD tests,
-              training augmentation (fmct.augment draws among them)
-The task names the labels use are in `fmct.tasks`.
+              training augmentation (fmct.data.rescan draws among them)
+The task names the labels use are in `fmct.conventions.tasks`.
 """
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
-from fmct.errors import ConfigError
+from fmct.conventions.errors import ConfigError
 from fmct.phantom.common import _u
-from fmct.tasks import HEMORRHAGE_TYPES, TASKS
+from fmct.conventions.tasks import HEMORRHAGE_TYPES, TASKS
 
 _LESION_BIT = {"intraparenchymal": 1, "intraventricular": 2, "subarachnoid": 4, "subdural": 8, "epidural": 16, "fracture": 32}
 _MIDLINE_BIT = 64

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fmct.errors import ConfigError
+from fmct.conventions.errors import ConfigError
 from fmct.phantom.anatomy import _sample_anatomy
 from fmct.phantom.artifacts import _add_beam_hardening, _add_headrest, _add_noise_and_circle
 from fmct.phantom.findings import _plan_findings
@@ -22,7 +22,7 @@ from fmct.phantom.scanner import _place_in_scanner
 from fmct.phantom.scene import _Scene
 from fmct.phantom.settings import AnatomySettings, _resolve_anatomy
 from fmct.phantom.truth import _info, _masks_and_labels
-from fmct.volume import Volume
+from fmct.reading.volume import Volume
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fmct.errors import ConfigError
+from fmct.conventions.errors import ConfigError
 from fmct.phantom.common import Range
 
 

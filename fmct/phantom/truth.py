@@ -9,7 +9,7 @@ from fmct.phantom.anatomy import _Anatomy
 from fmct.phantom.findings import _LESION_BIT, _MIDLINE_BIT
 from fmct.phantom.scan import _Scan
 from fmct.phantom.scene import _Scene
-from fmct.tasks import HEMORRHAGE_TYPES, TASKS
+from fmct.conventions.tasks import HEMORRHAGE_TYPES, TASKS
 
 
 def _masks_and_labels(out_bits: np.ndarray, scene: _Scene) -> tuple[dict[str, np.ndarray], dict[str, int]]:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import SimpleITK as sitk
 
-from fmct.volume import Volume
+from fmct.reading.volume import Volume
 
 AIR = -1024.0
 

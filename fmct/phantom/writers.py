@@ -1,5 +1,5 @@
 """`write_phantom_set`: a folder of phantoms as a dataset (NIfTI or DICOM per case, masks,
-info.json, labels.csv) that `fmct.manifests.load_manifest` reads like any other labelled folder.
+info.json, labels.csv) that `fmct.data.manifests.load_manifest` reads like any other labelled folder.
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Callable
 
 import numpy as np
 
-from fmct.errors import Cancelled, ConfigError
+from fmct.conventions.errors import Cancelled, ConfigError
 from fmct.phantom.generate import Phantom, make_phantom
 from fmct.phantom.settings import AnatomySettings
-from fmct.tasks import TASKS
+from fmct.conventions.tasks import TASKS
 
 
 def write_phantom_set(
@@ -56,11 +56,11 @@ def write_phantom_set(
 
 
 def _write_case(case_dir: Path, case_id: str, ph: Phantom, fmt: str, case_seed: int) -> str:
-    from fmct.io import write_volume
+    from fmct.reading.files import write_volume
 
     case_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "dicom":
-        from fmct.dicom import write_dicom_series
+        from fmct.reading.dicom import write_dicom_series
 
         write_dicom_series(ph.volume, case_dir / "ct", series_description=f"FMCT phantom {case_id}",
                            shuffle_names_seed=case_seed)

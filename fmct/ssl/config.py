@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from fmct.config_file import build_config, read_config_file
-from fmct.errors import ConfigError
+from fmct.conventions.config_file import build_config, read_config_file
+from fmct.conventions.errors import ConfigError
 from fmct.models.config import ViT3DConfig, preset
 
 
@@ -40,7 +40,7 @@ class DataSection:
 
     source "tensors": a safetensors file whose tensor "x" is [N, C, D, H, W] of preprocessed
     model-grid volumes. source "phantoms": n synthetic head CTs made and preprocessed at start.
-    source "manifest": your CTs, `path` being anything fmct.manifests.load_manifest reads (a folder of
+    source "manifest": your CTs, `path` being anything fmct.data.manifests.load_manifest reads (a folder of
     DICOM/NIfTI studies, a CSV, the RSNA or CQ500 layout; labels are ignored), preprocessed once
     into cache_dir.
     """
@@ -218,7 +218,7 @@ def _to_plain(obj: Any) -> Any:
 
 
 def _from_dict(cls: type, d: Any, where: str) -> Any:
-    """Build dataclass cls from a mapping with the one typed loader (fmct.config_file.build_config)."""
+    """Build dataclass cls from a mapping with the one typed loader (fmct.conventions.config_file.build_config)."""
     return build_config(cls, d, where)
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmct.atomic import write_bytes_atomic
-from fmct.errors import ConfigError
+from fmct.conventions.atomic import write_bytes_atomic
+from fmct.conventions.errors import ConfigError
 
 LAST = "last.json"
 FORMAT = "fmct-checkpoint"

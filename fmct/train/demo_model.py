@@ -30,23 +30,23 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fmct.atomic import write_bytes_atomic, write_text_atomic
-from fmct.augment import random_variation
-from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle, write_meta
-from fmct.onnx_backend import onnx_summary
-from fmct.ood import fit_reference
-from fmct.errors import ConfigError
-from fmct.evaluate import auroc, evaluation_report, pointing_game, saliency_in_mask
-from fmct.explain import explain
+from fmct.conventions.atomic import write_bytes_atomic, write_text_atomic
+from fmct.data.rescan import random_variation
+from fmct.inference.bundle import BundleMeta, Task, load_bundle, save_bundle, write_meta
+from fmct.inference.onnx_runner import onnx_summary
+from fmct.inference.ood import fit_reference
+from fmct.conventions.errors import ConfigError
+from fmct.features.metrics import auroc, evaluation_report, pointing_game, saliency_in_mask
+from fmct.inference.explain import explain
 from fmct.models import FMCTClassifier, preset
 from fmct.phantom import ANATOMY_PRESETS, make_phantom
-from fmct.preprocess import Preprocessor, PreprocessSpec
+from fmct.preprocessing.preprocessor import Preprocessor, PreprocessSpec
 from fmct.train.calibration import fit_temperature, youden_threshold
 from fmct.train.finetune import layer_decay_groups
 from fmct.train.reference import predict_with_features
 from fmct.train.supervised import SupervisedConfig, positive_weights, predict_logits, tensor_batches, train_classifier
-from fmct.runtime import EXPLAIN_METHODS, torch_device
-from fmct.tasks import HEMORRHAGE_TYPES, TASK_DESCRIPTIONS, TASKS
+from fmct.conventions.runtime import EXPLAIN_METHODS, torch_device
+from fmct.conventions.tasks import HEMORRHAGE_TYPES, TASK_DESCRIPTIONS, TASKS
 
 log = logging.getLogger("fmct.train.demo_model")
 
@@ -55,7 +55,7 @@ SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000, "saliency"
 IN_PLANE_SIZES = (128, 160, 256)  # a 512-px CT block-averages like 256 at 3 mm, with less noise
 TEST_ANATOMY_OFFSET = 100_000     # test seeds of the i-th --test-anatomies preset: SEED_BASE["test"] + i * this
 Split = tuple[torch.Tensor, torch.Tensor, np.ndarray]   # preprocessed phantoms, labels, "thick"/"thin" per case
-_DATA_SOURCES = ("fmct/phantom", "fmct/augment.py", "fmct/preprocess.py")  # the code a split's voxels come from
+_DATA_SOURCES = ("fmct/phantom", "fmct/data/rescan.py", "fmct/preprocessing/preprocessor.py")  # the code a split's voxels come from
 SPLIT_FORMAT = 1  # bump when _one_case / make_split change what a split holds: kept splits are then made again
 
 
@@ -83,7 +83,7 @@ def make_split(split: str, n: int, spec: PreprocessSpec, workers: int, augment: 
                anatomies: list[str] | None = None, seed_offset: int = 0) -> Split:
     """n preprocessed phantoms; half thick, half thin slices, so both are always measured.
 
-    augment: each phantom rescanned with one random CT-level variation (`fmct.augment`), seeded by
+    augment: each phantom rescanned with one random CT-level variation (`fmct.data.rescan`), seeded by
     its seed; for the training split only, so validation and test measure clean phantoms.
     anatomies: presets taken in turn, in runs of 2 x len(IN_PLANE_SIZES) cases so every preset gets
     every slice kind and in-plane size.
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--saliency-cases", type=int, default=10, help="test phantoms per hemorrhage type for saliency metrics (0: skip)")
     ap.add_argument("--encoder", default=None, help="start from this pretrained encoder bundle (fmct pretrain's RUN/bundle)")
     ap.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                    help="rescan each training phantom with one random CT-level variation (fmct.augment); val/test stay clean")
+                    help="rescan each training phantom with one random CT-level variation (fmct.data.rescan); val/test stay clean")
     ap.add_argument("--anatomy", default="default,realistic",
                     help="anatomy presets of the training and validation phantoms, comma-separated, taken in turn")
     ap.add_argument("--test-anatomies", default="default,ood",
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
                              for i, a in enumerate(test_anatomies)}},
                 "saliency_seeds": f"{SEED_BASE['saliency']}.. (100 per hemorrhage type)",
                 "augmentation": "training split: one random label-preserving CT-level variation per phantom "
-                                "(fmct.augment.random_variation, seeded by the phantom seed)" if args.augment else "none",
+                                "(fmct.data.rescan.random_variation, seeded by the phantom seed)" if args.augment else "none",
             },
             "seed": args.seed,
         },
@@ -349,11 +349,11 @@ def main(argv: list[str] | None = None) -> None:
         write_meta(meta, args.out)
         log.info("saliency metrics added to %s", args.out)
     # Last, since it records itself in fmct.json: findings-only analysis then runs without torch
-    # (fmct.runners.choose_backend), half the cold start.
+    # (fmct.inference.runners.choose_backend), half the cold start.
     if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
         log.warning("model.onnx not written: install fmct[onnx], then run `fmct export %s --onnx`", args.out)
         return
-    from fmct.onnx_export import export_onnx
+    from fmct.export.onnx import export_onnx
 
     log.info("model.onnx: %s", onnx_summary(export_onnx(args.out)))
 

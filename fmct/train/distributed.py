@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fmct.runtime import torch_device
+from fmct.conventions.runtime import torch_device
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmct.analyze import Analyzer
-from fmct.data import CachedVolumeDataset, collate_skip_none
-from fmct.errors import ConfigError
-from fmct.evaluate import evaluation_report, format_table, plot_roc, write_report_json
-from fmct.manifests import load_manifest
-from fmct.runtime import Progress
+from fmct.inference.analyze import Analyzer
+from fmct.data.datasets import CachedVolumeDataset, collate_skip_none
+from fmct.conventions.errors import ConfigError
+from fmct.features.metrics import evaluation_report, format_table, plot_roc, write_report_json
+from fmct.data.manifests import load_manifest
+from fmct.conventions.runtime import Progress
 
-log = logging.getLogger("fmct.evaluate")
+log = logging.getLogger("fmct.features.metrics")
 
 
 def predict_dataset(analyzer: Analyzer, source: str, cache_dir: str, layout: str = "auto",

@@ -19,20 +19,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmct.bundle import BundleMeta, Task, load_bundle, save_bundle
-from fmct.ood import fit_reference
-from fmct.config_file import build_config, read_config_file
-from fmct.data import CachedVolumeDataset, collate_skip_none
-from fmct.errors import ConfigError
-from fmct.evaluate import evaluation_report
-from fmct.manifests import Manifest, Study, load_manifest
+from fmct.inference.bundle import BundleMeta, Task, load_bundle, save_bundle
+from fmct.inference.ood import fit_reference
+from fmct.conventions.config_file import build_config, read_config_file
+from fmct.data.datasets import CachedVolumeDataset, collate_skip_none
+from fmct.conventions.errors import ConfigError
+from fmct.features.metrics import evaluation_report
+from fmct.data.manifests import Manifest, Study, load_manifest
 from fmct.models import FMCTClassifier, preset
-from fmct.preprocess import PreprocessSpec
+from fmct.preprocessing.preprocessor import PreprocessSpec
 from fmct.train.calibration import fit_temperature, youden_threshold
 from fmct.train.distributed import barrier, device_for, distributed_sampler, init_from_env, process_group_kind, wrap_ddp
 from fmct.train.reference import predict_with_features
 from fmct.train.supervised import SupervisedConfig, positive_weights, train_classifier
-from fmct.runtime import CancelCheck, Progress
+from fmct.conventions.runtime import CancelCheck, Progress
 
 log = logging.getLogger("fmct.train.finetune")
 
@@ -59,7 +59,7 @@ class FinetuneConfig:
     layer_decay: float = 0.75
     warmup_epochs: int = 2
     seed: int = 0
-    augment: float = 0.0  # share of training items rescanned at random each epoch (fmct.augment), 0 = off
+    augment: float = 0.0  # share of training items rescanned at random each epoch (fmct.data.rescan), 0 = off
     device: str = "auto"
     name: str = "fmct-finetuned"
     checkpoints: str | None = None  # a folder: a checkpoint per epoch, and a rerun continues after the last one

@@ -32,7 +32,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from fmct.errors import Cancelled, ConfigError, FMCTError, ResumeMismatchError, TrainingDivergedError
+from fmct.conventions.errors import Cancelled, ConfigError, FMCTError, ResumeMismatchError, TrainingDivergedError
 from fmct.ssl.augment import MultiCropAugmentation, collate_crops, sample_generator
 from fmct.ssl.config import SSLConfig
 from fmct.ssl.ema import cosine, teacher_momentum, teacher_temperature
@@ -41,7 +41,7 @@ from fmct.ssl.meta_arch import SelfDistillation
 from fmct.train import checkpoint as ckpt
 from fmct.train.pretrain_args import build_parser, config_from_args  # noqa: F401  (re-exported)
 from fmct.train import distributed as ddp
-from fmct.runtime import CancelCheck, Progress, autocast
+from fmct.conventions.runtime import CancelCheck, Progress, autocast
 
 log = logging.getLogger("fmct.train.pretrain")
 
@@ -58,7 +58,7 @@ class VolumeDataset(Protocol):
     """What the loop needs from a dataset: preprocessed model-grid volumes by index.
 
     __getitem__ returns a [C, D, H, W] tensor, or a mapping with that tensor under "image"
-    (so fmct.data's datasets plug in unchanged).
+    (so fmct.data.datasets's datasets plug in unchanged).
     """
 
     def __len__(self) -> int: ...
@@ -87,7 +87,7 @@ def make_phantom_tensors(n: int, seed: int, spacing_mm: Sequence[float], size: S
 
     anatomy: a preset name, or several comma-separated, taken in turn (more varied data)."""
     from fmct.phantom import make_phantom
-    from fmct.preprocess import Preprocessor, PreprocessSpec
+    from fmct.preprocessing.preprocessor import Preprocessor, PreprocessSpec
 
     pre = Preprocessor(PreprocessSpec(spacing_mm=tuple(float(v) for v in spacing_mm), size=tuple(int(v) for v in size)))
     slices, presets = ("thick", "thin"), [a.strip() for a in anatomy.split(",") if a.strip()] or ["default"]
@@ -98,7 +98,7 @@ def make_phantom_tensors(n: int, seed: int, spacing_mm: Sequence[float], size: S
 
 def preprocess_spec(cfg: SSLConfig) -> Any:
     """The one PreprocessSpec of a run: what its data goes through and what its bundle records."""
-    from fmct.preprocess import PreprocessSpec
+    from fmct.preprocessing.preprocessor import PreprocessSpec
 
     return PreprocessSpec(spacing_mm=tuple(cfg.data.spacing_mm), size=tuple(cfg.data.size))
 
@@ -106,8 +106,8 @@ def preprocess_spec(cfg: SSLConfig) -> Any:
 def load_dataset(cfg: SSLConfig) -> Any:
     d = cfg.data
     if d.source == "manifest":
-        from fmct.data import CachedVolumeDataset
-        from fmct.manifests import load_manifest
+        from fmct.data.datasets import CachedVolumeDataset
+        from fmct.data.manifests import load_manifest
 
         return CachedVolumeDataset(load_manifest(d.path), preprocess_spec(cfg), d.cache_dir, tasks=[]).prepare()
     if d.source == "tensors":
@@ -597,7 +597,7 @@ def check_resume_config(stored_path: Path, new: dict[str, Any]) -> None:
 
 def _write_bundle(model: SelfDistillation, cfg: SSLConfig, run_dir: Path, steps: int) -> Path:
     """The teacher encoder as a task-less bundle (DINO's teacher is the better encoder)."""
-    from fmct.bundle import BundleMeta, save_bundle
+    from fmct.inference.bundle import BundleMeta, save_bundle
     from fmct.models import FMCTClassifier
 
     enc = cfg.encoder_config

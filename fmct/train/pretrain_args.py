@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fmct.errors import ConfigError
+from fmct.conventions.errors import ConfigError
 from fmct.ssl.config import SIZES, SSLConfig, apply_size, recipe
 
 USAGE_EXAMPLES = """examples:
@@ -51,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> SSLConfig:
     """Recipe of --size (or --config's file) < flags < --set, as one typed SSLConfig."""
     import yaml
 
-    from fmct.config_file import read_config_file
+    from fmct.conventions.config_file import read_config_file
 
     if args.config:
         raw = read_config_file(args.config)

@@ -17,11 +17,11 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from fmct.atomic import write_bytes_atomic
-from fmct.bundle import OOD_FILE, WEIGHTS_FILE, load_bundle
+from fmct.conventions.atomic import write_bytes_atomic
+from fmct.inference.bundle import OOD_FILE, WEIGHTS_FILE, load_bundle
 from fmct.models import FMCTClassifier
-from fmct.ood import DEFAULT_QUANTILE, ReferenceStats, fit_reference
-from fmct.runtime import autocast, torch_device
+from fmct.inference.ood import DEFAULT_QUANTILE, ReferenceStats, fit_reference
+from fmct.conventions.runtime import autocast, torch_device
 
 log = logging.getLogger("fmct.train.reference")
 

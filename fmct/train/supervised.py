@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmct.errors import Cancelled, ConfigError
+from fmct.conventions.errors import Cancelled, ConfigError
 from fmct.models import FMCTClassifier
-from fmct.runtime import CancelCheck, Progress, autocast
+from fmct.conventions.runtime import CancelCheck, Progress, autocast
 from fmct.train import checkpoint as ckpt
 
 log = logging.getLogger("fmct.train.supervised")

@@ -1,6 +1,6 @@
 """The two ways to run a bundle's model, with one face: a model tensor in, logits out.
 
-`TorchRunner` holds the torch module (so it can also explain); `fmct.onnx_backend.OnnxModel` runs
+`TorchRunner` holds the torch module (so it can also explain); `fmct.inference.onnx_runner.OnnxModel` runs
 the checked model.onnx with onnxruntime alone (findings only, torch never imported). The Analyzer
 talks to either through `logits(array)` and `device`, calibrates once with
 `calibrated_probabilities`, and offers explanations exactly when `runner.module` is not None.
@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
-from fmct.bundle import ONNX_FILE, Bundle, default_bundle_path, has_member, load_bundle, read_meta
-from fmct.errors import ConfigError
-from fmct.runtime import autocast, cuda_may_be_present, parse_device, torch_device
+from fmct.inference.bundle import ONNX_FILE, Bundle, default_bundle_path, has_member, load_bundle, read_meta
+from fmct.conventions.errors import ConfigError
+from fmct.conventions.runtime import autocast, cuda_may_be_present, parse_device, torch_device
 
 if TYPE_CHECKING:
     import torch
@@ -106,7 +106,7 @@ def load_runner(bundle: Bundle | str | Path | None = None, backend: str = "torch
     if backend == "onnx":
         if compile:
             raise ConfigError("compile applies to the torch backend only")
-        from fmct.onnx_backend import load_onnx_bundle
+        from fmct.inference.onnx_runner import load_onnx_bundle
 
         where = bundle.path if isinstance(bundle, Bundle) else bundle
         where = Path(where) if where is not None else default_bundle_path()

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from fmct.atomic import write_bytes_atomic
-from fmct.bundle import ONNX_FILE, WEIGHTS_FILE, load_bundle, read_bundle, write_meta
-from fmct.errors import BundleError, ConfigError
-from fmct.onnx_backend import (
+from fmct.conventions.atomic import write_bytes_atomic
+from fmct.inference.bundle import ONNX_FILE, WEIGHTS_FILE, load_bundle, read_bundle, write_meta
+from fmct.conventions.errors import BundleError, ConfigError
+from fmct.inference.onnx_runner import (
     FEATURES_NAME,
     INPUT_NAME,
     OUTPUT_NAME,
@@ -28,9 +28,9 @@ from fmct.onnx_backend import (
     check_onnx_record,
     sha256,
 )
-from fmct.preprocess import Preprocessor
-from fmct.runners import calibrated_probabilities
-from fmct.runtime import Progress
+from fmct.preprocessing.preprocessor import Preprocessor
+from fmct.inference.runners import calibrated_probabilities
+from fmct.conventions.runtime import Progress
 
 DEFAULT_OPSET = 17  # first opset with LayerNormalization as one op
 

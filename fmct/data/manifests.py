@@ -3,11 +3,11 @@
 A *manifest* is a list of `Study` records (where the CT is, which labels it has). It can be built
 from a folder of studies, from a CSV, or from the public layouts of RSNA Intracranial Hemorrhage
 2019 and CQ500, so training code never needs to know where the data came from. Labels use the
-task names of `fmct.tasks.TASKS`; a missing label is None (unlabeled data is fine for
+task names of `fmct.conventions.tasks.TASKS`; a missing label is None (unlabeled data is fine for
 pretraining).
 
 Torch-free on purpose: listing, checking and converting a dataset (and writing the manifest CSV
-that `write_manifest_csv` saves) needs no deep-learning stack; `fmct.data` turns a manifest into
+that `write_manifest_csv` saves) needs no deep-learning stack; `fmct.data.datasets` turns a manifest into
 tensors.
 
 Study ids never contain patient names or IDs: they are folder/file names as given, public dataset
@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from fmct.dicom import read_header
-from fmct.errors import ConfigError, EmptyInputError, UnreadableInputError
-from fmct.tasks import TASKS
-from fmct.volume import FORMATS, format_suffix
+from fmct.reading.dicom import read_header
+from fmct.conventions.errors import ConfigError, EmptyInputError, UnreadableInputError
+from fmct.conventions.tasks import TASKS
+from fmct.reading.volume import FORMATS, format_suffix
 
-log = logging.getLogger("fmct.manifests")
+log = logging.getLogger("fmct.data.manifests")
 
 ID_COLUMNS = ("study_id", "case_id", "id", "name")
 MISSING = {"", "na", "nan", "none", "null", "-"}

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from fmct.bundle import OOD_FILE, WEIGHTS_FILE, Bundle, read_members
-from fmct.errors import BundleError
+from fmct.inference.bundle import OOD_FILE, WEIGHTS_FILE, Bundle, read_members
+from fmct.conventions.errors import BundleError
 
 FEATURE = "cls+mean_patch"  # what the statistics describe: the task head's input
 MIN_HEAD_EXTENT_MM = 90.0  # whole adult heads measure 110-170 mm bottom to top (phantoms, a 3 cm neck cut included); a vertex-only scan 45-55

@@ -31,15 +31,15 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from fmct.atomic import write_text_atomic
-from fmct.errors import ConfigError, FMCTError, OutputFolderError
-from fmct.volume import FORMATS, format_suffix
-from fmct.outputs import read_findings, source_key, write_study_outputs
-from fmct.preprocess import ModelInput, Preprocessor, PreprocessSpec
-from fmct.volume import Volume
-from fmct.runtime import Progress
+from fmct.conventions.atomic import write_text_atomic
+from fmct.conventions.errors import ConfigError, FMCTError, OutputFolderError
+from fmct.reading.volume import FORMATS, format_suffix
+from fmct.inference.study_folder import read_findings, source_key, write_study_outputs
+from fmct.preprocessing.preprocessor import ModelInput, Preprocessor, PreprocessSpec
+from fmct.reading.volume import Volume
+from fmct.conventions.runtime import Progress
 
-log = logging.getLogger("fmct.batch")
+log = logging.getLogger("fmct.inference.batch")
 SUMMARY_FILE = "summary.csv"
 LOCK_DIR = ".fmct-locks"
 MAX_PENDING_WRITES = 4  # studies waiting for their files to be written (bounds memory)
@@ -182,7 +182,7 @@ class StudyPreparer:
         return len(self.studies)
 
     def __getitem__(self, i: int) -> Prepared:
-        from fmct.io import read_volume
+        from fmct.reading.files import read_volume
 
         study = self.studies[i]
         t0 = time.perf_counter()
@@ -219,7 +219,7 @@ def _init_worker(sitk_threads: int, *_: Any) -> None:
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, sitk_threads))
-    for name in ("fmct.io", "fmct.dicom"):  # one "Read ..." line per study would drown the progress bar
+    for name in ("fmct.reading.files", "fmct.reading.dicom"):  # one "Read ..." line per study would drown the progress bar
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -332,7 +332,7 @@ def run_batch(
     num_workers decode ahead of the model (default: see default_workers); writers (default 2 to 8
     threads beside a GPU, 1 on CPU) map saliency back and write files while the model moves on.
     """
-    from fmct.bundle import model_identity
+    from fmct.inference.bundle import model_identity
 
     t_start = time.perf_counter()
     analyzer.check_explain_method(explain_method)

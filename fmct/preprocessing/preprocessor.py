@@ -21,9 +21,9 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from fmct.errors import ConfigError, InputVolumeError
-from fmct.separable import resample_parallel
-from fmct.volume import Volume
+from fmct.conventions.errors import ConfigError, InputVolumeError
+from fmct.preprocessing.separable import resample_parallel
+from fmct.reading.volume import Volume
 
 AIR_HU = -1024.0
 HEAD_THRESHOLD_HU = -300.0
@@ -156,7 +156,7 @@ class ModelInput:
     model_grid: Grid
     input_grid: Grid
     head_center_mm: tuple[float, float, float]
-    head_extent_mm: float | None = None  # the head from bottom to top (fmct.ood judges coverage by it)
+    head_extent_mm: float | None = None  # the head from bottom to top (fmct.inference.ood judges coverage by it)
 
     @property
     def tensor(self) -> "torch.Tensor":  # noqa: F821
@@ -213,7 +213,7 @@ class Preprocessor:
         """Resample a [D, H, W] map on the model grid onto the input CT's grid (0 outside).
 
         Linear interpolation straight onto the CT's own grid in its own storage order: as three
-        1-D passes when the two grids' axes are parallel (fmct.separable; any CT that is not
+        1-D passes when the two grids' axes are parallel (fmct.preprocessing.separable; any CT that is not
         oblique), else ITK's resampling. levels=255 gives a [0, 1] map as uint8 0..255, rounded
         half up, with no float32 map on the CT's grid: a quarter of its memory (1 GB instead of
         4 GB on a 1024x1024x1000 CT) and no second pass to quantise it.
@@ -235,7 +235,7 @@ class Preprocessor:
 
 def itk_resample(array: np.ndarray, src: Grid, dst: Grid, levels: int | None = None) -> np.ndarray:
     """ITK's linear resampling of `array` on src onto dst (0 outside): the path for oblique grids,
-    and the reference fmct.separable is tested against. levels as in Preprocessor.to_input_grid."""
+    and the reference fmct.preprocessing.separable is tested against. levels as in Preprocessor.to_input_grid."""
     if levels is None:
         return dst.resample(src.image(array), sitk.sitkLinear, 0.0)
     # linear interpolation commutes with the affine scaling; ITK clamps and truncates into uint8

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Sequence, Union
 import numpy as np
 
 if TYPE_CHECKING:
-    from fmct.bundle import BundleMeta
+    from fmct.inference.bundle import BundleMeta
     from fmct.models import FMCTClassifier
-    from fmct.preprocess import PreprocessSpec
+    from fmct.preprocessing.preprocessor import PreprocessSpec
 
 # A task is a name (threshold 0.5) or a (name, decision threshold) pair.
 TaskSpec = Union[str, "tuple[str, float]"]
@@ -24,7 +24,7 @@ TaskSpec = Union[str, "tuple[str, float]"]
 
 def small_spec() -> "PreprocessSpec":
     """6 mm voxels on a 32^3 grid: the smallest input the tiny encoder takes."""
-    from fmct.preprocess import PreprocessSpec
+    from fmct.preprocessing.preprocessor import PreprocessSpec
 
     return PreprocessSpec(spacing_mm=(6.0, 6.0, 6.0), size=(32, 32, 32))
 
@@ -33,7 +33,7 @@ def tiny_meta(tasks: Sequence[TaskSpec] = ("bleed", "fracture"), spec: "Preproce
               temperature: float = 1.5, name: str = "test-tiny",
               recipe: str = "random init for tests") -> "BundleMeta":
     """The metadata of a 2-block, 48-wide encoder with the given task heads."""
-    from fmct.bundle import BundleMeta, Task
+    from fmct.inference.bundle import BundleMeta, Task
     from fmct.models import preset
 
     spec = spec if spec is not None else small_spec()
@@ -56,7 +56,7 @@ def tiny_bundle(path: str | Path, seed: int = 0, **meta_options) -> "tuple[Path,
     """
     import torch
 
-    from fmct.bundle import save_bundle
+    from fmct.inference.bundle import save_bundle
     from fmct.models import FMCTClassifier
 
     torch.manual_seed(seed)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fmct.errors import ConfigError
+from fmct.conventions.errors import ConfigError
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

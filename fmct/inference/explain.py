@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmct.errors import Cancelled
+from fmct.conventions.errors import Cancelled
 from fmct.models import FMCTClassifier
-from fmct.runtime import CancelCheck, Progress, check_explain_method
+from fmct.conventions.runtime import CancelCheck, Progress, check_explain_method
 
 # 16 Gauss-Legendre nodes, kept by measurement (benchmarks/RESULTS.md, "Saliency for every finding").
 # Fewer nodes are a quarter of the backward passes but not provably as good: on 30 phantoms (6 per

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from fmct.bundle import Bundle
-from fmct.errors import BundleError, ConfigError
-from fmct.preprocess import ModelInput, Preprocessor
-from fmct.ood import load_reference_stats
-from fmct.outputs import SALIENCY_MAX
-from fmct.runners import calibrated_probabilities, load_runner
-from fmct.runtime import CancelCheck, Progress, check_cancel, check_explain_method, report_to, sub_progress
-from fmct.volume import Volume, validate_ct
+from fmct.inference.bundle import Bundle
+from fmct.conventions.errors import BundleError, ConfigError
+from fmct.preprocessing.preprocessor import ModelInput, Preprocessor
+from fmct.inference.ood import load_reference_stats
+from fmct.inference.study_folder import SALIENCY_MAX
+from fmct.inference.runners import calibrated_probabilities, load_runner
+from fmct.conventions.runtime import CancelCheck, Progress, check_cancel, check_explain_method, report_to, sub_progress
+from fmct.reading.volume import Volume, validate_ct
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +51,7 @@ class AnalysisResult:
     timings: dict[str, float] = field(default_factory=dict)
     model_input: ModelInput | None = None
     model_saliency: dict[str, np.ndarray] = field(default_factory=dict)  # the same maps on the model grid
-    ood: dict[str, Any] | None = None  # the out-of-distribution record (fmct.ood), None when the bundle has no statistics
+    ood: dict[str, Any] | None = None  # the out-of-distribution record (fmct.inference.ood), None when the bundle has no statistics
 
     @property
     def in_distribution(self) -> bool | None:
@@ -193,7 +193,7 @@ class Analyzer:
         targets = self._targets(findings, explain_findings) if explain_method else []
         t0 = time.perf_counter()
         if targets:  # every finding's map from one shared pass (one forward over the IG path, a backward each)
-            from fmct.explain import explain_findings
+            from fmct.inference.explain import explain_findings
 
             check_cancel(cancel)
             maps = explain_findings(self.model, self.runner.to_device(model_input.tensor),

@@ -1,7 +1,7 @@
 """Run a bundle's model.onnx with onnxruntime alone: the deployment path that needs no torch.
 
 The ONNX graph maps the model tensor [B, C, D, H, W] to logits [B, T], the same face as the torch
-runner (`fmct.runners`), where the one calibration (temperature and sigmoid) is applied to both. A model.onnx is only
+runner (`fmct.inference.runners`), where the one calibration (temperature and sigmoid) is applied to both. A model.onnx is only
 trusted when fmct.json records that it was checked against the weights it sits next to:
 `fmct export --onnx` records the SHA-256 of both files, so an edited, swapped or stale
 model.onnx (the weights were retrained after the export) is refused instead of silently giving
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from fmct.bundle import ONNX_FILE, WEIGHTS_FILE, BundleMeta, read_bundle
-from fmct.errors import BundleError, ConfigError
-from fmct.runtime import device_index, parse_device
+from fmct.inference.bundle import ONNX_FILE, WEIGHTS_FILE, BundleMeta, read_bundle
+from fmct.conventions.errors import BundleError, ConfigError
+from fmct.conventions.runtime import device_index, parse_device
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

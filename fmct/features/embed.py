@@ -2,7 +2,7 @@
 
 In Python::
 
-    from fmct.embed import load_encoder
+    from fmct.features.embed import load_encoder
     encoder = load_encoder("runs/pretrain/bundle")        # a ViT3D in eval mode, on the CPU
     x = Preprocessor(encoder.preprocessing)(volume).tensor  # [1, C, D, H, W], the bundle's own spec
     feats = encoder.forward_features(x)                   # {"cls": [1, D], "patch": [1, N, D]}
@@ -27,24 +27,24 @@ from typing import Any
 
 import numpy as np
 
-from fmct.atomic import write_bytes_atomic
-from fmct.errors import ConfigError, FMCTError
-from fmct.runtime import CancelCheck, Progress
+from fmct.conventions.atomic import write_bytes_atomic
+from fmct.conventions.errors import ConfigError, FMCTError
+from fmct.conventions.runtime import CancelCheck, Progress
 
-log = logging.getLogger("fmct.embed")
+log = logging.getLogger("fmct.features.embed")
 
 PARTS_SUFFIX = ".parts"
 FORMATS = (".npz", ".csv")
 
 
 def load_encoder(bundle: Any, device: str = "cpu"):
-    """The encoder of a bundle (a folder or .zip path, or a loaded fmct.bundle.Bundle) as a ViT3D in eval mode.
+    """The encoder of a bundle (a folder or .zip path, or a loaded fmct.inference.bundle.Bundle) as a ViT3D in eval mode.
 
     It carries ``encoder.preprocessing`` (the bundle's PreprocessSpec: feed it tensors made with
     that spec) and ``encoder.bundle_meta``. Works for task-less pretrained bundles and fine-tuned ones.
     """
-    from fmct.bundle import Bundle, load_bundle
-    from fmct.runtime import torch_device
+    from fmct.inference.bundle import Bundle, load_bundle
+    from fmct.conventions.runtime import torch_device
 
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if loaded.model is None:
@@ -59,7 +59,7 @@ def load_encoder(bundle: Any, device: str = "cpu"):
 
 def _fingerprint(bundle_path: Path, options: dict[str, Any]) -> dict[str, Any]:
     """What makes two runs' rows comparable: the weights' bytes and the options."""
-    from fmct.bundle import load_bundle
+    from fmct.inference.bundle import load_bundle
 
     h = hashlib.sha256()
     if bundle_path.is_dir():
@@ -87,11 +87,11 @@ def embed(data: str | Path, model: str | Path, out: str | Path, layers: int = 0,
     """
     import torch
 
-    from fmct.data import read_study
-    from fmct.errors import Cancelled
-    from fmct.manifests import load_manifest
-    from fmct.preprocess import Preprocessor
-    from fmct.runtime import torch_device
+    from fmct.data.datasets import read_study
+    from fmct.conventions.errors import Cancelled
+    from fmct.data.manifests import load_manifest
+    from fmct.preprocessing.preprocessor import Preprocessor
+    from fmct.conventions.runtime import torch_device
 
     out = Path(out)
     if out.suffix.lower() not in FORMATS:

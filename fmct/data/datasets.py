@@ -1,6 +1,6 @@
 """Training data as tensors: a dataset over a manifest that caches preprocessed volumes.
 
-`CachedVolumeDataset` turns a manifest (`fmct.manifests`) into tensors. Decoding DICOM and
+`CachedVolumeDataset` turns a manifest (`fmct.data.manifests`) into tensors. Decoding DICOM and
 resampling dominates the cost of an epoch, so each study is preprocessed once and stored as a .npy
 file keyed by the source files and the preprocessing spec; later epochs (and later runs) only read
 .npy files. A study that cannot be read is skipped, counted and logged by path, never stopping the
@@ -19,15 +19,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fmct.atomic import write_bytes_atomic
-from fmct.dicom import read_dicom_files
-from fmct.errors import Cancelled, ConfigError, EmptyInputError
-from fmct.io import read_volume
-from fmct.manifests import Manifest, Study
-from fmct.preprocess import Preprocessor, PreprocessSpec
-from fmct.runtime import CancelCheck, Progress
+from fmct.conventions.atomic import write_bytes_atomic
+from fmct.reading.dicom import read_dicom_files
+from fmct.conventions.errors import Cancelled, ConfigError, EmptyInputError
+from fmct.reading.files import read_volume
+from fmct.data.manifests import Manifest, Study
+from fmct.preprocessing.preprocessor import Preprocessor, PreprocessSpec
+from fmct.conventions.runtime import CancelCheck, Progress
 
-log = logging.getLogger("fmct.data")
+log = logging.getLogger("fmct.data.datasets")
 
 
 CACHE_VERSION = 1
@@ -86,7 +86,7 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 try:
     from torch.utils.data import Dataset as _TorchDataset
-except ImportError:  # pragma: no cover - torch is a dependency; kept so `import fmct.data` works without it
+except ImportError:  # pragma: no cover - torch is a dependency; kept so `import fmct.data.datasets` works without it
     _TorchDataset = object
 
 
@@ -110,7 +110,7 @@ class CachedVolumeDataset(_TorchDataset):
             raise ConfigError(f"cache_dtype must be 'float16' or 'float32', got {cache_dtype!r}")
         if not 0.0 <= augment <= 1.0:
             raise ConfigError(f"augment must be a probability between 0 and 1, got {augment}")
-        self.augment = float(augment)       # share of items rescanned at random (fmct.augment) before preprocessing
+        self.augment = float(augment)       # share of items rescanned at random (fmct.data.rescan) before preprocessing
         self.augment_seed = int(augment_seed)
         self.epoch = 0
         self.manifest = list(manifest)
@@ -203,7 +203,7 @@ class CachedVolumeDataset(_TorchDataset):
         same rescans. It re-reads the study (the cache holds preprocessed tensors): the price of
         varying the CT itself rather than the tensor.
         """
-        from fmct.augment import random_variation
+        from fmct.data.rescan import random_variation
 
         rng = np.random.default_rng([self.augment_seed, self.epoch, i])
         if rng.random() >= self.augment:

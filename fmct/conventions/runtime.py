@@ -5,7 +5,7 @@ callback and an optional ``cancel()`` check; the CLI maps progress to tqdm, scri
 modules read JSON lines. Devices: the user names one device string ("auto", "cpu", "cuda",
 "cuda:N"); it is checked here, once, and resolved to torch or onnxruntime terms by the caller's
 backend. Autocast: bf16 on CUDA, nothing on CPU. Explanation methods: their names live here so the
-CLI and the Slicer module offer exactly what `fmct.explain` implements.
+CLI and the Slicer module offer exactly what `fmct.inference.explain` implements.
 
 torch is imported inside the functions that need it, so the onnxruntime path never imports it.
 """
@@ -16,7 +16,7 @@ import sys
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
-from fmct.errors import Cancelled, ConfigError
+from fmct.conventions.errors import Cancelled, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +120,7 @@ def autocast(device: "torch.device | str") -> ContextManager[Any]:
 
 
 def check_explain_method(method: str | None) -> None:
-    """Refuse an explanation method fmct.explain does not implement (None means no explanation)."""
+    """Refuse an explanation method fmct.inference.explain does not implement (None means no explanation)."""
     if method is not None and method not in EXPLAIN_METHODS:
         raise ConfigError(f"unknown explanation method '{method}'; choose one of {', '.join(EXPLAIN_METHODS)} or none")
 

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from fmct import __version__
-from fmct.atomic import write_text_atomic
-from fmct.errors import BundleError, OutputFolderError
-from fmct.volume import Volume
+from fmct.conventions.atomic import write_text_atomic
+from fmct.conventions.errors import BundleError, OutputFolderError
+from fmct.reading.volume import Volume
 
 FINDINGS_FILE = "findings.json"
 SALIENCY_MAX = 255  # stored value of the strongest attribution; divide by it for the [0, 1] map
@@ -120,7 +120,7 @@ PARALLEL_WRITE_MAX_VOXELS = 256 << 20
 
 
 def _write_saliency(saliency: Volume, path: Path) -> Path:
-    from fmct.io import write_volume
+    from fmct.reading.files import write_volume
 
     return write_volume(quantize_saliency(saliency), path)
 
@@ -154,13 +154,13 @@ def write_study_outputs(
 ) -> tuple[dict[str, Any], list[Path]]:
     """Write the folder for one analysed CT; returns the findings.json payload and the files written.
 
-    result is an fmct.analyze.AnalysisResult whose saliency maps are already on the CT's grid.
+    result is an fmct.inference.analyze.AnalysisResult whose saliency maps are already on the CT's grid.
     A folder holding another study's results is refused unless overwrite; FMCT's earlier files in
     it are removed first. A probability that is not finite is an error, never written.
     threads: files written at once (None: as many as there are cores and files, see _run_writes);
     a batch keeps 1, since its writer threads already run beside the model.
     """
-    from fmct.io import write_volume
+    from fmct.reading.files import write_volume
 
     for f in result.findings:
         if not (isinstance(f.probability, (int, float)) and math.isfinite(f.probability)):
@@ -180,7 +180,7 @@ def write_study_outputs(
     for name, sal in result.saliency.items():
         jobs.append(partial(_write_saliency, sal, out / f"saliency_{name}.nii.gz"))
     if report:
-        from fmct.report import write_report
+        from fmct.inference.report_png import write_report
 
         jobs.append(partial(write_report, volume, result, out / "report.png", model_name))
     written = _run_writes(jobs, threads, volume.array.size)

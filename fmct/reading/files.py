@@ -19,8 +19,8 @@ from typing import BinaryIO, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from fmct.dicom import read_dicom_series
-from fmct.errors import (
+from fmct.reading.dicom import read_dicom_series
+from fmct.conventions.errors import (
     AbsurdSpacingError,
     ConfigError,
     EmptyInputError,
@@ -28,7 +28,7 @@ from fmct.errors import (
     NotVolumeError,
     UnreadableInputError,
 )
-from fmct.volume import (
+from fmct.reading.volume import (
     FORMATS,
     Volume,
     check_memory,
@@ -39,7 +39,7 @@ from fmct.volume import (
     validate_ct,
 )
 
-log = logging.getLogger("fmct.io")
+log = logging.getLogger("fmct.reading.files")
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 SUPPORTED = "a DICOM folder, " + ", ".join(FORMATS)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from fmct.analyze import AnalysisResult
-    from fmct.volume import Volume
+    from fmct.inference.analyze import AnalysisResult
+    from fmct.reading.volume import Volume
 
 
 def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_name: str = "", n_slices: int = 4) -> Path:
@@ -64,7 +64,7 @@ def radiological_view(volume: Volume) -> tuple[np.ndarray, float]:
     when drawn with row 0 at the top: rows run anterior to posterior, columns from the patient's
     right to left, and slices inferior to superior.
     """
-    from fmct.preprocess import canonical_view, orientation_direction
+    from fmct.preprocessing.preprocessor import canonical_view, orientation_direction
 
     canonical = canonical_view(volume, orientation_direction("LPS"))
     return canonical.array, canonical.spacing[1] / canonical.spacing[0]
@@ -72,7 +72,7 @@ def radiological_view(volume: Volume) -> tuple[np.ndarray, float]:
 
 def _unit(saliency: np.ndarray) -> np.ndarray:
     """A map in [0, 1], whether it is float or uint8 0..255 (what Analyzer.map_back gives)."""
-    from fmct.outputs import SALIENCY_MAX
+    from fmct.inference.study_folder import SALIENCY_MAX
 
     return saliency / np.float32(SALIENCY_MAX) if saliency.dtype == np.uint8 else saliency
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from fmct.errors import (
+from fmct.conventions.errors import (
     AbsurdSpacingError,
     EmptyInputError,
     GantryTiltError,
@@ -30,9 +30,9 @@ from fmct.errors import (
     NotVolumeError,
     UnreadableInputError,
 )
-from fmct.volume import FORMATS, Volume, check_memory, format_suffix, native_stderr_silenced, validate_ct
+from fmct.reading.volume import FORMATS, Volume, check_memory, format_suffix, native_stderr_silenced, validate_ct
 
-log = logging.getLogger("fmct.io")
+log = logging.getLogger("fmct.reading.files")
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SOP_CLASS_BY_MODALITY = {"CT": CT_IMAGE_STORAGE, "MR": "1.2.840.10008.5.1.4.1.1.4"}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from fmct.errors import AbsurdSpacingError, NotCTError, NotVolumeError, VolumeTooLargeError
+from fmct.conventions.errors import AbsurdSpacingError, NotCTError, NotVolumeError, VolumeTooLargeError
 
 FORMATS = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage"}
 MAX_SPACING_MM = 20.0
@@ -148,7 +148,7 @@ def memory_limit() -> tuple[float | None, str]:
         except ValueError:
             value = float("nan")
         if not (math.isfinite(value) and value > 0):
-            from fmct.errors import ConfigError
+            from fmct.conventions.errors import ConfigError
 
             raise ConfigError(f"{MEMORY_ENV}={text!r} must be a positive number of gigabytes")
         return value * 1e9, f"the limit {MEMORY_ENV}={text}"

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fmct import __version__
-from fmct.atomic import default_mode, write_bytes_atomic, write_text_atomic
-from fmct.errors import BundleError, ConfigError
+from fmct.conventions.atomic import default_mode, write_bytes_atomic, write_text_atomic
+from fmct.conventions.errors import BundleError, ConfigError
 from fmct.models.config import ViT3DConfig
-from fmct.preprocess import PreprocessSpec
+from fmct.preprocessing.preprocessor import PreprocessSpec
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 META_FILE = "fmct.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
-OOD_FILE = "ood.safetensors"  # reference feature statistics for the out-of-distribution score (fmct.ood)
+OOD_FILE = "ood.safetensors"  # reference feature statistics for the out-of-distribution score (fmct.inference.ood)
 # The most a bundle file may hold (declared in the zip and actually inflated): fmct.json is text,
 # the weights of the largest preset are far below 4 GiB. Anything bigger is refused unread.
 MAX_MEMBER_BYTES = {META_FILE: 16 << 20, WEIGHTS_FILE: 4 << 30, ONNX_FILE: 4 << 30, OOD_FILE: 256 << 20}
@@ -262,7 +262,7 @@ def default_bundle_path() -> Path:
     env = os.environ.get("FMCT_BUNDLE")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "Resources" / "DemoModel"
+    return Path(__file__).resolve().parents[2] / "Resources" / "DemoModel"
 
 
 def build_model(meta: BundleMeta) -> FMCTClassifier:
@@ -473,7 +473,7 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, path: str | Path, onnx
 
     Without onnx_bytes the bundle has no model.onnx, so any ONNX check record in meta.onnx
     (which describes a model.onnx of earlier weights) is dropped. reference (an
-    fmct.ood.ReferenceStats) is written as the out-of-distribution statistics of exactly these weights.
+    fmct.inference.ood.ReferenceStats) is written as the out-of-distribution statistics of exactly these weights.
     """
     from safetensors.torch import save as save_safetensors_bytes
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fmct.errors import ConfigError
+from fmct.conventions.errors import ConfigError
 
 METHODS = ("knn", "logreg")
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -70,7 +70,7 @@ def logreg_fit_predict(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndar
 
 def logreg_scores(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
     """Logistic regression with its L2 weight picked on an inner 3-fold split of the training fold."""
-    from fmct.evaluate import auroc
+    from fmct.features.metrics import auroc
 
     best, best_l2 = -1.0, L2_GRID[len(L2_GRID) // 2]
     if min(int(y_train.sum()), int((1 - y_train).sum())) >= 3:
@@ -100,7 +100,7 @@ def labels_from_csv(path: str | Path, ids: list[str]) -> tuple[list[str], np.nda
     """A labels CSV (a study id column, then 0/1 columns per task) aligned to ids (NaN where missing)."""
     import csv
 
-    from fmct.manifests import ID_COLUMNS
+    from fmct.data.manifests import ID_COLUMNS
 
     path = Path(path)
     if not path.is_file():
@@ -127,8 +127,8 @@ def probe(features_path: str | Path, labels: str | Path | None = None, tasks: li
           methods: tuple[str, ...] = METHODS, which: str = "cls+patch_mean", folds: int = 5, k: int = 20,
           seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
     """Cross-validated kNN / logistic-regression AUROC per task on a features file from `fmct embed`."""
-    from fmct.embed import read_features
-    from fmct.evaluate import auroc, auroc_ci
+    from fmct.features.embed import read_features
+    from fmct.features.metrics import auroc, auroc_ci
 
     bad = sorted(set(methods) - set(METHODS))
     if bad:
@@ -195,6 +195,6 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
-    from fmct.atomic import write_text_atomic
+    from fmct.conventions.atomic import write_text_atomic
 
     return write_text_atomic(path, json.dumps(report, indent=2))

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from fmct.phantom import variations
-from fmct.volume import Volume
+from fmct.reading.volume import Volume
 
 KINDS = ("rigid", "cut", "kernel", "noise", "thicker_slices")
 MAX_ANGLE_DEG = 5.0

@@ -1,0 +1,12 @@
+"""Exports of a bundle for other runtimes (ONNX).
+"""
+from __future__ import annotations
+
+from fmct._lazy import lazy_exports
+
+_NAMES = {
+    "export_onnx": "fmct.export.onnx",
+    "check_onnx_parity": "fmct.export.onnx",
+}
+__all__ = sorted(_NAMES)
+__getattr__ = lazy_exports(__name__, _NAMES)

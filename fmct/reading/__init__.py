@@ -1,0 +1,19 @@
+"""Reading CTs: the `Volume` (HU array + LPS geometry), NIfTI / NRRD / MHA files and DICOM series.
+
+The first step of every data flow: whatever the format, a `Volume` comes out.
+"""
+from __future__ import annotations
+
+from fmct._lazy import lazy_exports
+
+_NAMES = {
+    "Volume": "fmct.reading.volume",
+    "validate_ct": "fmct.reading.volume",
+    "read_volume": "fmct.reading.files",
+    "write_volume": "fmct.reading.files",
+    "read_dicom_series": "fmct.reading.dicom",
+    "list_series": "fmct.reading.dicom",
+    "write_dicom_series": "fmct.reading.dicom",
+}
+__all__ = sorted(_NAMES)
+__getattr__ = lazy_exports(__name__, _NAMES)
