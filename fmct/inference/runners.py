@@ -46,21 +46,24 @@ class TorchRunner:
         self.torch_device = torch_device(device)
         self.device = str(self.torch_device)
         self.module = module.to(self.torch_device).eval()
-        self._forward = torch.compile(self.module) if compile else self.module
+        # the one callable every path runs (logits, run, and so Analyzer and the batch): compiling it
+        # means --compile is what users get, not a side path
+        forward = self.module.forward_with_features
+        self._forward = torch.compile(forward) if compile else forward
 
     def logits(self, array: "np.ndarray | torch.Tensor") -> np.ndarray:
         import torch
 
         x = torch.as_tensor(array).to(self.torch_device, non_blocking=True)
         with torch.no_grad(), autocast(self.torch_device):
-            return self._forward(x).float().cpu().numpy()
+            return self._forward(x)[0].float().cpu().numpy()
 
     def run(self, array: "np.ndarray | torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         x = torch.as_tensor(array).to(self.torch_device, non_blocking=True)
         with torch.no_grad(), autocast(self.torch_device):
-            logits, features = self.module.forward_with_features(x)
+            logits, features = self._forward(x)
         return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
     def to_device(self, tensor: "torch.Tensor") -> "torch.Tensor":
