@@ -11,7 +11,7 @@ from fmct.conventions.errors import ConfigError
 from fmct.reading.files import read_volume
 from fmct.models import FMCTClassifier
 from fmct.phantom import write_phantom_set
-from fmct.train.finetune import FinetuneConfig, few_label_subset, finetune, layer_decay_groups
+from fmct.train.finetune import FinetuneConfig, few_label_subset, finetune
 from fmct_testing import tiny_bundle, tiny_meta
 
 
@@ -55,7 +55,7 @@ def test_full_finetune_from_scratch_moves_every_layer(tmp_path, phantoms):
 def test_layer_decay_groups():
     meta = tiny_meta()
     model = FMCTClassifier(meta.encoder, 2)
-    groups = layer_decay_groups(model, 0.5, 0.05)
+    groups = model.param_groups(0.05, 0.5)
     depth = meta.encoder.depth
     scales = sorted({g["lr_scale"] for g in groups})
     assert scales == sorted(0.5 ** (depth + 1 - layer) for layer in range(depth + 2))

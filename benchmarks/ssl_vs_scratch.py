@@ -42,7 +42,6 @@ from fmct.models.config import ViT3DConfig
 from fmct.phantom import make_phantom
 from fmct.preprocessing.preprocessor import Preprocessor, PreprocessSpec
 from fmct.ssl.config import SSLConfig
-from fmct.train.finetune import layer_decay_groups
 from fmct.train.pretrain import TensorVolumes, pretrain
 from fmct.train.supervised import SupervisedConfig, positive_weights, predict_logits, tensor_batches, train_classifier
 
@@ -107,7 +106,7 @@ def finetune_scores(encoder_state: dict | None, cfg_enc: ViT3DConfig, x: torch.T
     batches, steps = tensor_batches(x, yt, 8, seed)
     cfg = SupervisedConfig(epochs=epochs, batch_size=8, lr=5e-4, warmup_epochs=2, seed=seed)
     train_classifier(model, batches, steps, positive_weights(yt, 10.0), cfg, torch.device("cpu"),
-                     layer_decay_groups(model, 0.75, cfg.weight_decay))
+                     model.param_groups(cfg.weight_decay, 0.75))
     return predict_logits(model, x_test, torch.device("cpu"))[:, 0]
 
 

@@ -33,3 +33,19 @@ class FMCTClassifier(nn.Module):
         feats = self.encoder.forward_features(x)
         pooled = self.head.pool(feats["cls"], feats["patch"])
         return self.head.classify(pooled), pooled
+
+    def param_groups(self, weight_decay: float, lr_decay: float = 1.0) -> list[dict]:
+        """AdamW groups whose lr shrinks by lr_decay per block from the head down to the patch embedding.
+
+        Early layers hold the generic features pretraining learnt; moving them less keeps them. The
+        encoder declares its groups (ViT3D.param_groups: layer ids, no decay on norms, biases, tokens
+        and positions, as in DINOv2/BEiT fine-tuning); the head trains at the full lr. Frozen
+        parameters (linear probing) are left out.
+        """
+        groups = list(self.encoder.param_groups(weight_decay, lr_decay=lr_decay, prefix="encoder."))
+        head = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("encoder.")]
+        groups += [{"params": [p for p in head if p.ndim > 1], "lr_scale": 1.0, "weight_decay": weight_decay},
+                   {"params": [p for p in head if p.ndim <= 1], "lr_scale": 1.0, "weight_decay": 0.0}]
+        for g in groups:
+            g.pop("names", None)
+        return [g for g in groups if g["params"]]

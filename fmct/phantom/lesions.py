@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -18,8 +18,21 @@ from fmct.phantom.findings import _LESION_BIT
 from fmct.phantom.grid import _Sub
 from fmct.phantom.sulci import _sulcal_cleft
 
-if TYPE_CHECKING:
-    from fmct.phantom.scene import _Scene
+
+class _Scene(Protocol):
+    """What a lesion needs of the scene it is placed in (fmct.phantom.scene._Scene provides it):
+    declared here so lesions depend on no scene module, and the scene composes lesions."""
+
+    anat: _Anatomy
+    gravity: tuple[float, float, float]
+    ventricles: dict[str, object]
+    lesion_info: dict[str, dict]
+
+    def displacement_box_dx(self) -> float: ...
+
+    def inner_table_point(self, direction) -> tuple[float, float, float]: ...
+
+    def surface_point(self, direction, depth: float) -> tuple[float, float, float]: ...
 
 
 @dataclass

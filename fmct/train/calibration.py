@@ -1,11 +1,22 @@
-"""Post-hoc calibration on a validation split: one temperature and one threshold per task."""
+"""Post-hoc calibration on a validation split: one temperature and one threshold per task.
+
+`calibrate_tasks` is the one place a trainer turns validation logits into the bundle's tasks, so
+`fmct finetune` and the demo recipe write the same descriptions and use the same (overflow-free)
+calibrated probabilities the runtime computes (`fmct.inference.runners.calibrated_probabilities`).
+"""
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
+from fmct.conventions.tasks import TASK_DESCRIPTIONS
+from fmct.inference.bundle import Task
+from fmct.inference.runners import calibrated_probabilities
+
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    return calibrated_probabilities(x, np.ones(np.shape(x)[-1:] or (1,))).astype(np.float64).reshape(np.shape(x))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -37,3 +48,22 @@ def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
         if j > best_j:
             best_t, best_j = float(t), j
     return best_t
+
+
+def task_description(name: str) -> str:
+    """What a task means, from the one task list (a task outside it is described by its name)."""
+    return TASK_DESCRIPTIONS.get(name, name.replace("_", " "))
+
+
+def calibrate_tasks(names: Sequence[str], logits: np.ndarray, labels: np.ndarray) -> list[Task]:
+    """One Task per output: temperature fitted on the validation logits, Youden threshold on the
+    calibrated probabilities. Labels may hold NaN (unknown); a task with no known label keeps
+    temperature 1 and threshold 0.5."""
+    tasks = []
+    for i, name in enumerate(names):
+        known = ~np.isnan(np.asarray(labels[:, i], dtype=np.float64))
+        temp = fit_temperature(logits[known, i], labels[known, i]) if known.any() else 1.0
+        probs = calibrated_probabilities(logits[known, i:i + 1], [temp])[:, 0]
+        thr = youden_threshold(probs, labels[known, i]) if known.any() else 0.5
+        tasks.append(Task(name, task_description(name), round(thr, 4), round(temp, 4)))
+    return tasks

@@ -34,17 +34,18 @@ from fmct.conventions.atomic import write_bytes_atomic, write_text_atomic
 from fmct.data.rescan import random_variation
 from fmct.inference.bundle import BundleMeta, Task, load_bundle, save_bundle, write_meta
 from fmct.inference.onnx_runner import onnx_summary
-from fmct.inference.ood import fit_reference
+from fmct.inference.ood import DEFAULT_QUANTILE, fit_reference
 from fmct.conventions.errors import ConfigError
 from fmct.features.metrics import auroc, evaluation_report, pointing_game, saliency_in_mask
 from fmct.inference.explain import explain
 from fmct.models import FMCTClassifier, preset
 from fmct.phantom import ANATOMY_PRESETS, make_phantom
 from fmct.preprocessing.preprocessor import Preprocessor, PreprocessSpec
-from fmct.train.calibration import fit_temperature, youden_threshold
-from fmct.train.finetune import layer_decay_groups
-from fmct.train.reference import predict_with_features
-from fmct.train.supervised import SupervisedConfig, positive_weights, predict_logits, tensor_batches, train_classifier
+from fmct.inference.runners import calibrated_probabilities
+from fmct.train.calibration import calibrate_tasks
+from fmct.train.reference import write_reference
+from fmct.train.supervised import (SupervisedConfig, positive_weights, predict_logits, predict_with_features, tensor_batches,
+                                   train_classifier)
 from fmct.conventions.runtime import EXPLAIN_METHODS, torch_device
 from fmct.conventions.tasks import HEMORRHAGE_TYPES, TASK_DESCRIPTIONS, TASKS
 
@@ -191,7 +192,7 @@ def test_metrics(model: FMCTClassifier, tests: dict[str, tuple[torch.Tensor, tor
     metrics: dict = {"test": {}}
     for n, (anatomy, (x, y, slices)) in enumerate(tests.items()):
         logits, labels = predict_logits(model, x, device), y.numpy()
-        report = evaluation_report(labels.astype(np.float64), 1 / (1 + np.exp(-logits / temps)), TASKS,
+        report = evaluation_report(labels.astype(np.float64), calibrated_probabilities(logits, temps), TASKS,
                                    [t.threshold for t in tasks])
         for i, name in enumerate(TASKS):
             for kind in ("thick", "thin"):
@@ -242,7 +243,39 @@ def initial_model(encoder: str | None, spec: PreprocessSpec, layer_decay: float,
     model.encoder.mask_token.requires_grad_(False)
     origin = {"kind": "fine-tuned from a self-supervised encoder", "layer_decay": layer_decay,
               "encoder_bundle": pretrained.meta.name, "encoder_provenance": pretrained.meta.provenance}
-    return model, layer_decay_groups(model, layer_decay, weight_decay), origin
+    return model, model.param_groups(weight_decay, layer_decay), origin
+
+
+def reference_main(argv: list[str]) -> int:
+    """`python -m fmct.train.demo_model reference BUNDLE`: OOD statistics for a bundle of this recipe,
+    on fresh phantoms of its distribution (ood.safetensors is added; the weights are not touched)."""
+    ap = argparse.ArgumentParser(prog="python -m fmct.train.demo_model reference",
+                                 description="Out-of-distribution statistics of a demo-recipe bundle, from fresh phantoms")
+    ap.add_argument("bundle", help="a bundle folder made by the demo recipe (phantoms are its training distribution)")
+    ap.add_argument("--n-reference", type=int, default=400)
+    ap.add_argument("--n-calibration", type=int, default=200)
+    ap.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE)
+    ap.add_argument("--anatomy", default="default",
+                    help="phantom anatomy presets, comma-separated, taken in turn (the bundle's training anatomies)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bundle = load_bundle(args.bundle)
+    device = torch_device(args.device)
+    spec = bundle.meta.preprocessing
+    anatomies = [a.strip() for a in args.anatomy.split(",") if a.strip()]
+    x_ref, _, _ = make_split("reference", args.n_reference, spec, args.workers, anatomies=anatomies)
+    x_cal, _, _ = make_split("calibration", args.n_calibration, spec, args.workers, anatomies=anatomies)
+    _, f_ref = predict_with_features(bundle.model, x_ref, device)
+    _, f_cal = predict_with_features(bundle.model, x_cal, device)
+    stats = fit_reference(f_ref, f_cal, args.quantile, source=(
+        f"demo-recipe phantoms (anatomy {', '.join(anatomies)}, not augmented): reference = split 'reference' "
+        f"({len(f_ref)}), threshold = split 'calibration' ({len(f_cal)}), fmct.train.demo_model seeds"))
+    path = write_reference(args.bundle, stats)
+    log.info("wrote %s: %d reference and %d calibration phantoms, threshold %.3f", path, len(f_ref), len(f_cal),
+             stats.threshold)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -306,11 +339,7 @@ def main(argv: list[str] | None = None) -> None:
 
     val_logits, val_features = predict_with_features(model, splits["val"][0], device)
     val_y = splits["val"][1].numpy()
-    tasks = []
-    for i, name in enumerate(TASKS):
-        temp = fit_temperature(val_logits[:, i], val_y[:, i])
-        thr = youden_threshold(1 / (1 + np.exp(-val_logits[:, i] / temp)), val_y[:, i])
-        tasks.append(Task(name, TASK_DESCRIPTIONS[name], round(thr, 4), round(temp, 4)))
+    tasks = calibrate_tasks(TASKS, val_logits, val_y.astype(np.float64))
 
     metrics = test_metrics(model, tests, tasks, device)
 
@@ -359,4 +388,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["reference"]:
+        raise SystemExit(reference_main(sys.argv[2:]))
     main()

@@ -28,10 +28,10 @@ from fmct.features.metrics import evaluation_report
 from fmct.data.manifests import Manifest, Study, load_manifest
 from fmct.models import FMCTClassifier, preset
 from fmct.preprocessing.preprocessor import PreprocessSpec
-from fmct.train.calibration import fit_temperature, youden_threshold
+from fmct.inference.runners import calibrated_probabilities
+from fmct.train.calibration import calibrate_tasks
 from fmct.train.distributed import barrier, device_for, distributed_sampler, init_from_env, process_group_kind, wrap_ddp
-from fmct.train.reference import predict_with_features
-from fmct.train.supervised import SupervisedConfig, positive_weights, train_classifier
+from fmct.train.supervised import SupervisedConfig, positive_weights, predict_with_features, train_classifier
 from fmct.conventions.runtime import CancelCheck, Progress
 
 log = logging.getLogger("fmct.train.finetune")
@@ -106,24 +106,6 @@ def split(manifest: Manifest, fraction: float, seed: int) -> tuple[list[Study], 
     return studies[n_val:], studies[:n_val]
 
 
-def layer_decay_groups(model: FMCTClassifier, lr_decay: float, weight_decay: float) -> list[dict]:
-    """Parameter groups whose lr shrinks by lr_decay per block from the head down to the patch embedding.
-
-    Early layers hold the generic features pretraining learnt; moving them less keeps them. The
-    encoder declares its groups (ViT3D.param_groups: layer ids, no decay on norms, biases, tokens
-    and positions, as in DINOv2/BEiT fine-tuning); the head trains at the full lr.
-    """
-    groups = [g for g in model.encoder.param_groups(weight_decay, lr_decay=lr_decay, prefix="encoder.")]
-    head = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("encoder.")]
-    decay = [p for p in head if p.ndim > 1]
-    no_decay = [p for p in head if p.ndim <= 1]
-    groups += [{"params": decay, "lr_scale": 1.0, "weight_decay": weight_decay},
-               {"params": no_decay, "lr_scale": 1.0, "weight_decay": 0.0}]
-    for g in groups:
-        g.pop("names", None)
-    return [g for g in groups if g["params"]]
-
-
 def build_model(cfg: FinetuneConfig, n_tasks: int) -> tuple[FMCTClassifier, PreprocessSpec, dict]:
     if cfg.encoder:
         encoder_bundle = load_bundle(cfg.encoder)
@@ -180,7 +162,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     if cfg.mode == "linear":
         for p in model.encoder.parameters():
             p.requires_grad_(False)
-    groups = layer_decay_groups(model, cfg.layer_decay if cfg.mode == "full" else 1.0, cfg.weight_decay)
+    groups = model.param_groups(cfg.weight_decay, cfg.layer_decay if cfg.mode == "full" else 1.0)
     train_cfg = SupervisedConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_epochs, seed=cfg.seed)
 
     sampler = distributed_sampler(train_ds, info, cfg.seed) if info.enabled else None
@@ -211,14 +193,8 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate_skip_none)
     val_logits, val_features = predict_with_features(model, (b["image"] for b in val_loader if b is not None), device)
     y_val = np.array([val_ds.label_vector(s) for s in val_ds.studies], dtype=np.float64)
-    task_meta = []
-    for i, name in enumerate(tasks):
-        known = ~np.isnan(y_val[:, i])
-        temp = fit_temperature(val_logits[known, i], y_val[known, i]) if known.any() else 1.0
-        probs = 1 / (1 + np.exp(-val_logits[:, i] / temp))
-        thr = youden_threshold(probs[known], y_val[known, i]) if known.any() else 0.5
-        task_meta.append(Task(name, name.replace("_", " "), round(thr, 4), round(temp, 4)))
-    val_probs = 1 / (1 + np.exp(-val_logits / np.array([t.temperature for t in task_meta])))
+    task_meta = calibrate_tasks(tasks, val_logits, y_val)
+    val_probs = calibrated_probabilities(val_logits, [t.temperature for t in task_meta])
     metrics = {"validation": evaluation_report(y_val, val_probs, tasks, [t.threshold for t in task_meta])}
 
     meta = BundleMeta(

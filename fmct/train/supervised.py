@@ -164,13 +164,22 @@ def _resume(folder: str | Path, settings: dict, model: FMCTClassifier, opt: torc
 
 
 @torch.no_grad()
-def predict_logits(model: FMCTClassifier, x: torch.Tensor | Iterable[torch.Tensor], device: torch.device,
-                   batch_size: int = 16) -> np.ndarray:
-    """Logits for a tensor [N, C, D, H, W] (batched here) or an iterable of ready batches."""
+def predict_with_features(model: FMCTClassifier, x: torch.Tensor | Iterable[torch.Tensor], device: torch.device,
+                          batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [N, T] and pooled features [N, F] for a tensor [N, C, D, H, W] (batched here) or an
+    iterable of ready batches: the one prediction helper of the trainers (calibration, OOD statistics, tests)."""
     model.to(device).eval()
     chunks = (x[i : i + batch_size] for i in range(0, len(x), batch_size)) if torch.is_tensor(x) else x
-    out = []
+    logits, features = [], []
     for xb in chunks:
         with autocast(device):
-            out.append(model(xb.to(device).float()).float().cpu())
-    return torch.cat(out).numpy()
+            lg, ft = model.forward_with_features(xb.to(device).float())
+        logits.append(lg.float().cpu())
+        features.append(ft.float().cpu())
+    return torch.cat(logits).numpy(), torch.cat(features).numpy()
+
+
+def predict_logits(model: FMCTClassifier, x: torch.Tensor | Iterable[torch.Tensor], device: torch.device,
+                   batch_size: int = 16) -> np.ndarray:
+    """Logits only (see predict_with_features)."""
+    return predict_with_features(model, x, device, batch_size)[0]
