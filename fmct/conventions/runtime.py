@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 from fmct.conventions.errors import Cancelled, ConfigError
@@ -91,6 +92,35 @@ def cuda_may_be_present() -> bool:
     if sys.platform.startswith("linux"):
         return "+rocm" in build or os.path.exists("/proc/driver/nvidia/version")
     return True
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place among torchrun's processes (one process when torchrun is not used)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def torchrun_rank(env: "dict[str, str] | None" = None) -> Rank:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them: the one reader, for analysis batches and
+    training alike. LOCAL_RANK defaults to RANK (one node; a device is then picked as LOCAL_RANK modulo
+    the devices present). A malformed environment is a user mistake (exit 2), not a traceback."""
+    env = os.environ if env is None else env
+    try:
+        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+        local = int(env.get("LOCAL_RANK", rank))
+    except ValueError as e:
+        raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({e}); launch with torchrun or unset them") from e
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ConfigError(f"RANK={rank} / WORLD_SIZE={world} / LOCAL_RANK={local} are inconsistent; RANK must be in "
+                          f"[0, WORLD_SIZE) and LOCAL_RANK >= 0 (launch with torchrun or unset them)")
+    return Rank(rank, world, local)
 
 
 def torch_device(device: str | None = "auto") -> "torch.device":

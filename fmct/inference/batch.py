@@ -37,7 +37,7 @@ from fmct.reading.volume import FORMATS, format_suffix
 from fmct.inference.study_folder import read_findings, source_key, write_study_outputs
 from fmct.preprocessing.preprocessor import ModelInput, Preprocessor, PreprocessSpec
 from fmct.reading.volume import Volume
-from fmct.conventions.runtime import Progress
+from fmct.conventions.runtime import Progress, Rank, torchrun_rank
 
 log = logging.getLogger("fmct.inference.batch")
 SUMMARY_FILE = "summary.csv"
@@ -113,24 +113,9 @@ def _read_manifest(path: Path) -> list[Study]:
 # Sharding
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Rank:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-
 def rank_from_env(env: dict[str, str] | None = None) -> Rank:
-    """This process's place among torchrun's processes (RANK, WORLD_SIZE, LOCAL_RANK); one process without them."""
-    env = os.environ if env is None else env
-    try:
-        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-        local = int(env.get("LOCAL_RANK", rank))
-    except ValueError as e:
-        raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({e})") from e
-    if world < 1 or not 0 <= rank < world or local < 0:
-        raise ConfigError(f"RANK={rank} / WORLD_SIZE={world} are inconsistent; RANK must be in [0, WORLD_SIZE)")
-    return Rank(rank, world, local)
+    """This process's place among torchrun's processes (fmct.conventions.runtime.torchrun_rank)."""
+    return torchrun_rank(env)
 
 
 def rank_device(device: str, backend: str, rank: Rank) -> str:

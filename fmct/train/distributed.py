@@ -8,13 +8,12 @@ checkpoints; the others wait at a barrier so no rank runs ahead of a checkpoint 
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from fmct.conventions.runtime import torch_device
+from fmct.conventions.runtime import torch_device, torchrun_rank
 
 
 @dataclass(frozen=True)
@@ -33,14 +32,16 @@ class DistInfo:
 
 
 def init_from_env(device_kind: str = "cpu", timeout_s: float = 600.0) -> DistInfo:
-    """Join the process group torchrun describes in the environment (a no-op when there is none)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """Join the process group torchrun describes in the environment (a no-op when there is none);
+    the environment is read by the one reader, fmct.conventions.runtime.torchrun_rank."""
+    place = torchrun_rank()
+    if place.world <= 1:
         return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local = place.rank, place.world, place.local_rank
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if backend == "nccl":
+            local = local % max(torch.cuda.device_count(), 1)
             torch.cuda.set_device(local)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local)
