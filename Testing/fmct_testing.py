@@ -1,4 +1,7 @@
-"""Small builders shared by the tests: tiny bundles and simple synthetic CTs."""
+"""Small builders shared by the tests: tiny bundles, simple synthetic CTs, one CT stored another way.
+
+The one home for helpers of more than one test module (fixtures are in conftest.py); test modules never import
+from each other."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,3 +26,18 @@ def ball_ct(shape_zyx=(40, 96, 96), spacing=(2.0, 2.0, 4.0), direction=None, ori
     arr[head] = 40.0
     arr[ball] = 300.0
     return Volume(arr, spacing, origin, direction), ball
+
+
+def stored(volume: Volume, axes: tuple[int, int, int], signs: tuple[int, int, int]) -> Volume:
+    """The same voxels at the same physical places, with ITK axis a of the new grid = input axis axes[a]."""
+    size = np.asarray(volume.size)
+    first = np.array([0 if signs[a] > 0 else size[axes[a]] - 1 for a in range(3)])
+    index0 = np.zeros(3)
+    index0[list(axes)] = first
+    origin = np.asarray(volume.origin) + volume.direction @ (np.asarray(volume.spacing) * index0)
+    array = np.transpose(volume.array, [2 - axes[2], 2 - axes[1], 2 - axes[0]])
+    flips = tuple(2 - a for a in range(3) if signs[a] < 0)
+    array = np.ascontiguousarray(np.flip(array, axis=flips) if flips else array)
+    direction = volume.direction[:, list(axes)] * np.asarray(signs)
+    spacing = tuple(np.asarray(volume.spacing)[list(axes)])
+    return Volume(array, spacing, origin, direction, dict(volume.meta))

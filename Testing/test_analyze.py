@@ -15,12 +15,6 @@ from fmct.inference.bundle import load_bundle
 from fmct_testing import ball_ct, oblique_direction, tiny_bundle
 
 
-@pytest.fixture(scope="module")
-def analyzer(tmp_path_factory):
-    path, _, _ = tiny_bundle(tmp_path_factory.mktemp("b") / "bundle")
-    return Analyzer(path, device="cpu")
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_gives_a_normalised_map_on_the_ct_grid(analyzer, method):
     ct, _ = ball_ct(direction=oblique_direction(15.0), spacing=(1.5, 1.2, 4.0))

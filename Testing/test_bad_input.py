@@ -295,11 +295,6 @@ VOLUME_CASES = [
 
 
 # ------------------------------------------------------------------------------------- running a case
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return str(tiny_bundle(tmp_path_factory.mktemp("bad-input") / "b")[0])
-
-
 @pytest.fixture
 def no_model(monkeypatch):
     """Call it to make any model run from then on (torch or onnxruntime) fail the test."""

@@ -9,25 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmct.inference.analyze import Analyzer
 from fmct.inference.batch import Rank, discover_studies, rank_from_env, run_batch
 from fmct.cli import main
 from fmct.reading.dicom import write_dicom_series
 from fmct.conventions.errors import ConfigError
 from fmct.reading.files import read_volume, write_volume
-from fmct_testing import ball_ct, tiny_bundle
+from fmct_testing import ball_ct
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory.mktemp("batch") / "bundle")[0]
-
-
-@pytest.fixture(scope="module")
-def analyzer(bundle):
-    return Analyzer(bundle, device="cpu")
 
 
 def make_studies(root: Path) -> Path:

@@ -11,13 +11,7 @@ from fmct.cli import main
 from fmct.reading.dicom import write_dicom_series
 from fmct.reading.files import read_volume, write_volume
 from fmct.reading.volume import Volume
-from fmct_testing import ball_ct, oblique_direction, tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    path, _, _ = tiny_bundle(tmp_path_factory.mktemp("bundle") / "b")
-    return str(path)
+from fmct_testing import ball_ct, oblique_direction
 
 
 def test_analyze_dicom_writes_findings_saliency_and_report(tmp_path, bundle, capsys):

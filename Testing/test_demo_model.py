@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from fmct.inference.analyze import Analyzer
 from fmct.inference.bundle import default_bundle_path
 from fmct.cli import main
 from fmct.features.metrics import auroc, pointing_game, saliency_in_mask
@@ -17,12 +16,6 @@ from fmct.export.onnx import check_onnx_parity
 from fmct.phantom import make_phantom
 
 FRESH_SEED = 9_000_000
-
-
-@pytest.fixture(scope="module")
-def analyzer():
-    torch.manual_seed(0)
-    return Analyzer(device="cpu")
 
 
 def test_bundle_is_small_and_documented():
@@ -39,23 +32,23 @@ def test_bundle_is_small_and_documented():
 
 
 @pytest.mark.parametrize("slices", ["thick", "thin"])
-def test_any_hemorrhage_auroc_on_fresh_phantoms(analyzer, slices):
+def test_any_hemorrhage_auroc_on_fresh_phantoms(demo_analyzer, slices):
     labels, scores = [], []
     for i in range(40):
         ph = make_phantom(FRESH_SEED + i, slices=slices, in_plane_size=128)
-        probs = analyzer.probabilities(analyzer.preprocessor(ph.volume).tensor)[0]
+        probs = demo_analyzer.probabilities(demo_analyzer.preprocessor(ph.volume).tensor)[0]
         labels.append(ph.labels["any_hemorrhage"])
         scores.append(probs[0])
     assert 10 <= sum(labels) <= 30  # both classes well represented
     assert auroc(np.array(labels), np.array(scores)) >= 0.9
 
 
-def test_integrated_gradients_concentrate_in_the_lesion(analyzer):
+def test_integrated_gradients_concentrate_in_the_lesion(demo_analyzer):
     """Mean over one case per hemorrhage type: saliency enrichment in the lesion and pointing game."""
     enrichment, hits = [], []
     for n, finding in enumerate(["subdural", "epidural", "intraparenchymal", "subarachnoid", "intraventricular"]):
         ph = make_phantom(FRESH_SEED + 100 + n, findings=[finding], slices="thick", in_plane_size=192)
-        result = analyzer.analyze(ph.volume, explain_method="integrated_gradients", explain_findings=[finding])
+        result = demo_analyzer.analyze(ph.volume, explain_method="integrated_gradients", explain_findings=[finding])
         sal = result.saliency[finding]
         assert sal.same_grid(ph.volume)
         stats = saliency_in_mask(sal.array, ph.masks[finding], ph.volume.array > -300)

@@ -9,29 +9,14 @@ from itertools import permutations, product
 import numpy as np
 import pytest
 
-from fmct.inference.analyze import Analyzer
-from fmct.inference.bundle import default_bundle_path
 from fmct.reading.dicom import write_dicom_series
 from fmct.reading.files import read_volume, write_volume
 from fmct.phantom import make_phantom
 from fmct.reading.volume import Volume
 
+from fmct_testing import stored
+
 STORAGES = [(axes, signs) for axes in permutations(range(3)) for signs in product((1, -1), repeat=3)]
-
-
-def stored(volume: Volume, axes: tuple[int, int, int], signs: tuple[int, int, int]) -> Volume:
-    """The same voxels at the same physical places, with ITK axis a of the new grid = input axis axes[a]."""
-    size = np.asarray(volume.size)
-    first = np.array([0 if signs[a] > 0 else size[axes[a]] - 1 for a in range(3)])
-    index0 = np.zeros(3)
-    index0[list(axes)] = first
-    origin = np.asarray(volume.origin) + volume.direction @ (np.asarray(volume.spacing) * index0)
-    array = np.transpose(volume.array, [2 - axes[2], 2 - axes[1], 2 - axes[0]])
-    flips = tuple(2 - a for a in range(3) if signs[a] < 0)
-    array = np.ascontiguousarray(np.flip(array, axis=flips) if flips else array)
-    direction = volume.direction[:, list(axes)] * np.asarray(signs)
-    spacing = tuple(np.asarray(volume.spacing)[list(axes)])
-    return Volume(array, spacing, origin, direction, dict(volume.meta))
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +30,6 @@ def ct() -> Volume:
     return volume.with_array(np.round(volume.array).astype(np.int16))
 
 
-@pytest.fixture(scope="module")
-def analyzer() -> Analyzer:
-    return Analyzer(default_bundle_path(), device="cpu")
-
-
 def test_stored_helper_keeps_every_voxel_at_its_physical_place(ct):
     other = stored(ct, (2, 0, 1), (-1, 1, -1))
     ijk = np.array([5, 7, 3])
@@ -58,45 +38,45 @@ def test_stored_helper_keeps_every_voxel_at_its_physical_place(ct):
     assert ct.array[ijk[2], ijk[1], ijk[0]] == other.array[back[2], back[1], back[0]]
 
 
-def test_all_48_axis_aligned_storages_give_the_same_input_and_probabilities(ct, analyzer):
-    reference = analyzer.preprocessor(ct)
-    p_ref = analyzer.probabilities(reference.array)[0]
+def test_all_48_axis_aligned_storages_give_the_same_input_and_probabilities(ct, demo_analyzer):
+    reference = demo_analyzer.preprocessor(ct)
+    p_ref = demo_analyzer.probabilities(reference.array)[0]
     worst_x, worst_p = 0.0, 0.0
     for axes, signs in STORAGES:
-        mi = analyzer.preprocessor(stored(ct, axes, signs))
+        mi = demo_analyzer.preprocessor(stored(ct, axes, signs))
         np.testing.assert_allclose(mi.model_grid.origin, reference.model_grid.origin, atol=1e-6)
         worst_x = max(worst_x, float(np.abs(mi.array - reference.array).max()))
-        worst_p = max(worst_p, float(np.abs(analyzer.probabilities(mi.array)[0] - p_ref).max()))
+        worst_p = max(worst_p, float(np.abs(demo_analyzer.probabilities(mi.array)[0] - p_ref).max()))
     assert worst_x <= 1e-5, f"model input differs by {worst_x:g} between storages"
     assert worst_p <= 1e-4, f"probabilities differ by {worst_p:g} between storages"
 
 
-def test_formats_and_dicom_of_the_same_voxels_give_the_same_probabilities(ct, analyzer, tmp_path):
-    p_ref = analyzer.probabilities(analyzer.preprocessor(ct).array)[0]
+def test_formats_and_dicom_of_the_same_voxels_give_the_same_probabilities(ct, demo_analyzer, tmp_path):
+    p_ref = demo_analyzer.probabilities(demo_analyzer.preprocessor(ct).array)[0]
     pir = stored(ct, (1, 2, 0), (1, -1, -1))  # a sagittal-like layout on disk
     paths = [write_volume(ct, tmp_path / "ct.nii.gz"), write_volume(pir, tmp_path / "pir.nii.gz"),
              write_volume(pir, tmp_path / "pir.nrrd"), write_volume(ct, tmp_path / "ct.mha")]
     write_dicom_series(ct, tmp_path / "dicom")
     paths.append(tmp_path / "dicom")
     for path in paths:
-        p = analyzer.probabilities(analyzer.preprocessor(read_volume(path)).array)[0]
+        p = demo_analyzer.probabilities(demo_analyzer.preprocessor(read_volume(path)).array)[0]
         assert np.abs(p - p_ref).max() <= 1e-4, f"{path.name}: max |dp| = {np.abs(p - p_ref).max():g}"
 
 
-def test_origin_moved_with_the_grid_gives_the_same_input(ct, analyzer):
-    reference = analyzer.preprocessor(ct)
+def test_origin_moved_with_the_grid_gives_the_same_input(ct, demo_analyzer):
+    reference = demo_analyzer.preprocessor(ct)
     shift = ct.direction @ (np.asarray(ct.spacing) * np.array([7, -3, 2]))  # whole voxels
     moved = Volume(ct.array, ct.spacing, np.asarray(ct.origin) + shift, ct.direction)
-    mi = analyzer.preprocessor(moved)
+    mi = demo_analyzer.preprocessor(moved)
     assert np.abs(mi.array - reference.array).max() <= 1e-5
     np.testing.assert_allclose(np.asarray(mi.head_center_mm) - reference.head_center_mm, shift, atol=1e-6)
 
 
-def test_saliency_maps_agree_after_mapping_back(ct, analyzer):
+def test_saliency_maps_agree_after_mapping_back(ct, demo_analyzer):
     """A map computed on one storage and mapped back lands on the same physical voxels as on another."""
     other_storage = ((2, 1, 0), (-1, 1, -1))
-    a = analyzer.analyze(ct, explain_method="attention", explain_findings=["any_hemorrhage"])
-    b = analyzer.analyze(stored(ct, *other_storage), explain_method="attention", explain_findings=["any_hemorrhage"])
+    a = demo_analyzer.analyze(ct, explain_method="attention", explain_findings=["any_hemorrhage"])
+    b = demo_analyzer.analyze(stored(ct, *other_storage), explain_method="attention", explain_findings=["any_hemorrhage"])
     map_a = a.saliency["any_hemorrhage"]
     map_b_as_a = stored(map_a, *other_storage)
     assert b.saliency["any_hemorrhage"].same_grid(map_b_as_a)

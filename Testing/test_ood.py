@@ -49,33 +49,28 @@ def test_statistics_round_trip_and_refuse_other_weights_or_broken_values():
         back.score(np.zeros((1, 9)))
 
 
-@pytest.fixture(scope="module")
-def analyzer() -> Analyzer:
-    return Analyzer(default_bundle_path(), device="cpu")
+def _score(demo_analyzer: Analyzer, volume: Volume) -> float:
+    _, features = demo_analyzer.runner.run(demo_analyzer.preprocessor(volume).array)
+    return float(demo_analyzer.reference.score(features)[0])
 
 
-def _score(analyzer: Analyzer, volume: Volume) -> float:
-    _, features = analyzer.runner.run(analyzer.preprocessor(volume).array)
-    return float(analyzer.reference.score(features)[0])
-
-
-def test_shipped_model_flags_strongly_unlike_ct_and_few_training_like_ones(analyzer):
-    assert analyzer.reference is not None, f"the bundled demo model must carry {OOD_FILE}"
-    threshold = analyzer.reference.threshold
+def test_shipped_model_flags_strongly_unlike_ct_and_few_training_like_ones(demo_analyzer):
+    assert demo_analyzer.reference is not None, f"the bundled demo model must carry {OOD_FILE}"
+    threshold = demo_analyzer.reference.threshold
     # Fresh phantoms of the demo recipe's own distribution (its test-split seeds): flagged at about the calibrated rate.
     volumes = [make_phantom(3_000_000 + i, slices="thick" if i % 2 == 0 else "thin", in_plane_size=128).volume
                for i in range(16)]
-    in_dist = [_score(analyzer, v) for v in volumes]
+    in_dist = [_score(demo_analyzer, v) for v in volumes]
     assert np.mean(np.array(in_dist) > threshold) <= 1 / 16
-    assert all(analyzer.preprocessor(v).head_extent_mm >= MIN_HEAD_EXTENT_MM for v in volumes)  # whole heads
+    assert all(demo_analyzer.preprocessor(v).head_extent_mm >= MIN_HEAD_EXTENT_MM for v in volumes)  # whole heads
     heads = [make_phantom(7_000_000 + i, slices="thick", in_plane_size=160).volume for i in range(3)]
-    scores = [_score(analyzer, contrast_enhanced(v)) for v in heads]
+    scores = [_score(demo_analyzer, contrast_enhanced(v)) for v in heads]
     assert min(scores) > threshold, f"contrast-enhanced: scores {scores} not all above {threshold:.3f}"
     # A partial scan or an infant-size head is flagged by the head's extent, whatever its score (a model
     # trained with field-of-view augmentations scores some below the threshold), with a warning saying why.
     for name, change in [("vertex only", vertex_only), ("infant-scale head (half size)", lambda v: scaled(v, 0.5))]:
         for v in heads:
-            result = analyzer.analyze(change(v), explain_method=None)
+            result = demo_analyzer.analyze(change(v), explain_method=None)
             assert result.in_distribution is False and result.ood["head_too_short"] is True, name
             assert result.ood["head_extent_mm"] < MIN_HEAD_EXTENT_MM and "partial scan or a child" in result.warning
 

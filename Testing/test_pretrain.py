@@ -249,7 +249,7 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path, data_file):
 @pytest.fixture(scope="module")
 def mixed_phantoms() -> torch.Tensor:
     """16 phantoms of both anatomy presets at 32^3 / 6 mm (12 of the default anatomy alone are too alike to
-    tell apart at this size: the view gap stays 0; RESULTS.md section 15)."""
+    tell apart at this size: the view gap stays 0; benchmarks/HISTORY.md#history-15)."""
     return make_phantom_tensors(16, 0, (6, 6, 6), (32, 32, 32), in_plane_size=64, anatomy="default,ood")
 
 

@@ -5,7 +5,7 @@ import numpy as np
 from fmct.inference.analyze import AnalysisResult, Finding
 from fmct.inference.report_png import radiological_view, write_report
 from fmct.reading.volume import Volume
-from test_invariance import stored
+from fmct_testing import stored
 
 
 def marked_ct() -> Volume:

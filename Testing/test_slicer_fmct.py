@@ -26,6 +26,7 @@ from fmct.conventions.errors import BundleError, Cancelled, ConfigError, InputVo
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
+    """The Slicer self-test's bundle (its own tasks and thresholds), in place of conftest's engine bundle."""
     return selftest.tinyBundle(tmp_path_factory.mktemp("bundle"))
 
 

@@ -220,7 +220,7 @@ def main() -> None:
     encoders: dict[str, tuple[dict | None, ViT3DConfig | None, dict]] = {}
     pretrained = [a for a in args.arms if a != "scratch"]
     if pretrained:
-        half = n_unlabeled // 2  # both anatomy presets: more varied data (RESULTS.md section 15)
+        half = n_unlabeled // 2  # both anatomy presets: more varied data (benchmarks/HISTORY.md#history-15)
         x_unl = torch.cat([phantom_set(half, SEEDS["unlabeled"], "default", spec)[0],
                            phantom_set(n_unlabeled - half, SEEDS["unlabeled"] + half, "ood", spec)[0]])
         for arm in pretrained:

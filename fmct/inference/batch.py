@@ -357,7 +357,7 @@ def run_batch(
     report_progress(n_skipped / max(1, len(mine)), f"{n_skipped} already done")
 
     pending: deque[tuple[int, Future]] = deque()
-    # Writing gzipped float32 saliency NIfTIs is the slowest step beside a GPU (benchmarks/RESULTS.md);
+    # Writing gzipped float32 saliency NIfTIs is the slowest step beside a GPU (benchmarks/RESULTS.md#batch);
     # SimpleITK releases the GIL while it compresses, so writer threads scale with cores.
     n_writers = writers or (min(8, max(2, (os.cpu_count() or 1) // 2)) if gpu else 1)
     with ThreadPoolExecutor(max_workers=n_writers, thread_name_prefix="fmct-writer") as writer:

@@ -34,7 +34,7 @@ from fmct.conventions.errors import Cancelled
 from fmct.models import FMCTClassifier
 from fmct.conventions.runtime import CancelCheck, Progress, check_explain_method
 
-# 16 Gauss-Legendre nodes, kept by measurement (benchmarks/RESULTS.md, "Saliency for every finding").
+# 16 Gauss-Legendre nodes, kept by measurement (benchmarks/RESULTS.md#saliency-quality).
 # Fewer nodes are a quarter of the backward passes but not provably as good: on 30 phantoms (6 per
 # hemorrhage type) 4 nodes scored higher (enrichment 12.1x vs 10.9x, pointing game 17/30 vs 16/30), on
 # 20 others lower (15.1x vs 18.3x, 12/20 each) and failed test_demo_model's pointing game. The IG

@@ -84,7 +84,7 @@ def choose_backend(backend: str, bundle: str | Path | None, device: str, explain
     Both give the same probabilities (export checks them to 1e-4 and records both files' SHA-256,
     which load_onnx_bundle verifies: a stale or edited model.onnx is refused, not passed over), but
     onnxruntime imports in 0.1 s where torch takes 1-2 s, most of a findings-only cold start
-    (benchmarks/RESULTS.md, section 19). Explanations need gradients, hence torch.
+    (benchmarks/RESULTS.md#coldstart). Explanations need gradients, hence torch.
     """
     if backend not in BACKEND_CHOICES:
         raise ConfigError(f"unknown backend '{backend}'; choose one of {', '.join(BACKEND_CHOICES)}")

@@ -127,7 +127,7 @@ def _write_saliency(saliency: Volume, path: Path) -> Path:
 
 def _run_writes(jobs: list[Callable[[], Path]], threads: int | None, voxels: int) -> list[Path]:
     """Run the file writes, several at once when asked: SimpleITK releases the GIL while it compresses,
-    so on 2 cores four gzipped maps of a thin CT take 0.55x the time (benchmarks/RESULTS.md, section 19)."""
+    so on 2 cores four gzipped maps of a thin CT take 0.55x the time (benchmarks/RESULTS.md#map-back)."""
     if threads is None:
         threads = min(len(jobs), os.cpu_count() or 1) if voxels <= PARALLEL_WRITE_MAX_VOXELS else 1
     if threads <= 1 or len(jobs) <= 1:

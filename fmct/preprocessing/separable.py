@@ -7,7 +7,7 @@ product of 1-D interpolations, one per axis: first along the CT array's slice ax
 side, then each CT slice on its own as two small matrix products into one float plane, cast
 straight into the uint8 result. No float32 copy of the CT-sized map is ever made (one slice at a
 time), and the work is dense matrix products instead of ITK's per-voxel point transform and
-neighbourhood fetch (benchmarks/RESULTS.md, section 19). Oblique grids return None and go to ITK.
+neighbourhood fetch (benchmarks/RESULTS.md#map-back). Oblique grids return None and go to ITK.
 
 The sampling rule is ITK's (sitk.Resample with sitkLinear and default 0), so either path gives
 the same map to within one grey level: a point is inside the source when its continuous index

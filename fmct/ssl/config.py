@@ -224,8 +224,8 @@ def _from_dict(cls: type, d: Any, where: str) -> Any:
 
 # ----------------------------------------------------------------------------- size presets
 # The recipe `fmct pretrain DATA --out RUN` starts from (flags and --config override it). "tiny" is
-# Resources/Configs/pretrain_tiny.yaml less its data section, measured to learn on 2 CPU cores
-# (benchmarks/RESULTS.md section 15); "small" and "base" scale the same recipe to the larger encoders
+# Resources/Configs/pretrain_tiny.yaml less its data section, measured on 2 CPU cores
+# (benchmarks/RESULTS.md#self-distillation); "small" and "base" scale the same recipe to the larger encoders
 # and a GPU (wider crops, more local crops, a longer run, a larger batch); they are not yet measured.
 _TINY_RECIPE: dict[str, Any] = {
     "encoder": {"preset": "tiny"},

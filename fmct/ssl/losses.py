@@ -141,7 +141,7 @@ def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
     Minus the mean log distance from each feature to its nearest neighbour in the batch: it
     pushes a batch's CLS features apart, DINOv2's guard against collapse when the images all
-    look alike. On our phantoms at batch 8 it did not stop the collapse (benchmarks/RESULTS.md).
+    look alike. On our phantoms at batch 8 it did not stop the collapse (benchmarks/HISTORY.md#history-8).
     """
     x = F.normalize(features.float(), dim=-1, eps=eps)
     if x.shape[0] < 2:

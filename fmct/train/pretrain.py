@@ -146,7 +146,7 @@ class _Steps(torch.utils.data.Dataset):
 
 def resolve_workers(workers: int, device: torch.device) -> int:
     """run.workers, with -1 (auto) meaning min(8, CPUs - 1) beside an accelerator and 0 on a CPU
-    (there the model and the crops share the same cores; RESULTS.md section 15)."""
+    (there the model and the crops share the same cores; benchmarks/RESULTS.md#pretrain-step)."""
     if workers >= 0:
         return workers
     return min(8, max((os.cpu_count() or 1) - 1, 0)) if device.type != "cpu" else 0
@@ -207,8 +207,8 @@ def view_calibration(dataset: VolumeDataset, cfg: SSLConfig, n: int = 16) -> dic
 
     pixel_view_ratio = rms(view 1, view 2 of one CT) / rms(view 1 of CT i, view 2 of CT j), over
     the first n volumes, with the run's own augmentation (seeded apart from the run's crops). Below
-    1 the augmentations keep what tells CTs apart; at ~1 self-distillation cannot learn (RESULTS.md
-    section 15).
+    1 the augmentations keep what tells CTs apart; at ~1 self-distillation cannot learn
+    (benchmarks/HISTORY.md#history-15).
     """
     from fmct.ssl.metrics import pixel_view_ratio
 
