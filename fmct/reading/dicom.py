@@ -103,9 +103,11 @@ class SeriesInfo:
     headers: list[SliceHeader] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
+        """One line naming the series; its free-text description only when it was kept (keep_descriptions)."""
         kind = "localizer" if self.is_localizer else ("axial" if self.is_axial else "not axial")
         number = f"series #{self.number}, " if self.number is not None else ""
-        return (f"'{self.description or '(no description)'}' ({number}{self.modality or 'no modality'}, "
+        described = f"'{self.description}' " if self.description else ""
+        return (f"{described}({number}{self.modality or 'no modality'}, "
                 f"{self.n_slices} slice{'s' if self.n_slices != 1 else ''}, {kind}, UID {self.uid})")
 
 
@@ -130,8 +132,12 @@ class _Grid:
 # Listing series
 # --------------------------------------------------------------------------------------------
 
-def list_series(folder: str | Path) -> list[SeriesInfo]:
-    """All image series under `folder` (subfolders included), largest first."""
+def list_series(folder: str | Path, keep_descriptions: bool = False) -> list[SeriesInfo]:
+    """All image series under `folder` (subfolders included), largest first.
+
+    SeriesDescription is free text that may hold a name or a birth date (DICOM's basic
+    de-identification profile removes it): it is left out unless keep_descriptions.
+    """
     folder = _existing_folder(folder)
     files = _candidate_files(folder)
     headers = [h for h in (read_header(p) for p in files) if h is not None]
@@ -143,7 +149,7 @@ def list_series(folder: str | Path) -> list[SeriesInfo]:
     by_uid: dict[str, list[SliceHeader]] = {}
     for h in headers:
         by_uid.setdefault(h.series_uid, []).append(h)
-    series = [_series_info(uid, hs) for uid, hs in by_uid.items()]
+    series = [_series_info(uid, hs, keep_descriptions) for uid, hs in by_uid.items()]
     return sorted(series, key=lambda s: -s.n_slices)
 
 
@@ -213,7 +219,7 @@ def read_header(path: Path) -> SliceHeader | None:
         series_uid=tag("0020|000e") or "(no series UID)",
         modality=tag("0008|0060").upper(),
         image_type=tag("0008|0008").upper(),
-        description=tag("0008|103e"),
+        description=decode_text(tag("0008|103e"), tag("0008|0005")),
         series_number=_int(tag("0020|0011")),
         instance_number=_int(tag("0020|0013")),
         size=(int(size[0]), int(size[1]), int(size[2]) if len(size) > 2 else 1),
@@ -250,6 +256,34 @@ def _tag(reader: sitk.ImageFileReader, key: str) -> str:
     return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
 
 
+# SpecificCharacterSet (0008,0005) defined terms -> Python codecs; "ISO 2022 IR n" uses the same tables.
+CHARSETS = {
+    "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 101": "iso8859_2", "ISO_IR 109": "iso8859_3",
+    "ISO_IR 110": "iso8859_4", "ISO_IR 144": "iso8859_5", "ISO_IR 127": "iso8859_6", "ISO_IR 126": "iso8859_7",
+    "ISO_IR 138": "iso8859_8", "ISO_IR 148": "iso8859_9", "ISO_IR 203": "iso8859_15", "ISO_IR 13": "shift_jis",
+    "ISO_IR 166": "tis-620", "ISO_IR 192": "utf-8", "GB18030": "gb18030", "GBK": "gbk",
+    "ISO 2022 IR 87": "iso2022_jp", "ISO 2022 IR 159": "iso2022_jp_2", "ISO 2022 IR 149": "iso2022_kr",
+    "ISO 2022 IR 58": "gb2312",
+}
+
+
+def decode_text(text: str, charset: str) -> str:
+    """A DICOM text value decoded by the file's SpecificCharacterSet.
+
+    GDCM hands over the raw bytes, which SWIG decodes as UTF-8 with lone surrogates for anything
+    else (a Latin-1 "Schädel" arrives as "Sch\\udce4del"); the bytes are recovered and decoded properly.
+    """
+    raw = text.encode("utf-8", "surrogateescape")
+    terms = [t.strip().upper().replace("ISO 2022 IR ", "ISO_IR ") for t in charset.split("\\") if t.strip()]
+    terms += [t.replace("ISO_IR ", "ISO 2022 IR ") for t in terms]
+    for codec in [CHARSETS[t] for t in terms if t in CHARSETS] + ["utf-8", "latin-1"]:
+        try:
+            return raw.decode(codec).strip()
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return raw.decode("latin-1").strip()  # every byte string decodes as Latin-1
+
+
 def _looks_like_dicom(path: Path) -> bool:
     if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
         return True
@@ -283,7 +317,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / norm if norm > 0 else v
 
 
-def _series_info(uid: str, headers: list[SliceHeader]) -> SeriesInfo:
+def _series_info(uid: str, headers: list[SliceHeader], keep_descriptions: bool = False) -> SeriesInfo:
     first = headers[0]
     oriented = first.row is not None and first.col is not None
     normal = _unit(np.cross(first.row, first.col)) if oriented else np.zeros(3)
@@ -291,7 +325,7 @@ def _series_info(uid: str, headers: list[SliceHeader]) -> SeriesInfo:
     n_slices = first.size[2] if len(headers) == 1 else len(headers)
     is_localizer = any(w in first.image_type for w in LOCALIZER_WORDS) or n_slices < 3
     return SeriesInfo(
-        uid=uid, description=first.description, number=first.series_number, modality=first.modality,
+        uid=uid, description=first.description if keep_descriptions else "", number=first.series_number, modality=first.modality,
         n_files=len(headers), normal=tuple(float(x) for x in normal), is_localizer=is_localizer,
         is_axial=bool(abs(normal[2]) >= math.cos(math.radians(AXIAL_MAX_DEG))),
         files=[h.path for h in headers], image_type=first.image_type, n_slices=n_slices, headers=headers,
@@ -334,11 +368,14 @@ def choose_series(series: list[SeriesInfo], series_uid: str | None = None,
 # Reading a series
 # --------------------------------------------------------------------------------------------
 
-def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
-    """Read one series as a float32 HU Volume in LPS; a file path means that file's series."""
+def read_dicom_series(folder: str | Path, series_uid: str | None = None, keep_descriptions: bool = False) -> Volume:
+    """Read one series as a float32 HU Volume in LPS; a file path means that file's series.
+
+    The free-text SeriesDescription reaches volume.meta and the log only with keep_descriptions.
+    """
     source = str(folder)
     folder, series_uid, reason = _folder_and_uid(Path(folder), series_uid)
-    series, sentence = choose_series(list_series(folder), series_uid, reason)
+    series, sentence = choose_series(list_series(folder, keep_descriptions), series_uid, reason)
     log.debug(sentence)
     volume = _read_series(series, source)
     log.info(sentence)  # after the checks: a refused series gets one line, the error
@@ -373,7 +410,7 @@ def _read_series(series: SeriesInfo, source: str) -> Volume:
     volume = _read_multiframe(series.files[0]) if series.n_files == 1 else _read_slices(series)
     volume.meta.update({
         "source": source, "format": "dicom", "series_uid": series.uid,
-        "series_description": series.description, "series_number": series.number, "n_slices": series.n_slices,
+        "series_description": series.description or None, "series_number": series.number, "n_slices": series.n_slices,
     })
     validate_ct(volume, source)
     return volume

@@ -1,0 +1,173 @@
+"""Break-it round two (issue 25), reading: inputs that were read wrongly without a word, or refused
+with a misleading message. Each row builds its input (pydicom-written DICOM, enhanced multi-frame
+included; NIfTI with edited header bytes; NRRD and MetaImage text headers) and states the behaviour:
+
+- REFUSED: `fmct analyze` exits 2 with one line naming the problem, before any model runs;
+- READ_TRUE: the file is read, and its voxels and geometry equal the truth it was built from.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fmct_testing import ball_ct
+from test_bad_input import SPACING, Case, assert_refused, bundle, dicom_series, no_model, run_cli, small_ct  # noqa: F401
+
+from fmct.reading.files import read_volume, write_volume
+from fmct.reading.volume import Volume
+
+pydicom = pytest.importorskip("pydicom")
+
+
+def truth_ct() -> Volume:
+    """A small CT with integer HU, so that every reader must give it back exactly."""
+    ct = small_ct()
+    ct.array = ct.array.astype(np.int16)
+    ct.array[2, 5, 7] = 1234  # one marker voxel: any flip or reordering moves it
+    return ct
+
+
+def assert_same(got: Volume, want: Volume) -> None:
+    assert got.same_grid(want, atol=1e-3), (got.spacing, got.origin, got.direction, want.spacing, want.origin)
+    np.testing.assert_array_equal(np.asarray(got.array, np.float32), np.asarray(want.array, np.float32))
+
+
+# ------------------------------------------------------------------------------------- NIfTI qform / sform (11)
+def nifti_with_sform(d: Path, mirror: bool, sform_code: int = 2, qform_code: int = 1) -> tuple[Path, Volume]:
+    """ITK writes qform = sform; the sform is then edited. With mirror the sform flips x (left-right):
+    the truth is what the sform says (nibabel and FSL follow it), i.e. the same voxels on a grid whose x
+    axis points the other way and starts at the other end."""
+    ct = truth_ct()
+    write_volume(ct, d / "ct.nii")
+    data = bytearray((d / "ct.nii").read_bytes())
+    srow = np.array(struct.unpack_from("<12f", data, 280)).reshape(3, 4)  # RAS
+    truth = Volume(ct.array, ct.spacing, ct.origin, ct.direction.copy())
+    if mirror:
+        extent = (ct.array.shape[2] - 1) * ct.spacing[0]
+        srow[0, 0], srow[0, 3] = -srow[0, 0], srow[0, 3] - extent  # x_RAS = -3 i + 90  ->  3 i + 93 - 3*63
+        truth.direction[0, 0] = -truth.direction[0, 0]
+        truth.origin = (-srow[0, 3], ct.origin[1], ct.origin[2])
+    struct.pack_into("<12f", data, 280, *srow.ravel())
+    struct.pack_into("<hh", data, 252, qform_code, sform_code)
+    (d / "ct.nii").write_bytes(bytes(data))
+    return d / "ct.nii", truth
+
+
+# ------------------------------------------------------------------------------------- NRRD units (12), MHD (20)
+def nrrd_in(d: Path, unit: str, factor: float) -> tuple[Path, Volume]:
+    """A detached NRRD header whose space directions and origin are given in `unit`."""
+    import SimpleITK as sitk
+
+    ct = truth_ct()
+    sitk.WriteImage(ct.to_sitk(), str(d / "ct.nhdr"))
+    lines = []
+    for line in (d / "ct.nhdr").read_text().splitlines():
+        if line.startswith("space directions:"):
+            line = "space directions: " + " ".join(
+                "(" + ",".join(f"{v / factor:g}" for v in col) + ")" for col in (ct.direction * ct.spacing).T)
+            lines += [line, f'space units: "{unit}" "{unit}" "{unit}"']
+            continue
+        if line.startswith("space origin:"):
+            line = "space origin: (" + ",".join(f"{o / factor:g}" for o in ct.origin) + ")"
+        lines.append(line)
+    (d / "ct.nhdr").write_text("\n".join(lines) + "\n")
+    return d / "ct.nhdr", ct
+
+
+def mhd_without_raw(d: Path) -> Path:
+    write_volume(small_ct(), d / "ct.mhd")
+    (d / "ct.raw").unlink()
+    return d / "ct.mhd"
+
+
+def nrrd_in_furlongs(d: Path) -> Path:
+    path, _ = nrrd_in(d, "furlong", 1.0)
+    return path
+
+
+# ------------------------------------------------------------------------------------- the tables
+READ_TRUE: list[tuple[str, Callable[[Path], tuple[Path, Volume]]]] = [
+    ("nifti-sform-mirrors-qform", lambda d: nifti_with_sform(d, mirror=True)),
+    ("nifti-sform-scanner-mirrors-qform", lambda d: nifti_with_sform(d, mirror=True, sform_code=1)),
+    ("nifti-sform-only", lambda d: nifti_with_sform(d, mirror=True, qform_code=0)),
+    ("nifti-qform-only", lambda d: nifti_with_sform(d, mirror=False, sform_code=0)),
+    ("nrrd-space-units-cm", lambda d: nrrd_in(d, "cm", 10.0)),
+    ("nrrd-space-units-m", lambda d: nrrd_in(d, "m", 1000.0)),
+    ("nrrd-space-units-mm", lambda d: nrrd_in(d, "mm", 1.0)),
+]
+
+REFUSED = [
+    Case("mhd-raw-missing", mhd_without_raw, 2, "ct.raw is missing"),
+    Case("nrrd-unknown-units", nrrd_in_furlongs, 2, "space units"),
+]
+
+
+@pytest.mark.parametrize("build", [pytest.param(b, id=i) for i, b in READ_TRUE])
+def test_read_equals_the_truth(build, tmp_path):
+    path, truth = build(tmp_path)
+    assert_same(read_volume(path), truth)
+
+
+@pytest.mark.parametrize("case", [c.param() for c in REFUSED])
+def test_refused_with_one_line(case: Case, tmp_path, bundle, no_model, capfd):
+    path = case.build(tmp_path)
+    no_model()
+    out = tmp_path / "out"
+    code, lines = run_cli(["analyze", str(path), "--model", bundle, "--explain", "none", "--out", str(out), *case.args],
+                          capfd)
+    assert_refused(code, lines, case.code, case.words, out if out.is_dir() else tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------- warnings reach findings.json
+def test_qform_sform_disagreement_is_warned_in_findings(tmp_path, bundle, capfd):
+    path, _ = nifti_with_sform(tmp_path, mirror=True)
+    assert "qform" in " ".join(read_volume(path).meta["warnings"])
+    (tmp_path / "agree").mkdir()
+    agree, _ = nifti_with_sform(tmp_path / "agree", mirror=False)
+    assert "warnings" not in read_volume(agree).meta
+    code = run_cli(["analyze", str(path), "--model", bundle, "--explain", "none", "--out", str(tmp_path / "o")], capfd)[0]
+    assert code == 0
+    warning = json.loads((tmp_path / "o" / "findings.json").read_text())["warning"]
+    assert "qform" in warning and "sform" in warning and "mirror" in warning
+
+
+# ------------------------------------------------------------------------------------- free text (3)
+def described(text: str, charset: str | None):
+    def edit(k, ds):
+        if charset is not None:
+            ds.SpecificCharacterSet = charset
+        ds.SeriesDescription = text
+    return edit
+
+
+@pytest.mark.parametrize("charset, text", [
+    ("ISO_IR 100", "Schädel nativ"), ("ISO_IR 192", "Schädel → nativ"), ("ISO_IR 126", "Κρανίο"),
+    ("ISO_IR 144", "Череп"), (None, "Head plain ASCII")])
+def test_description_decoded_by_its_character_set(charset, text, tmp_path):
+    folder = dicom_series(tmp_path, described(text, charset))
+    raw = (sorted(folder.iterdir())[0]).read_bytes()
+    codec = {"ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8", "ISO_IR 126": "iso8859_7", "ISO_IR 144": "iso8859_5"}
+    assert text.encode(codec.get(charset, "ascii")) in raw  # the file holds the text in its own encoding
+    assert read_volume(folder, keep_descriptions=True).meta["series_description"] == text
+
+
+def test_free_text_description_stays_out_of_outputs_unless_asked(tmp_path, bundle, capfd, caplog):
+    secret = "CCT DOE JOHN 1970-01-01"
+    folder = dicom_series(tmp_path, described(secret, None))
+    caplog.set_level(logging.DEBUG)
+    code, lines = run_cli(["analyze", str(folder), "--model", bundle, "--explain", "none", "--out", str(tmp_path / "a")],
+                          capfd)
+    assert code == 0, lines
+    findings = (tmp_path / "a" / "findings.json").read_text()
+    assert json.loads(findings)["input"]["series_description"] is None
+    for text in (findings, "\n".join(lines), caplog.text):
+        assert "DOE" not in text and "1970" not in text
+    code, lines = run_cli(["analyze", str(folder), "--model", bundle, "--explain", "none", "--out", str(tmp_path / "b"),
+                           "--keep-descriptions"], capfd)
+    assert code == 0, lines
+    assert json.loads((tmp_path / "b" / "findings.json").read_text())["input"]["series_description"] == secret
