@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fmct_testing import ball_ct
 from test_bad_input import SPACING, Case, assert_refused, bundle, dicom_series, no_model, run_cli, small_ct  # noqa: F401
 
 from fmct.reading.files import read_volume, write_volume
@@ -171,3 +170,69 @@ def test_free_text_description_stays_out_of_outputs_unless_asked(tmp_path, bundl
                            "--keep-descriptions"], capfd)
     assert code == 0, lines
     assert json.loads((tmp_path / "b" / "findings.json").read_text())["input"]["series_description"] == secret
+
+
+# ------------------------------------------------------------------------------------- multi-frame DICOM (4, 19)
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def _seq(**tags):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    for key, value in tags.items():
+        setattr(item, key, value)
+    return [item]
+
+
+def multiframe(d: Path, ct: Volume, frames: list[tuple[int, int]] | None = None, *, name: str = "mf.dcm",
+               enhanced: bool = True, pixel_spacing: bool = True, spacing_between: bool = True,
+               series_uid: str | None = None, photometric: str = "MONOCHROME2", slope: float = 1.0) -> Path:
+    """One multi-frame file holding the slices `frames` = [(slice index, time point), ...] of ct, in that
+    stored order: enhanced CT (per-frame positions in PerFrameFunctionalGroupsSequence) or classic
+    multi-frame (one ImagePositionPatient and SpacingBetweenSlices, as GDCM writes a 3D image)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    frames = frames if frames is not None else [(int(k), 1) for k in range(ct.array.shape[0])]
+    sop = ENHANCED_CT if enhanced else "1.2.840.10008.5.1.4.1.1.2"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop, meta.MediaStorageSOPInstanceUID, "CT"
+    ds.SeriesInstanceUID = series_uid or "1.2.826.0.1.3680043.8.498.1"
+    ds.StudyInstanceUID, ds.PatientID, ds.ImageType = "1.2.826.0.1.3680043.8.498.2", "P1", ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.Rows, ds.Columns, ds.NumberOfFrames = ct.array.shape[1], ct.array.shape[2], len(frames)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    iop = [f"{v:g}" for v in (*ct.direction[:, 0], *ct.direction[:, 1])]
+    position = [[f"{v:g}" for v in (ct.index_to_physical @ [0, 0, k, 1])[:3]] for k, _ in frames]
+    spacing = [f"{ct.spacing[1]:g}", f"{ct.spacing[0]:g}"]
+    if enhanced:
+        shared = Dataset()
+        shared.PlaneOrientationSequence = _seq(ImageOrientationPatient=iop)
+        shared.PixelValueTransformationSequence = _seq(RescaleIntercept="0", RescaleSlope=f"{slope:g}", RescaleType="HU")
+        if pixel_spacing:
+            shared.PixelMeasuresSequence = _seq(PixelSpacing=spacing, SliceThickness=f"{ct.spacing[2]:g}")
+        ds.SharedFunctionalGroupsSequence = [shared]
+        per_frame = []
+        for (k, t), pos in zip(frames, position):
+            item = Dataset()
+            item.PlanePositionSequence = _seq(ImagePositionPatient=pos)
+            item.FrameContentSequence = _seq(TemporalPositionIndex=t, InStackPositionNumber=k + 1)
+            per_frame.append(item)
+        ds.PerFrameFunctionalGroupsSequence = per_frame
+    else:
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = iop, position[0]
+        ds.RescaleIntercept, ds.RescaleSlope = "0", f"{slope:g}"
+        if pixel_spacing:
+            ds.PixelSpacing = spacing
+        if spacing_between:
+            ds.SpacingBetweenSlices = f"{ct.spacing[2]:g}"
+    stored = np.stack([ct.array[k] for k, _ in frames]).astype(np.int16)
+    ds.PixelData = (stored if photometric == "MONOCHROME2" else stored).tobytes()
+    (d / "mf").mkdir(exist_ok=True)
+    ds.save_as(d / "mf" / name, enforce_file_format=True)
+    return d / "mf"
