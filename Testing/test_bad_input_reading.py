@@ -89,52 +89,6 @@ def nrrd_in_furlongs(d: Path) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------- the tables
-READ_TRUE: list[tuple[str, Callable[[Path], tuple[Path, Volume]]]] = [
-    ("nifti-sform-mirrors-qform", lambda d: nifti_with_sform(d, mirror=True)),
-    ("nifti-sform-scanner-mirrors-qform", lambda d: nifti_with_sform(d, mirror=True, sform_code=1)),
-    ("nifti-sform-only", lambda d: nifti_with_sform(d, mirror=True, qform_code=0)),
-    ("nifti-qform-only", lambda d: nifti_with_sform(d, mirror=False, sform_code=0)),
-    ("nrrd-space-units-cm", lambda d: nrrd_in(d, "cm", 10.0)),
-    ("nrrd-space-units-m", lambda d: nrrd_in(d, "m", 1000.0)),
-    ("nrrd-space-units-mm", lambda d: nrrd_in(d, "mm", 1.0)),
-]
-
-REFUSED = [
-    Case("mhd-raw-missing", mhd_without_raw, 2, "ct.raw is missing"),
-    Case("nrrd-unknown-units", nrrd_in_furlongs, 2, "space units"),
-]
-
-
-@pytest.mark.parametrize("build", [pytest.param(b, id=i) for i, b in READ_TRUE])
-def test_read_equals_the_truth(build, tmp_path):
-    path, truth = build(tmp_path)
-    assert_same(read_volume(path), truth)
-
-
-@pytest.mark.parametrize("case", [c.param() for c in REFUSED])
-def test_refused_with_one_line(case: Case, tmp_path, bundle, no_model, capfd):
-    path = case.build(tmp_path)
-    no_model()
-    out = tmp_path / "out"
-    code, lines = run_cli(["analyze", str(path), "--model", bundle, "--explain", "none", "--out", str(out), *case.args],
-                          capfd)
-    assert_refused(code, lines, case.code, case.words, out if out.is_dir() else tmp_path / "nowhere")
-
-
-# ------------------------------------------------------------------------------------- warnings reach findings.json
-def test_qform_sform_disagreement_is_warned_in_findings(tmp_path, bundle, capfd):
-    path, _ = nifti_with_sform(tmp_path, mirror=True)
-    assert "qform" in " ".join(read_volume(path).meta["warnings"])
-    (tmp_path / "agree").mkdir()
-    agree, _ = nifti_with_sform(tmp_path / "agree", mirror=False)
-    assert "warnings" not in read_volume(agree).meta
-    code = run_cli(["analyze", str(path), "--model", bundle, "--explain", "none", "--out", str(tmp_path / "o")], capfd)[0]
-    assert code == 0
-    warning = json.loads((tmp_path / "o" / "findings.json").read_text())["warning"]
-    assert "qform" in warning and "sform" in warning and "mirror" in warning
-
-
 # ------------------------------------------------------------------------------------- free text (3)
 def described(text: str, charset: str | None):
     def edit(k, ds):
@@ -187,7 +141,8 @@ def _seq(**tags):
 
 def multiframe(d: Path, ct: Volume, frames: list[tuple[int, int]] | None = None, *, name: str = "mf.dcm",
                enhanced: bool = True, pixel_spacing: bool = True, spacing_between: bool = True,
-               series_uid: str | None = None, photometric: str = "MONOCHROME2", slope: float = 1.0) -> Path:
+               series_uid: str | None = None, photometric: str = "MONOCHROME2", slope: float = 1.0,
+               intercept: float = 0.0, compress: bool = False) -> Path:
     """One multi-frame file holding the slices `frames` = [(slice index, time point), ...] of ct, in that
     stored order: enhanced CT (per-frame positions in PerFrameFunctionalGroupsSequence) or classic
     multi-frame (one ImagePositionPatient and SpacingBetweenSlices, as GDCM writes a 3D image)."""
@@ -213,7 +168,8 @@ def multiframe(d: Path, ct: Volume, frames: list[tuple[int, int]] | None = None,
     if enhanced:
         shared = Dataset()
         shared.PlaneOrientationSequence = _seq(ImageOrientationPatient=iop)
-        shared.PixelValueTransformationSequence = _seq(RescaleIntercept="0", RescaleSlope=f"{slope:g}", RescaleType="HU")
+        shared.PixelValueTransformationSequence = _seq(RescaleIntercept=f"{intercept:g}", RescaleSlope=f"{slope:g}",
+                                                       RescaleType="HU")
         if pixel_spacing:
             shared.PixelMeasuresSequence = _seq(PixelSpacing=spacing, SliceThickness=f"{ct.spacing[2]:g}")
         ds.SharedFunctionalGroupsSequence = [shared]
@@ -226,13 +182,228 @@ def multiframe(d: Path, ct: Volume, frames: list[tuple[int, int]] | None = None,
         ds.PerFrameFunctionalGroupsSequence = per_frame
     else:
         ds.ImageOrientationPatient, ds.ImagePositionPatient = iop, position[0]
-        ds.RescaleIntercept, ds.RescaleSlope = "0", f"{slope:g}"
+        ds.RescaleIntercept, ds.RescaleSlope = f"{intercept:g}", f"{slope:g}"
         if pixel_spacing:
             ds.PixelSpacing = spacing
         if spacing_between:
             ds.SpacingBetweenSlices = f"{ct.spacing[2]:g}"
-    stored = np.stack([ct.array[k] for k, _ in frames]).astype(np.int16)
-    ds.PixelData = (stored if photometric == "MONOCHROME2" else stored).tobytes()
+    hu = np.stack([ct.array[k] for k, _ in frames]).astype(np.float64)
+    ds.PixelData = np.round((hu - intercept) / (slope or 1.0)).astype(np.int16).tobytes()
+    if compress:
+        from pydicom.uid import RLELossless
+
+        ds.compress(RLELossless)
     (d / "mf").mkdir(exist_ok=True)
     ds.save_as(d / "mf" / name, enforce_file_format=True)
     return d / "mf"
+
+
+def frames_of(ct: Volume, order=None, drop=(), times=(1,)) -> list[tuple[int, int]]:
+    n = ct.array.shape[0]
+    ks = [int(k) for k in (order if order is not None else range(n)) if k not in drop]
+    return [(k, t) for t in times for k in ks]
+
+
+def shuffled(n: int) -> list[int]:
+    return [int(k) for k in np.random.default_rng(7).permutation(n)]
+
+
+def mf_read(**kw):
+    """A multi-frame case whose truth is truth_ct()."""
+    def build(d: Path) -> tuple[Path, Volume]:
+        ct = truth_ct()
+        order = kw.pop("order", None)
+        return multiframe(d, ct, frames_of(ct, shuffled(ct.array.shape[0]) if order == "shuffled" else None), **kw), ct
+    return build
+
+
+def mf_split(d: Path) -> tuple[Path, Volume]:
+    """Item 19: one series split over two multi-frame files (the second stored first by name)."""
+    ct = truth_ct()
+    multiframe(d, ct, frames_of(ct, range(8)), name="b.dcm")
+    return multiframe(d, ct, frames_of(ct, shuffled(16)[:0] or range(8, 16)), name="a.dcm"), ct
+
+
+def mf_refused(**kw):
+    def build(d: Path) -> Path:
+        ct = truth_ct()
+        return multiframe(d, ct, frames_of(ct, drop=kw.pop("drop", ()), times=kw.pop("times", (1,))), **kw)
+    return build
+
+
+def mf_overlapping_split(d: Path) -> Path:
+    ct = truth_ct()
+    multiframe(d, ct, frames_of(ct, range(10)), name="a.dcm")
+    return multiframe(d, ct, frames_of(ct, range(6, 16)), name="b.dcm")
+
+
+# ------------------------------------------------------------------------------------- per-slice DICOM (5, 6, 18)
+def slices_read(edit=None, extra: Callable[[Path], None] | None = None):
+    """A per-slice series (edited by `edit`, with `extra` objects beside it) whose truth is small_ct()."""
+    def build(d: Path) -> tuple[Path, Volume]:
+        folder = dicom_series(d, edit)
+        if extra is not None:
+            extra(folder)
+        return folder, small_ct()
+    return build
+
+
+def _monochrome1(bits_stored: int):
+    def edit(k, ds):
+        ds.PhotometricInterpretation = "MONOCHROME1"  # a display convention: the HU stay slope x stored + intercept
+        ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+    return edit
+
+
+def _slope_zero(k, ds):
+    ds.RescaleSlope = "0"
+
+
+def _second_patient(k, ds):
+    if k >= 8:
+        ds.PatientID, ds.StudyInstanceUID = "OTHER-PATIENT-ID", "1.2.826.0.1.3680043.8.498.99"
+
+
+def _second_study(k, ds):
+    if k % 2:
+        ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.98"
+
+
+def _object(folder: Path, name: str, sop_class: str, **tags) -> None:
+    """A DICOM object without pixel data, as PACS exports put beside a series."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.save_as(folder / name, enforce_file_format=True)
+
+
+def pacs_objects(folder: Path) -> None:
+    _object(folder, "csa.dcm", "1.3.12.2.1107.5.9.1", Modality="CT", ImageType=["ORIGINAL", "PRIMARY", "CSA REPORT"])
+    _object(folder, "PS_PHILIPS", "1.3.46.670589.11.0.0.12.4", Modality="PR")
+    _object(folder, "ecg.dcm", "1.2.840.10008.5.1.4.1.1.9.1.1", Modality="ECG",
+            WaveformSequence=_seq(NumberOfWaveformChannels=1, NumberOfWaveformSamples=4, SamplingFrequency="500",
+                                  WaveformBitsAllocated=16, WaveformSampleInterpretation="SS",
+                                  WaveformData=np.zeros(4, np.int16).tobytes()))
+
+
+def transfer_syntax(uid: str):
+    """A series whose slices claim a transfer syntax GDCM cannot decode (encapsulated, undecodable data).
+    pydicom writes only syntaxes it knows or private ones: a private placeholder of the same length is
+    written, then replaced by the UID in the file's bytes."""
+    def build(d: Path) -> Path:
+        from pydicom.encaps import encapsulate
+
+        placeholder = "9" * len(uid)
+        folder = dicom_series(d)
+        for f in sorted(folder.iterdir()):
+            ds = pydicom.dcmread(f)
+            ds.file_meta.TransferSyntaxUID = placeholder
+            ds.PixelData = encapsulate([b"\xff\x0a" + bytes(64)])
+            ds["PixelData"].VR = "OB"
+            ds.save_as(f, implicit_vr=False, little_endian=True, enforce_file_format=True)  # as every compressed syntax
+            f.write_bytes(f.read_bytes().replace(placeholder.encode(), uid.encode(), 1))
+        return folder
+    return build
+
+
+# ------------------------------------------------------------------------------------- the tables
+READ_TRUE: list[tuple[str, Callable[[Path], tuple[Path, Volume]]]] = [
+    ("enhanced-ct", mf_read()),
+    ("enhanced-ct-frames-out-of-order", mf_read(order="shuffled")),
+    ("enhanced-ct-rle-out-of-order-intercept", mf_read(order="shuffled", compress=True, intercept=-1024.0)),
+    ("enhanced-ct-slope-2", mf_read(slope=2.0)),
+    ("enhanced-ct-monochrome1", mf_read(photometric="MONOCHROME1", intercept=-1024.0)),
+    ("enhanced-ct-split-over-two-files", mf_split),
+    ("classic-multiframe-spacing-between-slices", mf_read(enhanced=False)),
+    ("monochrome1-16-bits", slices_read(_monochrome1(16))),
+    ("monochrome1-12-bits", slices_read(_monochrome1(12))),
+    ("objects-without-pixels-beside-the-series", slices_read(extra=pacs_objects)),
+    ("nifti-sform-mirrors-qform", lambda d: nifti_with_sform(d, mirror=True)),
+    ("nifti-sform-scanner-mirrors-qform", lambda d: nifti_with_sform(d, mirror=True, sform_code=1)),
+    ("nifti-sform-only", lambda d: nifti_with_sform(d, mirror=True, qform_code=0)),
+    ("nifti-qform-only", lambda d: nifti_with_sform(d, mirror=False, sform_code=0)),
+    ("nrrd-space-units-cm", lambda d: nrrd_in(d, "cm", 10.0)),
+    ("nrrd-space-units-m", lambda d: nrrd_in(d, "m", 1000.0)),
+    ("nrrd-space-units-mm", lambda d: nrrd_in(d, "mm", 1.0)),
+]
+
+REFUSED = [
+    Case("rescale-slope-0", lambda d: dicom_series(d, _slope_zero), 2, "RescaleSlope (0028,1053) is 0"),
+    Case("two-patients-one-series-uid", lambda d: dicom_series(d, _second_patient), 2, "two different patients"),
+    Case("two-studies-one-series-uid", lambda d: dicom_series(d, _second_study), 2, "two different studies"),
+    Case("jpeg-xl", transfer_syntax("1.2.840.10008.1.2.4.110"), 2, "stored in JPEG XL lossless"),
+    Case("vendor-private-syntax", transfer_syntax("1.3.46.670589.33.1.4.1"), 2, "a vendor's private transfer syntax"),
+    Case("enhanced-no-pixelspacing", mf_refused(pixel_spacing=False), 2, "PixelSpacing"),
+    Case("enhanced-missing-frames", mf_refused(drop=(5, 6)), 2, "About 2 slice(s) are missing"),
+    Case("enhanced-two-time-points", mf_refused(times=(1, 2)), 2, "2 time points"),
+    Case("enhanced-slope-0", mf_refused(slope=0.0), 2, "RescaleSlope (0028,1053) is 0"),
+    Case("enhanced-split-overlapping", mf_overlapping_split, 2, "repeat the position"),
+    Case("classic-multiframe-no-spacing", mf_refused(enhanced=False, spacing_between=False), 2, "SpacingBetweenSlices"),
+    Case("classic-multiframe-no-pixelspacing", mf_refused(enhanced=False, pixel_spacing=False), 2, "PixelSpacing"),
+    Case("mhd-raw-missing", mhd_without_raw, 2, "ct.raw is missing"),
+    Case("nrrd-unknown-units", nrrd_in_furlongs, 2, "space units"),
+]
+
+
+@pytest.mark.parametrize("build", [pytest.param(b, id=i) for i, b in READ_TRUE])
+def test_read_equals_the_truth(build, tmp_path):
+    path, truth = build(tmp_path)
+    assert_same(read_volume(path), truth)
+
+
+@pytest.mark.parametrize("case", [c.param() for c in REFUSED])
+def test_refused_with_one_line(case: Case, tmp_path, bundle, no_model, capfd):
+    path = case.build(tmp_path)
+    no_model()
+    out = tmp_path / "out"
+    code, lines = run_cli(["analyze", str(path), "--model", bundle, "--explain", "none", "--out", str(out), *case.args],
+                          capfd)
+    assert_refused(code, lines, case.code, case.words, out if out.is_dir() else tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------- warnings reach findings.json
+def test_qform_sform_disagreement_is_warned_in_findings(tmp_path, bundle, capfd):
+    path, _ = nifti_with_sform(tmp_path, mirror=True)
+    assert "qform" in " ".join(read_volume(path).meta["warnings"])
+    (tmp_path / "agree").mkdir()
+    agree, _ = nifti_with_sform(tmp_path / "agree", mirror=False)
+    assert "warnings" not in read_volume(agree).meta
+    code = run_cli(["analyze", str(path), "--model", bundle, "--explain", "none", "--out", str(tmp_path / "o")], capfd)[0]
+    assert code == 0
+    warning = json.loads((tmp_path / "o" / "findings.json").read_text())["warning"]
+    assert "qform" in warning and "sform" in warning and "mirror" in warning
+
+
+# ------------------------------------------------------------------------------------- what the log and message say
+def test_objects_without_pixels_are_listed_in_the_log(tmp_path, caplog):
+    folder, _ = slices_read(extra=pacs_objects)(tmp_path)
+    with caplog.at_level(logging.INFO, logger="fmct.reading.files"):
+        read_volume(folder)
+    skipped = next(r.getMessage() for r in caplog.records if "without pixel data" in r.getMessage())
+    for name in ("csa.dcm (Siemens CSA non-image)", "PS_PHILIPS (Philips private object)", "ecg.dcm (waveform (ECG))"):
+        assert name in skipped
+
+
+def test_split_multiframe_series_says_what_was_found(tmp_path, caplog):
+    path, truth = mf_split(tmp_path)
+    with caplog.at_level(logging.INFO, logger="fmct.reading.files"):
+        assert_same(read_volume(path), truth)
+    assert "split over 2 multi-frame files (8 + 8 frames)" in caplog.text
+
+
+def test_two_patients_are_named_by_file_and_study_never_by_id(tmp_path, bundle, no_model, capfd):
+    folder = dicom_series(tmp_path, _second_patient)
+    no_model()
+    code, lines = run_cli(["analyze", str(folder), "--model", bundle, "--out", str(tmp_path / "o")], capfd)
+    assert code == 2 and len(lines) == 1
+    assert "1.2.826.0.1.3680043.8.498.99" in lines[0] and "IM_0001_0009.dcm" in lines[0] and "IM_0001_0001.dcm" in lines[0]
+    assert "OTHER-PATIENT-ID" not in lines[0] and "FMCT-PHANTOM" not in lines[0]

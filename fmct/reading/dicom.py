@@ -30,9 +30,9 @@ from fmct.conventions.errors import (
     UnreadableInputError,
 )
 from fmct.reading.dicom_elements import (NotDicomError, check_transfer_syntax, decode_text, native_frames, read_elements,
-                                         sop_name)
+                                         sop_name, transfer_syntax_of)
 from fmct.reading.dicom_writer import new_uid, write_dicom_series  # noqa: F401  (re-exported: the one DICOM module callers know)
-from fmct.reading.multiframe import check_slopes, read_multiframe_series
+from fmct.reading.multiframe import check_slopes, file_frames, read_multiframe_series
 from fmct.reading.slice_grid import TILT_MIN_DEG, Grid, check_duplicates, check_gaps_and_spacing, resample_tilted, tilt_deg
 from fmct.reading.volume import FORMATS, Volume, check_memory, format_suffix, native_stderr_silenced, validate_ct
 
@@ -186,7 +186,7 @@ def read_header(path: Path, skipped: list[str] | None = None) -> SliceHeader | N
             reader.ReadImageInformation()
     except RuntimeError:
         return _not_an_image(path, skipped)
-    check_transfer_syntax(path, _tag(reader, "0002|0010"))
+    check_transfer_syntax(path, transfer_syntax_of(path))
     tag = functools.partial(_tag, reader)
     iop, position = _floats(tag("0020|0037"), 6), _floats(tag("0020|0032"), 3)
     size = reader.GetSize()
@@ -225,6 +225,7 @@ def _not_an_image(path: Path, skipped: list[str] | None) -> None:
     if not _looks_like_dicom(path):
         log.debug("skipping %s: not a DICOM image", path.name)
         return None
+    check_transfer_syntax(path, transfer_syntax_of(path))
     try:
         elements = read_elements(path)
     except (NotDicomError, OSError, ValueError, IndexError, struct.error, zlib.error):
@@ -234,7 +235,9 @@ def _not_an_image(path: Path, skipped: list[str] | None) -> None:
             skipped.append(f"{path.name} ({sop_name(elements.text(0x00080016))})")
         return None
     if elements is not None:
-        check_transfer_syntax(path, elements.transfer_syntax)
+        check_slopes(np.array(elements.floats(0x00281053) or [1.0]), path.name)
+        if int(float(elements.text(0x00280008) or 1)) > 1:
+            file_frames(path)  # says what is wrong with a multi-frame header (no spacing, slope 0, ...)
     if _is_non_image_dicom(path):
         return None
     raise UnreadableInputError(

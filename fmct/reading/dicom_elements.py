@@ -94,6 +94,20 @@ def read_elements(path: Path) -> Elements:
         return _walk_file(data)
 
 
+def transfer_syntax_of(path: Path) -> str:
+    """The TransferSyntaxUID of the file meta header ('' without one): GDCM does not show group 0002."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 14)
+        if head[128:132] != b"DICM":
+            return ""
+        meta, _ = _group2(head, 132)
+    except (NotDicomError, OSError, struct.error):
+        return ""
+    value = meta.get(0x00020010, b"")
+    return value.decode("latin-1").strip("\x00 ") if isinstance(value, bytes) else ""
+
+
 def _walk_file(data) -> Elements:
     if len(data) >= 132 and data[128:132] == b"DICM":
         meta, pos = _group2(data, 132)

@@ -190,13 +190,5 @@ def _hounsfield(f: FileFrames) -> np.ndarray:
     except RuntimeError:
         raise UnreadableInputError(
             f"{f.path.name} cannot be read (truncated or corrupt). Re-export the complete series from PACS.") from None
-    array = sitk.GetArrayFromImage(image).reshape(-1, *image.GetSize()[1::-1])
-    return _rescale_as_header_says(array, f)
-
-
-def _rescale_as_header_says(array: np.ndarray, f: FileFrames) -> np.ndarray:
-    """GDCM applies only a top-level rescale; an enhanced CT keeps it in its functional groups."""
-    top_slope = _number(f.elements.floats(SLOPE), 1.0)
-    top_intercept = _number(f.elements.floats(INTERCEPT), 0.0)
-    stored = (array - top_intercept) / top_slope
-    return (stored * f.slopes[0] + f.intercepts[0]).astype(np.float32)
+    # GDCM applies the rescale of the functional groups (the same for every frame here)
+    return sitk.GetArrayFromImage(image).reshape(-1, *image.GetSize()[1::-1]).astype(np.float32, copy=False)
