@@ -248,10 +248,14 @@ def slices_read(edit=None, extra: Callable[[Path], None] | None = None):
     return build
 
 
-def _monochrome1(bits_stored: int):
+def _monochrome1(bits_stored: int, compress: bool = False):
     def edit(k, ds):
         ds.PhotometricInterpretation = "MONOCHROME1"  # a display convention: the HU stay slope x stored + intercept
         ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+        if compress:
+            from pydicom.uid import RLELossless
+
+            ds.compress(RLELossless)
     return edit
 
 
@@ -326,6 +330,8 @@ READ_TRUE: list[tuple[str, Callable[[Path], tuple[Path, Volume]]]] = [
     ("classic-multiframe-spacing-between-slices", mf_read(enhanced=False)),
     ("monochrome1-16-bits", slices_read(_monochrome1(16))),
     ("monochrome1-12-bits", slices_read(_monochrome1(12))),
+    ("monochrome1-16-bits-rle", slices_read(_monochrome1(16, compress=True))),
+    ("enhanced-ct-monochrome1-rle", mf_read(photometric="MONOCHROME1", intercept=-1024.0, compress=True)),
     ("objects-without-pixels-beside-the-series", slices_read(extra=pacs_objects)),
     ("nifti-sform-mirrors-qform", lambda d: nifti_with_sform(d, mirror=True)),
     ("nifti-sform-scanner-mirrors-qform", lambda d: nifti_with_sform(d, mirror=True, sform_code=1)),

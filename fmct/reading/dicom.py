@@ -30,7 +30,8 @@ from fmct.conventions.errors import (
     UnreadableInputError,
 )
 from fmct.reading.dicom_elements import (NotDicomError, check_transfer_syntax, decode_text, native_frames, read_elements,
-                                         sop_name, transfer_syntax_of)
+                                         frame_count, sop_name, transfer_syntax_of,
+                                         undo_monochrome1)
 from fmct.reading.dicom_writer import new_uid, write_dicom_series  # noqa: F401  (re-exported: the one DICOM module callers know)
 from fmct.reading.multiframe import check_slopes, file_frames, read_multiframe_series
 from fmct.reading.slice_grid import TILT_MIN_DEG, Grid, check_duplicates, check_gaps_and_spacing, resample_tilted, tilt_deg
@@ -186,7 +187,6 @@ def read_header(path: Path, skipped: list[str] | None = None) -> SliceHeader | N
             reader.ReadImageInformation()
     except RuntimeError:
         return _not_an_image(path, skipped)
-    check_transfer_syntax(path, transfer_syntax_of(path))
     tag = functools.partial(_tag, reader)
     iop, position = _floats(tag("0020|0037"), 6), _floats(tag("0020|0032"), 3)
     size = reader.GetSize()
@@ -225,7 +225,6 @@ def _not_an_image(path: Path, skipped: list[str] | None) -> None:
     if not _looks_like_dicom(path):
         log.debug("skipping %s: not a DICOM image", path.name)
         return None
-    check_transfer_syntax(path, transfer_syntax_of(path))
     try:
         elements = read_elements(path)
     except (NotDicomError, OSError, ValueError, IndexError, struct.error, zlib.error):
@@ -234,9 +233,10 @@ def _not_an_image(path: Path, skipped: list[str] | None) -> None:
         if skipped is not None:
             skipped.append(f"{path.name} ({sop_name(elements.text(0x00080016))})")
         return None
+    check_transfer_syntax(path, transfer_syntax_of(path))
     if elements is not None:
         check_slopes(np.array(elements.floats(0x00281053) or [1.0]), path.name)
-        if int(float(elements.text(0x00280008) or 1)) > 1:
+        if frame_count(elements) > 1:
             file_frames(path)  # says what is wrong with a multi-frame header (no spacing, slope 0, ...)
     if _is_non_image_dicom(path):
         return None
@@ -515,18 +515,24 @@ def _read_pixels(files: list[Path], exact_integers: bool = False) -> np.ndarray:
 
 def _read_monochrome1(files: list[Path]) -> np.ndarray:
     """MONOCHROME1 only says how to display the values (white is low); HU are still slope x stored +
-    intercept. GDCM inverts the stored values (and fails on 12 bits stored), so they are decoded here."""
+    intercept. GDCM inverts the stored values (and fails on 12 bits stored), so uncompressed pixels
+    are decoded here and GDCM's inversion of compressed 16-bit ones is undone."""
     slices = []
     for path in files:
         elements = read_elements(path)
-        stored = native_frames(path, elements)
-        if stored is None:
-            raise UnreadableInputError(
-                f"{path.name} is a compressed MONOCHROME1 image, which fmct reads only uncompressed (its decoder inverts "
-                "the values). Decompress the series first (e.g. gdcmconv --raw) or export it uncompressed.")
         slope = (elements.floats(0x00281053) or [1.0])[0]
         intercept = (elements.floats(0x00281052) or [0.0])[0]
-        slices.append((stored * slope + intercept).astype(np.float32))
+        stored = native_frames(path, elements)
+        if stored is not None:
+            slices.append((stored * slope + intercept).astype(np.float32))
+            continue
+        hu = undo_monochrome1(_read_chunk([path]), elements, slope, intercept)
+        if hu is None:
+            raise UnreadableInputError(
+                f"{path.name} is a compressed MONOCHROME1 image with {elements.uint(0x00280101)} bits stored, which "
+                "fmct's decoder cannot read without inverting it. Decompress the series first (e.g. gdcmconv --raw) "
+                "or export it uncompressed.")
+        slices.append(hu)
     return np.concatenate(slices)
 
 
@@ -540,6 +546,8 @@ def _read_chunk(files: list[Path]) -> np.ndarray:
             image = reader.Execute()
     except RuntimeError:
         bad = _first_unreadable(files)
+        if bad is not None:
+            check_transfer_syntax(bad, transfer_syntax_of(bad))  # GDCM cannot decode it: say so, not "corrupt"
         raise UnreadableInputError(
             f"{bad.name if bad else 'a file of the series'} cannot be read (truncated or corrupt pixel data). "
             "Re-export the complete series from PACS.") from None

@@ -83,6 +83,14 @@ class Elements:
         return value if isinstance(value, list) else []
 
 
+def frame_count(e: Elements) -> int:
+    """NumberOfFrames (0028,0008), 1 when absent or unreadable."""
+    try:
+        return max(1, int(float(e.text(0x00280008) or 1)))
+    except (ValueError, OverflowError):
+        return 1
+
+
 def read_elements(path: Path) -> Elements:
     """The file's elements up to its pixel data; raises NotDicomError for what it cannot follow."""
     with open(path, "rb") as f:
@@ -98,7 +106,7 @@ def transfer_syntax_of(path: Path) -> str:
     """The TransferSyntaxUID of the file meta header ('' without one): GDCM does not show group 0002."""
     try:
         with open(path, "rb") as f:
-            head = f.read(1 << 14)
+            head = f.read(1 << 12)  # the file meta header is a few hundred bytes
         if head[128:132] != b"DICM":
             return ""
         meta, _ = _group2(head, 132)
@@ -276,7 +284,7 @@ def native_frames(path: Path, elements: Elements) -> np.ndarray | None:
     e = elements
     rows, cols, bits, stored = e.uint(0x00280010), e.uint(0x00280011), e.uint(0x00280100), e.uint(0x00280101)
     signed = e.uint(0x00280103) == 1
-    frames = int(float(e.text(0x00280008) or 1))
+    frames = frame_count(e)
     if (e.transfer_syntax not in (IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE) or e.pixel_offset is None
             or e.pixel_length is None or bits not in (8, 16, 32) or not rows or not cols
             or (e.uint(0x00280002) or 1) != 1):
@@ -291,3 +299,14 @@ def native_frames(path: Path, elements: Elements) -> np.ndarray | None:
     if signed:
         raw = np.where(raw >= 1 << (stored - 1), raw - (1 << stored), raw)
     return raw.reshape(frames, rows, cols)
+
+
+def undo_monochrome1(hu: np.ndarray, e: Elements, slope: float, intercept: float) -> np.ndarray | None:
+    """The HU of a compressed MONOCHROME1 image from what GDCM gives: GDCM inverts the stored values
+    before the rescale (signed: -s - 1, unsigned: 65535 - s) and decodes only 16 bits stored; None
+    for other bit depths."""
+    if (e.uint(0x00280101) or 16) != 16:
+        return None
+    inverted = (np.asarray(hu, np.float64) - intercept) / slope
+    stored = -inverted - 1 if e.uint(0x00280103) == 1 else 65535 - inverted
+    return (stored * slope + intercept).astype(np.float32)

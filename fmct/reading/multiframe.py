@@ -18,7 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from fmct.conventions.errors import AbsurdSpacingError, InputVolumeError, NotVolumeError, UnreadableInputError
-from fmct.reading.dicom_elements import Elements, NotDicomError, native_frames, read_elements
+from fmct.reading.dicom_elements import (Elements, NotDicomError, check_transfer_syntax, frame_count, native_frames,
+                                         read_elements, undo_monochrome1)
 from fmct.reading.slice_grid import TILT_MIN_DEG, Grid, check_duplicates, check_gaps_and_spacing, resample_tilted, tilt_deg
 from fmct.reading.volume import Volume, native_stderr_silenced
 
@@ -55,7 +56,7 @@ def file_frames(path: Path) -> FileFrames:
     except (NotDicomError, OSError, ValueError, IndexError, struct.error):
         raise UnreadableInputError(
             f"{path.name} cannot be read (truncated or corrupt multi-frame DICOM). Re-export the complete series.") from None
-    n = int(float(e.text(NUMBER_OF_FRAMES) or 1))
+    n = frame_count(e)
     per, shared = e.items(PER_FRAME), (e.items(SHARED) or [{}])[0]
     if per and len(per) != n:
         raise UnreadableInputError(
@@ -179,16 +180,24 @@ def _hounsfield(f: FileFrames) -> np.ndarray:
     stored = native_frames(f.path, f.elements)
     if stored is not None:
         return (stored * f.slopes[:, None, None] + f.intercepts[:, None, None]).astype(np.float32)
-    if f.monochrome1 or np.ptp(f.slopes) or np.ptp(f.intercepts):
+    if np.ptp(f.slopes) or np.ptp(f.intercepts):
         raise UnreadableInputError(
-            f"{f.path.name}: a compressed multi-frame file that is MONOCHROME1 or rescales each frame differently; "
-            "fmct reads such files only uncompressed. Decompress it first (e.g. gdcmconv --raw) or export it "
-            "uncompressed.")
+            f"{f.path.name}: a compressed multi-frame file that rescales each frame differently; fmct reads such files "
+            "only uncompressed. Decompress it first (e.g. gdcmconv --raw) or export it uncompressed.")
     try:
         with native_stderr_silenced():
             image = sitk.ReadImage(str(f.path), outputPixelType=sitk.sitkFloat32, imageIO="GDCMImageIO")
     except RuntimeError:
+        check_transfer_syntax(f.path, f.elements.transfer_syntax)  # GDCM cannot decode it: say so, not "corrupt"
         raise UnreadableInputError(
             f"{f.path.name} cannot be read (truncated or corrupt). Re-export the complete series from PACS.") from None
     # GDCM applies the rescale of the functional groups (the same for every frame here)
-    return sitk.GetArrayFromImage(image).reshape(-1, *image.GetSize()[1::-1]).astype(np.float32, copy=False)
+    hu = sitk.GetArrayFromImage(image).reshape(-1, *image.GetSize()[1::-1]).astype(np.float32, copy=False)
+    if not f.monochrome1:
+        return hu
+    hu = undo_monochrome1(hu, f.elements, float(f.slopes[0]), float(f.intercepts[0]))
+    if hu is None:
+        raise UnreadableInputError(
+            f"{f.path.name} is a compressed MONOCHROME1 file with fewer than 16 bits stored, which fmct's decoder cannot "
+            "read without inverting it. Decompress it first (e.g. gdcmconv --raw) or export it uncompressed.")
+    return hu
