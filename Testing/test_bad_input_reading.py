@@ -84,6 +84,26 @@ def mhd_without_raw(d: Path) -> Path:
     return d / "ct.mhd"
 
 
+def nhdr_without_raw(d: Path) -> Path:
+    path, _ = nrrd_in(d, "mm", 1.0)
+    (d / "ct.raw").unlink()
+    return path
+
+
+def nifti_sheared_sform(d: Path) -> tuple[Path, Volume]:
+    """An sform with a shear (an affine registration's output) beside a plain qform: ITK grids cannot
+    hold the shear, so the qform's grid is read, with a warning."""
+    ct = truth_ct()
+    write_volume(ct, d / "ct.nii")
+    data = bytearray((d / "ct.nii").read_bytes())
+    srow = np.array(struct.unpack_from("<12f", data, 280)).reshape(3, 4)
+    srow[0, 1] = 0.5  # x moves with y: sheared
+    struct.pack_into("<12f", data, 280, *srow.ravel())
+    struct.pack_into("<hh", data, 252, 1, 2)
+    (d / "ct.nii").write_bytes(bytes(data))
+    return d / "ct.nii", ct
+
+
 def nrrd_in_furlongs(d: Path) -> Path:
     path, _ = nrrd_in(d, "furlong", 1.0)
     return path
@@ -337,6 +357,7 @@ READ_TRUE: list[tuple[str, Callable[[Path], tuple[Path, Volume]]]] = [
     ("nifti-sform-scanner-mirrors-qform", lambda d: nifti_with_sform(d, mirror=True, sform_code=1)),
     ("nifti-sform-only", lambda d: nifti_with_sform(d, mirror=True, qform_code=0)),
     ("nifti-qform-only", lambda d: nifti_with_sform(d, mirror=False, sform_code=0)),
+    ("nifti-sheared-sform", nifti_sheared_sform),
     ("nrrd-space-units-cm", lambda d: nrrd_in(d, "cm", 10.0)),
     ("nrrd-space-units-m", lambda d: nrrd_in(d, "m", 1000.0)),
     ("nrrd-space-units-mm", lambda d: nrrd_in(d, "mm", 1.0)),
@@ -356,6 +377,7 @@ REFUSED = [
     Case("classic-multiframe-no-spacing", mf_refused(enhanced=False, spacing_between=False), 2, "SpacingBetweenSlices"),
     Case("classic-multiframe-no-pixelspacing", mf_refused(enhanced=False, pixel_spacing=False), 2, "PixelSpacing"),
     Case("mhd-raw-missing", mhd_without_raw, 2, "ct.raw is missing"),
+    Case("nhdr-raw-missing", nhdr_without_raw, 2, "ct.raw is missing"),
     Case("nrrd-unknown-units", nrrd_in_furlongs, 2, "space units"),
 ]
 
@@ -383,6 +405,8 @@ def test_qform_sform_disagreement_is_warned_in_findings(tmp_path, bundle, capfd)
     (tmp_path / "agree").mkdir()
     agree, _ = nifti_with_sform(tmp_path / "agree", mirror=False)
     assert "warnings" not in read_volume(agree).meta
+    (tmp_path / "shear").mkdir()
+    assert "sheared" in " ".join(read_volume(nifti_sheared_sform(tmp_path / "shear")[0]).meta["warnings"])
     code = run_cli(["analyze", str(path), "--model", bundle, "--explain", "none", "--out", str(tmp_path / "o")], capfd)[0]
     assert code == 0
     warning = json.loads((tmp_path / "o" / "findings.json").read_text())["warning"]

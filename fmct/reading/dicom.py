@@ -390,8 +390,8 @@ def _read_series(series: SeriesInfo, source: str) -> Volume:
         check_slopes(np.array([h.rescale_slope for h in series.headers if h.rescale_slope is not None]),
                      series.headers[0].path.name)
     first = series.headers[0]
-    check_memory((first.size[0], first.size[1], series.n_slices), 2 if _exact_integers(series) else 4, source,
-                 "HU")
+    check_memory((first.size[0], first.size[1], series.n_slices), 2 if _exact_integers(series) and not multiframe else 4,
+                 source, "HU")
     volume = read_multiframe_series(series.files) if multiframe else _read_slices(series)
     volume.meta.update({
         "source": source, "format": "dicom", "series_uid": series.uid,

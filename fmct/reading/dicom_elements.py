@@ -294,10 +294,10 @@ def native_frames(path: Path, elements: Elements) -> np.ndarray | None:
     count = frames * rows * cols
     if count * dtype.itemsize > e.pixel_length:
         return None
-    raw = np.fromfile(path, dtype, count, offset=e.pixel_offset).astype(np.int64)
+    raw = np.fromfile(path, dtype, count, offset=e.pixel_offset).astype(np.int64 if bits == 32 else np.int32)
     raw &= (1 << stored) - 1
     if signed:
-        raw = np.where(raw >= 1 << (stored - 1), raw - (1 << stored), raw)
+        raw[raw >= 1 << (stored - 1)] -= 1 << stored
     return raw.reshape(frames, rows, cols)
 
 

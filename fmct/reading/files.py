@@ -31,6 +31,7 @@ from fmct.conventions.errors import (
 from fmct.reading.headers import (
     AFFINE_ATOL_MM,
     check_mhd_data_file,
+    check_nrrd_data_file,
     geometry_of,
     nifti_lps_affine,
     nrrd_unit_scale,
@@ -125,6 +126,8 @@ def _read_image_file(path: Path) -> Volume:
         _check_nifti_pixdim(path)
     if format_suffix(path) == ".mhd":
         check_mhd_data_file(path)
+    if format_suffix(path) == ".nhdr":
+        check_nrrd_data_file(path)
     reader = _check_header(path, fmt)
     meta = {"source": str(path), "format": fmt}
     if fmt == "NIfTI":
@@ -157,11 +160,12 @@ def _nifti_geometry(path: Path, volume: Volume) -> Volume:
     affine, warning = nifti_lps_affine(header, path.name)
     if affine is not None and not np.allclose(affine, volume.index_to_physical, atol=AFFINE_ATOL_MM):
         geometry = geometry_of(affine)
-        if geometry is None:
-            raise UnreadableInputError(
-                f"{path.name}: the NIfTI header's sform has sheared or degenerate axes, which fmct cannot place "
-                "without resampling. Resample the CT to an orthogonal grid, or fix the header.")
-        volume.spacing, volume.origin, volume.direction = geometry
+        if geometry is None:  # a shear (affine registration output): ITK's grid is the closest one without it
+            warning = (f"{path.name}: the NIfTI header's sform has sheared axes, which a CT grid cannot hold; fmct "
+                       "follows the qform instead, so positions may differ from those nibabel and FSL show. Resample "
+                       "the CT to an orthogonal grid.")
+        else:
+            volume.spacing, volume.origin, volume.direction = geometry
     if warning is not None:
         log.warning(warning)
         volume.meta.setdefault("warnings", []).append(warning)

@@ -5,7 +5,7 @@
   disagree (a mirror in x, for example) left and right differ between tools. fmct follows nibabel
   and records a warning.
 - NRRD: `space units` may be cm or m; ITK ignores them and reads centimetres as millimetres.
-- MetaImage: an .mhd whose data file (ElementDataFile) is missing is reported by ITK as a corrupt file.
+- MetaImage and detached NRRD: an .mhd or .nhdr whose data file is missing is reported by ITK as a corrupt file.
 """
 from __future__ import annotations
 
@@ -139,3 +139,15 @@ def check_mhd_data_file(path: Path) -> None:
             f"Copy {name} next to {path.name}, or give a single-file .mha instead.")
     if data.is_dir():
         raise UnreadableInputError(f"{path.name}: its voxel data file {data} is a folder. Give the .raw file's folder intact.")
+
+
+def check_nrrd_data_file(path: Path) -> None:
+    """Name the missing data file of a detached NRRD header (.nhdr) instead of 'corrupt'."""
+    name = nrrd_fields(path).get("data file") or nrrd_fields(path).get("datafile")
+    if not name or name.upper().startswith("LIST") or "%" in name or " " in name.strip():
+        return  # none, or a list / pattern of files ITK resolves
+    data = path.parent / name
+    if not data.exists():
+        raise EmptyInputError(
+            f"{path.name} is a NRRD header whose voxel data file {name} is missing (looked for {data}). "
+            f"Copy {name} next to {path.name}, or give a single-file .nrrd instead.")

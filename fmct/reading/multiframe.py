@@ -179,7 +179,10 @@ def _hounsfield(f: FileFrames) -> np.ndarray:
     rescale when uncompressed (MONOCHROME1 included: its values are not inverted), else decoded by GDCM."""
     stored = native_frames(f.path, f.elements)
     if stored is not None:
-        return (stored * f.slopes[:, None, None] + f.intercepts[:, None, None]).astype(np.float32)
+        hu = np.empty(stored.shape, np.float32)
+        for k in range(len(stored)):  # frame by frame: no float64 copy of the whole file
+            hu[k] = stored[k] * f.slopes[k] + f.intercepts[k]
+        return hu
     if np.ptp(f.slopes) or np.ptp(f.intercepts):
         raise UnreadableInputError(
             f"{f.path.name}: a compressed multi-frame file that rescales each frame differently; fmct reads such files "
