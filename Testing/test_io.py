@@ -134,7 +134,7 @@ def test_multi_series_folder_picks_axial_soft_tissue_and_says_why(tmp_path, capl
     assert series[uids["soft"]].is_axial and series[uids["soft"]].n_files == 24
 
     with caplog.at_level(logging.INFO, logger="fmct.reading.files"):
-        got = read_volume(tmp_path)
+        got = read_volume(tmp_path, keep_descriptions=True)  # the descriptions name the series in the sentence
     assert got.meta["series_uid"] == uids["soft"] and got.meta["series_description"] == "Head soft tissue"
     choice = got.meta["series_choice"]
     assert "axial, non-localizer series with the most slices" in choice and "Coronal MPR" in choice

@@ -181,7 +181,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise ConfigError("--workers applies to a batch (a folder of studies with --batch, or a manifest .csv)")
     from fmct.reading.files import read_volume
 
-    volume = read_volume(args.input, series_uid=args.series)
+    volume = read_volume(args.input, series_uid=args.series, keep_descriptions=args.keep_descriptions)
     return _run_analysis(volume, args, Path(args.out), save_ct=args.save_ct)
 
 
@@ -190,6 +190,8 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     if args.series is not None:
         raise ConfigError("--series applies to one DICOM folder, not to a batch; give each study its own folder")
+    if args.keep_descriptions:
+        raise ConfigError("--keep-descriptions applies to one study, not to a batch (a batch never copies free text)")
     if args.workers is not None and args.workers < 0:
         raise ConfigError("--workers must be 0 (decode in this process) or more")
     rank = rank_from_env()
@@ -343,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch: processes decoding studies ahead of the model (default min(4, CPUs) with a GPU, "
                         "CPUs/4 without; 0: decode in this process)")
     a.add_argument("--series", default=None, help="SeriesInstanceUID to use when the folder holds several series")
+    a.add_argument("--keep-descriptions", action="store_true",
+                   help="copy the DICOM SeriesDescription (free text that may name the patient) into findings.json and "
+                        "the log; left out by default, as DICOM's basic de-identification profile does")
     a.add_argument("--findings", default="positive", help="which findings get a saliency map: positive (default), all, or a comma-separated list")
     a.add_argument("--save-ct", action="store_true", help="also write the CT as ct.nii.gz (to overlay the saliency in any viewer)")
     a.add_argument("--overwrite", action="store_true", help="replace the results of another study in --out (without it, "

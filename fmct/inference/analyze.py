@@ -52,6 +52,7 @@ class AnalysisResult:
     model_input: ModelInput | None = None
     model_saliency: dict[str, np.ndarray] = field(default_factory=dict)  # the same maps on the model grid
     ood: dict[str, Any] | None = None  # the out-of-distribution record (fmct.inference.ood), None when the bundle has no statistics
+    input_warnings: list[str] = field(default_factory=list)  # what the reader noticed (e.g. NIfTI qform and sform disagree)
 
     @property
     def in_distribution(self) -> bool | None:
@@ -61,6 +62,11 @@ class AnalysisResult:
     @property
     def warning(self) -> str | None:
         """The line a person must see above the findings when they are not to be trusted."""
+        lines = [w if w.startswith("WARNING") else f"WARNING: {w}" for w in self.input_warnings]
+        ood = self._ood_warning()
+        return " ".join(lines + ([ood] if ood else [])) or None
+
+    def _ood_warning(self) -> str | None:
         if self.in_distribution is not False:
             return None
         if self.ood.get("head_too_short"):
@@ -187,7 +193,8 @@ class Analyzer:
         ]
         timings["predict_s"] = time.perf_counter() - t0
 
-        result = AnalysisResult(findings, method=explain_method, timings=timings, model_input=model_input)
+        result = AnalysisResult(findings, method=explain_method, timings=timings, model_input=model_input,
+                                input_warnings=list(model_input.input_warnings))
         if self.reference is not None and features is not None:
             result.ood = self.reference.judge(features, model_input.head_extent_mm)
         targets = self._targets(findings, explain_findings) if explain_method else []

@@ -157,6 +157,7 @@ class ModelInput:
     input_grid: Grid
     head_center_mm: tuple[float, float, float]
     head_extent_mm: float | None = None  # the head from bottom to top (fmct.inference.ood judges coverage by it)
+    input_warnings: tuple[str, ...] = ()  # what the reader noticed about the file (volume.meta["warnings"])
 
     @property
     def tensor(self) -> "torch.Tensor":  # noqa: F821
@@ -179,7 +180,8 @@ class Preprocessor:
         grid = self.model_grid(center)
         hu = grid.resample(image, sitk.sitkLinear, AIR_HU)
         channels = np.stack([w.apply(hu) for w in self.spec.windows]).astype(np.float32)
-        return ModelInput(channels[None], grid, Grid.of(volume), center, extent)
+        return ModelInput(channels[None], grid, Grid.of(volume), center, extent,
+                          tuple(volume.meta.get("warnings", ())))
 
     def block_factors(self, canonical: "CanonicalView") -> tuple[int, int, int]:
         """Voxels averaged per block along each canonical (x, y, z) axis.

@@ -10,9 +10,11 @@ read into memory we keep, put into `Volume.meta`, or logged.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
-import uuid
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,30 +24,23 @@ import SimpleITK as sitk
 from fmct.conventions.errors import (
     AbsurdSpacingError,
     EmptyInputError,
-    GantryTiltError,
     InputVolumeError,
-    MissingSlicesError,
-    NonUniformSpacingError,
     NotCTError,
     NotVolumeError,
     UnreadableInputError,
 )
+from fmct.reading.dicom_elements import (NotDicomError, check_transfer_syntax, decode_text, native_frames, read_elements,
+                                         frame_count, sop_name, transfer_syntax_of,
+                                         undo_monochrome1)
+from fmct.reading.dicom_writer import new_uid, write_dicom_series  # noqa: F401  (re-exported: the one DICOM module callers know)
+from fmct.reading.multiframe import check_slopes, file_frames, read_multiframe_series
+from fmct.reading.slice_grid import TILT_MIN_DEG, Grid, check_duplicates, check_gaps_and_spacing, resample_tilted, tilt_deg
 from fmct.reading.volume import FORMATS, Volume, check_memory, format_suffix, native_stderr_silenced, validate_ct
 
 log = logging.getLogger("fmct.reading.files")
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-SOP_CLASS_BY_MODALITY = {"CT": CT_IMAGE_STORAGE, "MR": "1.2.840.10008.5.1.4.1.1.4"}
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 AXIAL_MAX_DEG = 30.0
-TILT_MIN_DEG = 0.5
-TILT_TOLERANCE_DEG = 0.5
-NONUNIFORM_TOLERANCE = 0.10
-DRIFT_TOLERANCE = 0.5  # of a slice: how far any slice may sit from the regular grid the series claims
 READ_CHUNK_SLICES = 32  # slices decoded at a time into the (int16 when exact) volume
-GAP_MIN_RATIO = 1.5
-GAP_ROUNDING = 0.2
-DUPLICATE_RATIO = 0.05
 LOCALIZER_WORDS = ("LOCALIZER", "SCOUT", "TOPOGRAM")
 # Files that sit next to DICOM images in exports but are never images themselves.
 NOT_DICOM_SUFFIXES = {
@@ -82,6 +77,8 @@ class SliceHeader:
     samples_per_pixel: int = 1
     photometric: str = ""
     rescale_exact: bool = True  # slope 1 and an integer intercept: HU are integers
+    rescale_slope: float | None = None  # RescaleSlope as written (0 is refused, never read as 1)
+    patient_key: str = ""  # a hash of PatientID: tells two patients apart without keeping the ID
     iop_degenerate: bool = False  # ImageOrientationPatient with a zero or parallel row/column vector
 
 
@@ -103,38 +100,31 @@ class SeriesInfo:
     headers: list[SliceHeader] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
+        """One line naming the series; its free-text description only when it was kept (keep_descriptions)."""
         kind = "localizer" if self.is_localizer else ("axial" if self.is_axial else "not axial")
         number = f"series #{self.number}, " if self.number is not None else ""
-        return (f"'{self.description or '(no description)'}' ({number}{self.modality or 'no modality'}, "
+        described = f"'{self.description}' " if self.description else ""
+        return (f"{described}({number}{self.modality or 'no modality'}, "
                 f"{self.n_slices} slice{'s' if self.n_slices != 1 else ''}, {kind}, UID {self.uid})")
-
-
-@dataclass
-class _Grid:
-    """The regular grid that the slice positions describe."""
-
-    origin: np.ndarray
-    row: np.ndarray
-    col: np.ndarray
-    normal: np.ndarray
-    pixel_spacing: tuple[float, float]
-    step: np.ndarray  # mean vector from one slice position to the next
-    tilt_deg: float
-
-    @property
-    def slice_spacing(self) -> float:
-        return float(self.step @ self.normal)
 
 
 # --------------------------------------------------------------------------------------------
 # Listing series
 # --------------------------------------------------------------------------------------------
 
-def list_series(folder: str | Path) -> list[SeriesInfo]:
-    """All image series under `folder` (subfolders included), largest first."""
+def list_series(folder: str | Path, keep_descriptions: bool = False) -> list[SeriesInfo]:
+    """All image series under `folder` (subfolders included), largest first.
+
+    SeriesDescription is free text that may hold a name or a birth date (DICOM's basic
+    de-identification profile removes it): it is left out unless keep_descriptions.
+    """
     folder = _existing_folder(folder)
     files = _candidate_files(folder)
-    headers = [h for h in (read_header(p) for p in files) if h is not None]
+    skipped: list[str] = []
+    headers = [h for h in (read_header(p, skipped) for p in files) if h is not None]
+    if skipped:
+        log.info("Skipped %d DICOM object(s) without pixel data: %s%s", len(skipped), ", ".join(skipped[:10]),
+                 f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
     if not headers:
         raise EmptyInputError(
             f"No DICOM images found in {folder} ({len(files)} file(s) searched, subfolders included). "
@@ -143,7 +133,7 @@ def list_series(folder: str | Path) -> list[SeriesInfo]:
     by_uid: dict[str, list[SliceHeader]] = {}
     for h in headers:
         by_uid.setdefault(h.series_uid, []).append(h)
-    series = [_series_info(uid, hs) for uid, hs in by_uid.items()]
+    series = [_series_info(uid, hs, keep_descriptions) for uid, hs in by_uid.items()]
     return sorted(series, key=lambda s: -s.n_slices)
 
 
@@ -181,10 +171,12 @@ def _other_images_hint(folder: Path) -> str:
     return f"It holds image files ({', '.join(images[:3])}): give one of those files instead. " if images else ""
 
 
-def read_header(path: Path) -> SliceHeader | None:
-    """Header of one file, or None for a file that is not a DICOM image at all.
+def read_header(path: Path, skipped: list[str] | None = None) -> SliceHeader | None:
+    """Header of one file, or None for a file that is not a DICOM image at all (a DICOM object without
+    pixel data is also added to `skipped`, with what it is, for the log).
 
-    Raises UnreadableInputError for a file that looks like DICOM but cannot be parsed.
+    Raises UnreadableInputError for a file that looks like DICOM but cannot be parsed, naming an
+    unsupported transfer syntax as such.
     """
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
@@ -194,12 +186,7 @@ def read_header(path: Path) -> SliceHeader | None:
         with native_stderr_silenced():
             reader.ReadImageInformation()
     except RuntimeError:
-        if _looks_like_dicom(path) and not _is_non_image_dicom(path):
-            raise UnreadableInputError(
-                f"{path.name} looks like DICOM but cannot be read (truncated or corrupt). "
-                "Re-export the complete series from PACS, or remove this file from the folder.") from None
-        log.debug("skipping %s: not a DICOM image", path.name)
-        return None
+        return _not_an_image(path, skipped)
     tag = functools.partial(_tag, reader)
     iop, position = _floats(tag("0020|0037"), 6), _floats(tag("0020|0032"), 3)
     size = reader.GetSize()
@@ -213,7 +200,7 @@ def read_header(path: Path) -> SliceHeader | None:
         series_uid=tag("0020|000e") or "(no series UID)",
         modality=tag("0008|0060").upper(),
         image_type=tag("0008|0008").upper(),
-        description=tag("0008|103e"),
+        description=decode_text(tag("0008|103e"), tag("0008|0005")),
         series_number=_int(tag("0020|0011")),
         instance_number=_int(tag("0020|0013")),
         size=(int(size[0]), int(size[1]), int(size[2]) if len(size) > 2 else 1),
@@ -226,8 +213,36 @@ def read_header(path: Path) -> SliceHeader | None:
         samples_per_pixel=max(_int(tag("0028|0002")) or 1, reader.GetNumberOfComponents()),
         photometric=tag("0028|0004").upper(),
         rescale_exact=(slope is None or float(slope[0]) == 1.0) and (intercept is None or float(intercept[0]).is_integer()),
+        rescale_slope=None if slope is None else float(slope[0]),
+        patient_key=hashlib.sha256(tag("0010|0020").encode("utf-8", "surrogateescape")).hexdigest()[:12],
         iop_degenerate=iop is not None and _degenerate(iop),
     )
+
+
+def _not_an_image(path: Path, skipped: list[str] | None) -> None:
+    """What a file GDCM cannot read as an image is: not DICOM (None), a DICOM object without pixels
+    (None, listed in `skipped`), an image in a transfer syntax GDCM cannot decode, or damaged."""
+    if not _looks_like_dicom(path):
+        log.debug("skipping %s: not a DICOM image", path.name)
+        return None
+    try:
+        elements = read_elements(path)
+    except (NotDicomError, OSError, ValueError, IndexError, struct.error, zlib.error):
+        elements = None
+    if elements is not None and not elements.has_pixels:
+        if skipped is not None:
+            skipped.append(f"{path.name} ({sop_name(elements.text(0x00080016))})")
+        return None
+    check_transfer_syntax(path, transfer_syntax_of(path))
+    if elements is not None:
+        check_slopes(np.array(elements.floats(0x00281053) or [1.0]), path.name)
+        if frame_count(elements) > 1:
+            file_frames(path)  # says what is wrong with a multi-frame header (no spacing, slope 0, ...)
+    if _is_non_image_dicom(path):
+        return None
+    raise UnreadableInputError(
+        f"{path.name} looks like DICOM but cannot be read (truncated or corrupt). "
+        "Re-export the complete series from PACS, or remove this file from the folder.")
 
 
 def _degenerate(iop: np.ndarray) -> bool:
@@ -283,15 +298,15 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / norm if norm > 0 else v
 
 
-def _series_info(uid: str, headers: list[SliceHeader]) -> SeriesInfo:
+def _series_info(uid: str, headers: list[SliceHeader], keep_descriptions: bool = False) -> SeriesInfo:
     first = headers[0]
     oriented = first.row is not None and first.col is not None
     normal = _unit(np.cross(first.row, first.col)) if oriented else np.zeros(3)
     headers = sorted(headers, key=lambda h: (_along(h.position, normal), h.instance_number or 0))
-    n_slices = first.size[2] if len(headers) == 1 else len(headers)
+    n_slices = sum(h.size[2] for h in headers)  # every frame of every file (a series may be split over files)
     is_localizer = any(w in first.image_type for w in LOCALIZER_WORDS) or n_slices < 3
     return SeriesInfo(
-        uid=uid, description=first.description, number=first.series_number, modality=first.modality,
+        uid=uid, description=first.description if keep_descriptions else "", number=first.series_number, modality=first.modality,
         n_files=len(headers), normal=tuple(float(x) for x in normal), is_localizer=is_localizer,
         is_axial=bool(abs(normal[2]) >= math.cos(math.radians(AXIAL_MAX_DEG))),
         files=[h.path for h in headers], image_type=first.image_type, n_slices=n_slices, headers=headers,
@@ -334,11 +349,14 @@ def choose_series(series: list[SeriesInfo], series_uid: str | None = None,
 # Reading a series
 # --------------------------------------------------------------------------------------------
 
-def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
-    """Read one series as a float32 HU Volume in LPS; a file path means that file's series."""
+def read_dicom_series(folder: str | Path, series_uid: str | None = None, keep_descriptions: bool = False) -> Volume:
+    """Read one series as a float32 HU Volume in LPS; a file path means that file's series.
+
+    The free-text SeriesDescription reaches volume.meta and the log only with keep_descriptions.
+    """
     source = str(folder)
     folder, series_uid, reason = _folder_and_uid(Path(folder), series_uid)
-    series, sentence = choose_series(list_series(folder), series_uid, reason)
+    series, sentence = choose_series(list_series(folder, keep_descriptions), series_uid, reason)
     log.debug(sentence)
     volume = _read_series(series, source)
     log.info(sentence)  # after the checks: a refused series gets one line, the error
@@ -363,17 +381,21 @@ def read_dicom_files(files: list[Path], series_uid: str | None = None, source: s
 
 def _read_series(series: SeriesInfo, source: str) -> Volume:
     _check_is_ct(series)
+    _check_one_patient(series)
     _check_enough_slices(series)
     _check_grey(series)
-    if series.n_files > 1:
+    multiframe = _multiframe_files(series)
+    if not multiframe:
         _check_pixel_spacing(series)
+        check_slopes(np.array([h.rescale_slope for h in series.headers if h.rescale_slope is not None]),
+                     series.headers[0].path.name)
     first = series.headers[0]
-    check_memory((first.size[0], first.size[1], series.n_slices), 2 if _exact_integers(series) else 4, source,
-                 "HU")
-    volume = _read_multiframe(series.files[0]) if series.n_files == 1 else _read_slices(series)
+    check_memory((first.size[0], first.size[1], series.n_slices), 2 if _exact_integers(series) and not multiframe else 4,
+                 source, "HU")
+    volume = read_multiframe_series(series.files) if multiframe else _read_slices(series)
     volume.meta.update({
         "source": source, "format": "dicom", "series_uid": series.uid,
-        "series_description": series.description, "series_number": series.number, "n_slices": series.n_slices,
+        "series_description": series.description or None, "series_number": series.number, "n_slices": series.n_slices,
     })
     validate_ct(volume, source)
     return volume
@@ -388,6 +410,32 @@ def _folder_and_uid(path: Path, series_uid: str | None) -> tuple[Path, str | Non
     if header is None:
         raise UnreadableInputError(f"{path.name} is not a DICOM image. Give a DICOM file or the folder of the series.")
     return path.parent, header.series_uid, f"it holds the file you gave ({path.name})"
+
+
+def _multiframe_files(series: SeriesInfo) -> bool:
+    """True when the series is stored as multi-frame files (one or several); refuses a mixture."""
+    frames = [h.size[2] for h in series.headers]
+    multi = sum(n > 1 for n in frames)
+    if multi and multi != len(frames):
+        raise InputVolumeError(
+            f"Series {series.summary()} mixes {multi} multi-frame file(s) ({sum(n for n in frames if n > 1)} frames) "
+            f"and {len(frames) - multi} single-image file(s) under one series UID, so which images form the volume is "
+            "unclear. Export the series again as one kind (one file per slice, or enhanced CT).")
+    return multi > 0
+
+
+def _check_one_patient(series: SeriesInfo) -> None:
+    """One series UID must not gather the files of two patients or studies (a UID collision or a bad
+    anonymiser): refuse, naming a file and the study of each, never the patient's ID."""
+    first = series.headers[0]
+    other = next((h for h in series.headers if (h.study_uid, h.patient_key) != (first.study_uid, first.patient_key)), None)
+    if other is None:
+        return
+    what = "patients (different PatientID)" if other.patient_key != first.patient_key else "studies"
+    raise InputVolumeError(
+        f"Series UID {series.uid} gathers files of two different {what}: {first.path.name} (study "
+        f"{first.study_uid or 'without UID'}) and {other.path.name} (study {other.study_uid or 'without UID'}). One "
+        "volume must come from one patient and study: export each study separately, or pass the files of one.")
 
 
 def _check_is_ct(series: SeriesInfo) -> None:
@@ -423,31 +471,25 @@ def _exact_integers(series: SeriesInfo) -> bool:
 
 def _check_enough_slices(series: SeriesInfo) -> None:
     if series.n_slices < 3:
+        files = f" in {series.n_files} file(s)" if series.n_files > 1 else ""
         raise NotVolumeError(
-            f"Series {series.summary()} is not a 3D volume (only {series.n_slices} slice(s); localizers and "
+            f"Series {series.summary()} is not a 3D volume (only {series.n_slices} slice(s){files}; localizers and "
             "single images are skipped). Export the complete axial head CT series from PACS.")
 
 
 def _read_slices(series: SeriesInfo) -> Volume:
     grid = _slice_grid(series)
-    array = _read_pixels(series.files, exact_integers=_exact_integers(series))
+    if any(h.photometric == "MONOCHROME1" for h in series.headers):
+        array = _read_monochrome1(series.files)
+    else:
+        array = _read_pixels(series.files, exact_integers=_exact_integers(series))
     if grid.tilt_deg >= TILT_MIN_DEG:
         log.info("Gantry tilt of %.1f degrees detected; resampled the slices onto an orthogonal grid.", grid.tilt_deg)
-        volume = _resample_tilted(array, grid)
+        volume = resample_tilted(array, grid)
         volume.meta["gantry_tilt_deg"] = round(grid.tilt_deg, 2)
         return volume
     direction = np.column_stack([grid.row, grid.col, grid.normal])
     return Volume(array, (*grid.pixel_spacing, grid.slice_spacing), tuple(grid.origin), direction)
-
-
-def _read_multiframe(path: Path) -> Volume:
-    """A single multi-frame file (enhanced CT): GDCM computes the frame geometry."""
-    try:
-        image = sitk.ReadImage(str(path), outputPixelType=sitk.sitkFloat32, imageIO="GDCMImageIO")
-    except RuntimeError:
-        raise UnreadableInputError(
-            f"{path.name} cannot be read (truncated or corrupt). Re-export the complete series from PACS.") from None
-    return Volume.from_sitk(image)
 
 
 def _read_pixels(files: list[Path], exact_integers: bool = False) -> np.ndarray:
@@ -471,6 +513,29 @@ def _read_pixels(files: list[Path], exact_integers: bool = False) -> np.ndarray:
     return out
 
 
+def _read_monochrome1(files: list[Path]) -> np.ndarray:
+    """MONOCHROME1 only says how to display the values (white is low); HU are still slope x stored +
+    intercept. GDCM inverts the stored values (and fails on 12 bits stored), so uncompressed pixels
+    are decoded here and GDCM's inversion of compressed 16-bit ones is undone."""
+    slices = []
+    for path in files:
+        elements = read_elements(path)
+        slope = (elements.floats(0x00281053) or [1.0])[0]
+        intercept = (elements.floats(0x00281052) or [0.0])[0]
+        stored = native_frames(path, elements)
+        if stored is not None:
+            slices.append((stored * slope + intercept).astype(np.float32))
+            continue
+        hu = undo_monochrome1(_read_chunk([path]), elements, slope, intercept)
+        if hu is None:
+            raise UnreadableInputError(
+                f"{path.name} is a compressed MONOCHROME1 image with {elements.uint(0x00280101)} bits stored, which "
+                "fmct's decoder cannot read without inverting it. Decompress the series first (e.g. gdcmconv --raw) "
+                "or export it uncompressed.")
+        slices.append(hu)
+    return np.concatenate(slices)
+
+
 def _read_chunk(files: list[Path]) -> np.ndarray:
     reader = sitk.ImageSeriesReader()
     reader.SetImageIO("GDCMImageIO")
@@ -481,6 +546,8 @@ def _read_chunk(files: list[Path]) -> np.ndarray:
             image = reader.Execute()
     except RuntimeError:
         bad = _first_unreadable(files)
+        if bad is not None:
+            check_transfer_syntax(bad, transfer_syntax_of(bad))  # GDCM cannot decode it: say so, not "corrupt"
         raise UnreadableInputError(
             f"{bad.name if bad else 'a file of the series'} cannot be read (truncated or corrupt pixel data). "
             "Re-export the complete series from PACS.") from None
@@ -508,7 +575,7 @@ def _first_unreadable(files: list[Path]) -> Path | None:
 # Slice geometry: one regular grid, or a clear refusal
 # --------------------------------------------------------------------------------------------
 
-def _slice_grid(series: SeriesInfo) -> _Grid:
+def _slice_grid(series: SeriesInfo) -> Grid:
     headers = series.headers
     _check_plane_tags(headers)
     _check_same_plane_and_size(headers)
@@ -516,10 +583,10 @@ def _slice_grid(series: SeriesInfo) -> _Grid:
     normal = _unit(np.cross(row, col))
     positions = np.stack([h.position for h in headers])
     along = positions @ normal
-    _check_duplicates(along)
-    _check_gaps_and_spacing(along)
+    check_duplicates(along)
+    check_gaps_and_spacing(along)
     step = (positions[-1] - positions[0]) / (len(positions) - 1)
-    return _Grid(positions[0], row, col, normal, headers[0].pixel_spacing, step, _tilt_deg(positions, normal))
+    return Grid(positions[0], row, col, normal, headers[0].pixel_spacing, step, tilt_deg(positions, normal))
 
 
 def _check_plane_tags(headers: list[SliceHeader]) -> None:
@@ -548,204 +615,3 @@ def _check_same_plane_and_size(headers: list[SliceHeader]) -> None:
                 "Export a single reconstruction of the CT.")
 
 
-def _check_duplicates(along: np.ndarray) -> None:
-    steps = np.diff(along)
-    typical = float(np.median(np.abs(steps)))
-    duplicate = np.abs(steps) <= max(DUPLICATE_RATIO * typical, 1e-3)
-    if duplicate.any():
-        where = ", ".join(f"{along[i]:.2f} mm" for i in np.flatnonzero(duplicate)[:5])
-        raise MissingSlicesError(
-            f"{int(duplicate.sum())} slice(s) repeat the position of another slice (at {where} along the slice "
-            "normal). The folder may hold the same series twice, or several acquisitions or time points under one "
-            "series UID. Remove the duplicate files or export one acquisition.")
-
-
-def _check_gaps_and_spacing(along: np.ndarray) -> None:
-    steps = np.diff(along)
-    typical = float(np.median(steps))
-    ratios = steps / typical
-    gaps = np.flatnonzero((ratios >= GAP_MIN_RATIO) & (np.abs(ratios - np.round(ratios)) <= GAP_ROUNDING))
-    if gaps.size:
-        missing = int(sum(round(ratios[i]) - 1 for i in gaps))
-        where = "; ".join(f"between {along[i]:.2f} and {along[i + 1]:.2f} mm (step {steps[i]:.2f} mm)" for i in gaps[:5])
-        raise MissingSlicesError(
-            f"About {missing} slice(s) are missing: slice positions jump {where} along the slice normal, where the "
-            f"usual step is {typical:.2f} mm. Re-export the complete series from PACS.")
-    off = np.flatnonzero(np.abs(ratios - 1) > NONUNIFORM_TOLERANCE)
-    regular = along[0] + np.arange(len(along)) * (along[-1] - along[0]) / (len(along) - 1)
-    drift = np.abs(along - regular)
-    if not off.size and drift.max() > DRIFT_TOLERANCE * abs(typical):
-        k = int(np.argmax(drift))
-        raise NonUniformSpacingError(
-            f"Slice positions drift from a regular grid: slice {k + 1} sits {drift[k]:.2f} mm from where a uniform "
-            f"{(along[-1] - along[0]) / (len(along) - 1):.2f} mm spacing puts it (more than half a slice), although "
-            "each step is close to the usual one. Export a uniformly spaced reconstruction, or resample it first.")
-    if off.size:
-        i = off[0]
-        raise NonUniformSpacingError(
-            f"Slices are unevenly spaced: steps range from {steps.min():.2f} to {steps.max():.2f} mm (usual "
-            f"{typical:.2f} mm; e.g. {steps[i]:.2f} mm between {along[i]:.2f} and {along[i + 1]:.2f} mm). "
-            "The series may combine acquisitions with different slice spacing. Export a uniformly spaced "
-            "reconstruction, or resample it to one slice spacing first.")
-
-
-def _tilt_deg(positions: np.ndarray, normal: np.ndarray) -> float:
-    """Angle between the slice stacking direction and the slice normal; refuses a varying one."""
-    steps = np.diff(positions, axis=0)
-    heights = steps @ normal
-    shear = (steps - np.outer(heights, normal)) / heights[:, None]  # in-plane shift per mm along the normal
-    mean = shear.mean(axis=0)
-    if np.max(np.linalg.norm(shear - mean, axis=1)) > math.tan(math.radians(TILT_TOLERANCE_DEG)):
-        raise GantryTiltError(
-            "The slice positions are not stacked along one direction (the gantry tilt or table path varies "
-            "from slice to slice), so no single grid describes the series. Export an axial reconstruction "
-            "without tilt (most scanners can reformat to a non-tilted axial series).")
-    return math.degrees(math.atan(float(np.linalg.norm(mean))))
-
-
-def _resample_tilted(array: np.ndarray, grid: _Grid) -> Volume:
-    """Resample a sheared (tilted) stack onto the orthogonal grid [row, col, normal] that covers it.
-
-    The source image is given identity geometry so that its physical space is its index space;
-    the transform then maps output LPS points through the inverse of the true index->LPS affine.
-    """
-    dx, dy = grid.pixel_spacing
-    affine = np.column_stack([dx * grid.row, dy * grid.col, grid.step])
-    direction = np.column_stack([grid.row, grid.col, grid.normal])
-    spacing = np.array([dx, dy, grid.slice_spacing])
-    nz, ny, nx = array.shape
-    corners = np.array([[i, j, k] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)], dtype=float)
-    local = (affine @ corners.T).T @ direction  # corner offsets from the origin in the output frame
-    low, high = local.min(axis=0), local.max(axis=0)
-    size = [int(n) for n in np.floor((high - low) / spacing + 1e-6) + 1]
-    origin = grid.origin + direction @ low
-
-    inverse = np.linalg.inv(affine)
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix(inverse.ravel().tolist())
-    transform.SetTranslation((-inverse @ grid.origin).tolist())
-    resampled = sitk.Resample(
-        sitk.GetImageFromArray(array), size, transform, sitk.sitkLinear, origin.tolist(), spacing.tolist(),
-        direction.ravel().tolist(), -1024.0, sitk.sitkFloat32)
-    return Volume.from_sitk(resampled)
-
-
-# --------------------------------------------------------------------------------------------
-# Writing a series
-# --------------------------------------------------------------------------------------------
-
-def write_dicom_series(
-    volume: Volume,
-    folder: str | Path,
-    *,
-    series_description: str = "FMCT phantom",
-    modality: str = "CT",
-    series_uid: str | None = None,
-    study_uid: str | None = None,
-    series_number: int = 1,
-    image_type: str = "ORIGINAL\\PRIMARY\\AXIAL",
-    storage: str = "int16",
-    shuffle_names_seed: int | None = None,
-    gantry_tilt_deg: float = 0.0,
-    patient_name: str = "ANONYMOUS",
-    patient_id: str = "FMCT-PHANTOM",
-) -> list[Path]:
-    """Write one file per slice, as a scanner would, so readers can be tested on realistic series.
-
-    storage="uint16" stores HU + 1024 with RescaleIntercept -1024, which proves a reader applies
-    the rescale. GDCM applies the inverse rescale itself when writing, so it is given HU values
-    (as float32) together with the rescale and pixel-representation tags. With a gantry tilt,
-    slice k keeps array[k] but its position moves along the column direction by k*dz*tan(tilt),
-    as in tilted acquisitions. Returns the paths in slice order.
-    """
-    if storage not in ("int16", "uint16"):
-        raise ValueError(f"storage must be 'int16' or 'uint16', got {storage!r}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    n = volume.array.shape[0]
-    names = _file_names(n, series_number, shuffle_names_seed)
-    shared = _series_tags(volume, modality, series_uid or new_uid(), study_uid or new_uid(), series_number,
-                          series_description, image_type, storage, gantry_tilt_deg, patient_name, patient_id)
-    shift = volume.spacing[2] * math.tan(math.radians(gantry_tilt_deg)) * volume.direction[:, 1]
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    paths = []
-    for k in range(n):
-        position = (volume.index_to_physical @ [0.0, 0.0, k, 1.0])[:3] + k * shift
-        image = _slice_image(volume, k, position, storage)
-        for key, value in {**shared, **_slice_tags(k, position)}.items():
-            image.SetMetaData(key, value)
-        writer.SetFileName(str(folder / names[k]))
-        writer.Execute(image)
-        paths.append(folder / names[k])
-    return paths
-
-
-def new_uid() -> str:
-    """A globally unique DICOM UID under the 2.25 (UUID-derived) root."""
-    return f"2.25.{uuid.uuid4().int}"
-
-
-def _file_names(n: int, series_number: int, seed: int | None) -> list[str]:
-    if seed is None:
-        return [f"IM_{series_number:04d}_{k + 1:04d}.dcm" for k in range(n)]
-    rng = np.random.default_rng(seed)
-    return [f"{uuid.UUID(bytes=rng.bytes(16))}.dcm" for _ in range(n)]
-
-
-def _series_tags(volume: Volume, modality: str, series_uid: str, study_uid: str, series_number: int,
-                 description: str, image_type: str, storage: str, tilt_deg: float,
-                 patient_name: str, patient_id: str) -> dict[str, str]:
-    row, col = volume.direction[:, 0], volume.direction[:, 1]
-    tags = {
-        "0008|0016": SOP_CLASS_BY_MODALITY.get(modality.upper(), SECONDARY_CAPTURE),
-        "0008|0060": modality,
-        "0008|0008": image_type,
-        "0008|103e": description,
-        "0010|0010": patient_name,
-        "0010|0020": patient_id,
-        "0020|000d": study_uid,
-        "0020|000e": series_uid,
-        "0020|0011": str(series_number),
-        "0020|0052": study_uid + ".1",  # frame of reference shared by the study's series
-        "0020|0037": "\\".join(_ds(v) for v in (*row, *col)),
-        "0018|0050": _ds(volume.spacing[2]),
-        "0018|1120": _ds(tilt_deg),
-        "0028|1053": "1",
-    }
-    if storage == "uint16":
-        tags.update({"0028|1052": "-1024", "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "0"})
-    else:
-        tags["0028|1052"] = "0"
-    return tags
-
-
-def _slice_tags(k: int, position: np.ndarray) -> dict[str, str]:
-    return {
-        "0008|0018": new_uid(),
-        "0020|0013": str(k + 1),
-        "0020|0032": "\\".join(_ds(v) for v in position),
-    }
-
-
-def _slice_image(volume: Volume, k: int, position: np.ndarray, storage: str) -> sitk.Image:
-    hu = np.round(volume.array[k : k + 1].astype(np.float64))
-    if storage == "uint16":
-        pixels = np.clip(hu, -1024, 65535 - 1024).astype(np.float32)  # GDCM stores it as HU + 1024
-    else:
-        pixels = np.clip(hu, -32768, 32767).astype(np.int16)
-    image = sitk.GetImageFromArray(pixels)
-    image.SetSpacing(volume.spacing)
-    image.SetOrigin(position.tolist())
-    image.SetDirection(volume.direction.ravel().tolist())
-    return image
-
-
-def _ds(value: float) -> str:
-    """A DICOM decimal string: at most 16 characters."""
-    value = 0.0 if abs(value) < 1e-9 else float(value)
-    for digits in range(12, 0, -1):
-        text = f"{value:.{digits}g}"
-        if len(text) <= 16:
-            return text
-    return "0"

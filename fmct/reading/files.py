@@ -28,6 +28,14 @@ from fmct.conventions.errors import (
     NotVolumeError,
     UnreadableInputError,
 )
+from fmct.reading.headers import (
+    AFFINE_ATOL_MM,
+    check_mhd_data_file,
+    check_nrrd_data_file,
+    geometry_of,
+    nifti_lps_affine,
+    nrrd_unit_scale,
+)
 from fmct.reading.volume import (
     FORMATS,
     Volume,
@@ -45,15 +53,19 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 SUPPORTED = "a DICOM folder, " + ", ".join(FORMATS)
 
 
-def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
-    """Read a head CT from a DICOM folder (or one of its files) or an image file, checked and in HU."""
+def read_volume(path: str | Path, series_uid: str | None = None, keep_descriptions: bool = False) -> Volume:
+    """Read a head CT from a DICOM folder (or one of its files) or an image file, checked and in HU.
+
+    keep_descriptions: keep the DICOM SeriesDescription (free text that may identify the patient)
+    in volume.meta and the log; left out by default.
+    """
     path = Path(path)
     if not path.exists():
         raise EmptyInputError(f"{path} does not exist. Check the path (and that the drive is mounted).")
     check_readable(path)
     with quiet_readers():
         if path.is_dir() or _is_dicom_file(path):
-            return read_dicom_series(path, series_uid)
+            return read_dicom_series(path, series_uid, keep_descriptions)
         if series_uid is not None:
             raise ConfigError(f"series_uid (--series) applies to DICOM folders only, but {path.name} is an image file.")
         volume = _read_image_file(path)
@@ -112,13 +124,17 @@ def _read_image_file(path: Path) -> Volume:
         raise EmptyInputError(f"{path.name} is empty (0 bytes). Copy or export the file again.")
     if fmt == "NIfTI":
         _check_nifti_pixdim(path)
+    if format_suffix(path) == ".mhd":
+        check_mhd_data_file(path)
+    if format_suffix(path) == ".nhdr":
+        check_nrrd_data_file(path)
     reader = _check_header(path, fmt)
     meta = {"source": str(path), "format": fmt}
     if fmt == "NIfTI":
         array = _read_nifti_voxels(path, reader)
         if array is not None:  # read straight from the file: no second buffer inside ITK's reader
             direction = np.array(reader.GetDirection()).reshape(3, 3)
-            return Volume(_hu_dtype(array), reader.GetSpacing(), reader.GetOrigin(), direction, meta)
+            return _nifti_geometry(path, Volume(_hu_dtype(array), reader.GetSpacing(), reader.GetOrigin(), direction, meta))
         _check_nifti_data(path)
     image = _read_sitk(path, fmt)
     image = _as_3d(image, path.name)
@@ -126,7 +142,44 @@ def _read_image_file(path: Path) -> Volume:
         raise NotCTError(
             f"{path.name} has {image.GetNumberOfComponentsPerPixel()} values per voxel (a colour or vector image), "
             "not a CT. Give the original grey-scale CT.")
-    return Volume(_hu_dtype(array_of(image)), image.GetSpacing(), image.GetOrigin(), np.array(image.GetDirection()).reshape(3, 3), meta)
+    volume = Volume(_hu_dtype(array_of(image)), image.GetSpacing(), image.GetOrigin(),
+                    np.array(image.GetDirection()).reshape(3, 3), meta)
+    if fmt == "NIfTI":
+        return _nifti_geometry(path, volume)
+    if fmt == "NRRD":
+        return _nrrd_units(path, volume)
+    return volume
+
+
+def _nifti_geometry(path: Path, volume: Volume) -> Volume:
+    """The geometry nibabel and FSL read (the sform when its code is set), with a warning in
+    volume.meta["warnings"] when the header's qform and sform disagree."""
+    header = _nifti_header(path)
+    if header is None:
+        return volume
+    affine, warning = nifti_lps_affine(header, path.name)
+    if affine is not None and not np.allclose(affine, volume.index_to_physical, atol=AFFINE_ATOL_MM):
+        geometry = geometry_of(affine)
+        if geometry is None:  # a shear (affine registration output): ITK's grid is the closest one without it
+            warning = (f"{path.name}: the NIfTI header's sform has sheared axes, which a CT grid cannot hold; fmct "
+                       "follows the qform instead, so positions may differ from those nibabel and FSL show. Resample "
+                       "the CT to an orthogonal grid.")
+        else:
+            volume.spacing, volume.origin, volume.direction = geometry
+    if warning is not None:
+        log.warning(warning)
+        volume.meta.setdefault("warnings", []).append(warning)
+    return volume
+
+
+def _nrrd_units(path: Path, volume: Volume) -> Volume:
+    """ITK reads a NRRD's spacing and origin as millimetres whatever its `space units`: convert them."""
+    scale = nrrd_unit_scale(path)
+    if scale != 1.0:
+        volume.spacing = tuple(s * scale for s in volume.spacing)
+        volume.origin = tuple(o * scale for o in volume.origin)
+        log.info("%s: converted the header's space units to millimetres (x %g)", path.name, scale)
+    return volume
 
 
 class _ImageBuffer:
@@ -241,13 +294,23 @@ def _nifti_header(path: Path) -> dict | None:
                     "dim": struct.unpack_from(endian + "8h", head, 40), "pixdim": struct.unpack_from(endian + "8f", head, 76),
                     "bitpix": struct.unpack_from(endian + "h", head, 72)[0],
                     "vox_offset": struct.unpack_from(endian + "f", head, 108)[0],
-                    "scl": struct.unpack_from(endian + "2f", head, 112)}
+                    "scl": struct.unpack_from(endian + "2f", head, 112),
+                    "qform_code": struct.unpack_from(endian + "h", head, 252)[0],
+                    "sform_code": struct.unpack_from(endian + "h", head, 254)[0],
+                    "quatern": struct.unpack_from(endian + "3f", head, 256),
+                    "qoffset": struct.unpack_from(endian + "3f", head, 268),
+                    "srow": struct.unpack_from(endian + "12f", head, 280)}
         if header_size == 540 and len(head) >= 540:
             return {"size": 540, "endian": endian, "datatype": struct.unpack_from(endian + "h", head, 12)[0],
                     "dim": struct.unpack_from(endian + "8q", head, 16), "pixdim": struct.unpack_from(endian + "8d", head, 104),
                     "bitpix": struct.unpack_from(endian + "h", head, 14)[0],
                     "vox_offset": struct.unpack_from(endian + "q", head, 168)[0],
-                    "scl": struct.unpack_from(endian + "2d", head, 176)}
+                    "scl": struct.unpack_from(endian + "2d", head, 176),
+                    "qform_code": struct.unpack_from(endian + "i", head, 344)[0],
+                    "sform_code": struct.unpack_from(endian + "i", head, 348)[0],
+                    "quatern": struct.unpack_from(endian + "3d", head, 352),
+                    "qoffset": struct.unpack_from(endian + "3d", head, 376),
+                    "srow": struct.unpack_from(endian + "12d", head, 400)}
     return None
 
 
