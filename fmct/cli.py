@@ -93,9 +93,9 @@ def _make_analyzer(args: argparse.Namespace, device: str | None = None):
 
 def _output_options(args: argparse.Namespace, method: str | None, save_ct: bool, report: bool) -> dict:
     """The options that change what a study's folder holds (recorded in findings.json; a resumed batch compares them)."""
-    findings = args.findings if isinstance(args.findings, str) else ",".join(args.findings)
-    return {"backend": getattr(args, "backend", "torch"), "explain_method": method, "explain_findings": findings,
-            "save_ct": bool(save_ct), "report": bool(report)}
+    from fmct.inference.study_folder import output_options
+
+    return output_options(getattr(args, "backend", "torch"), method, args.findings, save_ct, report)
 
 
 def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:

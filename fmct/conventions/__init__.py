@@ -14,6 +14,7 @@ _NAMES = {
     "Cancelled": "fmct.conventions.errors",
     "write_bytes_atomic": "fmct.conventions.atomic",
     "write_text_atomic": "fmct.conventions.atomic",
+    "FileLock": "fmct.conventions.locks",
     "report_to": "fmct.conventions.runtime",
     "check_cancel": "fmct.conventions.runtime",
     "parse_device": "fmct.conventions.runtime",

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -32,12 +32,29 @@ import numpy as np
 from fmct import __version__
 from fmct.conventions.atomic import write_text_atomic
 from fmct.conventions.errors import BundleError, OutputFolderError
+from fmct.conventions.locks import FileLock
 from fmct.reading.volume import Volume
 
 FINDINGS_FILE = "findings.json"
 SALIENCY_MAX = 255  # stored value of the strongest attribution; divide by it for the [0, 1] map
 FMCT_FILES = ("ct.nii.gz", "report.png", "saliency_*.nii.gz")  # what FMCT writes beside findings.json
 FINGERPRINT_SAMPLES = 1 << 16
+LOCK_DIR = ".fmct-locks"  # beside the study folders: out/.fmct-locks/<study folder name>.lock
+
+
+def study_lock(folder: str | Path) -> FileLock:
+    """The lock a process holds while it analyzes into a study folder (a batch's out/<study_id>/ or
+    `fmct analyze --out`): the same file whichever command writes there. Its folder must exist."""
+    folder = Path(folder)
+    return FileLock(folder.parent / LOCK_DIR / f"{folder.name}.lock")
+
+
+def output_options(backend: str, explain_method: str | None, explain_findings: str | Sequence[str], save_ct: bool,
+                   report: bool) -> dict[str, Any]:
+    """The options that change what a study folder holds (recorded in findings.json; a resumed batch compares them)."""
+    findings = explain_findings if isinstance(explain_findings, str) else ",".join(explain_findings)
+    return {"backend": backend, "explain_method": explain_method, "explain_findings": findings,
+            "save_ct": bool(save_ct), "report": bool(report)}
 
 
 def study_fingerprint(volume: Volume) -> str:
