@@ -15,6 +15,8 @@ _NAMES = {
     "write_bytes_atomic": "fmct.conventions.atomic",
     "write_text_atomic": "fmct.conventions.atomic",
     "FileLock": "fmct.conventions.locks",
+    "check_identifier": "fmct.conventions.names",
+    "printable": "fmct.conventions.names",
     "report_to": "fmct.conventions.runtime",
     "check_cancel": "fmct.conventions.runtime",
     "parse_device": "fmct.conventions.runtime",

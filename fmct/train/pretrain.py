@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -604,7 +605,7 @@ def _write_bundle(model: SelfDistillation, cfg: SSLConfig, run_dir: Path, steps:
     encoder = FMCTClassifier(enc, 0)
     encoder.encoder.load_state_dict(model.teacher.backbone.state_dict())
     meta = BundleMeta(
-        name=f"fmct-pretrained-{run_dir.name}", encoder=enc,
+        name="fmct-pretrained-" + (re.sub(r"[^A-Za-z0-9_-]+", "-", run_dir.name).strip("-")[:60] or "run"), encoder=enc,
         preprocessing=preprocess_spec(cfg),
         tasks=[], description="Self-supervised (DINO + iBOT) pretrained encoder; fine-tune it to add tasks.",
         provenance={"recipe": "fmct.train.pretrain", "steps": steps, "seed": cfg.run.seed, "config": cfg.resolved_dict()},
