@@ -100,6 +100,13 @@ def _output_options(args: argparse.Namespace, method: str | None, save_ct: bool,
 
 
 def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
+    from fmct.inference.study_folder import locked_study_folder
+
+    with locked_study_folder(out):  # a second fmct on the same --out is refused, never mixed in
+        return _analyze_into(volume, args, out, save_ct)
+
+
+def _analyze_into(volume, args, out: Path, save_ct: bool) -> int:
     from fmct.inference.bundle import model_identity
     from fmct.inference.study_folder import check_study_folder, study_fingerprint, write_study_outputs
 

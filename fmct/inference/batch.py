@@ -21,8 +21,10 @@ import functools
 import io
 import logging
 import os
+import re
 import time
 import traceback
+import unicodedata
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +37,8 @@ from fmct.conventions.atomic import write_text_atomic
 from fmct.conventions.errors import ConfigError, FMCTError, OutputFolderError
 from fmct.reading.volume import FORMATS, format_suffix
 from fmct.conventions.locks import FileLock
-from fmct.inference.study_folder import (LOCK_DIR, output_options, read_findings, source_key, study_lock,
+from fmct.conventions.names import printable
+from fmct.inference.study_folder import (LOCK_DIR, NAME_MAX, output_options, read_findings, source_key, study_lock,
                                          write_study_outputs)
 from fmct.preprocessing.preprocessor import ModelInput, Preprocessor, PreprocessSpec
 from fmct.reading.volume import Volume
@@ -43,6 +46,7 @@ from fmct.conventions.runtime import Progress
 
 log = logging.getLogger("fmct.inference.batch")
 SUMMARY_FILE = "summary.csv"
+RESERVED_NAMES = {SUMMARY_FILE, LOCK_DIR, ".summary.lock"}  # what the batch itself writes into --out
 MAX_PENDING_WRITES = 4  # studies waiting for their files to be written (bounds memory)
 
 
@@ -86,10 +90,24 @@ def discover_studies(source: str | Path, exclude: Sequence[str | Path] = ()) -> 
         raise ConfigError(f"{source} holds no studies: expected subfolders (DICOM series) or image files "
                           f"({', '.join(FORMATS)}), or manifest rows")
     ids = [s.study_id for s in studies]
+    for sid in ids:
+        check_study_id(sid, source)
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise ConfigError(f"{source}: study id(s) {dupes[:5]} occur more than once; each study needs its own id")
     return studies
+
+
+def check_study_id(sid: str, source: Path) -> None:
+    """A study id names the study's folder in out/: refuse one that cannot, or that is a file the batch writes."""
+    if sid.lower() in RESERVED_NAMES or re.fullmatch(r"summary_rank\d+\.csv", sid.lower()):
+        raise ConfigError(f"{source}: a study is named {sid!r}, which is the name of a file the batch writes into "
+                          "--out; rename that study (its file or folder, or its manifest study_id)")
+    if len(sid.encode()) > NAME_MAX:
+        raise ConfigError(f"{source}: study id {printable(sid[:40])}... is {len(sid.encode())} bytes long; a folder "
+                          f"name may have at most {NAME_MAX}. Give it a shorter id.")
+    if any(unicodedata.category(c) == "Cc" for c in sid):
+        raise ConfigError(f"{source}: study id {printable(repr(sid))} holds control characters; rename that study")
 
 
 def _read_manifest(path: Path) -> list[Study]:
