@@ -46,7 +46,8 @@ def base_bundle(work: Path) -> Path:
     torch.manual_seed(0)
     spec = PreprocessSpec(spacing_mm=(1.5, 1.5, 1.5), size=(128, 128, 128))
     cfg = preset("base", img_size=spec.tensor_shape, in_chans=spec.in_channels)
-    meta = BundleMeta("benchmark-base (random weights)", cfg, spec, [Task(t, t) for t in TASKS])
+    meta = BundleMeta("benchmark-base", cfg, spec, [Task(t, t) for t in TASKS],
+                      description="random weights")
     model = FMCTClassifier(cfg, len(TASKS)).eval()
     with torch.no_grad():  # exactly one positive finding, so each CT gets one saliency map
         model.head.fc.bias.fill_(-10.0)

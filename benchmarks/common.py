@@ -138,8 +138,9 @@ def demo_bundle(folder: Path) -> Path:
     torch.manual_seed(0)
     spec = PreprocessSpec()
     cfg = preset("tiny", img_size=spec.tensor_shape, in_chans=spec.in_channels)
-    meta = BundleMeta("benchmark-tiny (random weights, demo model size)", cfg, spec,
-                      [Task(t, t, threshold=0.5, temperature=1.0) for t in TASKS])
+    meta = BundleMeta("benchmark-tiny", cfg, spec,
+                      [Task(t, t, threshold=0.5, temperature=1.0) for t in TASKS],
+                      description="random weights, demo model size")
     model = FMCTClassifier(cfg, len(TASKS)).eval()
     with torch.no_grad():  # exactly one positive finding, so each CT gets one saliency map
         model.head.fc.bias.fill_(-10.0)

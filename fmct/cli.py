@@ -18,6 +18,7 @@ from typing import Sequence
 
 from fmct import __version__
 from fmct.conventions.errors import Cancelled, ConfigError, FMCTError
+from fmct.conventions.names import PrintableFormatter, printable
 from fmct.inference.runners import BACKEND_CHOICES, choose_backend
 from fmct.conventions.runtime import DEFAULT_EXPLAIN, EXPLAIN_METHODS, explain_method_or_none, parse_device
 
@@ -93,12 +94,19 @@ def _make_analyzer(args: argparse.Namespace, device: str | None = None):
 
 def _output_options(args: argparse.Namespace, method: str | None, save_ct: bool, report: bool) -> dict:
     """The options that change what a study's folder holds (recorded in findings.json; a resumed batch compares them)."""
-    findings = args.findings if isinstance(args.findings, str) else ",".join(args.findings)
-    return {"backend": getattr(args, "backend", "torch"), "explain_method": method, "explain_findings": findings,
-            "save_ct": bool(save_ct), "report": bool(report)}
+    from fmct.inference.study_folder import output_options
+
+    return output_options(getattr(args, "backend", "torch"), method, args.findings, save_ct, report)
 
 
 def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
+    from fmct.inference.study_folder import locked_study_folder
+
+    with locked_study_folder(out):  # a second fmct on the same --out is refused, never mixed in
+        return _analyze_into(volume, args, out, save_ct)
+
+
+def _analyze_into(volume, args, out: Path, save_ct: bool) -> int:
     from fmct.inference.bundle import model_identity
     from fmct.inference.study_folder import check_study_folder, study_fingerprint, write_study_outputs
 
@@ -120,9 +128,9 @@ def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
 
 
 def _print_summary(result, model_name: str, written: Sequence[Path], timings: dict) -> None:
-    print(f"\nFMCT findings ({model_name}; research use only, not for diagnosis)")
+    print(f"\nFMCT findings ({printable(model_name)}; research use only, not for diagnosis)")
     if result.warning:
-        print(f"  {result.warning}")
+        print(f"  {printable(result.warning)}")
     elif result.ood is not None:
         print(f"  In-distribution check passed: score {result.ood['score']:.3f} <= {result.ood['threshold']:.3f} "
               "(this CT is like the model's training data)")
@@ -132,10 +140,10 @@ def _print_summary(result, model_name: str, written: Sequence[Path], timings: di
     primary = result.primary_finding()
     for f in result.findings:
         shown = "  <- shown in report.png" if primary is not None and f.name == primary.name else ""
-        print(f"  {f.name:<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {'POSITIVE' if f.positive else '-'}{shown}")
+        print(f"  {printable(f.name):<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {'POSITIVE' if f.positive else '-'}{shown}")
     print("\nWrote:")
     for p in written:
-        print(f"  {p}")
+        print(f"  {printable(p)}")
     print(f"\nTime: {timings['total_s']:.1f} s (preprocess {timings.get('preprocess_s', 0):.1f} s, "
           f"predict {timings.get('predict_s', 0):.1f} s, explain {timings.get('explain_s', 0):.1f} s)")
 
@@ -200,18 +208,18 @@ def _run_batch(args: argparse.Namespace) -> int:
     analyzer = _make_analyzer(args, device=rank_device(args.device, args.backend, rank))
     method = _explain_method(args)
     where = f" (rank {rank.rank} of {rank.world}: {len(studies[rank.rank::rank.world])} studies)" if rank.world > 1 else ""
-    print(f"Batch: {len(studies)} studies from {args.input} -> {out}{where}", file=sys.stderr)
+    print(f"Batch: {len(studies)} studies from {printable(args.input)} -> {printable(out)}{where}", file=sys.stderr)
     with TqdmProgress("batch") if rank.rank == 0 else contextlib.nullcontext() as progress:
         report = run_batch(analyzer, args.input, out, explain_method=method, explain_findings=args.findings,
                            save_ct=args.save_ct, report=args.report, num_workers=args.workers, rank=rank,
                            progress=progress, studies=studies,
                            options=_output_options(args, method, args.save_ct, args.report))
-    print(f"\nFMCT batch ({analyzer.bundle.meta.name}; research use only, not for diagnosis)")
+    print(f"\nFMCT batch ({printable(analyzer.bundle.meta.name)}; research use only, not for diagnosis)")
     print(f"  {report.line()}")
     for row in report.rows:
         if row["status"] == "error":
-            print(f"  error  {row['study_id']}: {row['error']}")
-    print(f"  summary: {report.summary_path}")
+            print(f"  error  {printable(row['study_id'])}: {printable(row['error'])}")
+    print(f"  summary: {printable(report.summary_path)}")
     return 0
 
 
@@ -453,16 +461,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(message)s"))  # names and paths never drive the terminal
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler])
     try:
         return args.func(args)
     except Cancelled as e:
-        print(f"fmct: cancelled: {e}", file=sys.stderr)
+        print(f"fmct: cancelled: {printable(e)}", file=sys.stderr)
         return 130
     except FMCTError as e:
         if args.debug:
             traceback.print_exc()  # --debug adds the traceback; a user error stays exit 2
-        print(f"fmct: error: {e}", file=sys.stderr)
+        print(f"fmct: error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fmct: interrupted", file=sys.stderr)

@@ -96,11 +96,13 @@ def _findingsTable(findings: Sequence[dict]):
         "name": vtk.vtkStringArray(), "description": vtk.vtkStringArray(),
         "probability": vtk.vtkDoubleArray(), "threshold": vtk.vtkDoubleArray(), "positive": vtk.vtkBitArray(),
     }
+    from fmct.conventions.names import printable  # a bundle's text never forges a row or drives the view
+
     for column, array in arrays.items():
         array.SetName(column)
     for f in findings:
-        arrays["name"].InsertNextValue(f["name"])
-        arrays["description"].InsertNextValue(f.get("description", ""))
+        arrays["name"].InsertNextValue(printable(f["name"]))
+        arrays["description"].InsertNextValue(printable(f.get("description", "")))
         arrays["probability"].InsertNextValue(float(f["probability"]))
         arrays["threshold"].InsertNextValue(float(f["threshold"]))
         arrays["positive"].InsertNextValue(int(bool(f["positive"])))

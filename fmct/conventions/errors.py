@@ -54,6 +54,12 @@ class OutputFolderError(FMCTError):
     """The output folder cannot be created or written, or holds the results of another study."""
 
 
+class OutputWriteError(OutputFolderError, OSError):
+    """A result could not be written completely (a full disk, a quota); nothing half-written is left.
+
+    Also an OSError, which is what it replaces: code that caught the disk error still catches it."""
+
+
 class BundleError(FMCTError):
     """A model bundle is missing, malformed, or does not match this version of the code."""
 

@@ -9,7 +9,7 @@ study. A study whose findings.json records the same model (name, weights and con
 same output options and the same input path is skipped, so re-running a batch resumes it; one
 analyzed with another model or options is redone (its folder cleared of FMCT's files first). A
 bad study becomes an error row and the batch goes on. Each study is analyzed under an exclusive
-lock (out/.fmct-locks/<study_id>.lock), so a second batch process on the same --out skips the
+lock (out/.fmct-locks/<study_id>.lock, fmct.inference.study_folder.study_lock), so a second batch process on the same --out skips the
 studies the first one is doing and waits for them only to fill its summary. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK)
 each process takes studies[rank::world] and writes summary_rank<r>.csv; the last to finish
 merges them into summary.csv.
@@ -21,8 +21,10 @@ import functools
 import io
 import logging
 import os
+import re
 import time
 import traceback
+import unicodedata
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,14 +36,17 @@ import numpy as np
 from fmct.conventions.atomic import write_text_atomic
 from fmct.conventions.errors import ConfigError, FMCTError, OutputFolderError
 from fmct.reading.volume import FORMATS, format_suffix
-from fmct.inference.study_folder import read_findings, source_key, write_study_outputs
+from fmct.conventions.locks import FileLock
+from fmct.conventions.names import printable
+from fmct.inference.study_folder import (LOCK_DIR, NAME_MAX, output_options, read_findings, source_key, study_lock,
+                                         write_study_outputs)
 from fmct.preprocessing.preprocessor import ModelInput, Preprocessor, PreprocessSpec
 from fmct.reading.volume import Volume
 from fmct.conventions.runtime import Progress, Rank, torchrun_rank
 
 log = logging.getLogger("fmct.inference.batch")
 SUMMARY_FILE = "summary.csv"
-LOCK_DIR = ".fmct-locks"
+RESERVED_NAMES = {SUMMARY_FILE, LOCK_DIR, ".summary.lock"}  # what the batch itself writes into --out
 MAX_PENDING_WRITES = 4  # studies waiting for their files to be written (bounds memory)
 
 
@@ -85,10 +90,24 @@ def discover_studies(source: str | Path, exclude: Sequence[str | Path] = ()) -> 
         raise ConfigError(f"{source} holds no studies: expected subfolders (DICOM series) or image files "
                           f"({', '.join(FORMATS)}), or manifest rows")
     ids = [s.study_id for s in studies]
+    for sid in ids:
+        check_study_id(sid, source)
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise ConfigError(f"{source}: study id(s) {dupes[:5]} occur more than once; each study needs its own id")
     return studies
+
+
+def check_study_id(sid: str, source: Path) -> None:
+    """A study id names the study's folder in out/: refuse one that cannot, or that is a file the batch writes."""
+    if sid.lower() in RESERVED_NAMES or re.fullmatch(r"summary_rank\d+\.csv", sid.lower()):
+        raise ConfigError(f"{source}: a study is named {sid!r}, which is the name of a file the batch writes into "
+                          "--out; rename that study (its file or folder, or its manifest study_id)")
+    if len(sid.encode()) > NAME_MAX:
+        raise ConfigError(f"{source}: study id {printable(sid[:40])}... is {len(sid.encode())} bytes long; a folder "
+                          f"name may have at most {NAME_MAX}. Give it a shorter id.")
+    if any(unicodedata.category(c) == "Cc" for c in sid):
+        raise ConfigError(f"{source}: study id {printable(repr(sid))} holds control characters; rename that study")
 
 
 def _read_manifest(path: Path) -> list[Study]:
@@ -330,38 +349,74 @@ def run_batch(
     rank = rank or rank_from_env()
     every = list(studies) if studies is not None else discover_studies(source, exclude=[out])
     mine = every[rank.rank::rank.world]
-    tasks = analyzer.bundle.meta.task_names
-    report_progress = progress or (lambda f, m: None)
-    rows: dict[int, dict[str, Any]] = {}
     if options is None:
-        findings = explain_findings if isinstance(explain_findings, str) else ",".join(explain_findings)
-        options = {"backend": analyzer.backend, "explain_method": explain_method, "explain_findings": findings,
-                   "save_ct": bool(save_ct), "report": bool(report)}
-    run = {"model_id": model_identity(analyzer.bundle), "options": options}
+        options = output_options(analyzer.backend, explain_method, explain_findings, save_ct, report)
+    b = _Batch(analyzer, out, {"model_id": model_identity(analyzer.bundle), "options": options},
+               list(analyzer.bundle.meta.task_names), explain_method, explain_findings, bool(save_ct), bool(report))
+    report_progress = progress or (lambda f, m: None)
+    todo = _sort_studies(b, mine)
+    n_skipped = len(b.rows) + len(b.busy)
+    report_progress(n_skipped / max(1, len(mine)), f"{n_skipped} already done")
+    result = BatchReport([], out / SUMMARY_FILE)
 
-    todo, busy = [], []
+    def tick(n: int) -> None:
+        report_progress((n_skipped + n) / max(1, len(mine)), f"{n_skipped + n}/{len(mine)} studies")
+
+    _analyze_studies(b, todo, {s.study_id: i for i, s in enumerate(mine)}, result, num_workers, writers, tick)
+    _wait_for_busy(b)
+    result.rows = [b.rows[i] for i in range(len(mine))]
+    result.counts = {s: sum(r["status"] == s for r in result.rows) for s in ("ok", "error", "skipped")}
+    result.wall_s = time.perf_counter() - t_start
+    result.summary_path = _write_summary(out, result.rows, b.tasks, rank, [s.study_id for s in every])
+    report_progress(1.0, "done")
+    return result
+
+
+@dataclass
+class _Batch:
+    """What the steps of one run_batch call share: the model, the output folder and options, the rows so far."""
+
+    analyzer: Any
+    out: Path
+    run: dict[str, Any]  # model_id and options: recorded in findings.json, compared when a batch resumes
+    tasks: list[str]
+    explain_method: str | None
+    explain_findings: str | Sequence[str]
+    save_ct: bool
+    report: bool
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # by the study's index in this rank's list
+    busy: list[tuple[int, Study]] = field(default_factory=list)  # studies another process is analyzing
+
+    def lock(self, study: Study) -> FileLock:
+        return study_lock(self.out / study.study_id)
+
+
+def _sort_studies(b: _Batch, mine: Sequence[Study]) -> list[Study]:
+    """Rows for the studies already done, b.busy for those another process is doing; returns the rest."""
+    todo = []
     for i, study in enumerate(mine):
-        done = _done(out / study.study_id, run, study)
+        done = _done(b.out / study.study_id, b.run, study)
         if done is not None:
-            rows[i] = _row_from_findings(study, done, tasks)
-        elif _StudyLock(out, study.study_id).busy():
-            busy.append((i, study))  # another process is analyzing it now
+            b.rows[i] = _row_from_findings(study, done, b.tasks)
+        elif b.lock(study).busy():
+            b.busy.append((i, study))  # another process is analyzing it now
         else:
             todo.append(study)
-    n_skipped = len(rows) + len(busy)
-    index_of = {s.study_id: i for i, s in enumerate(mine)}
-    gpu = str(analyzer.device).startswith("cuda")
-    workers = default_workers(gpu) if num_workers is None else max(0, int(num_workers))
-    preparer = StudyPreparer(todo, analyzer.bundle.meta.preprocessing)
-    result = BatchReport([], out / SUMMARY_FILE)
-    report_progress(n_skipped / max(1, len(mine)), f"{n_skipped} already done")
+    return todo
 
+
+def _analyze_studies(b: _Batch, todo: Sequence[Study], index_of: dict[str, int], result: BatchReport,
+                     num_workers: int | None, writers: int | None, tick: Any) -> None:
+    """The pipeline: workers decode ahead, this thread runs the model, writer threads write each study's folder."""
+    gpu = str(b.analyzer.device).startswith("cuda")
+    workers = default_workers(gpu) if num_workers is None else max(0, int(num_workers))
+    preparer = StudyPreparer(todo, b.analyzer.bundle.meta.preprocessing)
     pending: deque[tuple[int, Future]] = deque()
     # Writing gzipped float32 saliency NIfTIs is the slowest step beside a GPU (benchmarks/RESULTS.md#batch);
     # SimpleITK releases the GIL while it compresses, so writer threads scale with cores.
     n_writers = writers or (min(8, max(2, (os.cpu_count() or 1) // 2)) if gpu else 1)
     with ThreadPoolExecutor(max_workers=n_writers, thread_name_prefix="fmct-writer") as writer:
-        stream = iter_prepared(preparer, workers, use_torch=analyzer.backend == "torch")
+        stream = iter_prepared(preparer, workers, use_torch=b.analyzer.backend == "torch")
         for n in range(len(todo)):
             t0 = time.perf_counter()
             prepared = next(stream)
@@ -370,62 +425,66 @@ def run_batch(
             if n == 0:
                 result.first_wait_s = waited
             i = index_of[prepared.study.study_id]
-            lock = _StudyLock(out, prepared.study.study_id)
-            if not lock.acquire():
-                busy.append((i, prepared.study))  # another process took it meanwhile
-            elif (done := _done(out / prepared.study.study_id, run, prepared.study)) is not None:
-                lock.release()  # another process finished it meanwhile
-                rows[i] = _row_from_findings(prepared.study, done, tasks)
-            elif prepared.error is not None:
-                lock.release()
-                rows[i] = _row(prepared.study, "error", prepared.error, None, tasks, prepared.seconds)
-            else:
-                t0 = time.perf_counter()
-                try:
-                    res = analyzer.analyze_prepared(prepared.model_input, explain_method, explain_findings,
-                                                    map_back=False)
-                except FMCTError as e:
-                    rows[i] = _row(prepared.study, "error", str(e), None, tasks, prepared.seconds)
-                    res = None
-                except Exception as e:  # e.g. out of GPU memory on one huge study: report it, go on
-                    log.debug("study %s failed:\n%s", prepared.study.study_id, traceback.format_exc())
-                    rows[i] = _row(prepared.study, "error", f"unexpected {type(e).__name__}: {e}", None, tasks,
-                                   prepared.seconds)
-                    res = None
-                result.model_s += time.perf_counter() - t0
-                if res is None:
-                    lock.release()
-                else:
-                    while len(pending) >= MAX_PENDING_WRITES + n_writers:
-                        t0 = time.perf_counter()
-                        j, fut = pending.popleft()
-                        rows[j] = fut.result()
-                        result.write_wait_s += time.perf_counter() - t0
-                    pending.append((i, writer.submit(_finish, analyzer, prepared, res, out, save_ct, report, tasks,
-                                                     run, lock)))
-            done_n = n_skipped + n + 1
-            report_progress(done_n / max(1, len(mine)), f"{done_n}/{len(mine)} studies")
+            job = _take_study(b, i, prepared, result)
+            if job is not None:
+                while len(pending) >= MAX_PENDING_WRITES + n_writers:
+                    t0 = time.perf_counter()
+                    j, fut = pending.popleft()
+                    b.rows[j] = fut.result()
+                    result.write_wait_s += time.perf_counter() - t0
+                lock, res = job
+                pending.append((i, writer.submit(_finish, b.analyzer, prepared, res, b.out, b.save_ct, b.report,
+                                                 b.tasks, b.run, lock)))
+            tick(n + 1)
         for j, fut in pending:
-            rows[j] = fut.result()
-    for i, study in busy:  # wait for the other process to finish them, then report what it wrote
-        lock = _StudyLock(out, study.study_id)
-        lock.acquire(wait=True)
-        lock.release()
-        done = _done(out / study.study_id, run, study)
-        rows[i] = (_row_from_findings(study, done, tasks) if done is not None else
-                   _row(study, "error", "another fmct process was analyzing this study and did not finish it; "
-                        "run the batch again", None, tasks, None))
+            b.rows[j] = fut.result()
 
-    result.rows = [rows[i] for i in range(len(mine))]
-    result.counts = {s: sum(r["status"] == s for r in result.rows) for s in ("ok", "error", "skipped")}
-    result.wall_s = time.perf_counter() - t_start
-    result.summary_path = _write_summary(out, result.rows, tasks, rank, [s.study_id for s in every])
-    report_progress(1.0, "done")
-    return result
+
+def _take_study(b: _Batch, i: int, prepared: Prepared, result: BatchReport) -> tuple[FileLock, Any] | None:
+    """Lock study i and run the model on it; None when it needs no writing (done, busy, or an error row)."""
+    study = prepared.study
+    lock = b.lock(study)
+    if not lock.acquire():
+        b.busy.append((i, study))  # another process took it meanwhile
+        return None
+    if (done := _done(b.out / study.study_id, b.run, study)) is not None:
+        lock.release()  # another process finished it meanwhile
+        b.rows[i] = _row_from_findings(study, done, b.tasks)
+        return None
+    if prepared.error is not None:
+        lock.release()
+        b.rows[i] = _row(study, "error", prepared.error, None, b.tasks, prepared.seconds)
+        return None
+    t0 = time.perf_counter()
+    try:
+        res = b.analyzer.analyze_prepared(prepared.model_input, b.explain_method, b.explain_findings, map_back=False)
+    except FMCTError as e:
+        b.rows[i] = _row(study, "error", str(e), None, b.tasks, prepared.seconds)
+        res = None
+    except Exception as e:  # e.g. out of GPU memory on one huge study: report it, go on
+        log.debug("study %s failed:\n%s", study.study_id, traceback.format_exc())
+        b.rows[i] = _row(study, "error", f"unexpected {type(e).__name__}: {e}", None, b.tasks, prepared.seconds)
+        res = None
+    result.model_s += time.perf_counter() - t0
+    if res is None:
+        lock.release()
+        return None
+    return lock, res
+
+
+def _wait_for_busy(b: _Batch) -> None:
+    """Wait for the other process to finish the studies it was doing, then report what it wrote."""
+    for i, study in b.busy:
+        with b.lock(study):
+            pass
+        done = _done(b.out / study.study_id, b.run, study)
+        b.rows[i] = (_row_from_findings(study, done, b.tasks) if done is not None else
+                     _row(study, "error", "another fmct process was analyzing this study and did not finish it; "
+                          "run the batch again", None, b.tasks, None))
 
 
 def _finish(analyzer: Any, prepared: Prepared, res: Any, out: Path, save_ct: bool, report: bool,
-            tasks: Sequence[str], run: dict[str, Any] | None = None, lock: "_StudyLock | None" = None) -> dict[str, Any]:
+            tasks: Sequence[str], run: dict[str, Any] | None = None, lock: FileLock | None = None) -> dict[str, Any]:
     """Writer thread: saliency onto the CT's grid, the study's folder, its summary row; then the study's lock is released."""
     try:
         return _write_study(analyzer, prepared, res, out, save_ct, report, tasks, run or {})
@@ -493,40 +552,6 @@ def _covers(stored: Any, asked: dict[str, Any]) -> bool:
     return all(stored[k] == v or (k in _EXTRA_FILES and stored[k] is True and v is False) for k, v in asked.items())
 
 
-class _StudyLock:
-    """An exclusive, non-blocking advisory lock per study (POSIX flock); without fcntl there is none."""
-
-    def __init__(self, out: Path, study_id: str) -> None:
-        self.path = out / LOCK_DIR / f"{study_id}.lock"
-        self.f = None
-
-    def acquire(self, wait: bool = False) -> bool:
-        try:
-            import fcntl
-        except ImportError:
-            return True
-        self.f = open(self.path, "a+")
-        try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError:
-            self.f.close()
-            self.f = None
-            return False
-        return True
-
-    def release(self) -> None:
-        if self.f is not None:
-            self.f.close()  # closing releases the lock
-            self.f = None
-
-    def busy(self) -> bool:
-        """Whether another process holds the lock now."""
-        if not self.acquire():
-            return True
-        self.release()
-        return False
-
-
 def _row_from_findings(study: Study, payload: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
     findings = [f for f in payload["findings"] if isinstance(f, dict)]
     probs = {f["name"]: float(f["probability"]) for f in findings if "name" in f and "probability" in f}
@@ -564,7 +589,7 @@ def _write_summary(out: Path, rows: list[dict[str, Any]], tasks: Sequence[str], 
         if rank.rank == 0:
             _merge_parts(out, rank.world, columns, order)
         return target
-    with _lock(out / ".summary.lock"):
+    with FileLock(out / ".summary.lock"):
         _merge_parts(out, rank.world, columns, order)
     return target
 
@@ -590,23 +615,3 @@ def _distributed_barrier() -> bool:
         return False
     dist.barrier()
     return True
-
-
-class _lock:
-    """An exclusive advisory file lock (POSIX); without fcntl (Windows) merging is unlocked."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> "_lock":
-        self.f = open(self.path, "a+")
-        try:
-            import fcntl
-
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)
-        except ImportError:
-            pass
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.f.close()  # closing releases the lock

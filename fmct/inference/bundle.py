@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -27,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 from fmct import __version__
 from fmct.conventions.atomic import default_mode, write_bytes_atomic, write_text_atomic
 from fmct.conventions.errors import BundleError, ConfigError
-from fmct.models.config import ViT3DConfig
+from fmct.conventions.names import check_identifier
+from fmct.models.config import ViT3DConfig, weight_shapes
 from fmct.preprocessing.preprocessor import PreprocessSpec
 
 if TYPE_CHECKING:
@@ -136,6 +138,9 @@ class BundleMeta:
                 f"{META_FILE}: 'encoder.img_size' {list(self.encoder.img_size)} (z, y, x) does not match "
                 f"'preprocessing.size' {list(self.preprocessing.size)} (x, y, z)"
             )
+        check_identifier(self.name, f"{META_FILE}: field 'name'", BundleError)
+        for i, name in enumerate(self.task_names):
+            check_identifier(name, f"{META_FILE}: field 'tasks[{i}].name'", BundleError)
         names = self.task_names
         if len(set(names)) != len(names):
             raise BundleError(f"{META_FILE}: field 'tasks' repeats a task name: {names}")
@@ -179,6 +184,7 @@ def _check_field(value: Any, kind: str, name: str) -> None:
 def _check_types(d: dict[str, Any]) -> None:
     """Types and finiteness of every field fmct.json holds, naming the first wrong one."""
     _check_field(d["name"], "str", "name")
+    check_identifier(d["name"], f"{META_FILE}: field 'name'", BundleError)
     for key, kind in (("description", "str"), ("provenance", "obj"), ("metrics", "obj"), ("onnx", "obj")):
         if d.get(key) is not None:  # optional: absent or null means none
             _check_field(d[key], kind, key)
@@ -221,6 +227,7 @@ def _parse_task(i: int, t: Any) -> Task:
         raise BundleError(f"{where}' must be an object with a 'name'")
     if not isinstance(t["name"], str) or not isinstance(t.get("description", ""), str):
         raise BundleError(f"{where}.name' and '.description' must be strings")
+    check_identifier(t["name"], f"{where}.name'", BundleError)
     task = Task(t["name"], t.get("description", ""), t.get("threshold", 0.5), t.get("temperature", 1.0))
     if not _is_number(task.threshold) or not 0.0 < task.threshold < 1.0:
         raise BundleError(f"{where}.threshold' is {task.threshold!r}; it must be a probability strictly between 0 and 1")
@@ -345,6 +352,9 @@ def _read_zip_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> 
 def read_bundle(path: str | Path, onnx: bool = False) -> tuple[BundleMeta, dict[str, bytes]]:
     """Validated metadata and the raw files of a bundle, without building a model (no torch).
 
+    The weights' tensor table is checked against the config here, so the torch and the onnxruntime
+    path refuse the same bundles.
+
     model.onnx is read only with onnx=True (the onnxruntime path and export need it).
     """
     path = Path(path)
@@ -352,6 +362,7 @@ def read_bundle(path: str | Path, onnx: bool = False) -> tuple[BundleMeta, dict[
     meta = _parse_meta(path, members)
     if WEIGHTS_FILE not in members:
         raise BundleError(f"{path}: {WEIGHTS_FILE} is missing")
+    check_weights_header(meta, members[WEIGHTS_FILE], where=str(path))  # whatever the backend that runs it
     return meta, members
 
 
@@ -361,14 +372,58 @@ def read_meta(path: str | Path) -> BundleMeta:
     return _parse_meta(path, read_members(path, (META_FILE,)))
 
 
+MAX_JSON_DEPTH = 64  # fmct.json nests 4 deep; provenance (a resolved config) a few more
+
+
 def _parse_meta(path: Path, members: dict[str, bytes]) -> BundleMeta:
     if META_FILE not in members:
         raise BundleError(f"{path}: no {META_FILE}; this is not an fmct model bundle")
-    try:
-        raw = json.loads(members[META_FILE].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}/{META_FILE} is not valid JSON ({e})") from e
+    raw = parse_strict_json(members[META_FILE], f"{path}/{META_FILE}")
     return BundleMeta.from_dict(raw)
+
+
+def _refuse_duplicates(where: str):
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in d:
+                raise BundleError(f"{where} gives the key '{key}' twice in one object; JSON readers disagree on "
+                                  "which one counts, so fmct refuses it. Keep one.")
+            d[key] = value
+        return d
+    return hook
+
+
+def parse_strict_json(data: bytes, where: str) -> Any:
+    """JSON that every reader reads the same way: UTF-8, no key given twice in an object, nesting at
+    most MAX_JSON_DEPTH deep (checked before parsing, so a hostile file cannot exhaust the stack)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{where} is not UTF-8 text ({e}); save it as UTF-8") from None
+    depth = _max_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise BundleError(f"{where} nests lists or objects {depth} deep; a bundle's metadata needs at most "
+                          f"{MAX_JSON_DEPTH}. This is not an fmct.json fmct wrote.")
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicates(where))
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{where} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise BundleError(f"{where} nests too deep to read; this is not an fmct.json fmct wrote.") from None
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _max_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings (a linear scan; no recursion)."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def load_bundle(path: str | Path, load_onnx: bool = False, load_model: bool = True) -> Bundle:
@@ -380,7 +435,6 @@ def load_bundle(path: str | Path, load_onnx: bool = False, load_model: bool = Tr
     sha = hashlib.sha256(weights).hexdigest()
     if not load_model:
         return Bundle(meta, None, path, onnx, sha)
-    check_weights_header(meta, weights, where=str(path))  # before anything is allocated
     model = build_model(meta)
     load_weights(model, weights, where=str(path))
     model.eval()
@@ -404,15 +458,11 @@ def safetensors_header(data: bytes, where: str = "bundle") -> dict[str, Any]:
 
 def check_weights_header(meta: BundleMeta, data: bytes, where: str = "bundle") -> None:
     """The weights' names, shapes and dtypes against what the config needs, from the safetensors header
-    alone and a model built on torch's meta device (no memory): a config that asks for far more than
-    its weights hold is refused before anything is allocated."""
-    import torch
-
-    from fmct.models import FMCTClassifier
-
+    alone and the model's tensor table (fmct.models.config.weight_shapes: no torch, no memory): a config
+    that asks for far more than its weights hold is refused before anything is allocated, and the
+    onnxruntime path checks a bundle exactly as the torch path does."""
     header = safetensors_header(data, where)
-    with torch.device("meta"):  # shapes only: nothing allocated, however large the config asks
-        expected = {k: tuple(v.shape) for k, v in FMCTClassifier(meta.encoder, len(meta.tasks)).state_dict().items()}
+    expected = weight_shapes(meta.encoder, len(meta.tasks))
     _check_names(set(expected), set(header), where)
     for key, info in header.items():
         shape = tuple(info.get("shape", ())) if isinstance(info, dict) else None

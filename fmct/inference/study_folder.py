@@ -16,12 +16,18 @@ config hashes) and the output options, so a resumed batch redoes a study analyze
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
 import os
+import shutil
+import struct
 import tempfile
-from collections.abc import Callable
+import zlib
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -30,14 +36,60 @@ from typing import Any
 import numpy as np
 
 from fmct import __version__
-from fmct.conventions.atomic import write_text_atomic
-from fmct.conventions.errors import BundleError, OutputFolderError
+from fmct.conventions.atomic import disk_full_error, fsync_dir, is_disk_full, write_text_atomic
+from fmct.conventions.errors import BundleError, OutputFolderError, OutputWriteError
+from fmct.conventions.locks import FileLock
 from fmct.reading.volume import Volume
 
 FINDINGS_FILE = "findings.json"
 SALIENCY_MAX = 255  # stored value of the strongest attribution; divide by it for the [0, 1] map
 FMCT_FILES = ("ct.nii.gz", "report.png", "saliency_*.nii.gz")  # what FMCT writes beside findings.json
 FINGERPRINT_SAMPLES = 1 << 16
+LOCK_DIR = ".fmct-locks"  # beside the study folders: out/.fmct-locks/<study folder name>.lock
+
+
+NAME_MAX = 255  # bytes in one path component on every file system fmct writes to (ext4, XFS, APFS, NTFS)
+
+
+def study_lock(folder: str | Path) -> FileLock:
+    """The lock a process holds while it analyzes into a study folder (a batch's out/<study_id>/ or
+    `fmct analyze --out`): the same file whichever command writes there. Its folder must exist.
+    A study name too long for "<name>.lock" gets a shortened name with a hash of the whole."""
+    folder = Path(folder)
+    name = folder.name or "root"
+    if len(name.encode()) + len(".lock") > NAME_MAX:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        name = name.encode()[:150].decode(errors="ignore") + "-" + digest
+    return FileLock(folder.parent / LOCK_DIR / f"{name}.lock")
+
+
+@contextmanager
+def locked_study_folder(out: str | Path) -> Iterator[None]:
+    """Hold out's study lock (the one a batch takes for out/<study_id>/) while a single analysis runs:
+    a second `fmct analyze` on the same --out, or a batch doing that study, is refused instead of
+    mixing two studies' files in one folder."""
+    out = Path(os.path.abspath(out))
+    try:
+        (out.parent / LOCK_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputFolderError(f"cannot create {out.parent / LOCK_DIR} for the output folder's lock ({e.strerror}). "
+                                "Give an --out whose parent folder you may write to.") from None
+    lock = study_lock(out)
+    if not lock.acquire():
+        raise OutputFolderError(f"another fmct process is writing into {out} now. Wait for it to finish, or give "
+                                "another --out.")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def output_options(backend: str, explain_method: str | None, explain_findings: str | Sequence[str], save_ct: bool,
+                   report: bool) -> dict[str, Any]:
+    """The options that change what a study folder holds (recorded in findings.json; a resumed batch compares them)."""
+    findings = explain_findings if isinstance(explain_findings, str) else ",".join(explain_findings)
+    return {"backend": backend, "explain_method": explain_method, "explain_findings": findings,
+            "save_ct": bool(save_ct), "report": bool(report)}
 
 
 def study_fingerprint(volume: Volume) -> str:
@@ -61,6 +113,10 @@ def source_key(path: str | Path) -> str:
 def check_output_folder(out: str | Path, flag: str = "--out") -> None:
     """Refuse, before any CT is read, an output folder that cannot be created or written."""
     out = Path(out)
+    long = [part for part in out.parts if len(part.encode()) > NAME_MAX]
+    if long:
+        raise OutputFolderError(f"{flag} {out} has a folder name of {len(long[0].encode())} bytes ({long[0][:40]}...); "
+                                f"file systems allow at most {NAME_MAX}. Give a shorter name.")
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"{flag} {out} is a file, not a folder. Give a folder (it is created if needed).")
     existing = out
@@ -86,6 +142,10 @@ def check_output_folder(out: str | Path, flag: str = "--out") -> None:
 def check_study_folder(out: str | Path, fingerprint: str, overwrite: bool = False) -> None:
     """Refuse a folder holding the results of another study (unless overwrite): results never mix."""
     out = Path(out)
+    in_the_way = [p.name for pattern in (FINDINGS_FILE, *FMCT_FILES) for p in out.glob(pattern) if p.is_dir()]
+    if in_the_way:
+        raise OutputFolderError(f"{out / in_the_way[0]} is a folder (or a link to one) where FMCT writes a file. Move "
+                                "it away, or give another --out.")
     done = read_findings(out)
     if done is None and (out / FINDINGS_FILE).exists():
         done = {}
@@ -102,8 +162,11 @@ def clear_study_outputs(out: Path) -> None:
     (out / FINDINGS_FILE).unlink(missing_ok=True)
     for pattern in FMCT_FILES:
         for p in out.glob(pattern):
-            if p.is_file():
+            if p.is_file() or p.is_symlink() and not p.is_dir():  # a link is removed, never written through
                 p.unlink()
+    for p in out.glob(f"{_TMP_PREFIX}*"):  # what a killed run left half-written
+        if p.is_file() and not p.is_symlink():
+            p.unlink()
 
 
 def quantize_saliency(saliency: Volume) -> Volume:
@@ -123,6 +186,106 @@ def _write_saliency(saliency: Volume, path: Path) -> Path:
     from fmct.reading.files import write_volume
 
     return write_volume(quantize_saliency(saliency), path)
+
+
+# --------------------------------------------------------------------------------------------
+# Verified writes: SimpleITK's NIfTI writer does not report a full disk (it leaves a truncated
+# .nii.gz and returns), so every file is written under a hidden temp name, read back (the gzip
+# stream to its end, which checks its CRC-32 and length; the NIfTI header's voxel count; a PNG's
+# chunk CRCs and its end chunk), and only then renamed to its own name.
+# --------------------------------------------------------------------------------------------
+_TMP_PREFIX = ".fmct-partial-"
+_NIFTI_HEADER = 348
+
+
+class _Incomplete(Exception):
+    """A written file did not read back whole."""
+
+
+def _write_verified(path: Path, write: Callable[[Path], object], needed_bytes: int) -> Path:
+    """write(tmp) beside path, verify tmp, fsync, rename to path; a file under its own name is whole."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        write(tmp)
+        verify_written(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e) or isinstance(e, _Incomplete) and _short_of_space(path.parent, needed_bytes):
+            raise disk_full_error(path.parent, f"this study's files ({path.name} and the rest)", needed_bytes) from None
+        if isinstance(e, _Incomplete):
+            raise OutputWriteError(f"{path} was not written completely ({e}); nothing of it was kept. Check the disk "
+                                   "holding it, or give another --out.") from None
+        raise
+    return path
+
+
+def _short_of_space(folder: Path, needed_bytes: int) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < max(needed_bytes, 1 << 20)
+    except OSError:
+        return True
+
+
+def verify_written(path: Path) -> None:
+    """Read a just-written .nii.gz, .nii or .png back; raise _Incomplete when it is not whole."""
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(_NIFTI_HEADER + 4)
+                total = len(head)
+                while chunk := f.read(1 << 22):
+                    total += len(chunk)
+        except (OSError, EOFError, zlib.error) as e:
+            raise _Incomplete(f"its gzip stream does not read back: {e}") from None
+        _check_nifti_length(head, total)
+    elif name.endswith(".nii"):
+        with open(path, "rb") as f:
+            head = f.read(_NIFTI_HEADER + 4)
+        _check_nifti_length(head, path.stat().st_size)
+    elif name.endswith(".png"):
+        _check_png(path.read_bytes())
+    elif path.stat().st_size == 0:
+        raise _Incomplete("it is empty")
+
+
+def _check_nifti_length(head: bytes, total: int) -> None:
+    if len(head) < _NIFTI_HEADER:
+        raise _Incomplete(f"{total} bytes, shorter than a NIfTI header")
+    endian = "<" if struct.unpack("<i", head[:4])[0] == _NIFTI_HEADER else ">"
+    dims = struct.unpack(endian + "8h", head[40:56])
+    bitpix = struct.unpack(endian + "h", head[72:74])[0]
+    vox_offset = struct.unpack(endian + "f", head[108:112])[0]
+    n = math.prod(max(1, d) for d in dims[1:1 + max(0, min(dims[0], 7))])
+    expected = int(vox_offset) + n * max(bitpix, 8) // 8
+    if total < expected:
+        raise _Incomplete(f"{total} bytes of the {expected} its header announces")
+
+
+def _check_png(data: bytes) -> None:
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise _Incomplete("no PNG signature")
+    pos = 8
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        if zlib.crc32(data[pos + 4:end - 4]) != struct.unpack(">I", data[end - 4:end])[0]:
+            raise _Incomplete(f"PNG chunk {data[pos + 4:pos + 8]!r} fails its CRC")
+        if data[pos + 4:pos + 8] == b"IEND":
+            return
+        pos = end
+    raise _Incomplete(f"the PNG ends after {len(data)} bytes, without its end chunk")
+
+
+def _study_bytes(volume: Volume, save_ct: bool, n_maps: int, report: bool) -> int:
+    """About what a study's files take at most (uncompressed): for the message when the disk is full."""
+    n = int(volume.array.size)
+    return (n * volume.array.dtype.itemsize if save_ct else 0) + n * n_maps + (256 << 10 if report else 0) + (64 << 10)
 
 
 def _run_writes(jobs: list[Callable[[], Path]], threads: int | None, voxels: int) -> list[Path]:
@@ -174,17 +337,36 @@ def write_study_outputs(
     except OSError as e:
         raise OutputFolderError(f"cannot create the output folder {out} ({e.strerror}).") from None
     clear_study_outputs(out)
+    needed = _study_bytes(volume, save_ct, len(result.saliency), report)
     jobs: list[Callable[[], Path]] = []
     if save_ct:
-        jobs.append(partial(write_volume, volume, out / "ct.nii.gz"))
+        jobs.append(partial(_write_verified, out / "ct.nii.gz", partial(write_volume, volume), needed))
     for name, sal in result.saliency.items():
-        jobs.append(partial(_write_saliency, sal, out / f"saliency_{name}.nii.gz"))
+        jobs.append(partial(_write_verified, out / f"saliency_{name}.nii.gz", partial(_write_saliency, sal), needed))
     if report:
         from fmct.inference.report_png import write_report
 
-        jobs.append(partial(write_report, volume, result, out / "report.png", model_name))
-    written = _run_writes(jobs, threads, volume.array.size)
-    payload = {
+        def png(tmp: Path) -> object:
+            return write_report(volume, result, tmp, model_name)
+        jobs.append(partial(_write_verified, out / "report.png", png, needed))
+    try:
+        written = _run_writes(jobs, threads, volume.array.size)
+        fsync_dir(out)
+        payload = _findings_payload(volume, result, model_name, device, backend, fingerprint, source, model_id,
+                                    options, timings)
+        # last, and only once every file above read back whole: its presence means the folder is complete
+        target = write_text_atomic(out / FINDINGS_FILE, json.dumps(payload, indent=2, allow_nan=False))
+    except BaseException:
+        clear_study_outputs(out)  # nothing of a failed write is left looking like a result
+        raise
+    written.insert(0, target)
+    return payload, written
+
+
+def _findings_payload(volume: Volume, result: Any, model_name: str, device: str, backend: str, fingerprint: str,
+                      source: str | None, model_id: dict[str, Any] | None, options: dict[str, Any] | None,
+                      timings: dict[str, float] | None) -> dict[str, Any]:
+    return {
         "model": model_name,
         "fmct_version": __version__,
         "device": device,
@@ -207,9 +389,6 @@ def write_study_outputs(
         "saliency_scale": f"uint8, 0 = none, {SALIENCY_MAX} = the strongest attribution in this CT",
         "timings": {k: round(v, 3) for k, v in (timings if timings is not None else result.timings).items()},
     }
-    target = write_text_atomic(out / FINDINGS_FILE, json.dumps(payload, indent=2, allow_nan=False))
-    written.insert(0, target)
-    return payload, written
 
 
 def read_findings(folder: str | Path) -> dict[str, Any] | None:

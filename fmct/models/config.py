@@ -72,3 +72,34 @@ def preset(name: str, **overrides: Any) -> ViT3DConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model size '{name}'; choose one of {sorted(PRESETS)}")
     return replace(PRESETS[name], **overrides)
+
+
+def weight_shapes(cfg: ViT3DConfig, num_tasks: int) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor FMCTClassifier(cfg, num_tasks).state_dict() holds, without torch.
+
+    A bundle's weights are checked against these before anything is loaded, on the torch and the
+    onnxruntime path alike (the latter must not import torch); Testing/test_bad_input_round2.py
+    holds this table to the torch model's own state_dict.
+    """
+    d, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    shapes: dict[str, tuple[int, ...]] = {
+        "encoder.cls_token": (1, 1, d), "encoder.mask_token": (1, d), "encoder.pos_embed": (1, 1 + cfg.num_patches, d),
+        "encoder.patch_embed.proj.weight": (d, cfg.in_chans, *cfg.patch_size), "encoder.patch_embed.proj.bias": (d,),
+    }
+    for i in range(cfg.depth):
+        b = f"encoder.blocks.{i}."
+        shapes.update({b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "attn.qkv.weight": (3 * d, d)})
+        if cfg.qkv_bias:
+            shapes[b + "attn.qkv.bias"] = (3 * d,)
+        shapes.update({b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,)})
+        if cfg.layerscale_init:
+            shapes[b + "ls1.gamma"] = (d,)
+        shapes.update({b + "norm2.weight": (d,), b + "norm2.bias": (d,), b + "mlp.fc1.weight": (hidden, d),
+                       b + "mlp.fc1.bias": (hidden,), b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,)})
+        if cfg.layerscale_init:
+            shapes[b + "ls2.gamma"] = (d,)
+    shapes.update({"encoder.norm.weight": (d,), "encoder.norm.bias": (d,)})
+    if num_tasks > 0:
+        shapes.update({"head.norm.weight": (2 * d,), "head.norm.bias": (2 * d,), "head.fc.weight": (num_tasks, 2 * d),
+                       "head.fc.bias": (num_tasks,)})
+    return shapes

@@ -17,10 +17,12 @@ as one that never stopped. Ctrl-C (SIGINT) finishes the current step, saves and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -32,6 +34,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from fmct.conventions.atomic import disk_full_error, is_disk_full
 from fmct.conventions.errors import Cancelled, ConfigError, FMCTError, ResumeMismatchError, TrainingDivergedError
 from fmct.ssl.augment import MultiCropAugmentation, collate_crops, sample_generator
 from fmct.ssl.config import SSLConfig
@@ -538,8 +541,7 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
                 if info.is_main:
                     watch(step, record)
                 if log_file is not None:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
+                    _append_line(log_file, json.dumps(record), log_path)
                 if step % cfg.run.checkpoint_every == 0 or step == total:
                     save(step)
                     saved_at = step
@@ -550,7 +552,8 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
     finally:
         feed = None  # a DataLoader iterator's workers stop when it goes
         if log_file is not None:
-            log_file.close()
+            with contextlib.suppress(OSError):  # every line was flushed already; a full disk is reported above
+                log_file.close()
 
     bundle = _write_bundle(model, cfg, run_dir, step) if info.is_main else None
     ddp.barrier()
@@ -604,7 +607,7 @@ def _write_bundle(model: SelfDistillation, cfg: SSLConfig, run_dir: Path, steps:
     encoder = FMCTClassifier(enc, 0)
     encoder.encoder.load_state_dict(model.teacher.backbone.state_dict())
     meta = BundleMeta(
-        name=f"fmct-pretrained-{run_dir.name}", encoder=enc,
+        name="fmct-pretrained-" + (re.sub(r"[^A-Za-z0-9_-]+", "-", run_dir.name).strip("-")[:60] or "run"), encoder=enc,
         preprocessing=preprocess_spec(cfg),
         tasks=[], description="Self-supervised (DINO + iBOT) pretrained encoder; fine-tune it to add tasks.",
         provenance={"recipe": "fmct.train.pretrain", "steps": steps, "seed": cfg.run.seed, "config": cfg.resolved_dict()},
@@ -613,6 +616,17 @@ def _write_bundle(model: SelfDistillation, cfg: SSLConfig, run_dir: Path, steps:
 
 
 # ============================================================================ command line
+def _append_line(f: Any, line: str, path: Path) -> None:
+    """One line of the loss log, flushed; a full disk is the user's to fix (one line, exit 2), not a traceback."""
+    try:
+        f.write(line + "\n")
+        f.flush()
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(path.parent, path.name, len(line) + 1) from None
+        raise
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """`fmct pretrain` once parsed: exit 0 done, 2 a user error, 130 interrupted (checkpoint saved)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
