@@ -147,6 +147,8 @@ _ENCODER_FIELDS = {
     "num_heads": "posint", "mlp_ratio": "posnum", "qkv_bias": "bool", "drop_path_rate": "rate",
     "layerscale_init": "posnum_or_null",
 }
+# Optional (absent: fmct's own encoder), for encoders trained elsewhere (fmct.importers).
+_ENCODER_OPTIONAL = {"norm_eps": "posnum", "final_norm_eps": "posnum", "cls_pos_embed": "bool", "pos_embed_type": "str"}
 
 
 def _is_number(v: Any) -> bool:
@@ -189,6 +191,9 @@ def _check_types(d: dict[str, Any]) -> None:
             raise BundleError(f"{META_FILE}: required field 'encoder.{key}' is missing (fmct never guesses an "
                               "architecture: the weights would not fit it)")
         _check_field(enc[key], kind, f"encoder.{key}")
+    for key, kind in _ENCODER_OPTIONAL.items():
+        if key in enc:
+            _check_field(enc[key], kind, f"encoder.{key}")
     if "family" in enc:
         _check_field(enc["family"], "str", "encoder.family")
     prep = d["preprocessing"]
