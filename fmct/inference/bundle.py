@@ -160,6 +160,7 @@ _KINDS = {
     "obj": (lambda v: isinstance(v, dict), "an object"),
     "obj_or_null": (lambda v: v is None or isinstance(v, dict), "an object or null"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int0": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
     "posint": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
     "posnum": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
     "posnum_or_null": (lambda v: v is None or (_is_number(v) and v > 0), "null or a positive finite number"),
@@ -202,7 +203,8 @@ def _check_types(d: dict[str, Any]) -> None:
         if key not in prep:
             raise BundleError(f"{META_FILE}: required field 'preprocessing.{key}' is missing")
         _check_field(prep[key], kind, f"preprocessing.{key}")
-    for key, kind in (("orientation", "str"), ("antialias", "bool")):
+    for key, kind in (("orientation", "str"), ("antialias", "bool"), ("crop", "str"), ("foreground_hu", "number"),
+                      ("spline_order", "int0")):
         if key in prep:
             _check_field(prep[key], kind, f"preprocessing.{key}")
     windows = prep.get("windows")
