@@ -190,6 +190,10 @@ class Preprocessor:
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
         self.direction = orientation_direction(spec.orientation)
+        if spec.crop == "foreground":  # needs MONAI: refuse now (exit 2), not study by study later
+            from fmct.preprocessing.foreground import require_monai
+
+            require_monai()
 
     def __call__(self, volume: Volume) -> ModelInput:
         if self.spec.crop == "foreground":
