@@ -56,7 +56,7 @@ def test_gradients_reach_the_input():
 
 
 def test_presets_and_config_errors():
-    assert set(PRESETS) == {"tiny", "small", "base"}
+    assert set(PRESETS) == {"tiny", "small", "base", "fm-hct"}
     assert preset("base").embed_dim == 768
     with pytest.raises(ConfigError, match="divisible"):
         ViT3DConfig(img_size=(30, 32, 32))

@@ -241,6 +241,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from fmct.importers.fm_hct import import_fm_hct
+
+    start = time.perf_counter()
+    out = import_fm_hct(args.checkpoint, args.out)
+    print(f"Wrote encoder bundle {out} from {Path(args.checkpoint).name} in {time.perf_counter() - start:.1f} s; "
+          f"embed with: fmct embed DATA --model {out} --out features.npz")
+    return 0
+
+
 def cmd_phantom(args: argparse.Namespace) -> int:
     from fmct.phantom import write_phantom_set
 
@@ -370,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "on a generated head CT (exit 2 when they disagree)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     e.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="import an encoder trained elsewhere as a bundle: fm-hct (FM-HCT's released weights)")
+    im.add_argument("source", choices=["fm-hct"], help="whose checkpoint: fm-hct (NYUMedML/HeadCT-Foundation)")
+    im.add_argument("checkpoint", help="the state dict: model_weights.pth (read with torch.load(weights_only=True), "
+                                       "tensors only) or a .safetensors")
+    im.add_argument("--out", required=True, help="bundle folder (or .zip) to write")
+    im.set_defaults(func=cmd_import)
 
     from fmct.train.pretrain_args import USAGE_EXAMPLES, add_arguments
 

@@ -152,6 +152,8 @@ _ENCODER_FIELDS = {
     "num_heads": "posint", "mlp_ratio": "posnum", "qkv_bias": "bool", "drop_path_rate": "rate",
     "layerscale_init": "posnum_or_null",
 }
+# Optional (absent: fmct's own encoder), for encoders trained elsewhere (fmct.importers).
+_ENCODER_OPTIONAL = {"norm_eps": "posnum", "final_norm_eps": "posnum", "cls_pos_embed": "bool", "pos_embed_type": "str"}
 
 
 def _is_number(v: Any) -> bool:
@@ -163,6 +165,7 @@ _KINDS = {
     "obj": (lambda v: isinstance(v, dict), "an object"),
     "obj_or_null": (lambda v: v is None or isinstance(v, dict), "an object or null"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int0": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
     "posint": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
     "posnum": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
     "posnum_or_null": (lambda v: v is None or (_is_number(v) and v > 0), "null or a positive finite number"),
@@ -195,6 +198,9 @@ def _check_types(d: dict[str, Any]) -> None:
             raise BundleError(f"{META_FILE}: required field 'encoder.{key}' is missing (fmct never guesses an "
                               "architecture: the weights would not fit it)")
         _check_field(enc[key], kind, f"encoder.{key}")
+    for key, kind in _ENCODER_OPTIONAL.items():
+        if key in enc:
+            _check_field(enc[key], kind, f"encoder.{key}")
     if "family" in enc:
         _check_field(enc["family"], "str", "encoder.family")
     prep = d["preprocessing"]
@@ -203,7 +209,8 @@ def _check_types(d: dict[str, Any]) -> None:
         if key not in prep:
             raise BundleError(f"{META_FILE}: required field 'preprocessing.{key}' is missing")
         _check_field(prep[key], kind, f"preprocessing.{key}")
-    for key, kind in (("orientation", "str"), ("antialias", "bool")):
+    for key, kind in (("orientation", "str"), ("antialias", "bool"), ("crop", "str"), ("foreground_hu", "number"),
+                      ("spline_order", "int0")):
         if key in prep:
             _check_field(prep[key], kind, f"preprocessing.{key}")
     windows = prep.get("windows")

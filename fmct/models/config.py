@@ -12,6 +12,12 @@ from typing import Any
 from fmct.conventions.errors import ConfigError
 
 
+POS_EMBED_TYPES = ("learned", "sincos")
+# Fields added after bundle format 1 was fixed: optional in fmct.json, omitted there at these values.
+OPTIONAL_DEFAULTS: dict[str, Any] = {"norm_eps": 1e-6, "final_norm_eps": 1e-6, "cls_pos_embed": True,
+                                     "pos_embed_type": "learned"}
+
+
 @dataclass(frozen=True)
 class ViT3DConfig:
     """Encoder hyper-parameters. Sizes are in tensor order (D, H, W) = (z, y, x)."""
@@ -26,6 +32,12 @@ class ViT3DConfig:
     qkv_bias: bool = True
     drop_path_rate: float = 0.0
     layerscale_init: float | None = None
+    # Options for encoders trained elsewhere (FM-HCT, MONAI's ViT); the defaults are fmct's own encoder and
+    # are left out of to_dict, so bundles written before these options existed read and hash the same.
+    norm_eps: float = 1e-6        # LayerNorm eps inside the blocks (MONAI's ViT: 1e-5)
+    final_norm_eps: float = 1e-6  # LayerNorm eps of the final norm
+    cls_pos_embed: bool = True    # False: the position embedding covers the patch tokens only, as MONAI's ViT
+    pos_embed_type: str = "learned"  # "sincos": fixed 3D sin-cos positions, stored and never trained
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -33,6 +45,11 @@ class ViT3DConfig:
         for n, (i, p) in enumerate(zip(self.img_size, self.patch_size)):
             if p <= 0 or i % p:
                 raise ConfigError(f"encoder.img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.pos_embed_type not in POS_EMBED_TYPES:
+            raise ConfigError(f"encoder.pos_embed_type '{self.pos_embed_type}' is not one of {list(POS_EMBED_TYPES)}")
+        for name in ("norm_eps", "final_norm_eps"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"encoder.{name} {getattr(self, name)} must be a small positive number")
 
     @property
     def grid_size(self) -> tuple[int, int, int]:
@@ -43,7 +60,11 @@ class ViT3DConfig:
         return math.prod(self.grid_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"family": "vit3d", **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}}
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        for key, default in OPTIONAL_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
+        return {"family": "vit3d", **d}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ViT3DConfig":
@@ -65,6 +86,11 @@ PRESETS: dict[str, ViT3DConfig] = {
     "tiny": ViT3DConfig(embed_dim=192, depth=6, num_heads=3),
     "small": ViT3DConfig(embed_dim=384, depth=12, num_heads=6, img_size=(96, 96, 96), patch_size=(12, 12, 12)),
     "base": ViT3DConfig(embed_dim=768, depth=12, num_heads=12, img_size=(128, 128, 128), patch_size=(16, 16, 16)),
+    # The released FM-HCT encoder (Nature Biomedical Engineering 2026; NYUMedML/HeadCT-Foundation): MONAI's ViT
+    # layout, 3 windows at 96^3, patch 12, no qkv bias, fixed sin-cos positions, CLS without a position.
+    "fm-hct": ViT3DConfig(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, img_size=(96, 96, 96),
+                          patch_size=(12, 12, 12), in_chans=3, qkv_bias=False, norm_eps=1e-5, final_norm_eps=1e-6,
+                          cls_pos_embed=False, pos_embed_type="sincos"),
 }
 
 

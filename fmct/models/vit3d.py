@@ -15,6 +15,20 @@ from torch import nn
 from fmct.models.config import PRESETS, ViT3DConfig, preset  # noqa: F401  (re-exported: torch users import them from here)
 
 
+def sincos_position_embedding(grid: tuple[int, int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 3D sin-cos positions [1, prod(grid), dim] (MAE's recipe per axis, equal to MONAI's "sincos"):
+    a fresh fm-hct-shaped encoder starts with the kind of positions the released one stores."""
+    if dim % 6:
+        raise ValueError(f"sin-cos positions in 3D need embed_dim divisible by 6, got {dim}")
+    axes = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grid), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 6, dtype=torch.float32) / (dim // 6))
+    parts = []
+    for a in (axes[1], axes[0], axes[2]):  # MONAI's order: w, h, d
+        out = a.flatten()[:, None] * omega[None]
+        parts += [torch.sin(out), torch.cos(out)]
+    return torch.cat(parts, dim=1)[None]
+
+
 class PatchEmbed3D(nn.Module):
     def __init__(self, cfg: ViT3DConfig) -> None:
         super().__init__()
@@ -82,10 +96,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ViT3DConfig, drop_path: float) -> None:
         super().__init__()
         dim = cfg.embed_dim
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias)
         self.ls1 = LayerScale(dim, cfg.layerscale_init)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
         self.ls2 = LayerScale(dim, cfg.layerscale_init)
         self.drop_path = DropPath(drop_path)
@@ -106,17 +120,24 @@ class ViT3D(nn.Module):
         self.patch_embed = PatchEmbed3D(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, cfg.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.embed_dim))
+        # CLS gets a position of its own unless cls_pos_embed is False (MONAI's ViT adds positions to the
+        # patch tokens only); sin-cos positions are fixed (requires_grad False) but stored with the weights.
+        n_pos = cfg.num_patches + (1 if cfg.cls_pos_embed else 0)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, cfg.embed_dim), requires_grad=cfg.pos_embed_type == "learned")
         # torch.linspace(0, rate, depth) in plain Python, so the model can be built on the meta device
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.final_norm_eps)
         self._init_weights()
 
     def _init_weights(self) -> None:
         if self.pos_embed.is_meta:  # shapes only (the bundle's weight check): torch's normal_ on the meta
             return                  # device goes through torch._refs and imports torch._dynamo, 1.2 s of a cold start
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cfg.pos_embed_type == "sincos":
+            with torch.no_grad():
+                self.pos_embed[:, -self.cfg.num_patches:] = sincos_position_embedding(self.cfg.grid_size, self.cfg.embed_dim)
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         nn.init.normal_(self.mask_token, std=1e-6)
         for m in self.modules():
@@ -132,7 +153,8 @@ class ViT3D(nn.Module):
         """Positional embedding for a patch grid; interpolated when it differs from training."""
         if grid == self.cfg.grid_size:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        n_cls = 1 if self.cfg.cls_pos_embed else 0
+        cls_pos, patch_pos = self.pos_embed[:, :n_cls], self.pos_embed[:, n_cls:]
         patch_pos = patch_pos.reshape(1, *self.cfg.grid_size, -1).permute(0, 4, 1, 2, 3)
         patch_pos = F.interpolate(patch_pos, size=grid, mode="trilinear", align_corners=False)
         return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
@@ -146,7 +168,10 @@ class ViT3D(nn.Module):
         tokens = self.patch_embed(x)
         if masks is not None:
             tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
-        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        if not self.cfg.cls_pos_embed:  # positions on the patch tokens only, then CLS in front (MONAI's ViT)
+            return torch.cat([cls, tokens + self._pos_embed_for(grid)], dim=1)
+        tokens = torch.cat([cls, tokens], dim=1)
         return tokens + self._pos_embed_for(grid)
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

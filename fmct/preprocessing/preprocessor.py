@@ -49,6 +49,8 @@ class Window:
         return np.clip((hu - low) / self.width, 0.0, 1.0)
 
 
+CROP_MODES = ("head", "foreground")
+SPEC_OPTIONAL_DEFAULTS: dict[str, Any] = {"crop": "head", "foreground_hu": 0.0, "spline_order": 1}
 DEFAULT_WINDOWS = (Window("brain", 40, 80), Window("subdural", 80, 200), Window("bone", 600, 2800))
 
 
@@ -65,6 +67,13 @@ class PreprocessSpec:
     size: tuple[int, int, int] = (64, 64, 64)
     orientation: str = "LPS"
     antialias: bool = True
+    # crop "head": a fixed-size grid at `spacing_mm` centred on the head (fmct's own models).
+    # crop "foreground": MONAI's pipeline of encoders trained with it (FM-HCT; fmct.preprocessing.foreground):
+    # orientation, resampling to `spacing_mm` with a spline of `spline_order`, crop to the voxels above
+    # `foreground_hu`, windows clipped at c -/+ w//2, then the box resized to `size` (MONAI's "area").
+    crop: str = "head"
+    foreground_hu: float = 0.0
+    spline_order: int = 1
 
     def __post_init__(self) -> None:
         if not self.windows:
@@ -77,6 +86,10 @@ class PreprocessSpec:
         if len(self.size) != 3 or any(int(s) < 1 for s in self.size):
             raise ConfigError(f"preprocessing.size must be three positive integers, got {self.size}")
         orientation_direction(self.orientation)  # validates the code
+        if self.crop not in CROP_MODES:
+            raise ConfigError(f"preprocessing.crop '{self.crop}' is not one of {list(CROP_MODES)}")
+        if not 0 <= int(self.spline_order) <= 5:
+            raise ConfigError(f"preprocessing.spline_order {self.spline_order} must be 0..5")
 
     @property
     def in_channels(self) -> int:
@@ -90,6 +103,9 @@ class PreprocessSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["windows"] = [asdict(w) for w in self.windows]
+        for key, default in SPEC_OPTIONAL_DEFAULTS.items():  # specs written before these fields read and hash the same
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -101,6 +117,9 @@ class PreprocessSpec:
                 size=tuple(int(s) for s in d["size"]),
                 orientation=str(d.get("orientation", "LPS")),
                 antialias=bool(d.get("antialias", True)),
+                crop=str(d.get("crop", "head")),
+                foreground_hu=float(d.get("foreground_hu", 0.0)),
+                spline_order=int(d.get("spline_order", 1)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"preprocessing: invalid or missing field ({e!r})") from e
@@ -172,8 +191,16 @@ class Preprocessor:
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
         self.direction = orientation_direction(spec.orientation)
+        if spec.crop == "foreground":  # needs MONAI: refuse now (exit 2), not study by study later
+            from fmct.preprocessing.foreground import require_monai
+
+            require_monai()
 
     def __call__(self, volume: Volume) -> ModelInput:
+        if self.spec.crop == "foreground":
+            from fmct.preprocessing.foreground import foreground_model_input
+
+            return foreground_model_input(volume, self.spec)
         canonical = canonical_view(volume, self.direction)
         image = self.reduced_image(canonical)
         center, extent = head_geometry(image)
