@@ -128,6 +128,10 @@ def _print_summary(result, model_name: str, written: Sequence[Path], timings: di
               "(this CT is like the model's training data)")
     else:
         print("  (this model carries no out-of-distribution statistics: it cannot say when a CT is unlike its training data)")
+    if getattr(result, "checks", None) is not None:
+        print("  Checks of the CT (before the model ran):")
+        for line in result.checks.lines():
+            print(f"    {line}")
     print(f"  {'finding':<20}{'probability':>12}{'threshold':>11}  result")
     primary = result.primary_finding()
     for f in result.findings:

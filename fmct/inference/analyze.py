@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from fmct.checks.runner import CheckReport, run_checks
 from fmct.inference.bundle import Bundle
 from fmct.conventions.errors import BundleError, ConfigError
-from fmct.preprocessing.preprocessor import ModelInput, Preprocessor
+from fmct.preprocessing.preprocessor import Grid, ModelInput, Preprocessor
 from fmct.inference.ood import load_reference_stats
 from fmct.inference.study_folder import SALIENCY_MAX
 from fmct.inference.runners import calibrated_probabilities, load_runner
@@ -52,6 +53,7 @@ class AnalysisResult:
     model_input: ModelInput | None = None
     model_saliency: dict[str, np.ndarray] = field(default_factory=dict)  # the same maps on the model grid
     ood: dict[str, Any] | None = None  # the out-of-distribution record (fmct.inference.ood), None when the bundle has no statistics
+    checks: CheckReport | None = None  # the plausibility checks (fmct.checks) run before the model; None when not run
 
     @property
     def in_distribution(self) -> bool | None:
@@ -61,6 +63,9 @@ class AnalysisResult:
     @property
     def warning(self) -> str | None:
         """The line a person must see above the findings when they are not to be trusted."""
+        flags = self.checks.flagged if self.checks is not None else []
+        if flags:
+            return f"WARNING: {flags[0].message}"
         if self.in_distribution is not False:
             return None
         if self.ood.get("head_too_short"):
@@ -142,13 +147,20 @@ class Analyzer:
         report = report_to(progress)
         t0 = time.perf_counter()
         report(0.0, "preprocessing")
-        validate_ct(volume, volume.meta.get("source", "input volume"))  # every caller, not only the readers
-        model_input = self.preprocessor(volume)
+        checks, model_input = self.prepare(volume)
         preprocess_s = time.perf_counter() - t0
         check_cancel(cancel)
         result = self.analyze_prepared(model_input, explain_method, explain_findings, progress=report, cancel=cancel)
         result.timings = {"preprocess_s": preprocess_s, **result.timings}
+        attach_checks(result, checks)
         return result
+
+    def prepare(self, volume: Volume) -> tuple[CheckReport, ModelInput]:
+        """Input checks, the head checks (refusing before any model runs), then preprocessing of the head.
+
+        In a larger scan the head checks crop to the head; maps still come back onto the whole CT's grid.
+        """
+        return check_and_preprocess(self.preprocessor, volume)
 
     def check_explain_method(self, explain_method: str | None) -> None:
         """Refuse an unknown method, or any method on the onnxruntime backend (it has no gradients)."""
@@ -230,3 +242,25 @@ class Analyzer:
             raise ConfigError(f"unknown finding(s) {unknown}; this model predicts {self.bundle.meta.task_names}")
         return names
 
+
+
+def check_and_preprocess(preprocessor: Preprocessor, volume: Volume) -> tuple[CheckReport, ModelInput]:
+    """validate_ct, the head checks (fmct.checks: refuse before any model runs), then the head preprocessed.
+
+    One function for the Analyzer, the batch's workers and the Slicer worker, so none skips a check.
+    """
+    source = volume.meta.get("source", "input volume")
+    validate_ct(volume, source)  # every caller, not only the readers
+    checks = run_checks(volume, source)
+    model_input = preprocessor(checks.crop.apply(volume) if checks.crop is not None else volume)
+    model_input.input_grid = Grid.of(volume)  # maps go back onto the whole CT, cropped or not
+    return checks, model_input
+
+
+def attach_checks(result: AnalysisResult, checks: CheckReport | None) -> None:
+    """Record the checks on the result; a flagged CT (a head cut by the field of view) is never "in distribution"."""
+    result.checks = checks
+    if checks is None or not checks.flagged or result.ood is None:
+        return
+    result.ood["in_distribution"] = False
+    result.ood["flagged_by_checks"] = [c.name for c in checks.flagged]

@@ -203,6 +203,9 @@ def write_study_outputs(
         "findings": [f.to_dict() for f in result.findings],
         "out_of_distribution": result.ood,
         "warning": result.warning,
+        "checks": result.checks.to_list() if getattr(result, "checks", None) is not None else None,
+        "cropped_to_head": (result.checks.crop.to_dict() if getattr(result, "checks", None) is not None
+                            and result.checks.crop is not None else None),
         "saliency_files": {n: f"saliency_{n}.nii.gz" for n in result.saliency},
         "saliency_scale": f"uint8, 0 = none, {SALIENCY_MAX} = the strongest attribution in this CT",
         "timings": {k: round(v, 3) for k, v in (timings if timings is not None else result.timings).items()},
