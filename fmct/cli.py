@@ -121,6 +121,8 @@ def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
 
 def _print_summary(result, model_name: str, written: Sequence[Path], timings: dict) -> None:
     print(f"\nFMCT findings ({model_name}; research use only, not for diagnosis)")
+    if getattr(result, "banner", ""):
+        print(f"  {result.banner}")
     if result.warning:
         print(f"  {result.warning}")
     elif result.ood is not None:
@@ -136,7 +138,7 @@ def _print_summary(result, model_name: str, written: Sequence[Path], timings: di
     primary = result.primary_finding()
     for f in result.findings:
         shown = "  <- shown in report.png" if primary is not None and f.name == primary.name else ""
-        print(f"  {f.name:<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {'POSITIVE' if f.positive else '-'}{shown}")
+        print(f"  {f.name:<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {f.shown}{shown}")
     print("\nWrote:")
     for p in written:
         print(f"  {p}")
@@ -209,6 +211,8 @@ def _run_batch(args: argparse.Namespace) -> int:
                            progress=progress, studies=studies,
                            options=_output_options(args, method, args.save_ct, args.report))
     print(f"\nFMCT batch ({analyzer.bundle.meta.name}; research use only, not for diagnosis)")
+    if analyzer.bundle.meta.banner:
+        print(f"  {analyzer.bundle.meta.banner}")
     print(f"  {report.line()}")
     for row in report.rows:
         if row["status"] == "error":

@@ -35,12 +35,18 @@ class Finding:
     description: str
     probability: float
     threshold: float
-    positive: bool
+    positive: bool  # above its threshold AND validated: a task that is not validated is never positive
+    validated: bool = True
+
+    @property
+    def shown(self) -> str:
+        """What a person is shown as the result: POSITIVE, '-' or 'not validated' (never POSITIVE then)."""
+        return "not validated" if not self.validated else ("POSITIVE" if self.positive else "-")
 
     def to_dict(self) -> dict:
         return {
             "name": self.name, "description": self.description, "probability": round(self.probability, 6),
-            "threshold": self.threshold, "positive": self.positive,
+            "threshold": self.threshold, "positive": self.positive, "validated": self.validated, "result": self.shown,
         }
 
 
@@ -54,6 +60,7 @@ class AnalysisResult:
     model_saliency: dict[str, np.ndarray] = field(default_factory=dict)  # the same maps on the model grid
     ood: dict[str, Any] | None = None  # the out-of-distribution record (fmct.inference.ood), None when the bundle has no statistics
     checks: CheckReport | None = None  # the plausibility checks (fmct.checks) run before the model; None when not run
+    banner: str = ""  # the bundle's one line shown with every result (e.g. "trained on synthetic heads only")
 
     @property
     def in_distribution(self) -> bool | None:
@@ -194,12 +201,13 @@ class Analyzer:
             raise BundleError(f"model '{self.bundle.meta.name}' gave non-finite outputs for this CT; its weights are "
                               "broken (NaN or inf). Use another bundle, or re-train or re-download this one.")
         findings = [
-            Finding(t.name, t.description, float(p), t.threshold, bool(p >= t.threshold))
+            Finding(t.name, t.description, float(p), t.threshold, bool(p >= t.threshold) and t.validated, t.validated)
             for t, p in zip(self.bundle.meta.tasks, probs)
         ]
         timings["predict_s"] = time.perf_counter() - t0
 
-        result = AnalysisResult(findings, method=explain_method, timings=timings, model_input=model_input)
+        result = AnalysisResult(findings, method=explain_method, timings=timings, model_input=model_input,
+                                banner=self.bundle.meta.banner)
         if self.reference is not None and features is not None:
             result.ood = self.reference.judge(features, model_input.head_extent_mm)
         targets = self._targets(findings, explain_findings) if explain_method else []

@@ -201,6 +201,7 @@ def write_study_outputs(
         "model_id": model_id,
         "options": options,
         "findings": [f.to_dict() for f in result.findings],
+        "banner": getattr(result, "banner", "") or None,
         "out_of_distribution": result.ood,
         "warning": result.warning,
         "checks": result.checks.to_list() if getattr(result, "checks", None) is not None else None,
