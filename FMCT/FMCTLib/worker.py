@@ -151,7 +151,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
               primary=primary.name if primary is not None else None, explained=list(result.model_saliency),
               saliency_files=payload["saliency_files"], device=device, gpu=onGPU, model=analyzer.bundle.meta.name,
               timings=payload["timings"], out_of_distribution=payload.get("out_of_distribution"),
-              warning=payload.get("warning"))
+              warning=payload.get("warning"), checks=payload.get("checks"), banner=payload.get("banner"))
     return EXIT_OK
 
 

@@ -75,10 +75,6 @@ class AnalysisResult:
             return f"WARNING: {flags[0].message}"
         if self.in_distribution is not False:
             return None
-        if self.ood.get("head_too_short"):
-            return (f"WARNING: the head in this CT measures only {self.ood['head_extent_mm']:.0f} mm from bottom to top "
-                    f"(a partial scan or a child's head; the model was trained on whole adult heads); the findings "
-                    f"are unreliable for it.")
         return (f"WARNING: this CT is unlike the data the model was trained on (out-of-distribution score "
                 f"{self.ood['score']:.3f} > {self.ood['threshold']:.3f}); the findings are unreliable for it.")
 
@@ -209,7 +205,7 @@ class Analyzer:
         result = AnalysisResult(findings, method=explain_method, timings=timings, model_input=model_input,
                                 banner=self.bundle.meta.banner)
         if self.reference is not None and features is not None:
-            result.ood = self.reference.judge(features, model_input.head_extent_mm)
+            result.ood = self.reference.judge(features)
         targets = self._targets(findings, explain_findings) if explain_method else []
         t0 = time.perf_counter()
         if targets:  # every finding's map from one shared pass (one forward over the IG path, a backward each)

@@ -156,7 +156,7 @@ class ModelInput:
     model_grid: Grid
     input_grid: Grid
     head_center_mm: tuple[float, float, float]
-    head_extent_mm: float | None = None  # the head from bottom to top (fmct.inference.ood judges coverage by it)
+    head_extent_mm: float | None = None  # the largest object from bottom to top (for the record; fmct.checks.size judges the head)
 
     @property
     def tensor(self) -> "torch.Tensor":  # noqa: F821
