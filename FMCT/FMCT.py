@@ -345,8 +345,13 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             positive = ", ".join(result.positive) or _("none")
             self.ui.statusLabel.text = _("Done in {seconds:.0f} s. Positive: {positive}. Shown: {shown}.").format(
                 seconds=result.timings.get("wall_s", 0.0), positive=positive, shown=result.shownFinding or _("none"))
+            notice = [self.ui.deviceNoticeLabel.text] if self.ui.deviceNoticeLabel.text else []
+            notice += [f"<b>{result.banner}</b>"] if result.banner else []  # the model's intended use, above the table
+            notice += [line if line.split(": ", 1)[1].startswith("ok") else f'<font color="#c00000">{line}</font>'
+                       for line in result.checkLines()]
+            self.ui.deviceNoticeLabel.text = "<br>".join(notice)
             if result.warning:  # the engine's words: the findings are unreliable for this CT
-                self.ui.deviceNoticeLabel.text = f'<b><font color="#c00000">{result.warning}</font></b>'
+                self.ui.deviceNoticeLabel.text = "<br>".join([f'<b><font color="#c00000">{result.warning}</font></b>', *notice])
                 slicer.util.warningDisplay(result.warning, windowTitle=_("FMCT: out-of-distribution CT"))
         except Cancelled:
             self.ui.statusLabel.text = _("Cancelled.")

@@ -13,17 +13,21 @@ SMALL_SPEC = small_spec()
 
 
 def ball_ct(shape_zyx=(40, 96, 96), spacing=(2.0, 2.0, 4.0), direction=None, origin=(-90.0, -100.0, -80.0),
-            ball_center_ijk=None, ball_radius_mm=15.0) -> tuple[Volume, np.ndarray]:
-    """A head-like ellipsoid (40 HU) in air with a bright ball; returns the CT and the ball mask."""
+            ball_center_ijk=None, ball_radius_mm=15.0, skull_mm=6.0) -> tuple[Volume, np.ndarray]:
+    """A head-like ellipsoid (40 HU) inside a skull shell (1200 HU, skull_mm thick) in air with a bright ball;
+    returns the CT and the ball mask. The skull makes it pass fmct.checks' head checks (skull_mm=0: none)."""
     direction = np.eye(3) if direction is None else direction
     k, j, i = np.indices(shape_zyx)
     cz, cy, cx = (np.array(shape_zyx) - 1) / 2
     sx, sy, sz = spacing
     head = ((i - cx) * sx / 70) ** 2 + ((j - cy) * sy / 85) ** 2 + ((k - cz) * sz / 70) ** 2 < 1
+    inner = (((i - cx) * sx / (70 - skull_mm)) ** 2 + ((j - cy) * sy / (85 - skull_mm)) ** 2
+             + ((k - cz) * sz / (70 - skull_mm)) ** 2 < 1)
     bc = ball_center_ijk or (cx + 12 / sx, cy - 15 / sy, cz + 8 / sz)
     ball = ((i - bc[0]) * sx) ** 2 + ((j - bc[1]) * sy) ** 2 + ((k - bc[2]) * sz) ** 2 < ball_radius_mm**2
     arr = np.full(shape_zyx, -1000.0, np.float32)
-    arr[head] = 40.0
+    arr[head] = 1200.0
+    arr[inner] = 40.0
     arr[ball] = 300.0
     return Volume(arr, spacing, origin, direction), ball
 

@@ -8,9 +8,10 @@ import pytest
 from fmct.inference.analyze import Analyzer
 from fmct.inference.bundle import OOD_FILE, default_bundle_path
 from fmct.cli import main
-from fmct.conventions.errors import BundleError
+from fmct.checks.runner import run_checks
+from fmct.conventions.errors import BundleError, HeadCheckError
 from fmct.reading.files import write_volume
-from fmct.inference.ood import MIN_HEAD_EXTENT_MM, ReferenceStats, fit_reference
+from fmct.inference.ood import ReferenceStats, fit_reference
 from fmct.phantom import make_phantom
 from fmct.phantom.variations import contrast_enhanced, scaled, vertex_only
 from fmct.reading.volume import Volume
@@ -24,12 +25,8 @@ def test_threshold_keeps_the_calibrated_share_and_flags_a_shifted_population():
     assert 0.02 < np.mean(fresh > stats.threshold) < 0.09
     shifted = stats.score(rng.normal(size=(200, 32)) * scale + 1.5)
     assert np.mean(shifted > stats.threshold) > 0.95
-    # A head too short from bottom to top is out of distribution even with a typical score.
-    typical = stats.mean[None]
-    assert stats.judge(typical)["in_distribution"] and "head_too_short" not in stats.judge(typical)
-    assert stats.judge(typical, head_extent_mm=MIN_HEAD_EXTENT_MM + 40)["head_too_short"] is False
-    short = stats.judge(typical, head_extent_mm=MIN_HEAD_EXTENT_MM - 1)
-    assert short["in_distribution"] is False and short["head_too_short"] is True
+    assert stats.judge(stats.mean[None])["in_distribution"] is True
+    assert stats.judge(stats.mean[None] + 100.0)["in_distribution"] is False
 
 
 def test_statistics_round_trip_and_refuse_other_weights_or_broken_values():
@@ -62,17 +59,17 @@ def test_shipped_model_flags_strongly_unlike_ct_and_few_training_like_ones(demo_
                for i in range(16)]
     in_dist = [_score(demo_analyzer, v) for v in volumes]
     assert np.mean(np.array(in_dist) > threshold) <= 1 / 16
-    assert all(demo_analyzer.preprocessor(v).head_extent_mm >= MIN_HEAD_EXTENT_MM for v in volumes)  # whole heads
+    assert all(run_checks(v).passed for v in volumes)  # whole heads
     heads = [make_phantom(7_000_000 + i, slices="thick", in_plane_size=160).volume for i in range(3)]
     scores = [_score(demo_analyzer, contrast_enhanced(v)) for v in heads]
     assert min(scores) > threshold, f"contrast-enhanced: scores {scores} not all above {threshold:.3f}"
-    # A partial scan or an infant-size head is flagged by the head's extent, whatever its score (a model
-    # trained with field-of-view augmentations scores some below the threshold), with a warning saying why.
-    for name, change in [("vertex only", vertex_only), ("infant-scale head (half size)", lambda v: scaled(v, 0.5))]:
+    # A partial scan or an infant-size head is refused by the size check before the model runs, whatever
+    # its score would be (a model trained with field-of-view augmentations scores some below the threshold).
+    for name, change, words in [("vertex only", vertex_only, "too short"),
+                                ("infant-scale head (half size)", lambda v: scaled(v, 0.5), "too small")]:
         for v in heads:
-            result = demo_analyzer.analyze(change(v), explain_method=None)
-            assert result.in_distribution is False and result.ood["head_too_short"] is True, name
-            assert result.ood["head_extent_mm"] < MIN_HEAD_EXTENT_MM and "partial scan or a child" in result.warning
+            with pytest.raises(HeadCheckError, match=f"plausible head size check failed: .*{words}"):
+                demo_analyzer.analyze(change(v), explain_method=None)
 
 
 def test_cli_warns_and_findings_json_records_the_score(tmp_path, capsys):

@@ -26,7 +26,7 @@ def test_tensor_shape_channels_and_air_is_zero():
 @pytest.mark.parametrize("direction", [np.eye(3), oblique_direction(25.0)], ids=["identity", "oblique"])
 def test_round_trip_geometry_and_content(direction):
     """Anisotropic spacing + oblique direction: the ball lands where it physically is, and back."""
-    ct, ball = ball_ct(spacing=(1.1, 0.8, 4.0), direction=direction)
+    ct, ball = ball_ct(spacing=(1.1, 0.8, 4.0), direction=direction, skull_mm=0.0)  # the ball is the only bone
     pre = Preprocessor(SPEC)
     mi = pre(ct)
     # The ball is bright in the bone window and only there; its model-grid centroid must be the
@@ -48,7 +48,7 @@ def test_round_trip_geometry_and_content(direction):
 
 
 def test_to_model_grid_matches_forward_map():
-    ct, ball = ball_ct(direction=oblique_direction(10.0))
+    ct, ball = ball_ct(direction=oblique_direction(10.0), skull_mm=0.0)  # the ball is the only bone
     pre = Preprocessor(SPEC)
     mi = pre(ct)
     mask_model = pre.to_model_grid(ct.with_array(ball.astype(np.float32)), mi, nearest=True)
@@ -91,7 +91,7 @@ def test_ras_orientation_flips_axes():
 
 def test_padding_below_air_counts_as_air():
     """Real CTs pad outside the reconstruction circle with -2048 or -3024 HU; the model sees air there."""
-    ct, _ = ball_ct()
+    ct, _ = ball_ct(skull_mm=0.0)  # no skull cut by the padded edge
     padded = ct.array.copy()
     outside = np.zeros(padded.shape, bool)
     outside[:, :14, :] = True  # the edge of the field of view, where the head also begins

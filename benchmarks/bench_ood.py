@@ -36,7 +36,7 @@ def main() -> None:
         """The score, and whether analyze's verdict (the score or the head's extent) flags the CT."""
         model_input = analyzer.preprocessor(volume)
         _, features = analyzer.runner.run(model_input.array)
-        record = analyzer.reference.judge(features, model_input.head_extent_mm)
+        record = analyzer.reference.judge(features)
         return float(analyzer.reference.score(features)[0]), not record["in_distribution"]
 
     def phantom(seed: int, i: int, anatomy: str = "default"):

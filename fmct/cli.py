@@ -129,6 +129,8 @@ def _analyze_into(volume, args, out: Path, save_ct: bool) -> int:
 
 def _print_summary(result, model_name: str, written: Sequence[Path], timings: dict) -> None:
     print(f"\nFMCT findings ({printable(model_name)}; research use only, not for diagnosis)")
+    if getattr(result, "banner", ""):
+        print(f"  {printable(result.banner)}")
     if result.warning:
         print(f"  {printable(result.warning)}")
     elif result.ood is not None:
@@ -136,11 +138,15 @@ def _print_summary(result, model_name: str, written: Sequence[Path], timings: di
               "(this CT is like the model's training data)")
     else:
         print("  (this model carries no out-of-distribution statistics: it cannot say when a CT is unlike its training data)")
+    if getattr(result, "checks", None) is not None:
+        print("  Checks of the CT (before the model ran):")
+        for line in result.checks.lines():
+            print(f"    {line}")
     print(f"  {'finding':<20}{'probability':>12}{'threshold':>11}  result")
     primary = result.primary_finding()
     for f in result.findings:
         shown = "  <- shown in report.png" if primary is not None and f.name == primary.name else ""
-        print(f"  {printable(f.name):<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {'POSITIVE' if f.positive else '-'}{shown}")
+        print(f"  {printable(f.name):<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {f.shown}{shown}")
     print("\nWrote:")
     for p in written:
         print(f"  {printable(p)}")
@@ -215,6 +221,8 @@ def _run_batch(args: argparse.Namespace) -> int:
                            progress=progress, studies=studies,
                            options=_output_options(args, method, args.save_ct, args.report))
     print(f"\nFMCT batch ({printable(analyzer.bundle.meta.name)}; research use only, not for diagnosis)")
+    if analyzer.bundle.meta.banner:
+        print(f"  {printable(analyzer.bundle.meta.banner)}")
     print(f"  {report.line()}")
     for row in report.rows:
         if row["status"] == "error":

@@ -27,6 +27,7 @@ Scripting (Slicer's Python console, or any Python with slicer-core)::
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -80,6 +81,12 @@ class FMCTResult:
     explained: list[str] = field(default_factory=list)
     outOfDistribution: dict | None = None  # the engine's record (score, threshold, in_distribution); None: not judged
     warning: str | None = None  # the engine's warning when the CT is unlike the model's training data
+    checks: list = field(default_factory=list)  # the engine's plausibility checks of the CT (fmct.checks), as dicts
+    banner: str | None = None  # the bundle's one line shown with every result ("trained on synthetic heads only")
+
+    def checkLines(self) -> list[str]:
+        """One line per check for the panel: name, ok/FLAGGED and the measured value's message."""
+        return [f"{c['name']}: {'ok' if c['passed'] else 'FLAGGED'} ({c.get('message', '')})" for c in self.checks]
 
     @property
     def positive(self) -> list[str]:
@@ -489,8 +496,11 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
             result = FMCTResult(done["findings"], tableNode, saliencyNodes, shown if shown in saliencyNodes else None,
                                 done.get("model", job.modelName), done.get("device", job.device or ""), timings,
                                 bool(done.get("gpu")), list(done.get("explained", [])),
-                                done.get("out_of_distribution"), done.get("warning"))
+                                done.get("out_of_distribution"), done.get("warning"), list(done.get("checks") or []),
+                                done.get("banner"))
             tableNode.SetAttribute(outputs.WARNING_ATTRIBUTE, result.warning or "")
+            tableNode.SetAttribute(outputs.CHECKS_ATTRIBUTE, json.dumps(result.checks))
+            tableNode.SetAttribute(outputs.BANNER_ATTRIBUTE, result.banner or "")
         finally:
             job.cleanup()
         log.info("FMCT: analyzed on %s in %.1f s; positive: %s", result.device, timings["wall_s"],

@@ -28,6 +28,8 @@ INPUT_ROLE = "FMCTInputVolume"        # any output -> the CT it describes
 FINDING_ATTRIBUTE = "FMCT.Finding"    # on a saliency volume: the finding it explains
 SHOWN_ATTRIBUTE = "FMCT.ShownFinding"  # on the input CT: the finding whose overlay is shown
 WARNING_ATTRIBUTE = "FMCT.Warning"  # on a findings table: the engine's out-of-distribution warning, or empty
+CHECKS_ATTRIBUTE = "FMCT.Checks"  # on a findings table: the plausibility checks of the CT (JSON list of records)
+BANNER_ATTRIBUTE = "FMCT.Banner"  # on a findings table: the model's one-line banner (e.g. synthetic training only)
 
 COLUMNS = ("name", "description", "probability", "threshold", "positive")
 COLUMN_TITLES = {"name": "Finding", "description": "Description", "probability": "Probability",

@@ -113,11 +113,10 @@ def run(args: argparse.Namespace, out: Any) -> int:
     started = time.perf_counter()
     out(0.0, "starting the analysis process")
     out(0.01, "loading the model")
-    from fmct.inference.analyze import Analyzer
+    from fmct.inference.analyze import Analyzer, attach_checks
     from fmct.reading.files import read_volume
     from fmct.inference.study_folder import write_study_outputs
     from fmct.conventions.runtime import explain_method_or_none, parse_device, sub_progress
-    from fmct.reading.volume import validate_ct
 
     method = explain_method_or_none(args.explain)
     analyzer = Analyzer(args.bundle, device=parse_device(args.device))
@@ -128,9 +127,9 @@ def run(args: argparse.Namespace, out: Any) -> int:
 
     out(0.08, "reading the CT")
     volume = read_volume(args.input)
-    validate_ct(volume, "The input volume")
-    out(0.1, "preprocessing")
-    modelInput = analyzer.preprocessor(volume)
+    volume.meta.setdefault("source", "The input volume")
+    out(0.1, "checking the CT and preprocessing")
+    checks, modelInput = analyzer.prepare(volume)  # refuses (exit 2) before any model runs
 
     targets = explainTargets(args.findings, onGPU) if method else []
     engineProgress = sub_progress(out, 0.12, 0.95)
@@ -140,6 +139,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
         targets = [primary.name] if primary is not None else []
     result = analyzer.analyze_prepared(modelInput, method if targets else None, targets or "positive",
                                        progress=engineProgress, map_back=False)
+    attach_checks(result, checks)
     out(0.95, "writing the results")
     primary = result.primary_finding()
     timings = {"load_s": load_s, **result.timings}
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
               primary=primary.name if primary is not None else None, explained=list(result.model_saliency),
               saliency_files=payload["saliency_files"], device=device, gpu=onGPU, model=analyzer.bundle.meta.name,
               timings=payload["timings"], out_of_distribution=payload.get("out_of_distribution"),
-              warning=payload.get("warning"))
+              warning=payload.get("warning"), checks=payload.get("checks"), banner=payload.get("banner"))
     return EXIT_OK
 
 

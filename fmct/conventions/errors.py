@@ -26,6 +26,13 @@ class NotCTError(InputVolumeError):
     """The image is not a CT: wrong DICOM modality or values that are not Hounsfield units."""
 
 
+class HeadCheckError(InputVolumeError):
+    """The CT fails a model-independent plausibility check (fmct.checks): no head found, orientation against
+    the header, not calibrated in HU, implausible size or direction matrix. `checks` holds every check's record."""
+
+    checks: list = []
+
+
 class NotVolumeError(InputVolumeError):
     """The image is 2D (a single slice) or too thin to be a 3D head CT."""
 

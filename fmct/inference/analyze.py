@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from fmct.checks.runner import CheckReport, run_checks
 from fmct.inference.bundle import Bundle
 from fmct.conventions.errors import BundleError, ConfigError
-from fmct.preprocessing.preprocessor import ModelInput, Preprocessor
+from fmct.preprocessing.preprocessor import Grid, ModelInput, Preprocessor
 from fmct.inference.ood import load_reference_stats
 from fmct.inference.study_folder import SALIENCY_MAX
 from fmct.inference.runners import calibrated_probabilities, load_runner
@@ -34,12 +35,18 @@ class Finding:
     description: str
     probability: float
     threshold: float
-    positive: bool
+    positive: bool  # above its threshold AND validated: a task that is not validated is never positive
+    validated: bool = True
+
+    @property
+    def shown(self) -> str:
+        """What a person is shown as the result: POSITIVE, '-' or 'not validated' (never POSITIVE then)."""
+        return "not validated" if not self.validated else ("POSITIVE" if self.positive else "-")
 
     def to_dict(self) -> dict:
         return {
             "name": self.name, "description": self.description, "probability": round(self.probability, 6),
-            "threshold": self.threshold, "positive": self.positive,
+            "threshold": self.threshold, "positive": self.positive, "validated": self.validated, "result": self.shown,
         }
 
 
@@ -53,6 +60,8 @@ class AnalysisResult:
     model_saliency: dict[str, np.ndarray] = field(default_factory=dict)  # the same maps on the model grid
     ood: dict[str, Any] | None = None  # the out-of-distribution record (fmct.inference.ood), None when the bundle has no statistics
     input_warnings: list[str] = field(default_factory=list)  # what the reader noticed (e.g. NIfTI qform and sform disagree)
+    checks: CheckReport | None = None  # the plausibility checks (fmct.checks) run before the model; None when not run
+    banner: str = ""  # the bundle's one line shown with every result (e.g. "trained on synthetic heads only")
 
     @property
     def in_distribution(self) -> bool | None:
@@ -67,12 +76,11 @@ class AnalysisResult:
         return " ".join(lines + ([ood] if ood else [])) or None
 
     def _ood_warning(self) -> str | None:
+        flags = self.checks.flagged if self.checks is not None else []
+        if flags:
+            return f"WARNING: {flags[0].message}"
         if self.in_distribution is not False:
             return None
-        if self.ood.get("head_too_short"):
-            return (f"WARNING: the head in this CT measures only {self.ood['head_extent_mm']:.0f} mm from bottom to top "
-                    f"(a partial scan or a child's head; the model was trained on whole adult heads); the findings "
-                    f"are unreliable for it.")
         return (f"WARNING: this CT is unlike the data the model was trained on (out-of-distribution score "
                 f"{self.ood['score']:.3f} > {self.ood['threshold']:.3f}); the findings are unreliable for it.")
 
@@ -148,13 +156,20 @@ class Analyzer:
         report = report_to(progress)
         t0 = time.perf_counter()
         report(0.0, "preprocessing")
-        validate_ct(volume, volume.meta.get("source", "input volume"))  # every caller, not only the readers
-        model_input = self.preprocessor(volume)
+        checks, model_input = self.prepare(volume)
         preprocess_s = time.perf_counter() - t0
         check_cancel(cancel)
         result = self.analyze_prepared(model_input, explain_method, explain_findings, progress=report, cancel=cancel)
         result.timings = {"preprocess_s": preprocess_s, **result.timings}
+        attach_checks(result, checks)
         return result
+
+    def prepare(self, volume: Volume) -> tuple[CheckReport, ModelInput]:
+        """Input checks, the head checks (refusing before any model runs), then preprocessing of the head.
+
+        In a larger scan the head checks crop to the head; maps still come back onto the whole CT's grid.
+        """
+        return check_and_preprocess(self.preprocessor, volume)
 
     def check_explain_method(self, explain_method: str | None) -> None:
         """Refuse an unknown method, or any method on the onnxruntime backend (it has no gradients)."""
@@ -188,15 +203,15 @@ class Analyzer:
             raise BundleError(f"model '{self.bundle.meta.name}' gave non-finite outputs for this CT; its weights are "
                               "broken (NaN or inf). Use another bundle, or re-train or re-download this one.")
         findings = [
-            Finding(t.name, t.description, float(p), t.threshold, bool(p >= t.threshold))
+            Finding(t.name, t.description, float(p), t.threshold, bool(p >= t.threshold) and t.validated, t.validated)
             for t, p in zip(self.bundle.meta.tasks, probs)
         ]
         timings["predict_s"] = time.perf_counter() - t0
 
         result = AnalysisResult(findings, method=explain_method, timings=timings, model_input=model_input,
-                                input_warnings=list(model_input.input_warnings))
+                                input_warnings=list(model_input.input_warnings), banner=self.bundle.meta.banner)
         if self.reference is not None and features is not None:
-            result.ood = self.reference.judge(features, model_input.head_extent_mm)
+            result.ood = self.reference.judge(features)
         targets = self._targets(findings, explain_findings) if explain_method else []
         t0 = time.perf_counter()
         if targets:  # every finding's map from one shared pass (one forward over the IG path, a backward each)
@@ -237,3 +252,25 @@ class Analyzer:
             raise ConfigError(f"unknown finding(s) {unknown}; this model predicts {self.bundle.meta.task_names}")
         return names
 
+
+
+def check_and_preprocess(preprocessor: Preprocessor, volume: Volume) -> tuple[CheckReport, ModelInput]:
+    """validate_ct, the head checks (fmct.checks: refuse before any model runs), then the head preprocessed.
+
+    One function for the Analyzer, the batch's workers and the Slicer worker, so none skips a check.
+    """
+    source = volume.meta.get("source", "input volume")
+    validate_ct(volume, source)  # every caller, not only the readers
+    checks = run_checks(volume, source)
+    model_input = preprocessor(checks.crop.apply(volume) if checks.crop is not None else volume)
+    model_input.input_grid = Grid.of(volume)  # maps go back onto the whole CT, cropped or not
+    return checks, model_input
+
+
+def attach_checks(result: AnalysisResult, checks: CheckReport | None) -> None:
+    """Record the checks on the result; a flagged CT (a head cut by the field of view) is never "in distribution"."""
+    result.checks = checks
+    if checks is None or not checks.flagged or result.ood is None:
+        return
+    result.ood["in_distribution"] = False
+    result.ood["flagged_by_checks"] = [c.name for c in checks.flagged]

@@ -167,6 +167,7 @@ class Prepared:
     volume: Volume | None = None
     model_input: ModelInput | None = None
     error: str | None = None
+    checks: Any = None  # fmct.checks.runner.CheckReport
     seconds: float = 0.0
 
 
@@ -191,14 +192,16 @@ class StudyPreparer:
         study = self.studies[i]
         t0 = time.perf_counter()
         try:
+            from fmct.inference.analyze import check_and_preprocess
+
             volume = read_volume(study.path)
-            model_input = Preprocessor(self.spec)(volume)
+            checks, model_input = check_and_preprocess(Preprocessor(self.spec), volume)
         except FMCTError as e:
             return Prepared(i, study, error=str(e), seconds=time.perf_counter() - t0)
         except Exception as e:  # a library choking on a corrupt file must not stop the batch
             log.debug("study %s failed:\n%s", study.study_id, traceback.format_exc())
             return Prepared(i, study, error=f"unexpected {type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
-        prepared = Prepared(i, study, volume, model_input, seconds=time.perf_counter() - t0)
+        prepared = Prepared(i, study, volume, model_input, seconds=time.perf_counter() - t0, checks=checks)
         if self.share:
             import torch
 
@@ -312,7 +315,7 @@ class BatchReport:
 
 def summary_columns(task_names: Sequence[str]) -> list[str]:
     return ["study_id", "path", "status", "error", *[f"p_{t}" for t in task_names], "positive", "in_distribution",
-            "ood_score", "seconds"]
+            "ood_score", "checks", "seconds"]
 
 
 def run_batch(
@@ -458,6 +461,9 @@ def _take_study(b: _Batch, i: int, prepared: Prepared, result: BatchReport) -> t
     t0 = time.perf_counter()
     try:
         res = b.analyzer.analyze_prepared(prepared.model_input, b.explain_method, b.explain_findings, map_back=False)
+        from fmct.inference.analyze import attach_checks
+
+        attach_checks(res, prepared.checks)
     except FMCTError as e:
         b.rows[i] = _row(study, "error", str(e), None, b.tasks, prepared.seconds)
         res = None
@@ -515,12 +521,15 @@ def _write_study(analyzer: Any, prepared: Prepared, res: Any, out: Path, save_ct
     probs = {f.name: f.probability for f in res.findings}
     positive = [f.name for f in res.findings if f.positive]
     seconds = prepared.seconds + sum(res.timings.values()) + time.perf_counter() - t0  # with writing
-    return _row(prepared.study, "ok", "", probs, tasks, seconds, positive, res.ood)
+    return _row(prepared.study, "ok", "", probs, tasks, seconds, positive, res.ood,
+                res.checks.to_list() if res.checks is not None else None)
 
 
 def _row(study: Study, status: str, error: str, probs: dict[str, float] | None, tasks: Sequence[str],
-         seconds: float | None, positive: Sequence[str] = (), ood: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One summary.csv row; in_distribution is 'no' when the findings are flagged unreliable, '' when not judged."""
+         seconds: float | None, positive: Sequence[str] = (), ood: dict[str, Any] | None = None,
+         checks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One summary.csv row; in_distribution is 'no' when the findings are flagged unreliable, '' when not judged;
+    checks: 'passed', or the failed checks' names (a refused study is an error row naming its check)."""
     row: dict[str, Any] = {"study_id": study.study_id, "path": str(study.path), "status": status,
                            "error": " ".join(error.split())}
     for t in tasks:
@@ -528,6 +537,8 @@ def _row(study: Study, status: str, error: str, probs: dict[str, float] | None, 
     row["positive"] = ";".join(positive)
     row["in_distribution"] = "" if not ood else ("yes" if ood.get("in_distribution") else "no")
     row["ood_score"] = "" if not ood else f"{float(ood['score']):.4f}"
+    failed = [str(c.get("name")) for c in checks or [] if isinstance(c, dict) and not c.get("passed")]
+    row["checks"] = "" if not checks else ("flagged: " + "; ".join(failed) if failed else "passed")
     row["seconds"] = "" if seconds is None else f"{seconds:.3f}"
     return row
 
@@ -557,7 +568,9 @@ def _row_from_findings(study: Study, payload: dict[str, Any], tasks: Sequence[st
     probs = {f["name"]: float(f["probability"]) for f in findings if "name" in f and "probability" in f}
     positive = [f["name"] for f in findings if f.get("positive")]
     ood = payload.get("out_of_distribution")
-    return _row(study, "skipped", "", probs, tasks, None, positive, ood if isinstance(ood, dict) else None)
+    checks = payload.get("checks")
+    return _row(study, "skipped", "", probs, tasks, None, positive, ood if isinstance(ood, dict) else None,
+                checks if isinstance(checks, list) else None)
 
 
 # --------------------------------------------------------------------------------------------

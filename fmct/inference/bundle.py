@@ -59,6 +59,10 @@ class Task:
     description: str = ""
     threshold: float = 0.5
     temperature: float = 1.0
+    # Whether the task's answer may be shown as a decision. A task that is not validated (e.g. a hemorrhage
+    # type whose AUROC among bleeding CTs is near chance) is reported as "not validated", never POSITIVE.
+    validated: bool = True
+    validation: dict[str, Any] = field(default_factory=dict)  # the figures it was judged by (AUROC among bleeds, data)
 
 
 @dataclass
@@ -71,6 +75,8 @@ class BundleMeta:
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     onnx: dict[str, Any] | None = None
+    intended_use: str = ""  # what the model is for and what it was validated on
+    banner: str = ""  # one line shown with every result of this model (e.g. "trained on synthetic heads only")
 
     @property
     def task_names(self) -> list[str]:
@@ -88,6 +94,8 @@ class BundleMeta:
             "provenance": self.provenance,
             "metrics": self.metrics,
             "onnx": self.onnx,
+            "intended_use": self.intended_use,
+            "banner": self.banner,
         }
 
     @classmethod
@@ -123,6 +131,8 @@ class BundleMeta:
             provenance=dict(d.get("provenance") or {}),
             metrics=dict(d.get("metrics") or {}),
             onnx=d.get("onnx"),
+            intended_use=d.get("intended_use") or "",
+            banner=d.get("banner") or "",
         )
         meta.check_consistency()
         return meta
@@ -188,7 +198,8 @@ def _check_types(d: dict[str, Any]) -> None:
     """Types and finiteness of every field fmct.json holds, naming the first wrong one."""
     _check_field(d["name"], "str", "name")
     check_identifier(d["name"], f"{META_FILE}: field 'name'", BundleError)
-    for key, kind in (("description", "str"), ("provenance", "obj"), ("metrics", "obj"), ("onnx", "obj")):
+    for key, kind in (("description", "str"), ("provenance", "obj"), ("metrics", "obj"), ("onnx", "obj"),
+                      ("intended_use", "str"), ("banner", "str")):
         if d.get(key) is not None:  # optional: absent or null means none
             _check_field(d[key], kind, key)
     enc = d["encoder"]
@@ -241,6 +252,12 @@ def _parse_task(i: int, t: Any) -> Task:
     if not _is_number(task.temperature) or not task.temperature > 0:
         raise BundleError(f"{where}.temperature' is {task.temperature!r}; it must be a positive finite number")
     task.threshold, task.temperature = float(task.threshold), float(task.temperature)
+    task.validated = t.get("validated", True)
+    task.validation = t.get("validation") or {}
+    if not isinstance(task.validated, bool):
+        raise BundleError(f"{where}.validated' is {task.validated!r}; it must be true or false")
+    if not isinstance(task.validation, dict):
+        raise BundleError(f"{where}.validation' must be an object (the figures the task was validated by)")
     return task
 
 

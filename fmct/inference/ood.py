@@ -22,7 +22,6 @@ from fmct.inference.bundle import OOD_FILE, WEIGHTS_FILE, Bundle, read_members
 from fmct.conventions.errors import BundleError
 
 FEATURE = "cls+mean_patch"  # what the statistics describe: the task head's input
-MIN_HEAD_EXTENT_MM = 90.0  # whole adult heads measure 110-170 mm bottom to top (phantoms, a 3 cm neck cut included); a vertex-only scan 45-55
 DEFAULT_QUANTILE = 0.975  # share of held-out in-distribution CTs that stay below the threshold
 SHRINKAGE = 0.1  # covariance shrunk towards its mean variance: a few hundred CTs for hundreds of dimensions
 
@@ -48,24 +47,19 @@ class ReferenceStats:
         centred = features - self.mean
         return np.einsum("bi,ij,bj->b", centred, self.precision, centred) / self.mean.shape[0]
 
-    def judge(self, features: np.ndarray, head_extent_mm: float | None = None) -> dict[str, Any]:
-        """The record analyze reports for one CT: score, threshold, head coverage and the verdict.
+    def judge(self, features: np.ndarray) -> dict[str, Any]:
+        """The record analyze reports for one CT: score, threshold and the verdict.
 
-        A head less than MIN_HEAD_EXTENT_MM from bottom to top (a partial scan, a child's head) is out
-        of distribution whatever its score: the model was trained on whole adult heads.
+        Whether the head is whole (not a partial scan, not a child's head) is no longer judged here but by
+        the model-independent size check (fmct.checks.size), which refuses such a CT before the model runs.
         """
         score = float(self.score(features)[0])
         if not np.isfinite(score):
             raise BundleError("the out-of-distribution score is not finite; the model's features are broken")
-        short = head_extent_mm is not None and head_extent_mm < MIN_HEAD_EXTENT_MM
-        record = {"score": round(score, 4), "threshold": round(self.threshold, 4),
-                  "in_distribution": score <= self.threshold and not short,
-                  "method": f"mahalanobis on {FEATURE}, threshold at the {self.quantile:g} quantile of "
-                            f"{self.n_calibration} held-out training-distribution CTs; a head under "
-                            f"{MIN_HEAD_EXTENT_MM:g} mm from bottom to top is out of distribution too"}
-        if head_extent_mm is not None:
-            record.update(head_extent_mm=round(float(head_extent_mm), 1), head_too_short=bool(short))
-        return record
+        return {"score": round(score, 4), "threshold": round(self.threshold, 4),
+                "in_distribution": score <= self.threshold,
+                "method": f"mahalanobis on {FEATURE}, threshold at the {self.quantile:g} quantile of "
+                          f"{self.n_calibration} held-out training-distribution CTs"}
 
     def to_bytes(self, weights_sha256: str) -> bytes:
         """safetensors bytes, tied to the weights they were computed with (by their SHA-256)."""

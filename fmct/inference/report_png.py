@@ -46,7 +46,12 @@ def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_nam
     heading = f"FMCT {model_name}".strip()
     if focus:
         heading += f" - overlay: {focus} ({result.method})"
-    fig.suptitle(heading + "\nResearch use only. Not for diagnosis.", fontsize=12)
+    banner = getattr(result, "banner", "")
+    fig.suptitle(heading + "\nResearch use only. Not for diagnosis." + (f" {banner}" if banner else ""), fontsize=12)
+    checks = getattr(result, "checks", None)
+    if checks is not None:  # one line: every check of the CT, passed or not (fmct.checks)
+        fig.text(0.5, 0.005, "Checks: " + "; ".join(f"{c.name} {'ok' if c.passed else 'FLAGGED'}" for c in checks.checks),
+                 ha="center", va="bottom", fontsize=8)
     if result.warning:
         fig.text(0.5, 0.5, result.warning, ha="center", va="center", color="white", fontsize=11,
                  bbox={"facecolor": "#b00020", "edgecolor": "none", "pad": 6})

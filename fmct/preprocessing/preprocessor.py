@@ -175,7 +175,7 @@ class ModelInput:
     model_grid: Grid
     input_grid: Grid
     head_center_mm: tuple[float, float, float]
-    head_extent_mm: float | None = None  # the head from bottom to top (fmct.inference.ood judges coverage by it)
+    head_extent_mm: float | None = None  # the largest object from bottom to top (for the record; fmct.checks.size judges the head)
     input_warnings: tuple[str, ...] = ()  # what the reader noticed about the file (volume.meta["warnings"])
 
     @property
