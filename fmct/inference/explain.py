@@ -30,9 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmct.conventions.errors import Cancelled
 from fmct.models import FMCTClassifier
-from fmct.conventions.runtime import CancelCheck, Progress, check_explain_method
+from fmct.conventions.runtime import CancelCheck, Progress, check_cancel, check_explain_method, sub_progress
 
 # 16 Gauss-Legendre nodes, kept by measurement (benchmarks/RESULTS.md, "Saliency for every finding").
 # Fewer nodes are a quarter of the backward passes but not provably as good: on 30 phantoms (6 per
@@ -79,10 +78,11 @@ def explain_findings(
         return []
     labels = list(names) if names is not None else [f"finding {t}" for t in targets]
     if method.startswith("attention"):
-        _check(cancel)
-        _report(progress, 0.0, "explaining (attention)")
+        check_cancel(cancel, "Explanation")
+        report = sub_progress(progress, 0.0, 1.0)
+        report(0.0, "explaining (attention)")
         m = attention_map(model, x, rollout=method == "attention_rollout")
-        _report(progress, 1.0, "explaining (attention)")
+        report(1.0, "explaining (attention)")
         return [m.copy() for _ in targets]
     batch = batch_size or _batch(x)
     with _frozen(model):
@@ -98,48 +98,76 @@ def explain_findings(
 
 def _integrated_gradients(model, x, targets, labels, n_steps, batch, progress, cancel) -> list[torch.Tensor]:
     """Per target, the IG attribution [C, D, H, W] with a zero (air) baseline."""
-    alphas, weights = gauss_legendre(n_steps)
-    alphas, weights = alphas.to(x.device, x.dtype), weights.to(x.device, x.dtype)
     baseline = torch.zeros_like(x)  # air: 0 in every HU window
     proj = _linear_patch_embedding(model)
+    if proj is not None:
+        attr = _ig_token_space(model, proj, x, baseline, targets, labels, n_steps, batch, progress, cancel)
+    else:
+        attr = _ig_input_space(model, x, baseline, targets, labels, n_steps, batch, progress, cancel)
+    return [attr[k] for k in range(len(targets))]
+
+
+def _ig_input_space(model, x, baseline, targets, labels, n_steps, batch, progress, cancel) -> torch.Tensor:
+    """IG along the straight path in input space: [K, C, D, H, W], one row per target."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+
+    def point(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        path = (baseline + a.view(shape) * (x - baseline)).requires_grad_(True)
+        return model(path), path
+
+    acc = torch.zeros((len(targets), *x.shape[1:]), device=x.device, dtype=x.dtype)
+    _quadrature(point, acc, targets, labels, n_steps, batch, progress, cancel)
+    return acc * (x - baseline)
+
+
+def _ig_token_space(model, proj, x, baseline, targets, labels, n_steps, batch, progress, cancel) -> torch.Tensor:
+    """IG along the same path taken in patch-embedding space (exact for a linear patch embedding):
+    a forward hook puts the path's tokens where proj's output was, and P^T maps the integrated
+    token gradients back to the input once per target. [K, C, D, H, W]."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    with torch.no_grad():
+        e1, e0 = proj(x), proj(baseline)
+    state: dict[str, torch.Tensor] = {}
+
+    def point(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state["path"] = (e0 + a.view(shape) * (e1 - e0)).requires_grad_(True)
+        return model(x.expand(len(a), *x.shape[1:])), state["path"]
+
+    acc = torch.zeros((len(targets), *e1.shape[1:]), device=x.device, dtype=x.dtype)
+    hook = proj.register_forward_hook(lambda module, inp, out: state["path"])
+    try:
+        _quadrature(point, acc, targets, labels, n_steps, batch, progress, cancel)
+    finally:
+        hook.remove()
+    # P^T of the token gradients = the input gradients, integrated along the path
+    acc = F.conv_transpose3d(acc, proj.weight.to(acc.dtype), stride=proj.stride)
+    return acc * (x - baseline)
+
+
+def _quadrature(point, acc, targets, labels, n_steps, batch, progress, cancel) -> None:
+    """The one Gauss-Legendre loop of both paths: per batch of nodes, one forward (``point(alphas)``
+    gives the outputs and the path tensor they were computed from), then one backward per target
+    from the same graph, the node-weighted gradients summed into acc[k]."""
+    alphas, weights = gauss_legendre(n_steps)
+    alphas, weights = alphas.to(acc.device, acc.dtype), weights.to(acc.device, acc.dtype)
+    report = sub_progress(progress, 0.0, 1.0)
     n_batches = -(-n_steps // batch)
     units, done = n_batches * (1 + len(targets)), 0
-    if proj is not None:
-        with torch.no_grad():
-            e1, e0 = proj(x), proj(baseline)
-        state: dict[str, torch.Tensor] = {}
-        hook = proj.register_forward_hook(lambda module, inp, out: state["path"])
-        acc = torch.zeros((len(targets), *e1.shape[1:]), device=x.device, dtype=x.dtype)
-    else:
-        acc = torch.zeros((len(targets), *x.shape[1:]), device=x.device, dtype=x.dtype)
-    try:
-        for start in range(0, n_steps, batch):
-            a, w = alphas[start:start + batch], weights[start:start + batch]
-            shape = (-1,) + (1,) * (x.dim() - 1)
-            _check(cancel)
-            with torch.enable_grad():
-                if proj is not None:  # the path in token space; the hook puts it where proj's output was
-                    path = (e0 + a.view(shape) * (e1 - e0)).requires_grad_(True)
-                    state["path"] = path
-                    out = model(x.expand(len(a), *x.shape[1:]))
-                else:
-                    path = (baseline + a.view(shape) * (x - baseline)).requires_grad_(True)
-                    out = model(path)
+    for start in range(0, n_steps, batch):
+        a, w = alphas[start:start + batch], weights[start:start + batch]
+        check_cancel(cancel, "Explanation")
+        with torch.enable_grad():
+            out, path = point(a)
+            done += 1
+            report(done / units, f"explaining {labels[0]}")
+            w = w.view((-1,) + (1,) * (path.dim() - 1))
+            for k, t in enumerate(targets):
+                check_cancel(cancel, "Explanation")
+                (grad,) = torch.autograd.grad(out[:, t].sum(), path, retain_graph=k < len(targets) - 1)
+                acc[k] += (grad * w).sum(dim=0)
                 done += 1
-                _report(progress, done / units, f"explaining {labels[0]}")
-                for k, t in enumerate(targets):
-                    _check(cancel)
-                    (grad,) = torch.autograd.grad(out[:, t].sum(), path, retain_graph=k < len(targets) - 1)
-                    acc[k] += (grad * w.view(shape)).sum(dim=0)
-                    done += 1
-                    _report(progress, done / units, f"explaining {labels[k]}")
-            del out, path
-    finally:
-        if proj is not None:
-            hook.remove()
-    if proj is not None:  # P^T of the token gradients = the input gradients, integrated along the path
-        acc = F.conv_transpose3d(acc, proj.weight.to(acc.dtype), stride=proj.stride)
-    return [acc[k] * (x[0] - baseline[0]) for k in range(len(targets))]
+                report(done / units, f"explaining {labels[k]}")
+        del out, path
 
 
 def _occlusion(model, x, targets, labels, batch, progress, cancel) -> list[torch.Tensor]:
@@ -153,14 +181,15 @@ def _occlusion(model, x, targets, labels, batch, progress, cancel) -> list[torch
     starts = [range(0, s - w + 1, st) for s, w, st in zip(spatial, window, stride)]
     corners = [(i, j, k) for i in starts[0] for j in starts[1] for k in starts[2]]
     units = -(-len(corners) // batch) + 1
-    _check(cancel)
+    report = sub_progress(progress, 0.0, 1.0)
+    check_cancel(cancel, "Explanation")
     with torch.no_grad():
         ref = model(x)[0, targets]  # [K]
-        _report(progress, 1 / units, f"explaining {', '.join(labels)}")
+        report(1 / units, f"explaining {', '.join(labels)}")
         total = torch.zeros((len(targets), *spatial), device=x.device, dtype=x.dtype)
         count = torch.zeros(spatial, device=x.device, dtype=x.dtype)
         for n, start in enumerate(range(0, len(corners), batch)):
-            _check(cancel)
+            check_cancel(cancel, "Explanation")
             chunk = corners[start:start + batch]
             occluded = x.expand(len(chunk), *x.shape[1:]).clone()
             for b, (i, j, k) in enumerate(chunk):
@@ -170,7 +199,7 @@ def _occlusion(model, x, targets, labels, batch, progress, cancel) -> list[torch
                 region = (slice(i, i + window[0]), slice(j, j + window[1]), slice(k, k + window[2]))
                 total[(slice(None), *region)] += delta[b].view(-1, 1, 1, 1)
                 count[region] += 1
-            _report(progress, (n + 2) / units, f"explaining {', '.join(labels)}")
+            report((n + 2) / units, f"explaining {', '.join(labels)}")
     mean = total / count.clamp(min=1)
     return [mean[k][None].expand(x.shape[1], *spatial) for k in range(len(targets))]
 
@@ -239,7 +268,7 @@ def explain_captum(
     from captum.attr import IntegratedGradients, Occlusion
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
-        _check(cancel)
+        check_cancel(cancel, "Explanation")
         return model(inp)[:, task_index]
 
     with torch.enable_grad():
@@ -289,12 +318,3 @@ def _normalise(t: torch.Tensor) -> np.ndarray:
     peak = float(a.max())
     return a / peak if peak > 0 else a
 
-
-def _check(cancel: CancelCheck | None) -> None:
-    if cancel is not None and cancel():
-        raise Cancelled("Explanation cancelled")
-
-
-def _report(progress: Progress | None, fraction: float, message: str) -> None:
-    if progress is not None:
-        progress(min(max(fraction, 0.0), 1.0), message)
