@@ -52,6 +52,7 @@ class AnalysisResult:
     model_input: ModelInput | None = None
     model_saliency: dict[str, np.ndarray] = field(default_factory=dict)  # the same maps on the model grid
     ood: dict[str, Any] | None = None  # the out-of-distribution record (fmct.inference.ood), None when the bundle has no statistics
+    explanation: dict[str, Any] | None = None  # baseline, scale, completeness per map (fmct.inference.saliency)
 
     @property
     def in_distribution(self) -> bool | None:
@@ -84,7 +85,7 @@ class AnalysisResult:
         one furthest above its own threshold (thresholds differ per finding, so the margin, not the
         raw probability, says which decision is clearest). None when nothing is positive or explained.
         """
-        explained = set(self.model_saliency) | set(self.saliency)
+        explained = (set(self.model_saliency) | set(self.saliency)) & {f.name for f in self.findings}
         candidates = [f for f in self.findings if f.name in explained] if explained else self.positive
         return max(candidates, key=lambda f: f.probability - f.threshold) if candidates else None
 
@@ -193,18 +194,15 @@ class Analyzer:
         targets = self._targets(findings, explain_findings) if explain_method else []
         t0 = time.perf_counter()
         if targets:  # every finding's map from one shared pass (one forward over the IG path, a backward each)
-            from fmct.inference.explain import explain_findings
+            from fmct.inference.saliency import explain_result
 
             check_cancel(cancel)
-            maps = explain_findings(self.model, self.runner.to_device(model_input.tensor),
-                                    [self.bundle.meta.task_names.index(name) for name in targets], explain_method,
-                                    sub_progress(report, 0.2, 0.9), cancel, names=targets)
+            explain_result(self, result, targets, explain_method, sub_progress(report, 0.2, 0.9), cancel)
             map_progress = sub_progress(report, 0.9, 0.99)
-            for n, (name, model_map) in enumerate(zip(targets, maps)):
-                result.model_saliency[name] = model_map
+            for n, name in enumerate(list(result.model_saliency)):
                 if map_back:
                     check_cancel(cancel)
-                    map_progress(n / len(targets), f"mapping {name} onto the CT")
+                    map_progress(n / len(result.model_saliency), f"mapping {name} onto the CT")
                     result.saliency[name] = self.map_back(result, name)
         timings["explain_s"] = time.perf_counter() - t0
         report(1.0, "done")

@@ -36,7 +36,22 @@ from fmct.reading.volume import Volume
 
 FINDINGS_FILE = "findings.json"
 SALIENCY_MAX = 255  # stored value of the strongest attribution; divide by it for the [0, 1] map
-FMCT_FILES = ("ct.nii.gz", "report.png", "saliency_*.nii.gz")  # what FMCT writes beside findings.json
+FMCT_FILES = ("ct.nii.gz", "report.png", "saliency_*.nii.gz", "attention.nii.gz")  # what FMCT writes beside findings.json
+ATTENTION_FILE = "attention.nii.gz"  # the one finding-agnostic attention map (fmct.inference.saliency.ATTENTION_KEY)
+
+
+def saliency_file(key: str) -> str:
+    """The file of a map: saliency_<finding>.nii.gz, or attention.nii.gz for the finding-agnostic attention map."""
+    return ATTENTION_FILE if key == "attention" else f"saliency_{key}.nii.gz"
+
+
+def saliency_scale_text(result: Any) -> str:
+    """What a map's grey levels mean, as findings.json and the report say it."""
+    if result.method and str(result.method).startswith("attention"):
+        return (f"uint8, 0 = none, {SALIENCY_MAX} = the strongest attention in this CT; one finding-agnostic map, "
+                "normalised on its own")
+    return (f"uint8, 0 = none, {SALIENCY_MAX} = the strongest attribution among this CT's maps: one scale shared by "
+            "all of them (explanation.scale.attribution_per_grey_level)")
 FINGERPRINT_SAMPLES = 1 << 16
 
 
@@ -178,7 +193,7 @@ def write_study_outputs(
     if save_ct:
         jobs.append(partial(write_volume, volume, out / "ct.nii.gz"))
     for name, sal in result.saliency.items():
-        jobs.append(partial(_write_saliency, sal, out / f"saliency_{name}.nii.gz"))
+        jobs.append(partial(_write_saliency, sal, out / saliency_file(name)))
     if report:
         from fmct.inference.report_png import write_report
 
@@ -203,8 +218,9 @@ def write_study_outputs(
         "findings": [f.to_dict() for f in result.findings],
         "out_of_distribution": result.ood,
         "warning": result.warning,
-        "saliency_files": {n: f"saliency_{n}.nii.gz" for n in result.saliency},
-        "saliency_scale": f"uint8, 0 = none, {SALIENCY_MAX} = the strongest attribution in this CT",
+        "saliency_files": {n: saliency_file(n) for n in result.saliency},
+        "saliency_scale": saliency_scale_text(result),
+        "explanation": getattr(result, "explanation", None),
         "timings": {k: round(v, 3) for k, v in (timings if timings is not None else result.timings).items()},
     }
     target = write_text_atomic(out / FINDINGS_FILE, json.dumps(payload, indent=2, allow_nan=False))
