@@ -129,10 +129,10 @@ def test_files_written_at_once_are_the_files_written_one_by_one(analyzer, tmp_pa
 
     real = fmct.inference.study_folder._write_saliency
 
-    def fail_on_one(saliency, path):
+    def fail_on_one(maps, name, path):
         if path.name.endswith(f"{next(iter(result.saliency))}.nii.gz"):
             raise OSError(28, "No space left on device")
-        return real(saliency, path)
+        return real(maps, name, path)
 
     monkeypatch.setattr(fmct.inference.study_folder, "_write_saliency", fail_on_one)
     with pytest.raises(OSError, match="No space"):

@@ -137,8 +137,10 @@ class Analyzer:
         explain_findings: str | Sequence[str] = "positive",
         progress: Progress | None = None,
         cancel: CancelCheck | None = None,
+        map_back: bool = True,
     ) -> AnalysisResult:
-        """Findings for one CT, and a saliency map for each positive finding (or the ones named)."""
+        """Findings for one CT, and a saliency map for each positive finding (or: "auto", "top", "all", the ones
+        named). map_back=False: see analyze_prepared."""
         self.check_explain_method(explain_method)
         report = report_to(progress)
         t0 = time.perf_counter()
@@ -147,7 +149,8 @@ class Analyzer:
         model_input = self.preprocessor(volume)
         preprocess_s = time.perf_counter() - t0
         check_cancel(cancel)
-        result = self.analyze_prepared(model_input, explain_method, explain_findings, progress=report, cancel=cancel)
+        result = self.analyze_prepared(model_input, explain_method, explain_findings, progress=report, cancel=cancel,
+                                       map_back=map_back)
         result.timings = {"preprocess_s": preprocess_s, **result.timings}
         return result
 
@@ -218,6 +221,11 @@ class Analyzer:
                                                finding=name, method=result.method)
 
     def _targets(self, findings: list[Finding], which: str | Sequence[str]) -> list[str]:
+        if which == "auto":  # every positive finding on a GPU, the top one on a CPU (runtime.EXPLAIN_FINDINGS_CHOICES)
+            which = "positive" if str(self.device).startswith("cuda") else "top"
+        if which == "top":
+            top = AnalysisResult(findings).primary_finding()
+            return [top.name] if top is not None else []
         if which == "positive":
             return [f.name for f in findings if f.positive]
         if which == "all":

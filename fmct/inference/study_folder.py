@@ -134,10 +134,13 @@ def quantize_saliency(saliency: Volume) -> Volume:
 PARALLEL_WRITE_MAX_VOXELS = 256 << 20
 
 
-def _write_saliency(saliency: Volume, path: Path) -> Path:
+def _write_saliency(maps: Any, name: str, path: Path) -> Path:
+    """Write one map, fetched from the result only now: a result whose maps are mapped back on demand
+    (fmct.inference.saliency.SaliencyOnCTGrid) then holds one full-size map per writing thread, whatever
+    the number of maps, and each is freed once written."""
     from fmct.reading.files import write_volume
 
-    return write_volume(quantize_saliency(saliency), path)
+    return write_volume(quantize_saliency(maps[name]), path)
 
 
 def _run_writes(jobs: list[Callable[[], Path]], threads: int | None, voxels: int) -> list[Path]:
@@ -192,8 +195,8 @@ def write_study_outputs(
     jobs: list[Callable[[], Path]] = []
     if save_ct:
         jobs.append(partial(write_volume, volume, out / "ct.nii.gz"))
-    for name, sal in result.saliency.items():
-        jobs.append(partial(_write_saliency, sal, out / saliency_file(name)))
+    for name in result.saliency:
+        jobs.append(partial(_write_saliency, result.saliency, name, out / saliency_file(name)))
     if report:
         from fmct.inference.report_png import write_report
 
