@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fmct.inference.batch import Rank, discover_studies, rank_from_env, run_batch
+from fmct.inference.study_folder import saliency_file
 from fmct.cli import main
 from fmct.reading.dicom import write_dicom_series
 from fmct.conventions.errors import ConfigError
@@ -94,9 +95,10 @@ def test_batch_then_resume(analyzer, studies, tmp_path):
         assert abs(probs["bleed"] - float(r["p_bleed"])) < 1e-5
         positive = [f["name"] for f in payload["findings"] if f["positive"]]
         assert r["positive"] == ";".join(positive)
-        assert sorted(payload["saliency_files"]) == sorted(positive)
-        for name in positive:
-            sal = read_volume_any(out / r["study_id"] / f"saliency_{name}.nii.gz")
+        # attention is finding-agnostic: one map for a study with anything to explain (issue 27)
+        assert sorted(payload["saliency_files"]) == (["attention"] if positive else [])
+        for name in payload["saliency_files"].values():
+            sal = read_volume_any(out / r["study_id"] / name)
             assert sal.shape[::-1] == tuple(payload["input"]["size_xyz"])
         assert (out / r["study_id"] / "report.png").is_file()
     c = {f["name"]: f["probability"] for f in json.loads((out / "c" / "findings.json").read_text())["findings"]}
@@ -106,7 +108,7 @@ def test_batch_then_resume(analyzer, studies, tmp_path):
     explained = analyzer.analyze(read_volume(studies / "c.nrrd"), explain_method="attention")
     assert explained.saliency
     for name, sal in explained.saliency.items():
-        stored = read_volume_any(out / "c" / f"saliency_{name}.nii.gz")
+        stored = read_volume_any(out / "c" / saliency_file(name))
         assert stored.dtype == np.uint8 and stored.max() > 0
         np.testing.assert_array_equal(stored, sal.array)
 

@@ -23,7 +23,7 @@ def test_sdpa_and_explicit_attention_agree():
     enc = ViT3D(CFG).eval()
     x = torch.randn(1, 3, 32, 32, 32)
     tokens = enc.prepare_tokens(x)
-    fast, _ = enc.blocks[0](tokens)
+    fast = enc.blocks[0](tokens)
     slow, attn = enc.blocks[0](tokens, return_attention=True)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
     assert attn.shape == (1, 2, 65, 65)

@@ -20,7 +20,8 @@ from fmct import __version__
 from fmct.conventions.errors import Cancelled, ConfigError, FMCTError
 from fmct.conventions.names import PrintableFormatter, printable
 from fmct.inference.runners import BACKEND_CHOICES, choose_backend
-from fmct.conventions.runtime import DEFAULT_EXPLAIN, EXPLAIN_METHODS, explain_method_or_none, parse_device
+from fmct.conventions.runtime import (DEFAULT_EXPLAIN, DEFAULT_EXPLAIN_FINDINGS, EXPLAIN_FINDINGS_CHOICES, EXPLAIN_METHODS,
+                                      explain_method_or_none, parse_device, passive_threads)
 
 log = logging.getLogger("fmct")
 EXPLAIN_CHOICES = (*EXPLAIN_METHODS, "none")
@@ -108,6 +109,7 @@ def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
 
 def _analyze_into(volume, args, out: Path, save_ct: bool) -> int:
     from fmct.inference.bundle import model_identity
+    from fmct.inference.saliency import SaliencyOnCTGrid
     from fmct.inference.study_folder import check_study_folder, study_fingerprint, write_study_outputs
 
     t_start = time.perf_counter()
@@ -117,7 +119,9 @@ def _analyze_into(volume, args, out: Path, save_ct: bool) -> int:
     method = _explain_method(args)
     analyzer.check_explain_method(method)
     with TqdmProgress("analyze") as progress:
-        result = analyzer.analyze(volume, explain_method=method, explain_findings=args.findings, progress=progress)
+        result = analyzer.analyze(volume, explain_method=method, explain_findings=args.findings, progress=progress,
+                                  map_back=False)
+    result.saliency = SaliencyOnCTGrid(analyzer, result)  # mapped back, written and freed one at a time
     timings = {**result.timings, "total_s": time.perf_counter() - t_start}
     payload, written = write_study_outputs(out, volume, result, analyzer.bundle.meta.name, str(analyzer.device),
                                            analyzer.backend, save_ct=save_ct, timings=timings, overwrite=overwrite,
@@ -185,7 +189,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from fmct.inference.batch import is_manifest
     from fmct.inference.study_folder import check_output_folder
 
-    findings = args.findings if args.findings in ("positive", "all") else args.findings.split(",")
+    findings = args.findings if args.findings in EXPLAIN_FINDINGS_CHOICES else args.findings.split(",")
     args.findings = findings
     _settle_backend(args)
     check_output_folder(args.out)  # before reading the CT
@@ -374,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--keep-descriptions", action="store_true",
                    help="copy the DICOM SeriesDescription (free text that may name the patient) into findings.json and "
                         "the log; left out by default, as DICOM's basic de-identification profile does")
-    a.add_argument("--findings", default="positive", help="which findings get a saliency map: positive (default), all, or a comma-separated list")
+    a.add_argument("--findings", default=DEFAULT_EXPLAIN_FINDINGS,
+                   help="which findings get a saliency map: auto (default: every positive finding on a GPU, the top "
+                        "one on a CPU, where a map takes tens of seconds), top, positive, all, or a comma-separated list")
     a.add_argument("--save-ct", action="store_true", help="also write the CT as ct.nii.gz (to overlay the saliency in any viewer)")
     a.add_argument("--overwrite", action="store_true", help="replace the results of another study in --out (without it, "
                                                            "a folder holding another CT's findings.json is refused)")
@@ -481,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    passive_threads()  # before anything imports torch (fmct.conventions.runtime says why)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "passthrough", False):

@@ -28,9 +28,8 @@ import argparse
 import sys
 import time
 import traceback
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 # Which findings get a saliency map (--findings): the engine's choices, and "auto".
 AUTO = "auto"    # every positive finding on a GPU; on a CPU only the finding shown first
@@ -54,28 +53,6 @@ def explainTargets(choice: str | Sequence[str], onGPU: bool) -> str | list[str]:
     return choice
 
 
-class _SaliencyOnCTGrid(Mapping):
-    """result.saliency for the writer, mapped back onto the CT's grid one map at a time.
-
-    The writer quantizes and writes each map as it iterates, so only one float32 map of the CT's
-    size exists at a time (seven maps of a 512x512x165 CT would otherwise be 1.2 GB at once).
-    """
-
-    def __init__(self, analyzer: Any, result: Any) -> None:
-        self.analyzer, self.result = analyzer, result
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self.result.model_saliency:
-            raise KeyError(name)
-        return self.analyzer.map_back(self.result, name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.result.model_saliency)
-
-    def __len__(self) -> int:
-        return len(self.result.model_saliency)
-
-
 def parseArguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="FMCT analysis worker", description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, help="the CT (NRRD, NIfTI or MHA), in LPS as the engine reads it")
@@ -93,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parseArguments(argv)
     if args.engine_source:
         sys.path.insert(0, str(Path(args.engine_source).resolve()))
-    from fmct.conventions.runtime import JsonLinesProgress
+    from fmct.conventions.runtime import JsonLinesProgress, passive_threads
+
+    passive_threads()  # before torch starts: its threads then sleep, not spin, while Slicer's GUI wants a core
 
     out = JsonLinesProgress(sys.stdout, min_interval_s=0.1)
     try:
@@ -115,6 +94,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
     out(0.01, "loading the model")
     from fmct.inference.analyze import Analyzer, attach_checks
     from fmct.reading.files import read_volume
+    from fmct.inference.saliency import SaliencyOnCTGrid
     from fmct.inference.study_folder import write_study_outputs
     from fmct.conventions.runtime import explain_method_or_none, parse_device, sub_progress
 
@@ -143,7 +123,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
     out(0.95, "writing the results")
     primary = result.primary_finding()
     timings = {"load_s": load_s, **result.timings}
-    result.saliency = _SaliencyOnCTGrid(analyzer, result)
+    result.saliency = SaliencyOnCTGrid(analyzer, result)  # mapped back, written and freed one at a time
     payload, _ = write_study_outputs(args.out, volume, result, analyzer.bundle.meta.name, device, report=False,
                                      timings={**timings, "total_s": time.perf_counter() - started})
     out(1.0, "done")

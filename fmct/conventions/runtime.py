@@ -28,6 +28,23 @@ CancelCheck = Callable[[], bool]
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 EXPLAIN_METHODS = ("integrated_gradients", "occlusion", "attention", "attention_rollout")
 DEFAULT_EXPLAIN = "integrated_gradients"
+# Which findings get a map: "auto" is every positive finding on a GPU (well under a second a map) but only
+# the top one on a CPU (tens of seconds a map); "top" is the finding shown first (the positive finding
+# furthest above its threshold); the others are one request away (--findings NAME, or a click in Slicer).
+EXPLAIN_FINDINGS_CHOICES = ("auto", "top", "positive", "all")
+DEFAULT_EXPLAIN_FINDINGS = "auto"
+
+
+def passive_threads() -> None:
+    """Make OpenMP threads sleep instead of spinning when they wait (OMP_WAIT_POLICY=PASSIVE), unless the
+    user chose otherwise. Must run before torch is imported: the OpenMP runtime reads it once, at start.
+
+    torch's default (ACTIVE: spin ~200 ms at every barrier) is fastest on an idle machine, but when
+    another process wants a core (Slicer's GUI, a second analysis, a batch's readers) the spinning
+    threads take it: the default analyze measured 3.4-4.6x slower at load 3-4, PASSIVE 3-4% slower
+    when quiet (issue 27). The CLI and the Slicer worker call this first thing.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def no_progress(fraction: float, message: str) -> None:

@@ -5,8 +5,9 @@ In Python::
     from fmct.features.embed import load_encoder
     encoder = load_encoder("runs/pretrain/bundle")        # a ViT3D in eval mode, on the CPU
     x = Preprocessor(encoder.preprocessing)(volume).tensor  # [1, C, D, H, W], the bundle's own spec
-    feats = encoder.forward_features(x)                   # {"cls": [1, D], "patch": [1, N, D]}
-    layers = encoder.get_intermediate_layers(x, n=4, return_class_token=True)  # as DINOv2
+    with torch.no_grad():                                 # features only: no graph
+        feats = encoder.forward_features(x)               # {"cls": [1, D], "patch": [1, N, D]}
+        layers = encoder.get_intermediate_layers(x, n=4, return_class_token=True)  # as DINOv2
 
 On the command line, ``fmct embed DATA --model BUNDLE --out features.npz`` (or ``.csv``) writes, per
 study: the CLS token, the mean patch token (what a bundle's task head reads), and with --layers N

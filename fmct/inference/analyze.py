@@ -62,6 +62,7 @@ class AnalysisResult:
     input_warnings: list[str] = field(default_factory=list)  # what the reader noticed (e.g. NIfTI qform and sform disagree)
     checks: CheckReport | None = None  # the plausibility checks (fmct.checks) run before the model; None when not run
     banner: str = ""  # the bundle's one line shown with every result (e.g. "trained on synthetic heads only")
+    explanation: dict[str, Any] | None = None  # baseline, scale, completeness per map (fmct.inference.saliency)
 
     @property
     def in_distribution(self) -> bool | None:
@@ -98,7 +99,7 @@ class AnalysisResult:
         one furthest above its own threshold (thresholds differ per finding, so the margin, not the
         raw probability, says which decision is clearest). None when nothing is positive or explained.
         """
-        explained = set(self.model_saliency) | set(self.saliency)
+        explained = (set(self.model_saliency) | set(self.saliency)) & {f.name for f in self.findings}
         candidates = [f for f in self.findings if f.name in explained] if explained else self.positive
         return max(candidates, key=lambda f: f.probability - f.threshold) if candidates else None
 
@@ -150,8 +151,10 @@ class Analyzer:
         explain_findings: str | Sequence[str] = "positive",
         progress: Progress | None = None,
         cancel: CancelCheck | None = None,
+        map_back: bool = True,
     ) -> AnalysisResult:
-        """Findings for one CT, and a saliency map for each positive finding (or the ones named)."""
+        """Findings for one CT, and a saliency map for each positive finding (or: "auto", "top", "all", the ones
+        named). map_back=False: see analyze_prepared."""
         self.check_explain_method(explain_method)
         report = report_to(progress)
         t0 = time.perf_counter()
@@ -159,7 +162,8 @@ class Analyzer:
         checks, model_input = self.prepare(volume)
         preprocess_s = time.perf_counter() - t0
         check_cancel(cancel)
-        result = self.analyze_prepared(model_input, explain_method, explain_findings, progress=report, cancel=cancel)
+        result = self.analyze_prepared(model_input, explain_method, explain_findings, progress=report, cancel=cancel,
+                                       map_back=map_back)
         result.timings = {"preprocess_s": preprocess_s, **result.timings}
         attach_checks(result, checks)
         return result
@@ -215,18 +219,15 @@ class Analyzer:
         targets = self._targets(findings, explain_findings) if explain_method else []
         t0 = time.perf_counter()
         if targets:  # every finding's map from one shared pass (one forward over the IG path, a backward each)
-            from fmct.inference.explain import explain_findings
+            from fmct.inference.saliency import explain_result
 
             check_cancel(cancel)
-            maps = explain_findings(self.model, self.runner.to_device(model_input.tensor),
-                                    [self.bundle.meta.task_names.index(name) for name in targets], explain_method,
-                                    sub_progress(report, 0.2, 0.9), cancel, names=targets)
+            explain_result(self, result, targets, explain_method, sub_progress(report, 0.2, 0.9), cancel)
             map_progress = sub_progress(report, 0.9, 0.99)
-            for n, (name, model_map) in enumerate(zip(targets, maps)):
-                result.model_saliency[name] = model_map
+            for n, name in enumerate(list(result.model_saliency)):
                 if map_back:
                     check_cancel(cancel)
-                    map_progress(n / len(targets), f"mapping {name} onto the CT")
+                    map_progress(n / len(result.model_saliency), f"mapping {name} onto the CT")
                     result.saliency[name] = self.map_back(result, name)
         timings["explain_s"] = time.perf_counter() - t0
         report(1.0, "done")
@@ -242,6 +243,11 @@ class Analyzer:
                                                finding=name, method=result.method)
 
     def _targets(self, findings: list[Finding], which: str | Sequence[str]) -> list[str]:
+        if which == "auto":  # every positive finding on a GPU, the top one on a CPU (runtime.EXPLAIN_FINDINGS_CHOICES)
+            which = "positive" if str(self.device).startswith("cuda") else "top"
+        if which == "top":
+            top = AnalysisResult(findings).primary_finding()
+            return [top.name] if top is not None else []
         if which == "positive":
             return [f.name for f in findings if f.positive]
         if which == "all":

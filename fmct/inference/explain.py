@@ -1,6 +1,6 @@
 """Where the model looked: saliency maps on the model grid, one per finding.
 
-`explain_findings` explains several findings of one input for about the price of one:
+`explain_study` explains several findings of one input for about the price of one:
 - Integrated Gradients: ONE forward pass over the IG path per batch of path points, then one
   backward per finding from the same graph (retain_graph). The path is taken in patch-embedding
   space: the ViT's patch embedding is a non-overlapping strided convolution, a linear map P, so
@@ -9,37 +9,72 @@
   quadrature-weighted token gradients and applying P^T once per finding gives exactly the
   input-space IG (the convolution's backward, ~15% of a backward pass, is paid once instead of
   once per path point and finding). Gauss-Legendre quadrature, as Captum's "gausslegendre".
-- Occlusion: each batch of occluded inputs gives every finding's logits at once.
-- Attention maps are class-agnostic: computed once, the same map for every finding.
+  The path starts at a baseline the model calls normal (fmct.inference.baselines); every map
+  records its completeness (sum of attributions against logit(CT) - logit(baseline)), and the
+  node count doubles until that holds within COMPLETENESS_TOLERANCE (or MAX_IG_STEPS is reached).
+- Occlusion: for one finding, Captum's Occlusion (it does exactly that job); for several, one
+  pass over the occluded inputs gives every finding's logits at once (Captum: one pass each).
+- Attention maps are finding-agnostic: computed once, the same map whatever the finding.
 
-Captum cannot share the forward across targets (`attribute(target=...)` takes one target per
-input example; asking for K targets means K copies of the path), so it is kept as the
-independent per-finding reference (`explain_captum`, used by the tests and
-benchmarks/bench_saliency.py) and imported only there.
+Captum's IntegratedGradients cannot share the forward across findings (`attribute(target=...)`
+takes one target per input example; K findings means K copies of the path), so FMCT's IG is its
+own, and `explain_captum` (Captum's IG with the same baseline) is the reference it is tested against.
 
-Every method returns a non-negative [D, H, W] float32 map scaled to a maximum of 1, which the
-Preprocessor maps back onto the CT's grid. torch is imported by this module: import it only
-when explaining.
+`explain_study` returns each finding's positive attribution, smoothed, in its own units (not
+normalised: the maps of one study share one scale, see fmct.inference.analyze); `explain_findings`
+scales each to a maximum of 1. The Preprocessor maps them back onto the CT's grid. torch is imported
+by this module: import it only when explaining.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmct.conventions.errors import Cancelled
 from fmct.models import FMCTClassifier
-from fmct.conventions.runtime import CancelCheck, Progress, check_explain_method
+from fmct.conventions.runtime import CancelCheck, Progress, check_cancel, check_explain_method, sub_progress
 
-# 16 Gauss-Legendre nodes, kept by measurement (benchmarks/RESULTS.md#saliency-quality).
-# Fewer nodes are a quarter of the backward passes but not provably as good: on 30 phantoms (6 per
-# hemorrhage type) 4 nodes scored higher (enrichment 12.1x vs 10.9x, pointing game 17/30 vs 16/30), on
-# 20 others lower (15.1x vs 18.3x, 12/20 each) and failed test_demo_model's pointing game. The IG
-# integrand of a ViT is rough: 32-node maps differ from 16-node ones as much as 4-node ones do.
+# 16 Gauss-Legendre nodes to start with, kept by measurement (benchmarks/RESULTS.md, "Saliency for every
+# finding"). The IG integrand of a ViT is rough, so a fixed node count does not guarantee completeness
+# (issue 27: 155% error at 16 nodes with the zero baseline): the product's maps (explain_study with
+# ig_steps=None) double the nodes until the attributions sum to logit(CT) - logit(baseline) within
+# COMPLETENESS_TOLERANCE, up to MAX_IG_STEPS, and say so in findings.json when the cap is reached.
 DEFAULT_IG_STEPS = 16
+MAX_IG_STEPS = 64
+COMPLETENESS_TOLERANCE = 0.05  # |sum of attributions - logit difference| / |logit difference|
+LOGIT_FLOOR = 0.1  # a logit difference below this is judged against this (a relative error of ~0 / ~0 is noise)
+
+
+@dataclass
+class FindingAttribution:
+    """One finding's map and how far it can be trusted.
+
+    saliency: the positive part of the attribution summed over channels and lightly smoothed, in the
+    attribution's own units (logit per voxel for IG and occlusion; attention weights for attention),
+    NOT normalised, so maps of one study can share one scale. completeness (IG only): the sum of all
+    attributions against logit(CT) - logit(baseline), the node count used, and whether the error met
+    the tolerance.
+    """
+
+    task: int
+    saliency: np.ndarray
+    completeness: dict | None = None
+
+    @property
+    def peak(self) -> float:
+        return float(self.saliency.max()) if self.saliency.size else 0.0
+
+
+@dataclass
+class Explanation:
+    method: str
+    findings: list[FindingAttribution] = field(default_factory=list)
+    baseline_logits: list[float] | None = None  # IG: the model's logit of each explained finding at the baseline
 
 
 def explain(
@@ -65,81 +100,182 @@ def explain_findings(
     ig_steps: int | None = None,
     names: Sequence[str] | None = None,
     batch_size: int | None = None,
+    baseline: torch.Tensor | None = None,
 ) -> list[np.ndarray]:
-    """Saliency of each listed finding's logit for one input x [1, C, D, H, W], sharing the model work.
+    """Saliency of each listed finding's logit for one input x [1, C, D, H, W], each map scaled to a maximum of 1.
 
-    Returns one map per entry of task_indices, in order; ig_steps defaults to DEFAULT_IG_STEPS.
-    progress(fraction, message) is called per batch and per finding ("explaining <name>", names defaulting to "finding <index>"); cancel()
+    The fixed-node form (ig_steps defaults to DEFAULT_IG_STEPS; baseline to zeros) of explain_study,
+    which the product uses: see there for the arguments.
+    """
+    ex = explain_study(model, x, task_indices, method, progress, cancel, ig_steps or DEFAULT_IG_STEPS, names,
+                       batch_size, baseline)
+    return [_normalise(f.saliency) for f in ex.findings]
+
+
+def explain_study(
+    model: FMCTClassifier,
+    x: torch.Tensor,
+    task_indices: Sequence[int],
+    method: str = "integrated_gradients",
+    progress: Progress | None = None,
+    cancel: CancelCheck | None = None,
+    ig_steps: int | None = None,
+    names: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    baseline: torch.Tensor | None = None,
+    max_steps: int = MAX_IG_STEPS,
+    tolerance: float = COMPLETENESS_TOLERANCE,
+) -> Explanation:
+    """Each listed finding's attribution for one input x [1, C, D, H, W], sharing the model work.
+
+    One FindingAttribution per entry of task_indices, in order. IG: baseline is the input the path
+    starts from (default zeros, air; the product passes fmct.inference.baselines' normal head);
+    ig_steps=None adapts the node count (DEFAULT_IG_STEPS, doubled for the findings whose completeness
+    error exceeds tolerance, up to max_steps); a number fixes it. progress(fraction, message) is called
+    per batch and per finding ("explaining <name>", names defaulting to "finding <index>"); cancel()
     is checked before every forward batch and every backward pass.
     """
     check_explain_method(method)
-    ig_steps = ig_steps or DEFAULT_IG_STEPS
     targets = [int(t) for t in task_indices]
+    ex = Explanation(method)
     if not targets:
-        return []
+        return ex
     labels = list(names) if names is not None else [f"finding {t}" for t in targets]
     if method.startswith("attention"):
-        _check(cancel)
-        _report(progress, 0.0, "explaining (attention)")
+        check_cancel(cancel, "Explanation")
+        report = sub_progress(progress, 0.0, 1.0)
+        report(0.0, "explaining (attention)")
         m = attention_map(model, x, rollout=method == "attention_rollout")
-        _report(progress, 1.0, "explaining (attention)")
-        return [m.copy() for _ in targets]
+        report(1.0, "explaining (attention)")
+        ex.findings = [FindingAttribution(t, m.copy()) for t in targets]
+        return ex
     batch = batch_size or _batch(x)
     with _frozen(model):
         if method == "integrated_gradients":
-            attr = _integrated_gradients(model, x, targets, labels, ig_steps, batch, progress, cancel)
-        else:
-            attr = _occlusion(model, x, targets, labels, batch, progress, cancel)
+            base = torch.zeros_like(x) if baseline is None else baseline.to(x.device, x.dtype).reshape(x.shape)
+            attr, ex.baseline_logits, completeness = _adaptive_ig(
+                model, x, base, targets, labels, ig_steps, max_steps, tolerance, batch, progress, cancel)
+        elif len(targets) == 1:  # one finding: Captum's Occlusion does exactly this job
+            attr, completeness = [_captum_occlusion(model, x, targets[0], batch, progress, cancel)], [None]
+        else:  # several: one pass over the occluded inputs gives every finding's logits (Captum: one pass each)
+            attr, completeness = _occlusion(model, x, targets, labels, batch, progress, cancel), [None] * len(targets)
     # Evidence for the finding only: voxels whose HU (all windows together) raise its logit.
     # Keeping the positive part doubles the share of saliency inside lesions compared with |attr|
     # (measured on phantoms with the demo model: enrichment 15.9 vs 8.8).
-    return [_normalise(_smooth(a.sum(dim=0)[None, None].clamp(min=0).float())[0, 0]) for a in attr]
+    ex.findings = [FindingAttribution(t, _positive_map(a), c) for t, a, c in zip(targets, attr, completeness)]
+    return ex
 
 
-def _integrated_gradients(model, x, targets, labels, n_steps, batch, progress, cancel) -> list[torch.Tensor]:
-    """Per target, the IG attribution [C, D, H, W] with a zero (air) baseline."""
-    alphas, weights = gauss_legendre(n_steps)
-    alphas, weights = alphas.to(x.device, x.dtype), weights.to(x.device, x.dtype)
-    baseline = torch.zeros_like(x)  # air: 0 in every HU window
+def _positive_map(attribution: torch.Tensor) -> np.ndarray:
+    """[C, D, H, W] attribution -> the smoothed positive part of its channel sum, [D, H, W] float32."""
+    t = _smooth(attribution.sum(dim=0)[None, None].clamp(min=0).float())[0, 0]
+    return np.maximum(t.detach().cpu().numpy().astype(np.float32), 0)
+
+
+def _adaptive_ig(model, x, baseline, targets, labels, ig_steps, max_steps, tolerance, batch, progress, cancel):
+    """IG for every target; with ig_steps None, more nodes for the targets whose completeness fails.
+
+    Returns the attributions [C, D, H, W] per target, the baseline's logits per target and a
+    completeness record per target.
+    """
+    with torch.no_grad():
+        ends = model(torch.cat([x, baseline]))[:, targets].float()
+    delta = (ends[0] - ends[1]).tolist()
+    steps = ig_steps or DEFAULT_IG_STEPS
+    cap = steps if ig_steps else max(max_steps, steps)
+    schedule = [steps * 2 ** i for i in range(32) if steps * 2 ** i <= cap]  # the passes there may be
+    attr: list[torch.Tensor | None] = [None] * len(targets)
+    records: list[dict | None] = [None] * len(targets)
+    todo, spent = list(range(len(targets))), 0
+    while todo:  # progress: each pass fills its share of the worst case; a pass that settles all jumps to the end
+        part = sub_progress(progress, spent / sum(schedule), (spent + steps) / sum(schedule))
+        found = _integrated_gradients(model, x, baseline, [targets[k] for k in todo], [labels[k] for k in todo],
+                                      steps, batch, part, cancel)
+        spent += steps
+        for k, a in zip(todo, found):
+            total = float(a.sum())
+            error = abs(total - delta[k]) / max(abs(delta[k]), LOGIT_FLOOR)
+            attr[k] = a
+            records[k] = {"sum_of_attributions": round(total, 5), "logit_difference": round(delta[k], 5),
+                          "relative_error": round(error, 4), "nodes": steps, "tolerance": tolerance,
+                          "converged": error <= tolerance}
+        todo = [k for k in todo if not records[k]["converged"]] if steps * 2 <= cap else []
+        steps *= 2
+    sub_progress(progress, 0.0, 1.0)(1.0, f"explaining {labels[-1]}")
+    return attr, ends[1].tolist(), records
+
+
+def _integrated_gradients(model, x, baseline, targets, labels, n_steps, batch, progress, cancel) -> list[torch.Tensor]:
+    """Per target, the IG attribution [C, D, H, W] from baseline to x over n_steps Gauss-Legendre nodes."""
     proj = _linear_patch_embedding(model)
+    if proj is not None:
+        attr = _ig_token_space(model, proj, x, baseline, targets, labels, n_steps, batch, progress, cancel)
+    else:
+        attr = _ig_input_space(model, x, baseline, targets, labels, n_steps, batch, progress, cancel)
+    return [attr[k] for k in range(len(targets))]
+
+
+def _ig_input_space(model, x, baseline, targets, labels, n_steps, batch, progress, cancel) -> torch.Tensor:
+    """IG along the straight path in input space: [K, C, D, H, W], one row per target."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+
+    def point(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        path = (baseline + a.view(shape) * (x - baseline)).requires_grad_(True)
+        return model(path), path
+
+    acc = torch.zeros((len(targets), *x.shape[1:]), device=x.device, dtype=x.dtype)
+    _quadrature(point, acc, targets, labels, n_steps, batch, progress, cancel)
+    return acc * (x - baseline)
+
+
+def _ig_token_space(model, proj, x, baseline, targets, labels, n_steps, batch, progress, cancel) -> torch.Tensor:
+    """IG along the same path taken in patch-embedding space (exact for a linear patch embedding):
+    a forward hook puts the path's tokens where proj's output was, and P^T maps the integrated
+    token gradients back to the input once per target. [K, C, D, H, W]."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    with torch.no_grad():
+        e1, e0 = proj(x), proj(baseline)
+    state: dict[str, torch.Tensor] = {}
+
+    def point(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state["path"] = (e0 + a.view(shape) * (e1 - e0)).requires_grad_(True)
+        return model(x.expand(len(a), *x.shape[1:])), state["path"]
+
+    acc = torch.zeros((len(targets), *e1.shape[1:]), device=x.device, dtype=x.dtype)
+    hook = proj.register_forward_hook(lambda module, inp, out: state["path"])
+    try:
+        _quadrature(point, acc, targets, labels, n_steps, batch, progress, cancel)
+    finally:
+        hook.remove()
+    # P^T of the token gradients = the input gradients, integrated along the path
+    acc = F.conv_transpose3d(acc, proj.weight.to(acc.dtype), stride=proj.stride)
+    return acc * (x - baseline)
+
+
+def _quadrature(point, acc, targets, labels, n_steps, batch, progress, cancel) -> None:
+    """The one Gauss-Legendre loop of both paths: per batch of nodes, one forward (``point(alphas)``
+    gives the outputs and the path tensor they were computed from), then one backward per target
+    from the same graph, the node-weighted gradients summed into acc[k]."""
+    alphas, weights = gauss_legendre(n_steps)
+    alphas, weights = alphas.to(acc.device, acc.dtype), weights.to(acc.device, acc.dtype)
+    report = sub_progress(progress, 0.0, 1.0)
     n_batches = -(-n_steps // batch)
     units, done = n_batches * (1 + len(targets)), 0
-    if proj is not None:
-        with torch.no_grad():
-            e1, e0 = proj(x), proj(baseline)
-        state: dict[str, torch.Tensor] = {}
-        hook = proj.register_forward_hook(lambda module, inp, out: state["path"])
-        acc = torch.zeros((len(targets), *e1.shape[1:]), device=x.device, dtype=x.dtype)
-    else:
-        acc = torch.zeros((len(targets), *x.shape[1:]), device=x.device, dtype=x.dtype)
-    try:
-        for start in range(0, n_steps, batch):
-            a, w = alphas[start:start + batch], weights[start:start + batch]
-            shape = (-1,) + (1,) * (x.dim() - 1)
-            _check(cancel)
-            with torch.enable_grad():
-                if proj is not None:  # the path in token space; the hook puts it where proj's output was
-                    path = (e0 + a.view(shape) * (e1 - e0)).requires_grad_(True)
-                    state["path"] = path
-                    out = model(x.expand(len(a), *x.shape[1:]))
-                else:
-                    path = (baseline + a.view(shape) * (x - baseline)).requires_grad_(True)
-                    out = model(path)
+    for start in range(0, n_steps, batch):
+        a, w = alphas[start:start + batch], weights[start:start + batch]
+        check_cancel(cancel, "Explanation")
+        with torch.enable_grad():
+            out, path = point(a)
+            done += 1
+            report(done / units, f"explaining {labels[0]}")
+            w = w.view((-1,) + (1,) * (path.dim() - 1))
+            for k, t in enumerate(targets):
+                check_cancel(cancel, "Explanation")
+                (grad,) = torch.autograd.grad(out[:, t].sum(), path, retain_graph=k < len(targets) - 1)
+                acc[k] += (grad * w).sum(dim=0)
                 done += 1
-                _report(progress, done / units, f"explaining {labels[0]}")
-                for k, t in enumerate(targets):
-                    _check(cancel)
-                    (grad,) = torch.autograd.grad(out[:, t].sum(), path, retain_graph=k < len(targets) - 1)
-                    acc[k] += (grad * w.view(shape)).sum(dim=0)
-                    done += 1
-                    _report(progress, done / units, f"explaining {labels[k]}")
-            del out, path
-    finally:
-        if proj is not None:
-            hook.remove()
-    if proj is not None:  # P^T of the token gradients = the input gradients, integrated along the path
-        acc = F.conv_transpose3d(acc, proj.weight.to(acc.dtype), stride=proj.stride)
-    return [acc[k] * (x[0] - baseline[0]) for k in range(len(targets))]
+                report(done / units, f"explaining {labels[k]}")
+        del out, path
 
 
 def _occlusion(model, x, targets, labels, batch, progress, cancel) -> list[torch.Tensor]:
@@ -153,14 +289,15 @@ def _occlusion(model, x, targets, labels, batch, progress, cancel) -> list[torch
     starts = [range(0, s - w + 1, st) for s, w, st in zip(spatial, window, stride)]
     corners = [(i, j, k) for i in starts[0] for j in starts[1] for k in starts[2]]
     units = -(-len(corners) // batch) + 1
-    _check(cancel)
+    report = sub_progress(progress, 0.0, 1.0)
+    check_cancel(cancel, "Explanation")
     with torch.no_grad():
         ref = model(x)[0, targets]  # [K]
-        _report(progress, 1 / units, f"explaining {', '.join(labels)}")
+        report(1 / units, f"explaining {', '.join(labels)}")
         total = torch.zeros((len(targets), *spatial), device=x.device, dtype=x.dtype)
         count = torch.zeros(spatial, device=x.device, dtype=x.dtype)
         for n, start in enumerate(range(0, len(corners), batch)):
-            _check(cancel)
+            check_cancel(cancel, "Explanation")
             chunk = corners[start:start + batch]
             occluded = x.expand(len(chunk), *x.shape[1:]).clone()
             for b, (i, j, k) in enumerate(chunk):
@@ -170,7 +307,7 @@ def _occlusion(model, x, targets, labels, batch, progress, cancel) -> list[torch
                 region = (slice(i, i + window[0]), slice(j, j + window[1]), slice(k, k + window[2]))
                 total[(slice(None), *region)] += delta[b].view(-1, 1, 1, 1)
                 count[region] += 1
-            _report(progress, (n + 2) / units, f"explaining {', '.join(labels)}")
+            report((n + 2) / units, f"explaining {', '.join(labels)}")
     mean = total / count.clamp(min=1)
     return [mean[k][None].expand(x.shape[1], *spatial) for k in range(len(targets))]
 
@@ -233,29 +370,49 @@ def explain_captum(
     method: str = "integrated_gradients",
     ig_steps: int = 16,
     cancel: CancelCheck | None = None,
+    baseline: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """The per-finding reference: Captum's IntegratedGradients / Occlusion for one finding (how every
-    map was made before explain_findings). For tests and benchmarks; imports captum."""
-    from captum.attr import IntegratedGradients, Occlusion
+    """Captum's IntegratedGradients / Occlusion for one finding, scaled to a maximum of 1: the reference
+    FMCT's own shared maps are tested against (and how every map was made before explain_findings)."""
+    if method == "occlusion":
+        return _normalise(_positive_map(_captum_occlusion(model, x, task_index, _batch(x), None, cancel)))
+    if method != "integrated_gradients":
+        raise ValueError(f"explain_captum covers integrated_gradients and occlusion, not {method}")
+    from captum.attr import IntegratedGradients
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
-        _check(cancel)
+        check_cancel(cancel, "Explanation")
         return model(inp)[:, task_index]
 
+    base = torch.zeros_like(x) if baseline is None else baseline.to(x.device, x.dtype).reshape(x.shape)
     with torch.enable_grad():
-        if method == "integrated_gradients":
-            attr = IntegratedGradients(forward).attribute(
-                x, baselines=torch.zeros_like(x), n_steps=ig_steps, internal_batch_size=_batch(x),
-                method="gausslegendre")
-        elif method == "occlusion":
-            window, stride = _occlusion_window(model)
-            attr = Occlusion(forward).attribute(
-                x, sliding_window_shapes=(x.shape[1], *window), strides=(x.shape[1], *stride),
-                baselines=0.0, perturbations_per_eval=_batch(x))
-        else:
-            raise ValueError(f"explain_captum covers integrated_gradients and occlusion, not {method}")
-    attr = attr.sum(dim=1, keepdim=True).clamp(min=0)
-    return _normalise(_smooth(attr.float())[0, 0])
+        attr = IntegratedGradients(forward).attribute(x, baselines=base, n_steps=ig_steps,
+                                                      internal_batch_size=_batch(x), method="gausslegendre")
+    return _normalise(_positive_map(attr[0]))
+
+
+def _captum_occlusion(model, x, task_index, batch, progress, cancel) -> torch.Tensor:
+    """Captum's Occlusion of one finding's logit, [C, D, H, W]: each window (all channels, 2x2x2 patches,
+    half overlapping) replaced by 0; a voxel gets the mean logit drop over the windows covering it."""
+    from captum.attr import Occlusion
+
+    window, stride = _occlusion_window(model)
+    n_windows = math.prod(len(range(0, s - w + 1, st)) for s, w, st in zip(x.shape[2:], window, stride))
+    units, done = 1 + -(-n_windows // batch), [0]
+    report = sub_progress(progress, 0.0, 1.0)
+
+    def forward(inp: torch.Tensor) -> torch.Tensor:
+        check_cancel(cancel, "Explanation")
+        out = model(inp)[:, task_index]
+        done[0] += 1
+        report(done[0] / units, "explaining (occlusion)")
+        return out
+
+    with torch.no_grad():
+        attr = Occlusion(forward).attribute(x, sliding_window_shapes=(x.shape[1], *window),
+                                            strides=(x.shape[1], *stride), baselines=0.0,
+                                            perturbations_per_eval=batch)
+    return attr[0]
 
 
 def _occlusion_window(model: FMCTClassifier) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -283,18 +440,10 @@ def _smooth(t: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     return t
 
 
-def _normalise(t: torch.Tensor) -> np.ndarray:
-    a = t.detach().cpu().numpy().astype(np.float32)
+def _normalise(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A non-negative map scaled to a maximum of 1 (a copy)."""
+    a = (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)).astype(np.float32)
     a = np.maximum(a, 0)
     peak = float(a.max())
     return a / peak if peak > 0 else a
 
-
-def _check(cancel: CancelCheck | None) -> None:
-    if cancel is not None and cancel():
-        raise Cancelled("Explanation cancelled")
-
-
-def _report(progress: Progress | None, fraction: float, message: str) -> None:
-    if progress is not None:
-        progress(min(max(fraction, 0.0), 1.0), message)

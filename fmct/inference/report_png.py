@@ -25,6 +25,8 @@ def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_nam
 
     primary = result.primary_finding()
     focus = primary.name if primary else None
+    if "attention" in result.saliency:  # the one finding-agnostic map (fmct.inference.saliency)
+        focus = "attention"
     view, aspect = radiological_view(ct)
     sal_view = radiological_view(result.saliency[focus])[0] if focus in result.saliency else None
     slices = _pick_slices(view, sal_view, n_slices)
@@ -44,7 +46,11 @@ def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_nam
     ax = fig.add_subplot(grid[1, :])
     _bars(ax, result)
     heading = f"FMCT {model_name}".strip()
-    if focus:
+    if focus == "attention":
+        heading += f" - overlay: attention ({result.method}), finding-agnostic, normalised on its own"
+    elif focus and focus in result.saliency:
+        heading += f" - overlay: {focus} ({result.method}), on the scale shared by this CT's maps"
+    elif focus:
         heading += f" - overlay: {focus} ({result.method})"
     banner = getattr(result, "banner", "")
     fig.suptitle(heading + "\nResearch use only. Not for diagnosis." + (f" {banner}" if banner else ""), fontsize=12)

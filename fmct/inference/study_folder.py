@@ -43,7 +43,22 @@ from fmct.reading.volume import Volume
 
 FINDINGS_FILE = "findings.json"
 SALIENCY_MAX = 255  # stored value of the strongest attribution; divide by it for the [0, 1] map
-FMCT_FILES = ("ct.nii.gz", "report.png", "saliency_*.nii.gz")  # what FMCT writes beside findings.json
+FMCT_FILES = ("ct.nii.gz", "report.png", "saliency_*.nii.gz", "attention.nii.gz")  # what FMCT writes beside findings.json
+ATTENTION_FILE = "attention.nii.gz"  # the one finding-agnostic attention map (fmct.inference.saliency.ATTENTION_KEY)
+
+
+def saliency_file(key: str) -> str:
+    """The file of a map: saliency_<finding>.nii.gz, or attention.nii.gz for the finding-agnostic attention map."""
+    return ATTENTION_FILE if key == "attention" else f"saliency_{key}.nii.gz"
+
+
+def saliency_scale_text(result: Any) -> str:
+    """What a map's grey levels mean, as findings.json and the report say it."""
+    if result.method and str(result.method).startswith("attention"):
+        return (f"uint8, 0 = none, {SALIENCY_MAX} = the strongest attention in this CT; one finding-agnostic map, "
+                "normalised on its own")
+    return (f"uint8, 0 = none, {SALIENCY_MAX} = the strongest attribution among this CT's maps: one scale shared by "
+            "all of them (explanation.scale.attribution_per_grey_level)")
 FINGERPRINT_SAMPLES = 1 << 16
 LOCK_DIR = ".fmct-locks"  # beside the study folders: out/.fmct-locks/<study folder name>.lock
 
@@ -182,10 +197,13 @@ def quantize_saliency(saliency: Volume) -> Volume:
 PARALLEL_WRITE_MAX_VOXELS = 256 << 20
 
 
-def _write_saliency(saliency: Volume, path: Path) -> Path:
+def _write_saliency(maps: Any, name: str, path: Path) -> Path:
+    """Write one map, fetched from the result only now: a result whose maps are mapped back on demand
+    (fmct.inference.saliency.SaliencyOnCTGrid) then holds one full-size map per writing thread, whatever
+    the number of maps, and each is freed once written."""
     from fmct.reading.files import write_volume
 
-    return write_volume(quantize_saliency(saliency), path)
+    return write_volume(quantize_saliency(maps[name]), path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,8 +359,8 @@ def write_study_outputs(
     jobs: list[Callable[[], Path]] = []
     if save_ct:
         jobs.append(partial(_write_verified, out / "ct.nii.gz", partial(write_volume, volume), needed))
-    for name, sal in result.saliency.items():
-        jobs.append(partial(_write_verified, out / f"saliency_{name}.nii.gz", partial(_write_saliency, sal), needed))
+    for name in result.saliency:
+        jobs.append(partial(_write_verified, out / saliency_file(name), partial(_write_saliency, result.saliency, name), needed))
     if report:
         from fmct.inference.report_png import write_report
 
@@ -389,8 +407,9 @@ def _findings_payload(volume: Volume, result: Any, model_name: str, device: str,
         "checks": result.checks.to_list() if getattr(result, "checks", None) is not None else None,
         "cropped_to_head": (result.checks.crop.to_dict() if getattr(result, "checks", None) is not None
                             and result.checks.crop is not None else None),
-        "saliency_files": {n: f"saliency_{n}.nii.gz" for n in result.saliency},
-        "saliency_scale": f"uint8, 0 = none, {SALIENCY_MAX} = the strongest attribution in this CT",
+        "saliency_files": {n: saliency_file(n) for n in result.saliency},
+        "saliency_scale": saliency_scale_text(result),
+        "explanation": getattr(result, "explanation", None),
         "timings": {k: round(v, 3) for k, v in (timings if timings is not None else result.timings).items()},
     }
 

@@ -1,8 +1,11 @@
 """A 3D Vision Transformer encoder for CT volumes, in the shape of timm's / DINOv2's ViT.
 
 Patch embedding is a strided Conv3d; attention uses PyTorch SDPA (flash / memory-efficient
-kernels on GPU) unless the attention weights are asked for, which explanations need.
+kernels on GPU) unless the attention weights are asked for, which explanations need: blocks
+return a tensor, and the weights only with ``return_attention=True`` (as timm's flag).
 A mask token is part of the encoder so masked image modeling can replace patch tokens.
+``set_grad_checkpointing()`` (timm's name) recomputes each block in the backward pass instead
+of keeping its activations, which a base-size encoder needs to pretrain at 128^3.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fmct.models.config import PRESETS, ViT3DConfig, preset  # noqa: F401  (re-exported: torch users import them from here)
 
@@ -104,11 +108,13 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, cfg.layerscale_init)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The block's output tokens; with ``return_attention`` also its softmax attention [B, heads, N, N]
+        (computed explicitly instead of by SDPA: for explanations, not for training)."""
         y, attn = self.attn(self.norm1(x), return_attention)
         x = x + self.drop_path(self.ls1(y))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
-        return x, attn
+        return (x, attn) if return_attention else x
 
 
 class ViT3D(nn.Module):
@@ -128,7 +134,19 @@ class ViT3D(nn.Module):
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.final_norm_eps)
+        self.grad_checkpointing = False
         self._init_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (timm's
+        switch): activation memory of one block instead of ``depth``, for about a third more compute.
+        Only while gradients are recorded; inference is unchanged."""
+        self.grad_checkpointing = bool(enable)
+
+    def _run_block(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and tokens.requires_grad:
+            return checkpoint(block, tokens, use_reentrant=False)
+        return block(tokens)
 
     def _init_weights(self) -> None:
         if self.pos_embed.is_meta:  # shapes only (the bundle's weight check): torch's normal_ on the meta
@@ -177,14 +195,13 @@ class ViT3D(nn.Module):
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         tokens = self.prepare_tokens(x, masks)
         for block in self.blocks:
-            tokens, _ = block(tokens)
+            tokens = self._run_block(block, tokens)
         tokens = self.norm(tokens)
         return {"cls": tokens[:, 0], "patch": tokens[:, 1:]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)["cls"]
 
-    @torch.no_grad()
     def get_intermediate_layers(self, x: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
                                 return_class_token: bool = False, norm: bool = True) -> tuple:
         """Outputs of the last ``n`` blocks (or of the blocks whose indices ``n`` lists), as DINOv2 has it.
@@ -192,6 +209,9 @@ class ViT3D(nn.Module):
         Each entry is the patch tokens [B, N, D] (``reshape``: [B, D, gd, gh, gw] on the patch
         grid), or with ``return_class_token`` a pair (patch tokens, CLS [B, D]). ``norm`` applies
         the final LayerNorm to every returned layer, as DINOv2 does.
+
+        Gradients flow as in ``forward`` (a dense head trained on intermediate layers needs them, as in
+        DINOv2 and timm); callers that only read features say ``torch.no_grad()`` themselves.
         """
         total = len(self.blocks)
         wanted = set(range(total - n, total) if isinstance(n, int) else n)
@@ -200,7 +220,7 @@ class ViT3D(nn.Module):
         grid = tuple(s // p for s, p in zip(x.shape[2:], self.cfg.patch_size))
         tokens, outputs = self.prepare_tokens(x), []
         for i, block in enumerate(self.blocks):
-            tokens, _ = block(tokens)
+            tokens = self._run_block(block, tokens)
             if i in wanted:
                 outputs.append(self.norm(tokens) if norm else tokens)
         result = []

@@ -18,10 +18,15 @@ from fmct.models.config import ViT3DConfig, preset
 
 @dataclass
 class EncoderSection:
-    """A named size plus overrides, e.g. {preset: tiny, embed_dim: 48, depth: 2}."""
+    """A named size plus overrides, e.g. {preset: tiny, embed_dim: 48, depth: 2}.
+
+    grad_checkpointing recomputes each block in the backward pass instead of storing its
+    activations (ViT3D.set_grad_checkpointing): what base-size pretraining at 128^3 needs to fit.
+    """
 
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
+    grad_checkpointing: bool = False
 
     def build(self) -> ViT3DConfig:
         over = dict(self.overrides)

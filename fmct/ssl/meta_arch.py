@@ -39,6 +39,7 @@ class Student(nn.Module):
         enc = cfg.encoder_config
         d = cfg.dino
         self.backbone = ViT3D(enc)
+        self.backbone.set_grad_checkpointing(cfg.encoder.grad_checkpointing)
         self.dino_head = DINOHead(enc.embed_dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.nlayers)
         self.ibot_head = (DINOHead(enc.embed_dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.nlayers)
                           if cfg.ibot.enabled and cfg.ibot.separate_head else None)
