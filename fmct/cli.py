@@ -306,30 +306,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fmct", description="FMCT head-CT foundation model: analyze head CTs, make synthetic CTs.")
-    p.add_argument("--version", action="version", version=f"fmct {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+def _model_options(sp: argparse.ArgumentParser) -> None:
+    """The options of the commands that run a bundle on a CT (demo, analyze)."""
+    sp.add_argument("--model", default=None, help="model bundle folder or .zip (default: the bundled demo model)")
+    sp.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP)
+    sp.add_argument("--explain", default=None, choices=EXPLAIN_CHOICES,
+                    help="saliency method for positive findings (default: integrated_gradients; none with --backend onnx)")
+    sp.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                    help="auto (default): onnx for findings only (--explain none) on the CPU when the bundle "
+                         "carries a checked model.onnx, else torch; torch; or onnx: the bundle's checked "
+                         "model.onnx on onnxruntime, without torch (findings only; see `fmct export --onnx`)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on a GPU over many studies)")
 
-    def model_options(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model", default=None, help="model bundle folder or .zip (default: the bundled demo model)")
-        sp.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP)
-        sp.add_argument("--explain", default=None, choices=EXPLAIN_CHOICES,
-                        help="saliency method for positive findings (default: integrated_gradients; none with --backend onnx)")
-        sp.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                        help="auto (default): onnx for findings only (--explain none) on the CPU when the bundle "
-                             "carries a checked model.onnx, else torch; torch; or onnx: the bundle's checked "
-                             "model.onnx on onnxruntime, without torch (findings only; see `fmct export --onnx`)")
-        sp.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on a GPU over many studies)")
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """demo: a synthetic head CT analyzed with the bundled model."""
     d = sub.add_parser("demo", help="make a sample head CT and analyze it with the bundled model")
     d.add_argument("--out", default="fmct_demo", help="output folder (default: ./fmct_demo)")
     d.add_argument("--seed", type=int, default=20, help="seed of the sample CT (chosen by benchmarks/pick_demo_seed.py)")
     d.add_argument("--overwrite", action="store_true", help="replace the results of another study in --out")
-    model_options(d)
+    _model_options(d)
     d.set_defaults(func=cmd_demo)
 
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    """analyze: one CT, or a batch of studies (--batch or a manifest .csv)."""
     a = sub.add_parser("analyze", help="analyze a head CT (DICOM folder, NIfTI, NRRD or MHA), or a batch of them")
     a.add_argument("input", help="DICOM series folder or a .nii/.nii.gz/.nrrd/.mha file; with --batch a folder of "
                                  "studies; or a manifest .csv (columns study_id,path)")
@@ -347,9 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--save-ct", action="store_true", help="also write the CT as ct.nii.gz (to overlay the saliency in any viewer)")
     a.add_argument("--overwrite", action="store_true", help="replace the results of another study in --out (without it, "
                                                            "a folder holding another CT's findings.json is refused)")
-    model_options(a)
+    _model_options(a)
     a.set_defaults(func=cmd_analyze)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """export: model.onnx written into a bundle and checked against torch."""
     e = sub.add_parser("export", help="export a bundle's model: --onnx writes model.onnx checked against torch")
     e.add_argument("bundle", help="model bundle folder")
     e.add_argument("--onnx", action="store_true", help="write model.onnx and record the torch/onnxruntime check in fmct.json")
@@ -358,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     e.set_defaults(func=cmd_export)
 
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    """pretrain: its options live beside the training code (fmct.train.pretrain_args)."""
     from fmct.train.pretrain_args import USAGE_EXAMPLES, add_arguments
 
     pt = sub.add_parser("pretrain", help="self-supervised pretraining of the encoder (DINO + iBOT + masked reconstruction)",
@@ -367,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(pt)
     pt.set_defaults(func=cmd_pretrain)
 
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    """embed: one feature row per study from an encoder bundle."""
     em = sub.add_parser("embed", help="features of every study from an encoder bundle (CLS, mean patch token, last layers)",
                         description="One feature row per study: the encoder's CLS token and mean patch token (and with "
                                     "--layers N those of the last N blocks). Resumable: a rerun skips studies already "
@@ -379,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--overwrite", action="store_true", help="start again when --out holds features of another model or options")
     em.set_defaults(func=cmd_embed)
 
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    """probe: cross-validated kNN / logistic regression on saved embeddings."""
     pb = sub.add_parser("probe", help="kNN / logistic-regression AUROC of saved embeddings on labels, cross-validated",
                         description="Evaluate an encoder on your labels in minutes: stratified k-fold kNN and L2 logistic "
                                     "regression on features from `fmct embed`; AUROC per fold and pooled with a 95%% CI.")
@@ -394,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--out", help="write the report as JSON here")
     pb.set_defaults(func=cmd_probe)
 
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    """finetune: task heads on labelled CTs; flags override --config."""
     ft = sub.add_parser("finetune", help="fine-tune task heads on labelled CTs (from a pretrained encoder or from scratch)",
                         description="Fine-tune task heads. Options override the --config file (YAML or JSON with the same names).")
     ft.add_argument("--config", help="YAML/JSON config (fields of fmct.train.finetune.FinetuneConfig)")
@@ -418,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(exactly; refused if the settings differ)")
     ft.set_defaults(func=cmd_finetune)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    """evaluate: a bundle on labelled studies; flags override --config."""
     ev = sub.add_parser("evaluate", help="AUROC with 95%% CIs, AUPRC, sensitivity/specificity, ECE; in- vs out-of-distribution",
                         description="Evaluate a bundle on labelled studies; writes report.json, report.txt and roc.png.")
     ev.add_argument("--config", help="YAML/JSON with any of: model, data, ood_data, out, device, cache_dir, n_boot")
@@ -430,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-boot", type=int, help="bootstrap resamples for the CIs (default 1000)")
     ev.set_defaults(func=cmd_evaluate)
 
+
+def _add_phantom(sub: argparse._SubParsersAction) -> None:
+    """phantom: synthetic head CTs with findings, masks and labels.csv."""
     ph = sub.add_parser("phantom", help="write synthetic head CTs with findings, lesion masks and a labels CSV")
     ph.add_argument("out", help="output folder")
     ph.add_argument("--n", type=int, default=10, help="number of CTs (default 10)")
@@ -439,15 +461,25 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--size", type=int, default=512, help="in-plane matrix size (default 512)")
     ph.add_argument("--anatomy", default="default", help="anatomy preset: default or ood")
     ph.set_defaults(func=cmd_phantom)
+
+
+#: one function per command, in the order `fmct --help` lists them
+_COMMANDS = (_add_demo, _add_analyze, _add_export, _add_pretrain, _add_embed, _add_probe, _add_finetune, _add_evaluate, _add_phantom)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fmct", description="FMCT head-CT foundation model: analyze head CTs, make synthetic CTs.")
+    p.add_argument("--version", action="version", version=f"fmct {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in _COMMANDS:
+        add(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and not getattr(args, "passthrough", False):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.rest = rest
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return args.func(args)
