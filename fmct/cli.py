@@ -16,7 +16,6 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from fmct import __version__
 from fmct.conventions.errors import Cancelled, ConfigError, FMCTError
 from fmct.inference.runners import BACKEND_CHOICES, choose_backend
 from fmct.conventions.runtime import DEFAULT_EXPLAIN, EXPLAIN_METHODS, explain_method_or_none, parse_device
@@ -306,6 +305,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked (it may call git): other commands start without it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from fmct.conventions.version import code_version
+
+        print(f"fmct {code_version()}")  # on stdout, as argparse's own version action
+        parser.exit()
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from fmct.inference.fetch import fetch_verified
+
+    with TqdmProgress("fetch") as progress:
+        out = fetch_verified(args.url, args.sha256, args.out, progress=progress, overwrite=args.overwrite)
+    print(f"Wrote {out} (SHA-256 verified); use it with: fmct analyze CT --model {out}")
+    return 0
+
+
 def _model_options(sp: argparse.ArgumentParser) -> None:
     """The options of the commands that run a bundle on a CT (demo, analyze)."""
     sp.add_argument("--model", default=None, help="model bundle folder or .zip (default: the bundled demo model)")
@@ -463,13 +484,26 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     ph.set_defaults(func=cmd_phantom)
 
 
+def _add_fetch(sub: argparse._SubParsersAction) -> None:
+    """fetch: a model published as a release asset, kept only when its SHA-256 is the published one."""
+    fe = sub.add_parser("fetch", help="download a published model bundle (.zip) and verify its SHA-256",
+                        description="Models over ~25 MB are release assets, not in the repository; fmct never downloads "
+                                    "on its own. This fetches one on request and keeps it only if its SHA-256 matches.")
+    fe.add_argument("url", help="https:// (or file://) URL of the bundle .zip")
+    fe.add_argument("--sha256", required=True, help="the SHA-256 published with the model (64 hex digits)")
+    fe.add_argument("--out", default=".", help="file or folder to write (default: the current folder)")
+    fe.add_argument("--overwrite", action="store_true", help="replace an existing --out that is another file")
+    fe.set_defaults(func=cmd_fetch)
+
+
 #: one function per command, in the order `fmct --help` lists them
-_COMMANDS = (_add_demo, _add_analyze, _add_export, _add_pretrain, _add_embed, _add_probe, _add_finetune, _add_evaluate, _add_phantom)
+_COMMANDS = (_add_demo, _add_analyze, _add_export, _add_pretrain, _add_embed, _add_probe, _add_finetune, _add_evaluate, _add_phantom,
+             _add_fetch)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmct", description="FMCT head-CT foundation model: analyze head CTs, make synthetic CTs.")
-    p.add_argument("--version", action="version", version=f"fmct {__version__}")
+    p.add_argument("--version", action=_VersionAction, help="show the version (from git) and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from fmct import __version__
+from fmct.conventions.version import code_version
 from fmct.conventions.atomic import write_text_atomic
 from fmct.conventions.errors import BundleError, OutputFolderError
 from fmct.reading.volume import Volume
@@ -186,7 +186,7 @@ def write_study_outputs(
     written = _run_writes(jobs, threads, volume.array.size)
     payload = {
         "model": model_name,
-        "fmct_version": __version__,
+        "fmct_version": code_version(),
         "device": device,
         "backend": backend,
         "explain_method": result.method,
