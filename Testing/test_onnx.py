@@ -80,7 +80,8 @@ def test_cli_onnx_analysis_never_imports_torch(exported, tmp_path, flags):
         "print('NO-TORCH-OK')\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "NO-TORCH-OK" in proc.stdout
     payload = json.loads((out / "findings.json").read_text())

@@ -365,7 +365,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                    help="batch: processes decoding studies ahead of the model (default min(4, CPUs) with a GPU, "
                         "CPUs/4 without; 0: decode in this process)")
     a.add_argument("--series", default=None, help="SeriesInstanceUID to use when the folder holds several series")
-    a.add_argument("--findings", default="positive", help="which findings get a saliency map: positive (default), all, or a comma-separated list")
+    a.add_argument("--findings", default="positive",
+                   help="which findings get a saliency map: positive (default), all, or a comma-separated list")
     a.add_argument("--save-ct", action="store_true", help="also write the CT as ct.nii.gz (to overlay the saliency in any viewer)")
     a.add_argument("--overwrite", action="store_true", help="replace the results of another study in --out (without it, "
                                                            "a folder holding another CT's findings.json is refused)")

@@ -22,7 +22,8 @@ from fmct.inference.bundle import OOD_FILE, WEIGHTS_FILE, Bundle, read_members
 from fmct.conventions.errors import BundleError
 
 FEATURE = "cls+mean_patch"  # what the statistics describe: the task head's input
-MIN_HEAD_EXTENT_MM = 90.0  # whole adult heads measure 110-170 mm bottom to top (phantoms, a 3 cm neck cut included); a vertex-only scan 45-55
+# whole adult heads measure 110-170 mm bottom to top (phantoms, a 3 cm neck cut included); a vertex-only scan 45-55
+MIN_HEAD_EXTENT_MM = 90.0
 DEFAULT_QUANTILE = 0.975  # share of held-out in-distribution CTs that stay below the threshold
 SHRINKAGE = 0.1  # covariance shrunk towards its mean variance: a few hundred CTs for hundreds of dimensions
 
