@@ -23,7 +23,7 @@ from fmct.conventions.runtime import DEFAULT_EXPLAIN, EXPLAIN_METHODS, explain_m
 log = logging.getLogger("fmct")
 EXPLAIN_CHOICES = (*EXPLAIN_METHODS, "none")
 PROGRESS_ENV = "FMCT_PROGRESS"  # "json": progress as JSON lines on stderr instead of a bar
-DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda (or gpu) or cuda:N"
 
 
 class TqdmProgress:
@@ -97,16 +97,29 @@ def _output_options(args: argparse.Namespace, method: str | None, save_ct: bool,
             "save_ct": bool(save_ct), "report": bool(report)}
 
 
-def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
-    from fmct.inference.bundle import model_identity
-    from fmct.inference.study_folder import check_study_folder, study_fingerprint, write_study_outputs
-
-    t_start = time.perf_counter()
-    overwrite = getattr(args, "overwrite", False)
-    check_study_folder(out, study_fingerprint(volume), overwrite)  # before the model runs
+def _checked_analyzer(args: argparse.Namespace):
+    """The analyzer, with every option that concerns it checked (model bundle, backend, explanation
+    method, the finding names of --findings): done before the CT is read, so a typo costs nothing."""
     analyzer = _make_analyzer(args)
     method = _explain_method(args)
     analyzer.check_explain_method(method)
+    if isinstance(args.findings, list):
+        names = analyzer.bundle.meta.task_names
+        unknown = [n for n in args.findings if n not in names]
+        if unknown:
+            raise ConfigError(f"--findings: unknown finding(s) {', '.join(unknown)}; this model predicts {', '.join(names)}")
+    return analyzer, method
+
+
+def _run_analysis(volume, args, out: Path, save_ct: bool, checked=None, t_start: float | None = None) -> int:
+    """Analyze one CT into out; checked: (analyzer, method) from _checked_analyzer when already made."""
+    from fmct.inference.bundle import model_identity
+    from fmct.inference.study_folder import check_study_folder, study_fingerprint, write_study_outputs
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    overwrite = getattr(args, "overwrite", False)
+    check_study_folder(out, study_fingerprint(volume), overwrite)  # before the model runs
+    analyzer, method = checked if checked is not None else _checked_analyzer(args)
     with TqdmProgress("analyze") as progress:
         result = analyzer.analyze(volume, explain_method=method, explain_findings=args.findings, progress=progress)
     timings = {**result.timings, "total_s": time.perf_counter() - t_start}
@@ -178,10 +191,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return _run_batch(args)
     if args.workers is not None:
         raise ConfigError("--workers applies to a batch (a folder of studies with --batch, or a manifest .csv)")
+    from fmct.data.manifests import refuse_several_studies
+
+    refuse_several_studies(Path(args.input))  # a folder of studies without --batch: say so
+    t_start = time.perf_counter()
+    checked = _checked_analyzer(args)  # options and model before the CT is read
     from fmct.reading.files import read_volume
 
     volume = read_volume(args.input, series_uid=args.series)
-    return _run_analysis(volume, args, Path(args.out), save_ct=args.save_ct)
+    return _run_analysis(volume, args, Path(args.out), save_ct=args.save_ct, checked=checked, t_start=t_start)
 
 
 def _run_batch(args: argparse.Namespace) -> int:
@@ -209,7 +227,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         if row["status"] == "error":
             print(f"  error  {row['study_id']}: {row['error']}")
     print(f"  summary: {report.summary_path}")
-    return 0
+    return 1 if report.failed else 0  # 0 only when every study of the run succeeded
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -283,6 +301,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         cfg = FinetuneConfig.from_file(args.config, **overrides)
     else:
         cfg = FinetuneConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    if cfg.out:
+        from fmct.train.run_folder import check_training_out
+
+        check_training_out(cfg.out, "finetune", overwrite=args.overwrite, can_resume=False)  # never replaced silently
     with TqdmProgress("finetune") as progress:
         out = finetune(cfg, progress=progress).bundle
     if out is not None:
@@ -327,6 +349,26 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_argument(sp: argparse.ArgumentParser, help: str, dest: str = "data", required: bool = False) -> None:
+    """The data as the positional argument of every command, --data kept as an alias (merged by _settle_data)."""
+    sp.add_argument(dest, nargs="?", default=None, metavar=dest.upper(), help=f"{help}; or --data")
+    sp.add_argument("--data", dest="data_option", default=None, metavar=dest.upper(), help=f"the same as the positional {dest.upper()}")
+    sp.set_defaults(data_dest=dest, data_required=required)
+
+
+def _settle_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One value for the data, whether given as the positional argument or as --data."""
+    dest = getattr(args, "data_dest", None)
+    if dest is None:
+        return
+    positional, option = getattr(args, dest), args.data_option
+    if positional is not None and option is not None and positional != option:
+        parser.error(f"{args.command}: the data given twice ({positional} and --data {option}); give it once")
+    setattr(args, dest, positional if positional is not None else option)
+    if getattr(args, dest) is None and args.data_required:
+        parser.error(f"{args.command}: the data ({dest.upper()}) is required, as the first argument or --data")
+
+
 def _model_options(sp: argparse.ArgumentParser) -> None:
     """The options of the commands that run a bundle on a CT (demo, analyze)."""
     sp.add_argument("--model", default=None, help="model bundle folder or .zip (default: the bundled demo model)")
@@ -353,8 +395,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
     """analyze: one CT, or a batch of studies (--batch or a manifest .csv)."""
     a = sub.add_parser("analyze", help="analyze a head CT (DICOM folder, NIfTI, NRRD or MHA), or a batch of them")
-    a.add_argument("input", help="DICOM series folder or a .nii/.nii.gz/.nrrd/.mha file; with --batch a folder of "
-                                 "studies; or a manifest .csv (columns study_id,path)")
+    _data_argument(a, "DICOM series folder or a .nii/.nii.gz/.nrrd/.mha file; with --batch a folder of studies; or a "
+                      "manifest .csv (columns study_id or case_id, and path)", dest="input", required=True)
     a.add_argument("--out", default="fmct_out", help="output folder (default: ./fmct_out); a batch writes one "
                                                      "folder per study and summary.csv")
     a.add_argument("--batch", action="store_true", help="INPUT is a folder of studies: each subfolder or image file is "
@@ -393,8 +435,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                         description="Self-supervised pretraining of the encoder on unlabelled head CTs; writes a task-less "
                                     "bundle (RUN/bundle) to embed with or fine-tune. Flags override --config.",
                         epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(pt)
-    pt.set_defaults(func=cmd_pretrain)
+    add_arguments(pt)  # its positional DATA, as every command's
+    pt.add_argument("--data", dest="data_option", default=None, metavar="DATA", help="the same as the positional DATA")
+    pt.set_defaults(func=cmd_pretrain, data_dest="data", data_required=False)
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
@@ -403,7 +446,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                         description="One feature row per study: the encoder's CLS token and mean patch token (and with "
                                     "--layers N those of the last N blocks). Resumable: a rerun skips studies already "
                                     "embedded with the same model and options.")
-    em.add_argument("data", help="studies: a folder (e.g. from `fmct phantom`), a manifest CSV, the RSNA or CQ500 layout")
+    _data_argument(em, "studies: a folder (e.g. from `fmct phantom`), a manifest CSV, the RSNA or CQ500 layout", required=True)
     em.add_argument("--model", required=True, help="encoder bundle: from `fmct pretrain` (RUN/bundle) or any fine-tuned bundle")
     em.add_argument("--out", required=True, help="features.npz (arrays per feature, study_id, labels) or features.csv (one row per study)")
     em.add_argument("--layers", type=int, default=0, help="also the CLS and mean patch token of the last N blocks (default 0)")
@@ -416,7 +459,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     """probe: cross-validated kNN / logistic regression on saved embeddings."""
     pb = sub.add_parser("probe", help="kNN / logistic-regression AUROC of saved embeddings on labels, cross-validated",
                         description="Evaluate an encoder on your labels in minutes: stratified k-fold kNN and L2 logistic "
-                                    "regression on features from `fmct embed`; AUROC per fold and pooled with a 95%% CI.")
+                                    "regression on features from `fmct embed`; AUROC per fold and pooled with a 95% CI.")
     pb.add_argument("features", help="features.npz or .csv from `fmct embed`")
     pb.add_argument("--labels", help="labels CSV (study_id + 0/1 task columns); default: the labels the features file carries")
     pb.add_argument("--tasks", help="comma-separated tasks (default: all)")
@@ -434,9 +477,11 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     """finetune: task heads on labelled CTs; flags override --config."""
     ft = sub.add_parser("finetune", help="fine-tune task heads on labelled CTs (from a pretrained encoder or from scratch)",
                         description="Fine-tune task heads. Options override the --config file (YAML or JSON with the same names).")
+    _data_argument(ft, "labelled studies: a manifest CSV, a folder (e.g. from `fmct phantom`), RSNA or CQ500 layout "
+                       "(default: the --config's data)")
     ft.add_argument("--config", help="YAML/JSON config (fields of fmct.train.finetune.FinetuneConfig)")
-    ft.add_argument("--data", help="labelled studies: a manifest CSV, a folder (e.g. from `fmct phantom`), RSNA or CQ500 layout")
-    ft.add_argument("--out", help="output bundle folder")
+    ft.add_argument("--out", help="output bundle folder (refused when it holds an earlier run, unless --overwrite)")
+    ft.add_argument("--overwrite", action="store_true", help="replace the bundle (or anything else) in --out")
     ft.add_argument("--encoder", help="pretrained encoder bundle (from `fmct pretrain`); omit to train from scratch")
     ft.add_argument("--mode", choices=("full", "linear"), help="full fine-tuning with layer-wise lr decay (default) or a linear probe")
     ft.add_argument("--labels-per-class", type=int, help="use only K positive and K negative studies per task (seeded)")
@@ -461,9 +506,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     """evaluate: a bundle on labelled studies; flags override --config."""
     ev = sub.add_parser("evaluate", help="AUROC with 95%% CIs, AUPRC, sensitivity/specificity, ECE; in- vs out-of-distribution",
                         description="Evaluate a bundle on labelled studies; writes report.json, report.txt and roc.png.")
+    _data_argument(ev, "labelled test set: a manifest CSV or a folder (default: the --config's data)")
     ev.add_argument("--config", help="YAML/JSON with any of: model, data, ood_data, out, device, cache_dir, n_boot")
     ev.add_argument("--model", help="model bundle (default: the bundled demo model)")
-    ev.add_argument("--data", help="labelled test set (manifest CSV or folder)")
     ev.add_argument("--ood", help="a second, out-of-distribution test set")
     ev.add_argument("--out", help="output folder (default ./fmct_eval)")
     ev.add_argument("--device", type=_device_arg, help=DEVICE_HELP)
@@ -509,12 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)
+    for command in sub.choices.values():  # --debug after the command too (`fmct analyze CT --debug`)
+        command.add_argument("--debug", dest="debug_after", action="store_true", help="the same as fmct --debug")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.debug = args.debug or getattr(args, "debug_after", False)
+    _settle_data(parser, args)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return args.func(args)

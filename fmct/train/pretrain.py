@@ -613,11 +613,27 @@ def _write_bundle(model: SelfDistillation, cfg: SSLConfig, run_dir: Path, steps:
 
 
 # ============================================================================ command line
+def _check_run_folder(args: argparse.Namespace) -> None:
+    """An --out holding an earlier run: refused unless --resume or --overwrite (fmct.train.run_folder);
+    checked by the main process only (under torchrun the others wait for it and stop with it)."""
+    from fmct.train.run_folder import check_training_out, clear_run
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    overwrite = getattr(args, "overwrite", False)
+    if args.resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    check_training_out(args.out, "pretrain", resume=args.resume, overwrite=overwrite)
+    if overwrite:
+        clear_run(args.out, (CHECKPOINT_DIR, LOSS_LOG, CONFIG_FILE, VIEW_CHECK, BUNDLE_DIR))
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """`fmct pretrain` once parsed: exit 0 done, 2 a user error, 130 interrupted (checkpoint saved)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
+        _check_run_folder(args)
         bar = None
         is_main = int(os.environ.get("RANK", "0")) == 0
         if is_main and not args.no_progress:
