@@ -556,7 +556,8 @@ def test_zip_reads_only_what_it_needs(tmp_path, monkeypatch):
         zf.writestr("b/junk.bin", b"\0" * 2_000_000)
     opened: list[str] = []
     real_open = zipfile.ZipFile.open
-    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append(getattr(name, "filename", name)) or real_open(self, name, *a, **k))
+    monkeypatch.setattr(zipfile.ZipFile, "open",
+                        lambda self, name, *a, **k: opened.append(getattr(name, "filename", name)) or real_open(self, name, *a, **k))
     load_bundle(tmp_path / "b.zip")
     assert sorted(opened) == ["b/fmct.json", "b/model.safetensors"]
     monkeypatch.setattr(fmct.inference.bundle, "MAX_MEMBER_BYTES", {**fmct.inference.bundle.MAX_MEMBER_BYTES, "model.safetensors": 1000})

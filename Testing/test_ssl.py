@@ -229,7 +229,8 @@ def test_ema_update_and_schedules():
 # ------------------------------------------------------------------------------------ one step
 @pytest.mark.parametrize("sections", [{}, {"mae": {"enabled": True}, "ibot": {"separate_head": True}},
                                       {"ibot": {"enabled": False}, "dino": {"centering": "sinkhorn_knopp"}},
-                                      {"ibot": {"mask_probability": 0.0}}, {"ibot": {"mask_probability": 0.0}, "dino": {"centering": "sinkhorn_knopp"}},
+                                      {"ibot": {"mask_probability": 0.0}},
+                                      {"ibot": {"mask_probability": 0.0}, "dino": {"centering": "sinkhorn_knopp"}},
                                       {"dino": {"koleo_loss_weight": 0.1}}])
 def test_self_distillation_step(sections):
     torch.manual_seed(0)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 if TYPE_CHECKING:
     from fmct.conventions.errors import FMCTError
     from fmct.reading.volume import Volume
@@ -18,6 +16,10 @@ _LAZY = {"FMCTError": "fmct.conventions.errors", "Volume": "fmct.reading.volume"
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # from git (fmct.conventions.version), computed on first use
+        from fmct.conventions.version import code_version
+
+        return code_version()
     if name in _LAZY:
         import importlib
 

@@ -16,7 +16,6 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from fmct import __version__
 from fmct.conventions.errors import Cancelled, ConfigError, FMCTError
 from fmct.conventions.names import PrintableFormatter, printable
 from fmct.inference.runners import BACKEND_CHOICES, choose_backend
@@ -26,7 +25,7 @@ from fmct.conventions.runtime import (DEFAULT_EXPLAIN, DEFAULT_EXPLAIN_FINDINGS,
 log = logging.getLogger("fmct")
 EXPLAIN_CHOICES = (*EXPLAIN_METHODS, "none")
 PROGRESS_ENV = "FMCT_PROGRESS"  # "json": progress as JSON lines on stderr instead of a bar
-DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda (or gpu) or cuda:N"
 
 
 class TqdmProgress:
@@ -100,24 +99,37 @@ def _output_options(args: argparse.Namespace, method: str | None, save_ct: bool,
     return output_options(getattr(args, "backend", "torch"), method, args.findings, save_ct, report)
 
 
-def _run_analysis(volume, args, out: Path, save_ct: bool) -> int:
+def _checked_analyzer(args: argparse.Namespace):
+    """The analyzer, with every option that concerns it checked (model bundle, backend, explanation
+    method, the finding names of --findings): done before the CT is read, so a typo costs nothing."""
+    analyzer = _make_analyzer(args)
+    method = _explain_method(args)
+    analyzer.check_explain_method(method)
+    if isinstance(args.findings, list):
+        names = analyzer.bundle.meta.task_names
+        unknown = [n for n in args.findings if n not in names]
+        if unknown:
+            raise ConfigError(f"--findings: unknown finding(s) {', '.join(unknown)}; this model predicts {', '.join(names)}")
+    return analyzer, method
+
+
+def _run_analysis(volume, args, out: Path, save_ct: bool, checked=None, t_start: float | None = None) -> int:
+    """Analyze one CT into out; checked: (analyzer, method) from _checked_analyzer when already made."""
     from fmct.inference.study_folder import locked_study_folder
 
     with locked_study_folder(out):  # a second fmct on the same --out is refused, never mixed in
-        return _analyze_into(volume, args, out, save_ct)
+        return _analyze_into(volume, args, out, save_ct, checked, t_start)
 
 
-def _analyze_into(volume, args, out: Path, save_ct: bool) -> int:
+def _analyze_into(volume, args, out: Path, save_ct: bool, checked, t_start: float | None) -> int:
     from fmct.inference.bundle import model_identity
     from fmct.inference.saliency import SaliencyOnCTGrid
     from fmct.inference.study_folder import check_study_folder, study_fingerprint, write_study_outputs
 
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() if t_start is None else t_start
     overwrite = getattr(args, "overwrite", False)
     check_study_folder(out, study_fingerprint(volume), overwrite)  # before the model runs
-    analyzer = _make_analyzer(args)
-    method = _explain_method(args)
-    analyzer.check_explain_method(method)
+    analyzer, method = checked if checked is not None else _checked_analyzer(args)
     with TqdmProgress("analyze") as progress:
         result = analyzer.analyze(volume, explain_method=method, explain_findings=args.findings, progress=progress,
                                   map_back=False)
@@ -197,10 +209,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return _run_batch(args)
     if args.workers is not None:
         raise ConfigError("--workers applies to a batch (a folder of studies with --batch, or a manifest .csv)")
+    from fmct.data.manifests import refuse_several_studies
+
+    refuse_several_studies(Path(args.input))  # a folder of studies without --batch: say so
+    t_start = time.perf_counter()
+    checked = _checked_analyzer(args)  # options and model before the CT is read
     from fmct.reading.files import read_volume
 
     volume = read_volume(args.input, series_uid=args.series, keep_descriptions=args.keep_descriptions)
-    return _run_analysis(volume, args, Path(args.out), save_ct=args.save_ct)
+    return _run_analysis(volume, args, Path(args.out), save_ct=args.save_ct, checked=checked, t_start=t_start)
 
 
 def _run_batch(args: argparse.Namespace) -> int:
@@ -232,7 +249,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         if row["status"] == "error":
             print(f"  error  {printable(row['study_id'])}: {printable(row['error'])}")
     print(f"  summary: {printable(report.summary_path)}")
-    return 0
+    return 1 if report.failed else 0  # 0 only when every study of the run succeeded
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -316,6 +333,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         cfg = FinetuneConfig.from_file(args.config, **overrides)
     else:
         cfg = FinetuneConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    if cfg.out:
+        from fmct.train.run_folder import check_training_out
+
+        check_training_out(cfg.out, "finetune", overwrite=args.overwrite, can_resume=False)  # never replaced silently
     with TqdmProgress("finetune") as progress:
         out = finetune(cfg, progress=progress).bundle
     if out is not None:
@@ -338,33 +359,76 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fmct", description="FMCT head-CT foundation model: analyze head CTs, make synthetic CTs.")
-    p.add_argument("--version", action="version", version=f"fmct {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked (it may call git): other commands start without it."""
 
-    def model_options(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model", default=None, help="model bundle folder or .zip (default: the bundled demo model)")
-        sp.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP)
-        sp.add_argument("--explain", default=None, choices=EXPLAIN_CHOICES,
-                        help="saliency method for positive findings (default: integrated_gradients; none with --backend onnx)")
-        sp.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                        help="auto (default): onnx for findings only (--explain none) on the CPU when the bundle "
-                             "carries a checked model.onnx, else torch; torch; or onnx: the bundle's checked "
-                             "model.onnx on onnxruntime, without torch (findings only; see `fmct export --onnx`)")
-        sp.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on a GPU over many studies)")
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from fmct.conventions.version import code_version
+
+        print(f"fmct {code_version()}")  # on stdout, as argparse's own version action
+        parser.exit()
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from fmct.inference.fetch import fetch_verified
+
+    with TqdmProgress("fetch") as progress:
+        out = fetch_verified(args.url, args.sha256, args.out, progress=progress, overwrite=args.overwrite)
+    print(f"Wrote {out} (SHA-256 verified); use it with: fmct analyze CT --model {out}")
+    return 0
+
+
+def _data_argument(sp: argparse.ArgumentParser, help: str, dest: str = "data", required: bool = False) -> None:
+    """The data as the positional argument of every command, --data kept as an alias (merged by _settle_data)."""
+    sp.add_argument(dest, nargs="?", default=None, metavar=dest.upper(), help=f"{help}; or --data")
+    sp.add_argument("--data", dest="data_option", default=None, metavar=dest.upper(), help=f"the same as the positional {dest.upper()}")
+    sp.set_defaults(data_dest=dest, data_required=required)
+
+
+def _settle_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One value for the data, whether given as the positional argument or as --data."""
+    dest = getattr(args, "data_dest", None)
+    if dest is None:
+        return
+    positional, option = getattr(args, dest), args.data_option
+    if positional is not None and option is not None and positional != option:
+        parser.error(f"{args.command}: the data given twice ({positional} and --data {option}); give it once")
+    setattr(args, dest, positional if positional is not None else option)
+    if getattr(args, dest) is None and args.data_required:
+        parser.error(f"{args.command}: the data ({dest.upper()}) is required, as the first argument or --data")
+
+
+def _model_options(sp: argparse.ArgumentParser) -> None:
+    """The options of the commands that run a bundle on a CT (demo, analyze)."""
+    sp.add_argument("--model", default=None, help="model bundle folder or .zip (default: the bundled demo model)")
+    sp.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP)
+    sp.add_argument("--explain", default=None, choices=EXPLAIN_CHOICES,
+                    help="saliency method for positive findings (default: integrated_gradients; none with --backend onnx)")
+    sp.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                    help="auto (default): onnx for findings only (--explain none) on the CPU when the bundle "
+                         "carries a checked model.onnx, else torch; torch; or onnx: the bundle's checked "
+                         "model.onnx on onnxruntime, without torch (findings only; see `fmct export --onnx`)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on a GPU over many studies)")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """demo: a synthetic head CT analyzed with the bundled model."""
     d = sub.add_parser("demo", help="make a sample head CT and analyze it with the bundled model")
     d.add_argument("--out", default="fmct_demo", help="output folder (default: ./fmct_demo)")
     d.add_argument("--seed", type=int, default=20, help="seed of the sample CT (chosen by benchmarks/pick_demo_seed.py)")
     d.add_argument("--overwrite", action="store_true", help="replace the results of another study in --out")
-    model_options(d)
+    _model_options(d)
     d.set_defaults(func=cmd_demo)
 
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    """analyze: one CT, or a batch of studies (--batch or a manifest .csv)."""
     a = sub.add_parser("analyze", help="analyze a head CT (DICOM folder, NIfTI, NRRD or MHA), or a batch of them")
-    a.add_argument("input", help="DICOM series folder or a .nii/.nii.gz/.nrrd/.mha file; with --batch a folder of "
-                                 "studies; or a manifest .csv (columns study_id,path)")
+    _data_argument(a, "DICOM series folder or a .nii/.nii.gz/.nrrd/.mha file; with --batch a folder of studies; or a "
+                      "manifest .csv (columns study_id or case_id, and path)", dest="input", required=True)
     a.add_argument("--out", default="fmct_out", help="output folder (default: ./fmct_out); a batch writes one "
                                                      "folder per study and summary.csv")
     a.add_argument("--batch", action="store_true", help="INPUT is a folder of studies: each subfolder or image file is "
@@ -384,9 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--save-ct", action="store_true", help="also write the CT as ct.nii.gz (to overlay the saliency in any viewer)")
     a.add_argument("--overwrite", action="store_true", help="replace the results of another study in --out (without it, "
                                                            "a folder holding another CT's findings.json is refused)")
-    model_options(a)
+    _model_options(a)
     a.set_defaults(func=cmd_analyze)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """export: model.onnx written into a bundle and checked against torch."""
     e = sub.add_parser("export", help="export a bundle's model: --onnx writes model.onnx checked against torch")
     e.add_argument("bundle", help="model bundle folder")
     e.add_argument("--onnx", action="store_true", help="write model.onnx and record the torch/onnxruntime check in fmct.json")
@@ -395,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     e.set_defaults(func=cmd_export)
 
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    """import: an encoder trained elsewhere (FM-HCT's released weights) as an FMCT bundle."""
     im = sub.add_parser("import", help="import an encoder trained elsewhere as a bundle: fm-hct (FM-HCT's released weights)")
     im.add_argument("source", choices=["fm-hct"], help="whose checkpoint: fm-hct (NYUMedML/HeadCT-Foundation)")
     im.add_argument("checkpoint", help="the state dict: model_weights.pth (read with torch.load(weights_only=True), "
@@ -402,20 +473,27 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--out", required=True, help="bundle folder (or .zip) to write")
     im.set_defaults(func=cmd_import)
 
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    """pretrain: its options live beside the training code (fmct.train.pretrain_args)."""
     from fmct.train.pretrain_args import USAGE_EXAMPLES, add_arguments
 
     pt = sub.add_parser("pretrain", help="self-supervised pretraining of the encoder (DINO + iBOT + masked reconstruction)",
                         description="Self-supervised pretraining of the encoder on unlabelled head CTs; writes a task-less "
                                     "bundle (RUN/bundle) to embed with or fine-tune. Flags override --config.",
                         epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(pt)
-    pt.set_defaults(func=cmd_pretrain)
+    add_arguments(pt)  # its positional DATA, as every command's
+    pt.add_argument("--data", dest="data_option", default=None, metavar="DATA", help="the same as the positional DATA")
+    pt.set_defaults(func=cmd_pretrain, data_dest="data", data_required=False)
 
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    """embed: one feature row per study from an encoder bundle."""
     em = sub.add_parser("embed", help="features of every study from an encoder bundle (CLS, mean patch token, last layers)",
                         description="One feature row per study: the encoder's CLS token and mean patch token (and with "
                                     "--layers N those of the last N blocks). Resumable: a rerun skips studies already "
                                     "embedded with the same model and options.")
-    em.add_argument("data", help="studies: a folder (e.g. from `fmct phantom`), a manifest CSV, the RSNA or CQ500 layout")
+    _data_argument(em, "studies: a folder (e.g. from `fmct phantom`), a manifest CSV, the RSNA or CQ500 layout", required=True)
     em.add_argument("--model", required=True, help="encoder bundle: from `fmct pretrain` (RUN/bundle) or any fine-tuned bundle")
     em.add_argument("--out", required=True, help="features.npz (arrays per feature, study_id, labels) or features.csv (one row per study)")
     em.add_argument("--layers", type=int, default=0, help="also the CLS and mean patch token of the last N blocks (default 0)")
@@ -423,9 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--overwrite", action="store_true", help="start again when --out holds features of another model or options")
     em.set_defaults(func=cmd_embed)
 
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    """probe: cross-validated kNN / logistic regression on saved embeddings."""
     pb = sub.add_parser("probe", help="kNN / logistic-regression AUROC of saved embeddings on labels, cross-validated",
                         description="Evaluate an encoder on your labels in minutes: stratified k-fold kNN and L2 logistic "
-                                    "regression on features from `fmct embed`; AUROC per fold and pooled with a 95%% CI.")
+                                    "regression on features from `fmct embed`; AUROC per fold and pooled with a 95% CI.")
     pb.add_argument("features", help="features.npz or .csv from `fmct embed`")
     pb.add_argument("--labels", help="labels CSV (study_id + 0/1 task columns); default: the labels the features file carries")
     pb.add_argument("--tasks", help="comma-separated tasks (default: all)")
@@ -438,11 +519,16 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--out", help="write the report as JSON here")
     pb.set_defaults(func=cmd_probe)
 
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    """finetune: task heads on labelled CTs; flags override --config."""
     ft = sub.add_parser("finetune", help="fine-tune task heads on labelled CTs (from a pretrained encoder or from scratch)",
                         description="Fine-tune task heads. Options override the --config file (YAML or JSON with the same names).")
+    _data_argument(ft, "labelled studies: a manifest CSV, a folder (e.g. from `fmct phantom`), RSNA or CQ500 layout "
+                       "(default: the --config's data)")
     ft.add_argument("--config", help="YAML/JSON config (fields of fmct.train.finetune.FinetuneConfig)")
-    ft.add_argument("--data", help="labelled studies: a manifest CSV, a folder (e.g. from `fmct phantom`), RSNA or CQ500 layout")
-    ft.add_argument("--out", help="output bundle folder")
+    ft.add_argument("--out", help="output bundle folder (refused when it holds an earlier run, unless --overwrite)")
+    ft.add_argument("--overwrite", action="store_true", help="replace the bundle (or anything else) in --out")
     ft.add_argument("--encoder", help="pretrained encoder bundle (from `fmct pretrain`); omit to train from scratch")
     ft.add_argument("--mode", choices=("full", "linear"), help="full fine-tuning with layer-wise lr decay (default) or a linear probe")
     ft.add_argument("--labels-per-class", type=int, help="use only K positive and K negative studies per task (seeded)")
@@ -462,11 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(exactly; refused if the settings differ)")
     ft.set_defaults(func=cmd_finetune)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    """evaluate: a bundle on labelled studies; flags override --config."""
     ev = sub.add_parser("evaluate", help="AUROC with 95%% CIs, AUPRC, sensitivity/specificity, ECE; in- vs out-of-distribution",
                         description="Evaluate a bundle on labelled studies; writes report.json, report.txt and roc.png.")
+    _data_argument(ev, "labelled test set: a manifest CSV or a folder (default: the --config's data)")
     ev.add_argument("--config", help="YAML/JSON with any of: model, data, ood_data, out, device, cache_dir, n_boot")
     ev.add_argument("--model", help="model bundle (default: the bundled demo model)")
-    ev.add_argument("--data", help="labelled test set (manifest CSV or folder)")
     ev.add_argument("--ood", help="a second, out-of-distribution test set")
     ev.add_argument("--out", help="output folder (default ./fmct_eval)")
     ev.add_argument("--device", type=_device_arg, help=DEVICE_HELP)
@@ -474,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-boot", type=int, help="bootstrap resamples for the CIs (default 1000)")
     ev.set_defaults(func=cmd_evaluate)
 
+
+def _add_phantom(sub: argparse._SubParsersAction) -> None:
+    """phantom: synthetic head CTs with findings, masks and labels.csv."""
     ph = sub.add_parser("phantom", help="write synthetic head CTs with findings, lesion masks and a labels CSV")
     ph.add_argument("out", help="output folder")
     ph.add_argument("--n", type=int, default=10, help="number of CTs (default 10)")
@@ -483,16 +575,43 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--size", type=int, default=512, help="in-plane matrix size (default 512)")
     ph.add_argument("--anatomy", default="default", help="anatomy preset: default or ood")
     ph.set_defaults(func=cmd_phantom)
+
+
+def _add_fetch(sub: argparse._SubParsersAction) -> None:
+    """fetch: a model published as a release asset, kept only when its SHA-256 is the published one."""
+    fe = sub.add_parser("fetch", help="download a published model bundle (.zip) and verify its SHA-256",
+                        description="Models over ~25 MB are release assets, not in the repository; fmct never downloads "
+                                    "on its own. This fetches one on request and keeps it only if its SHA-256 matches.")
+    fe.add_argument("url", help="https:// (or file://) URL of the bundle .zip")
+    fe.add_argument("--sha256", required=True, help="the SHA-256 published with the model (64 hex digits)")
+    fe.add_argument("--out", default=".", help="file or folder to write (default: the current folder)")
+    fe.add_argument("--overwrite", action="store_true", help="replace an existing --out that is another file")
+    fe.set_defaults(func=cmd_fetch)
+
+
+#: one function per command, in the order `fmct --help` lists them
+_COMMANDS = (_add_demo, _add_analyze, _add_export, _add_import, _add_pretrain, _add_embed, _add_probe, _add_finetune, _add_evaluate, _add_phantom,
+             _add_fetch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fmct", description="FMCT head-CT foundation model: analyze head CTs, make synthetic CTs.")
+    p.add_argument("--version", action=_VersionAction, help="show the version (from git) and exit")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in _COMMANDS:
+        add(sub)
+    for command in sub.choices.values():  # --debug after the command too (`fmct analyze CT --debug`)
+        command.add_argument("--debug", dest="debug_after", action="store_true", help="the same as fmct --debug")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     passive_threads()  # before anything imports torch (fmct.conventions.runtime says why)
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and not getattr(args, "passthrough", False):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.rest = rest
+    args = parser.parse_args(argv)
+    args.debug = args.debug or getattr(args, "debug_after", False)
+    _settle_data(parser, args)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(PrintableFormatter("%(message)s"))  # names and paths never drive the terminal
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler])

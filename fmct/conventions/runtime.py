@@ -73,16 +73,18 @@ def check_cancel(cancel: CancelCheck | None, what: str = "Analysis") -> None:
 
 
 def parse_device(device: str | None) -> str:
-    """Check a user's device name and return it normalised: auto, cpu, cuda or cuda:N.
+    """Check a user's device name and return it normalised: auto, cpu, cuda or cuda:N (gpu, gpu:N alike).
 
     Names only; whether that device exists is for `torch_device` / the onnxruntime providers.
     """
     name = (device or "auto").strip().lower()
+    if name == "gpu" or (name.startswith("gpu:") and name[4:].isdigit()):
+        name = "cuda" + name[3:]  # what the Slicer panels and most users call it
     if name in ("auto", "cpu", "cuda"):
         return name
     if name.startswith("cuda:") and name[5:].isdigit():
         return name
-    raise ConfigError(f"unknown device '{device}'; choose auto, cpu, cuda or cuda:N")
+    raise ConfigError(f"unknown device '{device}'; choose auto, cpu, cuda (or gpu) or cuda:N")
 
 
 def device_index(device: str) -> int | None:

@@ -32,6 +32,8 @@ from fmct.reading.volume import FORMATS, format_suffix
 log = logging.getLogger("fmct.data.manifests")
 
 ID_COLUMNS = ("study_id", "case_id", "id", "name")
+PATH_COLUMN = "path"
+LABELS_CSV = "labels.csv"  # the one CSV a folder of studies may carry: a manifest (path column) or labels by id
 MISSING = {"", "na", "nan", "none", "null", "-"}
 
 RSNA_SUBTYPES = {
@@ -89,8 +91,9 @@ def load_manifest(source: str | Path, layout: str = "auto", **kwargs: Any) -> Ma
     """Build a manifest from a CSV file or a dataset folder; `layout` "auto" recognises the folder.
 
     auto: a .csv file is a manifest CSV; a folder with reads.csv is CQ500; a folder with
-    stage_2_train.csv and stage_2_train/ is RSNA; a folder with labels.csv (as written by
-    `fmct.phantom.write_phantom_set`) is that CSV; any other folder is a folder of studies.
+    stage_2_train.csv and stage_2_train/ is RSNA; a folder with a labels.csv that has a path column
+    (as `fmct.phantom.write_phantom_set` writes) is that CSV; any other folder is a folder of
+    studies (`studies_in_folder`: the one rule `fmct analyze --batch` shares).
     """
     source = Path(source)
     if not source.exists():
@@ -99,7 +102,7 @@ def load_manifest(source: str | Path, layout: str = "auto", **kwargs: Any) -> Ma
     if layout == "csv":
         return manifest_from_csv(source / "labels.csv" if source.is_dir() else source, **kwargs)
     if layout == "folder":
-        return manifest_from_folder(source, **kwargs)
+        return studies_in_folder(source, **kwargs)
     if layout == "rsna":
         return manifest_from_rsna(source / "stage_2_train", source / "stage_2_train.csv", **kwargs)
     if layout == "cq500":
@@ -116,38 +119,115 @@ def _detect_layout(source: Path) -> str:
         return "cq500"
     if (source / "stage_2_train.csv").is_file() and (source / "stage_2_train").is_dir():
         return "rsna"
-    if (source / "labels.csv").is_file():
+    if folder_manifest_csv(source) is not None:
         return "csv"
-    return "folder"
+    return "folder"  # studies_in_folder: a labels.csv without a path column gives labels by id, or is ignored
 
 
 # --------------------------------------------------------------------------------------------
 # Folder of studies
 # --------------------------------------------------------------------------------------------
 
+def studies_in_folder(root: str | Path, exclude: Sequence[str | Path] = (),
+                      label_columns: Sequence[str] | None = None) -> Manifest:
+    """The one rule for the studies in a folder, shared by `fmct analyze --batch` and the training
+    commands (pretrain, embed, finetune, evaluate).
+
+    A labels.csv with a path column is a manifest: its rows are the studies (the layout `fmct
+    phantom` writes, NIfTI or DICOM; study_id and case_id are accepted alike). Otherwise the studies
+    are the folder's entries (`folder_entries`), labelled from a labels.csv that has an id column;
+    any other CSV, or a labels.csv with neither column, is named as ignored: pretraining needs no
+    labels, and an unrelated spreadsheet in a folder of CTs must not stop it.
+    """
+    root = _existing_dir(root)
+    manifest = folder_manifest_csv(root)
+    if manifest is not None:
+        return manifest_from_csv(manifest, label_columns=label_columns)
+    labels_csv = root / LABELS_CSV
+    use_labels = labels_csv if labels_csv.is_file() and _pick_id_column(_csv_columns(labels_csv)) else None
+    for other in sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".csv" and p != use_labels):
+        log.warning("%s: ignored (columns %s): a CSV in a folder of studies is read only as labels.csv with a '%s' "
+                    "column (a manifest) or an id column (%s)", other.name, ", ".join(_csv_columns(other)) or "none",
+                    PATH_COLUMN, ", ".join(ID_COLUMNS))
+    return manifest_from_folder(root, use_labels, label_columns, exclude=exclude)
+
+
+def folder_manifest_csv(root: Path) -> Path | None:
+    """The folder's labels.csv when it is a manifest (it has a path column), else None."""
+    labels_csv = Path(root) / LABELS_CSV
+    return labels_csv if labels_csv.is_file() and PATH_COLUMN in _csv_columns(labels_csv) else None
+
+
+def refuse_several_studies(path: Path) -> None:
+    """`fmct analyze FOLDER` without --batch: a folder of several studies is said to be one (rather
+    than one of them analyzed and another named by --series). Several: a labels.csv manifest with
+    two or more rows, or two or more image files by the folder rule; DICOM subfolders alone stay one
+    study (a study's series may sit in subfolders)."""
+    if not path.is_dir():
+        return
+    manifest = folder_manifest_csv(path)
+    if manifest is not None:
+        ids = [s.study_id for s in manifest_from_csv(manifest)]
+    else:
+        entries = folder_entries(path)
+        ids = [i for i, _ in entries] if sum(p.is_file() for _, p in entries) >= 2 else []
+    if len(ids) >= 2:
+        shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+        raise ConfigError(f"{path} holds {len(ids)} studies ({shown}): analyze them all with "
+                          f"`fmct analyze {path} --batch`, or give one study's folder or file")
+
+
+def folder_entries(root: Path, exclude: Sequence[str | Path] = ()) -> list[tuple[str, Path]]:
+    """(study id, path) for each study directly in root: every image file (NIfTI, NRRD, MHA), named
+    after it, and every subfolder (`subfolder_study`), named after the folder; hidden entries,
+    other files and the excluded paths (an output folder inside the input) are skipped."""
+    skip = {Path(p).resolve() for p in exclude}
+    found = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or entry.resolve() in skip:
+            continue
+        if entry.is_dir():
+            found.append((entry.name, subfolder_study(entry)))
+        elif entry.is_file() and format_suffix(entry) in FORMATS:
+            found.append((entry.name[: -len(format_suffix(entry))], entry))
+    return found
+
+
+def subfolder_study(folder: Path) -> Path:
+    """What a study's subfolder holds: its CT image file when it has one named ct.* (masks and
+    info.json beside it, as `fmct phantom --format nifti` writes) or exactly one image file; else
+    the folder itself, a DICOM study (its series are found inside)."""
+    images = [p for p in sorted(folder.iterdir()) if p.is_file() and format_suffix(p) in FORMATS]
+    named_ct = [p for p in images if p.name[: -len(format_suffix(p))].lower() == "ct"]
+    if len(named_ct) == 1:
+        return named_ct[0]
+    return images[0] if len(images) == 1 else folder
+
+
 def manifest_from_folder(root: str | Path, labels_csv: str | Path | None = None,
-                         label_columns: Sequence[str] | None = None) -> Manifest:
-    """One study per subfolder (a DICOM series) or image file (NIfTI, NRRD, MHA) directly in `root`.
+                         label_columns: Sequence[str] | None = None, exclude: Sequence[str | Path] = ()) -> Manifest:
+    """One study per subfolder or image file directly in `root` (`folder_entries`).
 
     The study id is the folder name or the file name without extension. `labels_csv`, if given,
     has an id column (study_id, case_id, id or name) and one column per task.
     """
     root = _existing_dir(root)
     labels = _labels_by_id(Path(labels_csv), label_columns) if labels_csv else {}
-    studies = []
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            studies.append(Study(entry.name, entry, labels.get(entry.name, {})))
-        elif format_suffix(entry) in FORMATS:
-            study_id = entry.name[: -len(format_suffix(entry))]
-            studies.append(Study(study_id, entry, labels.get(study_id, {})))
+    studies = [Study(study_id, path, labels.get(study_id, {})) for study_id, path in folder_entries(root, exclude)]
     _check_unique_ids(studies, root)
     unmatched = set(labels) - {s.study_id for s in studies}
     if unmatched:
         log.warning("%d id(s) in %s match no study in %s", len(unmatched), Path(labels_csv).name, root)
     return Manifest(studies)
+
+
+def _csv_columns(csv_path: Path) -> list[str]:
+    """The header of a CSV (empty when it cannot be read as one)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            return [c.strip() for c in next(csv.reader(fh), []) if c.strip()]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
 
 
 def _labels_by_id(csv_path: Path, label_columns: Sequence[str] | None) -> dict[str, dict[str, int | None]]:
@@ -163,7 +243,7 @@ def _labels_by_id(csv_path: Path, label_columns: Sequence[str] | None) -> dict[s
 # CSV
 # --------------------------------------------------------------------------------------------
 
-def manifest_from_csv(csv_path: str | Path, path_column: str = "path", id_column: str | None = None,
+def manifest_from_csv(csv_path: str | Path, path_column: str = PATH_COLUMN, id_column: str | None = None,
                       label_columns: Sequence[str] | None = None) -> Manifest:
     """One study per row: a path (relative to the CSV's folder, or absolute) and label columns.
 
@@ -174,8 +254,9 @@ def manifest_from_csv(csv_path: str | Path, path_column: str = "path", id_column
     csv_path = Path(csv_path)
     rows, columns = _read_csv(csv_path)
     if path_column not in columns:
-        raise ConfigError(f"{csv_path.name}: no '{path_column}' column (columns: {', '.join(columns)}). "
-                          "Name the column that holds the study paths with path_column.")
+        raise ConfigError(f"{csv_path.name}: no '{path_column}' column (columns: {', '.join(columns)}); a manifest CSV "
+                          f"has a '{path_column}' column (where each study is) and study_id or case_id. Give the folder "
+                          "of CTs instead to use every study in it.")
     id_column = id_column or _pick_id_column(columns)
     reserved = {path_column, "series_uid", "files"} | ({id_column} if id_column else set())
     tasks = _label_columns(rows, columns, reserved, label_columns, csv_path)

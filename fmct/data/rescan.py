@@ -7,9 +7,10 @@ training phantoms) and `fmct finetune` (training studies, before preprocessing) 
 Only changes that keep every label true are drawn: the head moved by at most 5 mm and turned by
 at most 5 degrees, at most 2 cm cut from the vertex or 1.5 cm from the neck (only when the slices
 run foot to head, k pointing superior, so "top" means the vertex; a lesion lying wholly in the top
-2 cm of the head could lose all of itself, which the labels cannot know: rare, but possible), a smoother or sharper kernel, a little more noise, thicker slices (up
-to 5 mm, only from thin ones). Never a head-size change, contrast, or a crop to the vertex: those
-make another patient or another study, which the labels would no longer describe.
+2 cm of the head could lose all of itself, which the labels cannot know: rare, but possible), a
+smoother or sharper kernel, a little more noise, thicker slices (up to 5 mm, only from thin ones).
+Never a head-size change, contrast, or a crop to the vertex: those make another patient or another
+study, which the labels would no longer describe.
 """
 from __future__ import annotations
 

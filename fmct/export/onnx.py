@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fmct.conventions.atomic import write_bytes_atomic
-from fmct.inference.bundle import ONNX_FILE, WEIGHTS_FILE, load_bundle, read_bundle, write_meta
+from fmct.inference.bundle import ONNX_FILE, WEIGHTS_FILE, load_bundle, read_bundle, read_meta, write_meta
 from fmct.conventions.errors import BundleError, ConfigError
 from fmct.inference.onnx_runner import (
     FEATURES_NAME,
@@ -25,7 +25,7 @@ from fmct.inference.onnx_runner import (
     TOLERANCE,
     OnnxModel,
     check_graph,
-    check_onnx_record,
+    read_onnx_bundle,
     sha256,
 )
 from fmct.preprocessing.preprocessor import Preprocessor
@@ -46,9 +46,6 @@ def export_onnx(
 
     Raises BundleError (and leaves the bundle untouched) when the two disagree by more than tolerance.
     """
-    import onnxruntime
-    import torch
-
     report = progress or (lambda f, m: None)
     path = Path(bundle_path)
     if not path.is_dir():
@@ -57,7 +54,43 @@ def export_onnx(
         raise ConfigError(f"ONNX opset {opset} is not supported; use 17 (default) to 20")
     if tolerance > TOLERANCE:
         raise ConfigError(f"tolerance {tolerance:g} is looser than the {TOLERANCE:g} the onnxruntime path accepts")
+    require_onnx_extra()
     report(0.0, "loading bundle")
+    onnx_bytes, record = checked_export(path, opset, tolerance, seed, report)
+    report(0.9, "writing")
+    meta = read_meta(path)
+    write_bytes_atomic(path / ONNX_FILE, onnx_bytes)
+    meta.onnx = record
+    write_meta(meta, path)
+    report(1.0, "done")
+    return record
+
+
+def require_onnx_extra() -> None:
+    """Exit 2 naming the extra, not a traceback, when the ONNX packages are not installed."""
+    missing = []
+    for name in ("onnx", "onnxruntime"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(f"ONNX export needs {' and '.join(missing)}, which are not installed: "
+                          "pip install 'fmct[onnx]'")
+
+
+def checked_export(path: Path, opset: int = DEFAULT_OPSET, tolerance: float = TOLERANCE, seed: int = 0,
+                   progress: Progress | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The ONNX graph of a bundle's weights and the record that vouches for it (fmct.json's "onnx").
+
+    Shared by `fmct export --onnx` (which writes both into the bundle) and the user cache
+    (fmct.export.onnx_cache, which exports a bundle shipped without model.onnx at first use).
+    Raises BundleError when onnxruntime and torch disagree by more than tolerance.
+    """
+    import onnxruntime
+    import torch
+
+    report = progress or (lambda f, m: None)
     bundle = load_bundle(path)
     meta = bundle.meta
     if not meta.tasks:
@@ -79,8 +112,6 @@ def export_onnx(
         raise BundleError(
             f"the ONNX export of '{meta.name}' disagrees with torch: max |p_onnx - p_torch| = {diff:.3g} > {tolerance:g} "
             f"on {checked_on}; model.onnx was not written. Try another --opset, or report it with the bundle.")
-
-    report(0.9, "writing")
     _, members = read_bundle(path)  # hash exactly the weights on disk, which the ONNX path will check
     record = {
         "opset": int(opset),
@@ -95,11 +126,7 @@ def export_onnx(
         "onnx_sha256": sha256(onnx_bytes),
         "weights_sha256": sha256(members[WEIGHTS_FILE]),
     }
-    write_bytes_atomic(path / ONNX_FILE, onnx_bytes)
-    meta.onnx = record
-    write_meta(meta, path)
-    report(1.0, "done")
-    return record
+    return onnx_bytes, record
 
 
 def check_onnx_parity(bundle_path: str | Path, seed: int = 0, progress: Progress | None = None) -> float:
@@ -109,13 +136,13 @@ def check_onnx_parity(bundle_path: str | Path, seed: int = 0, progress: Progress
     generated head CT and refuses (BundleError) a disagreement above the tolerance. Returns the max
     |p_onnx - p_torch|.
     """
+    require_onnx_extra()
     import torch
 
     report = progress or (lambda f, m: None)
     path = Path(bundle_path)
     report(0.0, "loading bundle")
-    meta, members = read_bundle(path, onnx=True)
-    check_onnx_record(meta, members, str(path))
+    meta, members = read_onnx_bundle(path)
     onnx_model = OnnxModel(members[ONNX_FILE], device="cpu")
     check_graph(onnx_model, meta, str(path))
     model = load_bundle(path).model.float().eval()

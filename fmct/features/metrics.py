@@ -113,14 +113,17 @@ def format_table(reports: dict[str, dict[str, dict]]) -> str:
     """A readable table: one row per task, one AUROC [CI] column block per test set."""
     sets = list(reports)
     tasks = list(next(iter(reports.values())))
-    head = f"{'task':<20}" + "".join(f"{s + ' AUROC [95% CI]':>30}{'AUPRC':>8}{'sens':>7}{'spec':>7}{'ECE':>7}" for s in sets)
+    # a long set name ("out-of-distribution") widens its column: never glued to the previous column's header
+    width = {s: max(30, len(s + " AUROC [95% CI]") + 3) for s in sets}
+    head = f"{'task':<20}" + "".join(f"{s + ' AUROC [95% CI]':>{width[s]}}{'AUPRC':>8}{'sens':>7}{'spec':>7}{'ECE':>7}"
+                                     for s in sets)
     lines = [head, "-" * len(head)]
     for t in tasks:
         row = f"{t:<20}"
         for s in sets:
             r = reports[s][t]
             ci = f"{_f(r['auroc'])} [{_f(r['auroc_ci95'][0])}, {_f(r['auroc_ci95'][1])}]"
-            row += f"{ci:>30}{_f(r['auprc']):>8}{_f(r['sensitivity']):>7}{_f(r['specificity']):>7}{_f(r['ece']):>7}"
+            row += f"{ci:>{width[s]}}{_f(r['auprc']):>8}{_f(r['sensitivity']):>7}{_f(r['specificity']):>7}{_f(r['ece']):>7}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from fmct.conventions.atomic import write_text_atomic
 from fmct.conventions.errors import ConfigError, FMCTError, OutputFolderError
-from fmct.reading.volume import FORMATS, format_suffix
+from fmct.reading.volume import FORMATS
 from fmct.conventions.locks import FileLock
 from fmct.conventions.names import printable
 from fmct.inference.study_folder import (LOCK_DIR, NAME_MAX, output_options, read_findings, source_key, study_lock,
@@ -60,30 +60,28 @@ class Study:
     path: Path
 
 
+MANIFEST_ID_COLUMNS = ("study_id", "case_id")  # accepted alike (`fmct phantom` writes case_id)
+
+
 def is_manifest(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".csv" and Path(path).is_file()
 
 
 def discover_studies(source: str | Path, exclude: Sequence[str | Path] = ()) -> list[Study]:
-    """The studies of a manifest CSV (columns study_id, path) or of a folder of studies.
+    """The studies of a manifest CSV (columns study_id or case_id, and path) or of a folder of studies.
 
-    In a folder, every subfolder (a DICOM series, or a study holding several) and every image
-    file (.nii.gz, .nrrd, .mha, ...) is one study, named after it; other files are ignored.
-    Relative paths in a manifest are relative to the manifest's folder.
+    A folder follows the one rule the training commands use too (fmct.data.manifests.studies_in_folder):
+    its labels.csv when that has a path column (what `fmct phantom` writes), else every subfolder
+    (its ct.* image, or a DICOM study) and every image file (.nii.gz, .nrrd, .mha, ...), named after
+    it; other files are ignored. Relative paths in a manifest are relative to the manifest's folder.
     """
     source = Path(source)
     if is_manifest(source):
         studies = _read_manifest(source)
     elif source.is_dir():
-        skip = {Path(p).resolve() for p in exclude}
-        studies = []
-        for p in sorted(source.iterdir()):
-            if p.name.startswith(".") or p.resolve() in skip:
-                continue
-            if p.is_dir():
-                studies.append(Study(p.name, p))
-            elif p.is_file() and format_suffix(p) in FORMATS:
-                studies.append(Study(p.name[: -len(format_suffix(p))], p))
+        from fmct.data.manifests import studies_in_folder
+
+        studies = [Study(s.study_id, s.path) for s in studies_in_folder(source, exclude=exclude)]
     else:
         raise ConfigError(f"{source} is neither a folder of studies nor a manifest .csv (columns study_id,path)")
     if not studies:
@@ -113,12 +111,14 @@ def check_study_id(sid: str, source: Path) -> None:
 def _read_manifest(path: Path) -> list[Study]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        missing = {"study_id", "path"} - set(reader.fieldnames or [])
-        if missing:
-            raise ConfigError(f"manifest {path} lacks column(s) {sorted(missing)}; it needs study_id,path")
+        fields = set(reader.fieldnames or [])
+        id_column = next((c for c in MANIFEST_ID_COLUMNS if c in fields), None)
+        if id_column is None or "path" not in fields:
+            missing = ([] if id_column else ["study_id (or case_id)"]) + ([] if "path" in fields else ["path"])
+            raise ConfigError(f"manifest {path} lacks column(s) {missing}; it needs study_id,path (case_id,path alike)")
         studies = []
         for n, row in enumerate(reader, start=2):
-            sid, p = (row.get("study_id") or "").strip(), (row.get("path") or "").strip()
+            sid, p = (row.get(id_column) or "").strip(), (row.get("path") or "").strip()
             if not sid or not p:
                 raise ConfigError(f"manifest {path}, line {n}: study_id and path must both be filled in")
             if sid in (".", "..") or any(c in sid for c in '/\\:*?"<>|') or sid.startswith("."):
@@ -306,10 +306,19 @@ class BatchReport:
     def studies_per_hour(self) -> float:
         return 3600.0 * self.processed / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def failed(self) -> bool:
+        """Whether any study of this run failed (the command then exits 1)."""
+        return self.counts.get("error", 0) > 0
+
     def line(self) -> str:
+        """One line of counts; throughput and where the time went only when some study was analyzed
+        (a rate over failures or skipped studies would say nothing)."""
         c = self.counts
-        return (f"{c.get('ok', 0)} ok, {c.get('error', 0)} error, {c.get('skipped', 0)} skipped in {self.wall_s:.1f} s "
-                f"({self.studies_per_hour:.0f} studies/h); model busy {100 * self.model_busy_share:.0f}%, "
+        counts = f"{c.get('ok', 0)} ok, {c.get('error', 0)} error, {c.get('skipped', 0)} skipped in {self.wall_s:.1f} s"
+        if not c.get("ok", 0):
+            return counts
+        return (f"{counts} ({self.studies_per_hour:.0f} studies/h); model busy {100 * self.model_busy_share:.0f}%, "
                 f"waiting for data {100 * self.data_wait_share:.0f}% (pipeline fill {self.first_wait_s:.1f} s)")
 
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fmct import __version__
+from fmct.conventions.version import code_version
 from fmct.conventions.atomic import default_mode, write_bytes_atomic, write_text_atomic
 from fmct.conventions.errors import BundleError, ConfigError
 from fmct.conventions.names import check_identifier
@@ -107,7 +107,7 @@ class BundleMeta:
         version = d.get("format_version")
         if type(version) is not int or version != FORMAT_VERSION:
             raise BundleError(
-                f"{META_FILE}: field 'format_version' is {version!r}; this fmct ({__version__}) reads version "
+                f"{META_FILE}: field 'format_version' is {version!r}; this fmct ({code_version()}) reads version "
                 f"{FORMAT_VERSION}. Upgrade fmct or re-export the bundle."
             )
         for key in ("name", "encoder", "preprocessing", "tasks"):
@@ -289,11 +289,19 @@ def model_identity(bundle: Bundle) -> dict[str, Any]:
 
 
 def default_bundle_path() -> Path:
-    """The bundled demo model: $FMCT_BUNDLE if set, else Resources/DemoModel of this checkout."""
+    """The bundled demo model: $FMCT_BUNDLE if set, else Resources/DemoModel of this checkout (a
+    source tree or an editable install), else the copy a wheel carries as package data
+    (fmct/_data/DemoModel, put there by setup.py), so a regular `pip install` runs `fmct demo`."""
     env = os.environ.get("FMCT_BUNDLE")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "Resources" / "DemoModel"
+    checkout = Path(__file__).resolve().parents[2] / "Resources" / "DemoModel"
+    if checkout.is_dir():
+        return checkout
+    from importlib.resources import files
+
+    packaged = Path(str(files("fmct").joinpath("_data", "DemoModel")))
+    return packaged if packaged.is_dir() else checkout  # neither: the error names the checkout's path
 
 
 def build_model(meta: BundleMeta) -> FMCTClassifier:
@@ -555,7 +563,7 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, path: str | Path, onnx
     if onnx_bytes is None:
         meta.onnx = None
     path = Path(path)
-    meta.provenance.setdefault("code_version", __version__)
+    meta.provenance.setdefault("code_version", code_version())
     meta.provenance.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     files = {

@@ -5,10 +5,13 @@ runner (`fmct.inference.runners`), where the one calibration (temperature and si
 trusted when fmct.json records that it was checked against the weights it sits next to:
 `fmct export --onnx` records the SHA-256 of both files, so an edited, swapped or stale
 model.onnx (the weights were retrained after the export) is refused instead of silently giving
-different answers.
+different answers. A bundle that ships without model.onnx but with that record (the demo model:
+the repository stores its weights once) gets its graph exported at first use into a user cache,
+checked the same way (fmct.export.onnx_cache).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -118,11 +121,27 @@ class OnnxModel:
 
 def load_onnx_bundle(path: str | Path, device: str = "auto", threads: int | None = None) -> tuple[BundleMeta, OnnxModel, str]:
     """The bundle's metadata, a checked onnxruntime model and the SHA-256 of its weights (never imports torch)."""
-    meta, members = read_bundle(path, onnx=True)
-    check_onnx_record(meta, members, str(path))
+    meta, members = read_onnx_bundle(path)
     model = OnnxModel(members[ONNX_FILE], device, threads)
     check_graph(model, meta, str(path))
     return meta, model, sha256(members[WEIGHTS_FILE])
+
+
+def read_onnx_bundle(path: str | Path) -> tuple[BundleMeta, dict[str, bytes]]:
+    """The bundle's metadata and files with a model.onnx that its record vouches for (refused otherwise).
+
+    A bundle shipped without model.onnx but with the record of a checked export (the demo model:
+    the repository stores its weights once) gets the graph from the user cache, exported there at
+    first use; the metadata then carries the cache's record.
+    """
+    meta, members = read_bundle(path, onnx=True)
+    if ONNX_FILE not in members and isinstance(meta.onnx, dict):
+        from fmct.export.onnx_cache import onnx_for_bundle
+
+        members[ONNX_FILE], record = onnx_for_bundle(path, sha256(members[WEIGHTS_FILE]))
+        meta = dataclasses.replace(meta, onnx=record)
+    check_onnx_record(meta, members, str(path))
+    return meta, members
 
 
 def check_graph(model: OnnxModel, meta: BundleMeta, where: str) -> None:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+SALIENCY_LEVELS = (0.25, 0.5, 0.75)  # outline levels, as shares of the saliency's maximum
+
 if TYPE_CHECKING:
     from fmct.inference.analyze import AnalysisResult
     from fmct.reading.volume import Volume
@@ -18,6 +20,19 @@ if TYPE_CHECKING:
 
 def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_name: str = "", n_slices: int = 4) -> Path:
     """Slices through the most salient region of the primary finding, plus all probabilities."""
+    fig = report_figure(ct, result, model_name, n_slices)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def report_figure(ct: Volume, result: AnalysisResult, model_name: str = "", n_slices: int = 4):
+    """The report as a matplotlib Figure (write_report saves it; tests inspect it).
+
+    The saliency is drawn as outlines (contours at 25, 50 and 75% of its maximum) with a colour bar
+    for their levels, not as a filled heat map: the finding it explains stays visible under it.
+    """
     # matplotlib only here, and its object API without pyplot (no GUI backend machinery): importing
     # pyplot was most of the report's cost on a cold start
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -33,27 +48,26 @@ def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_nam
     fig = Figure(figsize=(4 * n_slices, 8.5), dpi=80)
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2, n_slices, height_ratios=[1.0, 0.9])
+    shown = None
     for col, k in enumerate(slices):
         ax = fig.add_subplot(grid[0, col])
-        ax.imshow(view[k], cmap="gray", vmin=0, vmax=80, aspect=aspect)
-        if sal_view is not None:
-            overlay = np.ma.masked_less(_unit(sal_view[k]), 0.2)
-            ax.imshow(overlay, cmap="hot", vmin=0, vmax=1, alpha=0.55, aspect=aspect)
+        ct_image = ax.imshow(view[k], cmap="gray", vmin=0, vmax=80, aspect=aspect)
+        if sal_view is not None and _unit(sal_view[k]).max() >= SALIENCY_LEVELS[0]:
+            shown = ax.contour(_unit(sal_view[k]), levels=SALIENCY_LEVELS, cmap="autumn", vmin=0, vmax=1, linewidths=1.2)
         ax.set_title(f"axial {k + 1}/{view.shape[0]} (inferior to superior)", fontsize=10)
         ax.text(0.02, 0.5, "R", color="yellow", transform=ax.transAxes, va="center", fontsize=12)
         ax.text(0.5, 0.98, "A", color="yellow", transform=ax.transAxes, ha="center", va="top", fontsize=12)
         ax.axis("off")
-    ax = fig.add_subplot(grid[1, :])
-    _bars(ax, result)
-    heading = f"FMCT {model_name}".strip()
-    if focus == "attention":
-        heading += f" - overlay: attention ({result.method}), finding-agnostic, normalised on its own"
-    elif focus and focus in result.saliency:
-        heading += f" - overlay: {focus} ({result.method}), on the scale shared by this CT's maps"
-    elif focus:
-        heading += f" - overlay: {focus} ({result.method})"
+    if shown is not None:
+        bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        bar.set_label("attention (share of its maximum)" if focus == "attention" else
+                      "saliency (share of the strongest attribution among this CT's maps)")
+    else:
+        fig.colorbar(ct_image, ax=ax, fraction=0.046, pad=0.02).set_label("HU (window 0-80)")
+    _bars(fig.add_subplot(grid[1, :]), result)
     banner = getattr(result, "banner", "")
-    fig.suptitle(heading + "\nResearch use only. Not for diagnosis." + (f" {banner}" if banner else ""), fontsize=12)
+    fig.suptitle(_heading(model_name, focus, result.method if sal_view is not None else None)
+                 + "\nResearch use only. Not for diagnosis." + (f" {banner}" if banner else ""), fontsize=12)
     checks = getattr(result, "checks", None)
     if checks is not None:  # one line: every check of the CT, passed or not (fmct.checks)
         fig.text(0.5, 0.005, "Checks: " + "; ".join(f"{c.name} {'ok' if c.passed else 'FLAGGED'}" for c in checks.checks),
@@ -62,10 +76,19 @@ def write_report(ct: Volume, result: AnalysisResult, path: str | Path, model_nam
         fig.text(0.5, 0.5, result.warning, ha="center", va="center", color="white", fontsize=11,
                  bbox={"facecolor": "#b00020", "edgecolor": "none", "pad": 6})
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return fig
+
+
+def _heading(model_name: str, focus: str | None, method: str | None) -> str:
+    """The title: which finding the outlines explain and by which method; none named without a map."""
+    heading = f"FMCT {model_name}".strip()
+    if focus == "attention" and method:
+        return f"{heading} - outlines: attention ({method}), finding-agnostic, normalised on its own"
+    if focus and method:
+        return f"{heading} - saliency outlines: {focus} ({method}), on the scale shared by this CT's maps"
+    if focus:
+        return f"{heading} - slices through the centre (no saliency map computed)"
+    return heading
 
 
 def radiological_view(volume: Volume) -> tuple[np.ndarray, float]:

@@ -79,7 +79,8 @@ def calibrated_probabilities(logits: np.ndarray, temperatures: Sequence[float]) 
 
 def choose_backend(backend: str, bundle: str | Path | None, device: str, explain_method: str | None) -> str:
     """The backend a run uses: "auto" is onnxruntime when only findings are asked for, the model runs on
-    the CPU anyway and the bundle holds a model.onnx its fmct.json vouches for; torch otherwise.
+    the CPU anyway and the bundle holds a model.onnx its fmct.json vouches for (or was shipped without
+    it and gets it exported once into the user cache); torch otherwise.
 
     Both give the same probabilities (export checks them to 1e-4 and records both files' SHA-256,
     which load_onnx_bundle verifies: a stale or edited model.onnx is refused, not passed over), but
@@ -97,7 +98,24 @@ def choose_backend(backend: str, bundle: str | Path | None, device: str, explain
         return "torch"
     path = Path(bundle) if bundle is not None else default_bundle_path()
     vouched = isinstance(read_meta(path).onnx, dict)  # a broken fmct.json is refused here, as loading would
-    return "onnx" if vouched and has_member(path, ONNX_FILE) else "torch"
+    if not vouched:
+        return "torch"
+    return "onnx" if has_member(path, ONNX_FILE) or _onnx_obtainable(path) else "torch"
+
+
+def _onnx_obtainable(path: Path) -> bool:
+    """A vouched-for bundle shipped without model.onnx: its graph is in the user cache, or can be
+    exported into it at first use (fmct.export.onnx_cache)."""
+    from fmct.export import onnx_cache
+
+    if onnx_cache.can_export():
+        return True
+    import hashlib
+
+    from fmct.inference.bundle import WEIGHTS_FILE, read_members
+
+    weights = read_members(path, (WEIGHTS_FILE,)).get(WEIGHTS_FILE)
+    return weights is not None and onnx_cache.cached_onnx(hashlib.sha256(weights).hexdigest()) is not None
 
 
 def load_runner(bundle: Bundle | str | Path | None = None, backend: str = "torch", device: str = "auto",

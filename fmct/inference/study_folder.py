@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from fmct import __version__
+from fmct.conventions.version import code_version
 from fmct.conventions.atomic import disk_full_error, fsync_dir, is_disk_full, write_text_atomic
 from fmct.conventions.errors import BundleError, OutputFolderError, OutputWriteError
 from fmct.conventions.locks import FileLock
@@ -386,7 +386,7 @@ def _findings_payload(volume: Volume, result: Any, model_name: str, device: str,
                       timings: dict[str, float] | None) -> dict[str, Any]:
     return {
         "model": model_name,
-        "fmct_version": __version__,
+        "fmct_version": code_version(),
         "device": device,
         "backend": backend,
         "explain_method": result.method,

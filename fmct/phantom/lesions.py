@@ -48,7 +48,7 @@ class _IPH:
     info: dict = field(default_factory=dict)
 
     def box(self):
-        m = 1.0 + self.edema + sum(l[2] for l in self.lumps)
+        m = 1.0 + self.edema + sum(lump[2] for lump in self.lumps)
         return (tuple(c - s * m - 2 for c, s in zip(self.centre, self.semi)),
                 tuple(c + s * m + 2 for c, s in zip(self.centre, self.semi)))
 

@@ -124,7 +124,8 @@ class SelfDistillation(nn.Module):
             if cfg.dino.loss_weight > 0 else losses["dino"].detach() * 0.0
         if len(student_views) > n_global:  # the same ratio over the global-view terms alone (local crops are harder)
             with torch.no_grad():
-                losses["dino_global_over_log_k"] = self.dino_loss(student_views[:n_global], list(teacher_probs)) / math.log(cfg.dino.out_dim)
+                dino_global = self.dino_loss(student_views[:n_global], list(teacher_probs))
+                losses["dino_global_over_log_k"] = dino_global / math.log(cfg.dino.out_dim)
         else:
             losses["dino_global_over_log_k"] = losses["dino_over_log_k"]
         losses.update(view_metrics(*t["cls"].chunk(n_global)))

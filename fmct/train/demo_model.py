@@ -47,7 +47,7 @@ from fmct.train.reference import write_reference
 from fmct.train.supervised import (SupervisedConfig, positive_weights, predict_logits, predict_with_features, tensor_batches,
                                    train_classifier)
 from fmct.conventions.runtime import EXPLAIN_METHODS, torch_device
-from fmct.conventions.tasks import HEMORRHAGE_TYPES, TASK_DESCRIPTIONS, TASKS
+from fmct.conventions.tasks import HEMORRHAGE_TYPES, TASKS
 
 log = logging.getLogger("fmct.train.demo_model")
 
@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = PreprocessSpec()
     train_anatomies, test_anatomies = _presets(args.anatomy), _presets(args.test_anatomies)
     train_cfg = SupervisedConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay, args.init)  # a bad bundle fails before the phantoms
+    # a bad bundle fails before the phantoms
+    model, groups, origin = initial_model(args.encoder, spec, args.layer_decay, train_cfg.weight_decay, args.init)
     work = args.resume
     if work is not None:
         _check_resume_recipe(work, {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
@@ -351,13 +352,16 @@ def main(argv: list[str] | None = None) -> None:
         preprocessing=spec,
         tasks=tasks,
         provenance={
-            "recipe": "python -m fmct.train.demo_model " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "resume") and v is not None),
-            "training": {**origin, **asdict(train_cfg), "final_loss": losses[-1], "train_seconds": round(train_s, 1), "device": str(device)},
+            "recipe": "python -m fmct.train.demo_model " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                                    if k not in ("out", "resume") and v is not None),
+            "training": {**origin, **asdict(train_cfg), "final_loss": losses[-1], "train_seconds": round(train_s, 1),
+                         "device": str(device)},
             "data": {
                 "source": f"fmct.phantom, anatomy presets {train_anatomies} in turn (test: {test_anatomies}, one split each), "
                           f"half thick (4-5 mm) / half thin (0.5-1 mm) slices, in-plane sizes {IN_PLANE_SIZES}",
                 "seeds": {**{s: f"{SEED_BASE[s]}..{SEED_BASE[s] + n - 1}" for s, n in (("train", args.n_train), ("val", args.n_val))},
-                          **{f"test {a}": f"{SEED_BASE['test'] + i * TEST_ANATOMY_OFFSET}..{SEED_BASE['test'] + i * TEST_ANATOMY_OFFSET + args.n_test - 1}"
+                          **{f"test {a}": f"{SEED_BASE['test'] + i * TEST_ANATOMY_OFFSET}.."
+                                          f"{SEED_BASE['test'] + i * TEST_ANATOMY_OFFSET + args.n_test - 1}"
                              for i, a in enumerate(test_anatomies)}},
                 "saliency_seeds": f"{SEED_BASE['saliency']}.. (100 per hemorrhage type)",
                 "augmentation": "training split: one random label-preserving CT-level variation per phantom "

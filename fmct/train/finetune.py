@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmct.inference.bundle import BundleMeta, Task, load_bundle, save_bundle
+from fmct.inference.bundle import BundleMeta, load_bundle, save_bundle
 from fmct.inference.ood import fit_reference
 from fmct.conventions.config_file import build_config, read_config_file
 from fmct.data.datasets import CachedVolumeDataset, collate_skip_none

@@ -625,6 +625,21 @@ def _append_line(f: Any, line: str, path: Path) -> None:
         if is_disk_full(e):
             raise disk_full_error(path.parent, path.name, len(line) + 1) from None
         raise
+def _check_run_folder(args: argparse.Namespace) -> None:
+    """An --out holding an earlier run: refused unless --resume or --overwrite (fmct.train.run_folder);
+    checked by the main process only (under torchrun the others wait for it and stop with it)."""
+    from fmct.train.run_folder import check_training_out, clear_run
+
+    from fmct.conventions.runtime import torchrun_rank
+
+    if not torchrun_rank().is_main:
+        return
+    overwrite = getattr(args, "overwrite", False)
+    if args.resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    check_training_out(args.out, "pretrain", resume=args.resume, overwrite=overwrite)
+    if overwrite:
+        clear_run(args.out, (CHECKPOINT_DIR, LOSS_LOG, CONFIG_FILE, VIEW_CHECK, BUNDLE_DIR))
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -632,6 +647,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
+        _check_run_folder(args)
         bar = None
         is_main = int(os.environ.get("RANK", "0")) == 0
         if is_main and not args.no_progress:

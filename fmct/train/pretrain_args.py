@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=None, help="optimisation steps (optim.steps)")
     parser.add_argument("--batch-size", type=int, default=None, help="volumes per step per process (optim.batch_size)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (optim.lr)")
-    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps (run.device)")
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda (or gpu), cuda:N or mps (run.device)")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader worker processes making the crops ahead of the model (run.workers; 0: in the "
                              "training process). Crops stay a pure function of the step and seed either way")
@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any config field, e.g. --set dino.teacher_temp=0.03 --set crops.n_local=4 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out (same config)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again in an --out that holds an earlier run (its files are removed first); without "
+                             "it, or --resume, such an --out is refused")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return parser
 
@@ -52,6 +55,7 @@ def config_from_args(args: argparse.Namespace) -> SSLConfig:
     import yaml
 
     from fmct.conventions.config_file import read_config_file
+    from fmct.conventions.runtime import parse_device
 
     if args.config:
         raw = read_config_file(args.config)
@@ -76,6 +80,8 @@ def config_from_args(args: argparse.Namespace) -> SSLConfig:
             raise ConfigError(f"pretraining data {path} does not exist; give a folder of CTs, a manifest CSV or a .safetensors file")
         put("data.source", "tensors" if path.suffix == ".safetensors" else "manifest")
         put("data.path", str(path))
+    if getattr(args, "device", None) is not None and args.device.strip().lower() != "mps":
+        args.device = parse_device(args.device)  # the one device-name check (gpu, gpu:N accepted as cuda)
     for flag, key in (("max_steps", "optim.steps"), ("batch_size", "optim.batch_size"), ("lr", "optim.lr"),
                       ("device", "run.device"), ("workers", "run.workers"), ("seed", "run.seed")):
         if getattr(args, flag, None) is not None:
