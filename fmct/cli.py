@@ -1,4 +1,4 @@
-"""The `fmct` command line: demo, analyze (one CT or a batch), export, phantom, pretrain, finetune, evaluate.
+"""The `fmct` command line: demo, analyze (one CT or a batch), export, phantom, prepare, pretrain, finetune, evaluate.
 
 User mistakes (bad input, bad bundle, bad option, an unusable output folder) exit with code 2 and
 one line saying what to do, before any model runs; --debug adds the traceback, and the exit code
@@ -247,6 +247,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fmct.data.prepare import check_args, run_from_args
+
+    check_args(args)  # option mistakes before the bar starts
+    with TqdmProgress("prepare") as progress:
+        return run_from_args(args, progress)
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from fmct.features.embed import embed
 
@@ -366,6 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(pt)
     pt.set_defaults(func=cmd_pretrain)
+
+    from fmct.data.prepare import add_arguments as prepare_arguments
+
+    pp = sub.add_parser("prepare", help="decode and resample every study once into a sharded int16 cache to train from",
+                        description="A separate, resumable, parallel step before training: every study decoded and "
+                                    "resampled once into CACHE (int16 HU shards + index). Rerun to resume; --shard K/M "
+                                    "for array jobs; under torchrun each rank takes its own share.")
+    prepare_arguments(pp)
+    pp.set_defaults(func=cmd_prepare)
 
     em = sub.add_parser("embed", help="features of every study from an encoder bundle (CLS, mean patch token, last layers)",
                         description="One feature row per study: the encoder's CLS token and mean patch token (and with "

@@ -173,13 +173,19 @@ class Preprocessor:
         self.direction = orientation_direction(spec.orientation)
 
     def __call__(self, volume: Volume) -> ModelInput:
+        hu, grid, center, extent = self.model_hu(volume)
+        channels = np.stack([w.apply(hu) for w in self.spec.windows]).astype(np.float32)
+        return ModelInput(channels[None], grid, Grid.of(volume), center, extent)
+
+    def model_hu(self, volume: Volume) -> tuple[np.ndarray, "Grid", tuple[float, float, float], float]:
+        """The CT in HU on the model grid, before the windows: (float32 [D, H, W], model grid, head
+        centre, head extent). A prepared training cache (fmct.data.cache) stores this, so the
+        windows can be applied when a batch is made."""
         canonical = canonical_view(volume, self.direction)
         image = self.reduced_image(canonical)
         center, extent = head_geometry(image)
         grid = self.model_grid(center)
-        hu = grid.resample(image, sitk.sitkLinear, AIR_HU)
-        channels = np.stack([w.apply(hu) for w in self.spec.windows]).astype(np.float32)
-        return ModelInput(channels[None], grid, Grid.of(volume), center, extent)
+        return grid.resample(image, sitk.sitkLinear, AIR_HU), grid, center, extent
 
     def block_factors(self, canonical: "CanonicalView") -> tuple[int, int, int]:
         """Voxels averaged per block along each canonical (x, y, z) axis.

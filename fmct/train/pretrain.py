@@ -101,13 +101,18 @@ def preprocess_spec(cfg: SSLConfig) -> Any:
     return PreprocessSpec(spacing_mm=tuple(cfg.data.spacing_mm), size=tuple(cfg.data.size))
 
 
-def load_dataset(cfg: SSLConfig) -> Any:
-    d = cfg.data
-    if d.source == "manifest":
-        from fmct.data.datasets import CachedVolumeDataset
-        from fmct.data.manifests import load_manifest
+def load_dataset(cfg: SSLConfig, info: ddp.DistInfo | None = None) -> Any:
+    """The run's volumes. A prepared cache is read through its index (no source file touched, unless
+    data.verify); a folder or manifest is first prepared into such a cache under data.cache_dir, each
+    torchrun rank doing its own share of the studies (fmct.data.prepare), then read the same way, so
+    training from the sources and from `fmct prepare`'s cache see the same tensors."""
+    d, info = cfg.data, info or ddp.DistInfo()
+    if d.source in ("manifest", "prepared"):
+        from fmct.data.cache import PreparedVolumes, open_for
 
-        return CachedVolumeDataset(load_manifest(d.path), preprocess_spec(cfg), d.cache_dir, tasks=[]).prepare()
+        spec = preprocess_spec(cfg)
+        path = _prepare_sources(cfg, info) if d.source == "manifest" else Path(d.path)
+        return PreparedVolumes(open_for(path, spec, verify=d.verify), spec.windows)
     if d.source == "tensors":
         from safetensors.torch import load_file
 
@@ -119,6 +124,23 @@ def load_dataset(cfg: SSLConfig) -> Any:
             raise ConfigError(f"data.path {path} has no tensor 'x' (it has {sorted(tensors)})")
         return TensorVolumes(tensors["x"])
     return TensorVolumes(make_phantom_tensors(d.n, d.seed, d.spacing_mm, d.size, d.in_plane_size, d.anatomy))
+
+
+def _prepare_sources(cfg: SSLConfig, info: ddp.DistInfo) -> Path:
+    """Prepare data.path into data.cache_dir/prepared-<digest> (this rank's share, then wait for the others)."""
+    import hashlib
+
+    from fmct.data.cache import grid_record
+    from fmct.data.manifests import load_manifest
+    from fmct.data.prepare import manifest_digest, prepare
+
+    spec, studies = preprocess_spec(cfg), load_manifest(cfg.data.path)
+    key = hashlib.sha256(json.dumps([manifest_digest(studies), grid_record(spec)]).encode()).hexdigest()[:16]
+    root = Path(cfg.data.cache_dir) / f"prepared-{key}"
+    result = prepare(studies, spec, root, workers=1, rank=info.rank, world=info.world_size)
+    log.info("prepared %d studies (%d unit(s) done before) into %s", result.studies_written, len(result.units_skipped), root)
+    ddp.barrier()
+    return root
 
 
 def _image(item: Any) -> torch.Tensor:
@@ -463,7 +485,7 @@ def _open_run(cfg: SSLConfig, run_dir: Path, dataset: VolumeDataset | None) -> _
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     _seed_everything(cfg.run.seed)
-    dataset = dataset if dataset is not None else load_dataset(cfg)
+    dataset = dataset if dataset is not None else load_dataset(cfg, info)
     batches = StepBatches(dataset, cfg, info)
     model = SelfDistillation(cfg).to(device)
     student = ddp.wrap_ddp(model.student, info, device)
@@ -607,7 +629,7 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
 # Settings a resumed run may change: they do not change what the run computes (the device and thread
 # count change only float rounding; optim.steps is how long to go on).
 RESUME_MAY_CHANGE = ("run.device", "run.checkpoint_every", "run.keep_checkpoints", "run.num_threads", "run.workers",
-                     "optim.steps")
+                     "optim.steps", "data.verify")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
