@@ -245,3 +245,44 @@ def test_two_torchrun_ranks_prepare_disjoint_shares(tmp_path, studies):
     assert set(ranks[0]["done"]).isdisjoint(ranks[1]["done"])
     cache = PreparedCache.open(out)
     assert cache.complete and len(cache.entries) == 7
+
+
+# ----------------------------------------------------------------------------------- fine-tune and embed
+def _tiny_encoder_bundle(folder: Path) -> Path:
+    """A task-less encoder bundle at the test grid (what `fmct pretrain` writes), untrained."""
+    from fmct.inference.bundle import BundleMeta, save_bundle
+    from fmct.models import FMCTClassifier
+    from fmct.ssl.config import SSLConfig
+
+    enc = SSLConfig.from_file(grid_config(folder)).encoder_config
+    torch.manual_seed(0)
+    meta = BundleMeta(name="tiny-encoder", encoder=enc, preprocessing=SPEC, tasks=[], description="test encoder")
+    return save_bundle(FMCTClassifier(enc, 0), meta, folder / "encoder")
+
+
+@pytest.mark.slow
+def test_finetune_and_embed_read_a_prepared_cache(tmp_path, studies):
+    from fmct.features.embed import embed, read_features
+    from fmct.train.finetune import FinetuneConfig, finetune
+
+    bundle = _tiny_encoder_bundle(tmp_path)
+    made = cli("prepare", str(studies), "--out", str(tmp_path / "cache"), "--model", str(bundle))
+    assert made.returncode == 0, made.stderr
+    from_cache = embed(tmp_path / "cache", bundle, tmp_path / "cache.npz", device="cpu", verify=True)
+    from_sources = embed(studies, bundle, tmp_path / "sources.npz", device="cpu")
+    assert from_cache["rows"] == from_sources["rows"] == 7 and len(from_sources["skipped"]) == 1
+    a, b = read_features(tmp_path / "cache.npz"), read_features(tmp_path / "sources.npz")
+    assert list(a["study_id"]) == list(b["study_id"])
+    np.testing.assert_allclose(a["cls"], b["cls"], atol=2e-2)  # int16 HU: the inputs differ by < 0.5 HU / window width
+
+    tuned = finetune(FinetuneConfig(data=str(tmp_path / "cache"), out=str(tmp_path / "ft"), encoder=str(bundle),
+                                    tasks=["any_hemorrhage"], epochs=1, batch_size=2, device="cpu", verify=True))
+    assert tuned.bundle.is_dir()
+    provenance = json.loads((tmp_path / "ft" / "fmct.json").read_text())["provenance"]["data"]
+    assert provenance["n_train"] + provenance["n_val"] == 7
+
+    from fmct.conventions.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="other preprocessing .*size: cache"):
+        finetune(FinetuneConfig(data=str(tmp_path / "cache"), out=str(tmp_path / "ft2"), size="tiny",
+                                tasks=["any_hemorrhage"], epochs=1, device="cpu"))

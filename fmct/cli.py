@@ -260,7 +260,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     with TqdmProgress("embed") as progress:
         result = embed(args.data, args.model, args.out, layers=args.layers, device=args.device, overwrite=args.overwrite,
-                       progress=progress)
+                       progress=progress, verify=args.verify)
     extra = f", {result['reused']} kept from an earlier run" if result["reused"] else ""
     skipped = f"; skipped {len(result['skipped'])} unreadable (see {result['out']}.skipped.json)" if result["skipped"] else ""
     print(f"Wrote {result['rows']} row(s) ({', '.join(result['features'])}) to {result['out']}{extra}{skipped}")
@@ -285,7 +285,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("data", "out", "encoder", "mode", "labels_per_class", "epochs",
                                                "batch_size", "lr", "device", "seed", "cache_dir", "name", "augment",
-                                               "checkpoints")}
+                                               "checkpoints", "verify")}
     if args.tasks:
         overrides["tasks"] = args.tasks.split(",")
     if args.config:
@@ -388,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="One feature row per study: the encoder's CLS token and mean patch token (and with "
                                     "--layers N those of the last N blocks). Resumable: a rerun skips studies already "
                                     "embedded with the same model and options.")
-    em.add_argument("data", help="studies: a folder (e.g. from `fmct phantom`), a manifest CSV, the RSNA or CQ500 layout")
+    em.add_argument("data", help="studies: a folder (e.g. from `fmct phantom`), a manifest CSV, the RSNA or CQ500 layout, "
+                                 "or a cache from `fmct prepare --model BUNDLE`")
+    em.add_argument("--verify", action="store_true", help="with a prepared cache: check its bytes and source files first")
     em.add_argument("--model", required=True, help="encoder bundle: from `fmct pretrain` (RUN/bundle) or any fine-tuned bundle")
     em.add_argument("--out", required=True, help="features.npz (arrays per feature, study_id, labels) or features.csv (one row per study)")
     em.add_argument("--layers", type=int, default=0, help="also the CLS and mean patch token of the last N blocks (default 0)")
@@ -414,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune task heads on labelled CTs (from a pretrained encoder or from scratch)",
                         description="Fine-tune task heads. Options override the --config file (YAML or JSON with the same names).")
     ft.add_argument("--config", help="YAML/JSON config (fields of fmct.train.finetune.FinetuneConfig)")
-    ft.add_argument("--data", help="labelled studies: a manifest CSV, a folder (e.g. from `fmct phantom`), RSNA or CQ500 layout")
+    ft.add_argument("--data", help="labelled studies: a manifest CSV, a folder (e.g. from `fmct phantom`), RSNA or CQ500 "
+                                   "layout, or a cache from `fmct prepare --model ENCODER`")
+    ft.add_argument("--verify", action="store_true", default=None,
+                    help="with a prepared cache: check its bytes and source files first (stats every source)")
     ft.add_argument("--out", help="output bundle folder")
     ft.add_argument("--encoder", help="pretrained encoder bundle (from `fmct pretrain`); omit to train from scratch")
     ft.add_argument("--mode", choices=("full", "linear"), help="full fine-tuning with layer-wise lr decay (default) or a linear probe")
