@@ -52,3 +52,29 @@ def test_hu_input_gets_the_windows_on_its_device():
     from_hu = BatchedMultiCrop(cfg, DEFAULT_WINDOWS)(hu, KEYS, 1)
     from_channels = BatchedMultiCrop(cfg)(windows_to_channels(hu, DEFAULT_WINDOWS), KEYS, 1)
     assert all(torch.equal(from_hu[k], from_channels[k]) for k in from_hu)
+
+
+def test_pretraining_with_device_crops_logs_the_losses_of_loader_crops(tmp_path):
+    """run.crops: device (what CUDA runs pick by default) against loader, here on the CPU: without noise the
+    same views reach the model, so the same losses; with noise a rerun repeats itself (resume stays exact)."""
+    import numpy as np
+
+    from fmct.ssl.config import SSLConfig
+    from fmct.train.pretrain import TensorVolumes, pretrain
+
+    raw = {"encoder": {"preset": "tiny", "overrides": {"embed_dim": 48, "depth": 2, "num_heads": 2,
+                                                       "img_size": [32, 32, 32], "patch_size": [8, 8, 8]}},
+           "data": {"spacing_mm": [6, 6, 6], "size": [32, 32, 32]},
+           "crops": {"global_size": [32, 32, 32], "local_size": [16, 16, 16], "n_local": 2, "noise_std": 0.0},
+           "dino": {"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32, "warmup_teacher_temp_steps": 2},
+           "optim": {"batch_size": 2, "steps": 3, "warmup_steps": 1},
+           "run": {"seed": 3, "checkpoint_every": 100, "num_threads": 1, "device": "cpu", "workers": 0}}
+    torch.manual_seed(0)
+    data = TensorVolumes(torch.rand(4, 3, 32, 32, 32).half())
+
+    def losses(crops: str, noise: float, name: str) -> list[float]:
+        cfg = {**raw, "crops": {**raw["crops"], "noise_std": noise}, "run": {**raw["run"], "crops": crops}}
+        return [r["loss"] for r in pretrain(SSLConfig.from_dict(cfg), tmp_path / name, dataset=data).losses]
+
+    np.testing.assert_allclose(losses("device", 0.0, "d"), losses("loader", 0.0, "l"), rtol=1e-5)
+    assert losses("device", 0.01, "n1") == losses("device", 0.01, "n2")

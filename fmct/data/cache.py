@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -196,10 +197,10 @@ def is_prepared_cache(path: str | Path) -> bool:
     return (Path(path) / CACHE_JSON).is_file()
 
 
-def open_for(path: str | Path, spec: PreprocessSpec, verify: bool = False) -> PreparedCache:
-    """Open a cache for training or embedding with spec: refuse another grid or an unfinished cache;
-    with verify, refuse a cache whose bytes or sources changed."""
-    cache = PreparedCache.open(path)
+def open_for(path: "str | Path | PreparedCache", spec: PreprocessSpec, verify: bool = False) -> PreparedCache:
+    """Open a cache (or take an opened one) for training or embedding with spec: refuse another grid or
+    an unfinished cache; with verify, refuse a cache whose bytes or sources changed."""
+    cache = path if isinstance(path, PreparedCache) else PreparedCache.open(path)
     cache.check_grid(spec)
     if not cache.complete:
         raise ConfigError(f"the prepared cache {cache.root} is unfinished ({len(cache.units_done)} of "
@@ -214,6 +215,17 @@ def open_for(path: str | Path, spec: PreprocessSpec, verify: bool = False) -> Pr
     return cache
 
 
+def load_studies(data: str | Path, layout: str = "auto") -> tuple[Any, PreparedCache | None]:
+    """(manifest, cache): a prepared cache's studies read from its index (no source touched), with the
+    cache; or the manifest of a folder / CSV / RSNA / CQ500 layout, with None."""
+    from fmct.data.manifests import Manifest, load_manifest
+
+    if is_prepared_cache(data):
+        cache = PreparedCache.open(data)
+        return Manifest([as_study(e) for e in cache.entries]), cache
+    return load_manifest(data, layout), None
+
+
 try:
     from torch.utils.data import Dataset as _TorchDataset
 except ImportError:  # pragma: no cover - torch is a dependency
@@ -221,26 +233,41 @@ except ImportError:  # pragma: no cover - torch is a dependency
 
 
 class PreparedVolumes(_TorchDataset):
-    """A prepared cache as training items: dict(image=[C, D, H, W] float32 windows, labels, study_id),
-    or with hu_only the int16 HU tensor [D, H, W] alone (windows applied later, e.g. on the GPU)."""
+    """A prepared cache as training items: dict(image=[C, D, H, W] float32 windows, labels [T] with NaN =
+    unknown, study_id), like fmct.data.datasets.CachedVolumeDataset's; or with hu_only the int16 HU
+    tensor [D, H, W] alone (windows applied later, e.g. on the GPU). study_ids: a subset, in that order."""
 
     def __init__(self, cache: PreparedCache, windows: Sequence[Window], tasks: Sequence[str] | None = None,
-                 hu_only: bool = False) -> None:
+                 hu_only: bool = False, study_ids: Sequence[str] | None = None) -> None:
         self.cache, self.windows, self.hu_only = cache, tuple(windows), hu_only
-        self.tasks = list(tasks) if tasks is not None else sorted({t for e in cache.entries for t in e.labels})
-        self.studies = [as_study(e) for e in cache.entries]
+        where = {e.study_id: i for i, e in enumerate(cache.entries)}
+        self.rows = [where[s] for s in study_ids] if study_ids is not None else list(range(len(cache.entries)))
+        self.studies = [as_study(cache.entries[i]) for i in self.rows]
+        self.tasks = list(tasks) if tasks is not None else sorted({t for s in self.studies for t in s.labels})
+        self.skipped: list[Any] = []  # the cache's errors.jsonl lists the studies prepare could not read
 
     def __len__(self) -> int:
-        return len(self.cache.entries)
+        return len(self.rows)
 
-    def __getitem__(self, i: int) -> Any:
-        import math
+    def set_epoch(self, epoch: int) -> None:
+        """Items do not vary by epoch (the cache holds no sources to rescan)."""
 
+    def label_vector(self, study: Any) -> list[float]:
+        """Labels in `self.tasks` order, NaN where unknown."""
+        return [math.nan if study.labels.get(t) is None else float(study.labels[t]) for t in self.tasks]
+
+    def hu(self, i: int) -> Any:
+        """Item i as int16 HU [D, H, W] (a torch tensor): what a loader hands to device-side windows and crops."""
         import torch
 
-        hu = torch.from_numpy(self.cache.read_hu(i).copy())
+        return torch.from_numpy(self.cache.read_hu(self.rows[i]).copy())
+
+    def __getitem__(self, i: int) -> Any:
+        hu = self.hu(i)
         if self.hu_only:
             return hu
-        labels = [math.nan if self.studies[i].labels.get(t) is None else float(self.studies[i].labels[t]) for t in self.tasks]
-        return {"image": windows_to_channels(hu, self.windows), "labels": torch.tensor(labels, dtype=torch.float32),
+        import torch
+
+        return {"image": windows_to_channels(hu, self.windows),
+                "labels": torch.tensor(self.label_vector(self.studies[i]), dtype=torch.float32),
                 "study_id": self.studies[i].study_id}

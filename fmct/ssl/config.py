@@ -140,6 +140,8 @@ class RunSection:
     keep_checkpoints: int = 2
     num_threads: int = 0  # 0: leave torch's default
     workers: int = -1  # DataLoader processes making crops ahead of the model; -1: auto (min(8, CPUs - 1) beside a GPU, 0 on CPU)
+    crops: str = "auto"  # where crops are made: "loader" (per sample, fmct.ssl.augment), "device" (batched on the
+    # training device, fmct.ssl.batched_crops; loader workers only read volumes), "auto" (device on CUDA, else loader)
 
 
 @dataclass
@@ -169,6 +171,8 @@ class SSLConfig:
             raise ConfigError(f"encoder img_size {list(enc.img_size)} (z, y, x) does not match data.size {list(self.data.size)} (x, y, z)")
         if self.dino.centering not in ("centering", "sinkhorn_knopp"):
             raise ConfigError(f"dino.centering is '{self.dino.centering}'; use 'centering' or 'sinkhorn_knopp'")
+        if self.run.crops not in ("auto", "loader", "device"):
+            raise ConfigError(f"run.crops is '{self.run.crops}'; use 'auto', 'loader' or 'device'")
         if self.data.source not in ("phantoms", "tensors", "manifest", "prepared"):
             raise ConfigError(f"data.source is '{self.data.source}'; use 'phantoms', 'tensors', 'manifest' or 'prepared'")
         if self.data.source == "prepared" and not self.data.path:

@@ -33,6 +33,7 @@ import torch
 
 from fmct.conventions.errors import Cancelled, ConfigError, FMCTError, ResumeMismatchError, TrainingDivergedError
 from fmct.ssl.augment import MultiCropAugmentation, collate_crops, sample_generator
+from fmct.ssl.batched_crops import BatchedMultiCrop
 from fmct.ssl.config import SSLConfig
 from fmct.ssl.ema import cosine, teacher_momentum, teacher_temperature
 from fmct.ssl.masking import sample_masks
@@ -187,7 +188,7 @@ def step_batches(batches: "StepBatches", start: int, total: int, workers: int, p
 class StepBatches:
     """Step -> (epoch, position, crops + masks of this rank's batch), a pure function of the step."""
 
-    def __init__(self, dataset: VolumeDataset, cfg: SSLConfig, info: ddp.DistInfo) -> None:
+    def __init__(self, dataset: VolumeDataset, cfg: SSLConfig, info: ddp.DistInfo, on_device: bool = False) -> None:
         self.dataset, self.cfg, self.info = dataset, cfg, info
         self.sampler = ddp.distributed_sampler(dataset, info, cfg.run.seed)
         self.batch_size = cfg.optim.batch_size
@@ -196,6 +197,7 @@ class StepBatches:
             raise ConfigError(
                 f"the dataset has {len(dataset)} volumes, too few for batch_size {self.batch_size} on {info.world_size} process(es)")
         self.augment = MultiCropAugmentation(cfg.crops)
+        self.on_device = on_device  # crops made later by device_crops, on the training device
         self.grid = tuple(s // p for s, p in zip(cfg.crops.global_size, cfg.encoder_config.patch_size))
         self._order: tuple[int, list[int]] | None = None
 
@@ -208,18 +210,34 @@ class StepBatches:
             self._order = (epoch, list(self.sampler))
         return self._order[1][position * self.batch_size:(position + 1) * self.batch_size]
 
+    def volume(self, i: int) -> torch.Tensor:
+        """Item i as the loader hands it to the device: int16 HU where the dataset has it, else its channels."""
+        hu = getattr(self.dataset, "hu", None)
+        return hu(i) if hu is not None else _image(self.dataset[i])
+
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
         epoch, position = self.position(step)
         seed = self.cfg.run.seed
         n_local = self.cfg.crops.n_local if step >= self.cfg.crops.local_start_step else 0
-        samples = [self.augment(_image(self.dataset[i]), sample_generator(seed, epoch, i), n_local)
-                   for i in self.indices(epoch, position)]
-        batch = collate_crops(samples)
+        indices = self.indices(epoch, position)
+        if self.on_device:  # the volumes and the keys of their random streams; device_crops makes the views
+            batch = {"volumes": torch.stack([self.volume(i) for i in indices]),
+                     "keys": torch.tensor([[seed, epoch, i] for i in indices]), "n_local": torch.tensor(n_local),
+                     "noise_key": torch.tensor([seed, step, self.info.rank])}
+        else:
+            batch = collate_crops([self.augment(_image(self.dataset[i]), sample_generator(seed, epoch, i), n_local)
+                                   for i in indices])
         ib = self.cfg.ibot
         prob = ib.mask_probability if (ib.enabled or self.cfg.mae.enabled) else 0.0
-        batch["masks"] = sample_masks(batch["global"].shape[0], self.grid, ib.mask_ratio, prob,
+        batch["masks"] = sample_masks(2 * len(indices), self.grid, ib.mask_ratio, prob,
                                       sample_generator(seed, step, self.info.rank, 0x6D61736B))
         return batch
+
+
+def device_crops(crop: BatchedMultiCrop, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A StepBatches batch made with on_device (already on the device) -> the crops and masks the model takes."""
+    views = crop(batch["volumes"], batch["keys"].tolist(), int(batch["n_local"]), batch["noise_key"].tolist())
+    return {**views, "masks": batch["masks"]}
 
 
 def view_calibration(dataset: VolumeDataset, cfg: SSLConfig, n: int = 16) -> dict[str, float]:
@@ -448,6 +466,7 @@ class _Run:
     student: torch.nn.Module  # model.student, wrapped in DDP under torchrun
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
+    crop: BatchedMultiCrop | None = None  # crops made on the device (run.crops), else by the loader
 
     @property
     def ckpt_dir(self) -> Path:
@@ -486,7 +505,8 @@ def _open_run(cfg: SSLConfig, run_dir: Path, dataset: VolumeDataset | None) -> _
         run_dir.mkdir(parents=True, exist_ok=True)
     _seed_everything(cfg.run.seed)
     dataset = dataset if dataset is not None else load_dataset(cfg, info)
-    batches = StepBatches(dataset, cfg, info)
+    on_device = cfg.run.crops == "device" or (cfg.run.crops == "auto" and device.type == "cuda")
+    batches = StepBatches(dataset, cfg, info, on_device=on_device)
     model = SelfDistillation(cfg).to(device)
     student = ddp.wrap_ddp(model.student, info, device)
     if info.enabled:  # DDP broadcast rank 0's student; the teacher starts as its copy everywhere
@@ -494,7 +514,8 @@ def _open_run(cfg: SSLConfig, run_dir: Path, dataset: VolumeDataset | None) -> _
                                        if k in model.teacher.state_dict()})
     opt = torch.optim.AdamW(param_groups(model.student, cfg), lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
-    return _Run(cfg, run_dir, info, device, dataset, batches, model, student, opt, sched)
+    crop = BatchedMultiCrop(cfg.crops, preprocess_spec(cfg).windows) if on_device else None
+    return _Run(cfg, run_dir, info, device, dataset, batches, model, student, opt, sched, crop)
 
 
 def _restore(run: _Run) -> int:
@@ -576,7 +597,9 @@ def _loop(run: _Run, start: int, history: list[dict[str, float]], progress: Prog
     watch = CollapseWatch(cfg)
     workers = resolve_workers(cfg.run.workers, run.device)
     if workers:
-        log.info("crops made by %d DataLoader worker(s)", workers)
+        log.info("%s by %d DataLoader worker(s)", "volumes read" if run.crop else "crops made", workers)
+    if run.crop is not None:
+        log.info("crops made on %s, batched", run.device)
     feed = step_batches(run.batches, start, total, workers, pin=run.device.type == "cuda")
     log_file = open(run.log_path, "a") if info.is_main else None
     try:
@@ -590,6 +613,8 @@ def _loop(run: _Run, start: int, history: list[dict[str, float]], progress: Prog
                         raise Cancelled(f"pretraining cancelled at step {step}; --resume continues from there")
                     raise KeyboardInterrupt
                 batch = {k: v.to(run.device, non_blocking=True) for k, v in next(feed).items()}
+                if run.crop is not None:
+                    batch = device_crops(run.crop, batch)
                 record = _train_step(run, batch, step)
                 step += 1
                 history.append(record)
