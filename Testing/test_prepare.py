@@ -286,3 +286,38 @@ def test_finetune_and_embed_read_a_prepared_cache(tmp_path, studies):
     with pytest.raises(ConfigError, match="other preprocessing .*size: cache"):
         finetune(FinetuneConfig(data=str(tmp_path / "cache"), out=str(tmp_path / "ft2"), size="tiny",
                                 tasks=["any_hemorrhage"], epochs=1, device="cpu"))
+
+
+def test_the_fine_tuning_cache_stops_on_a_full_disk_instead_of_skipping_the_study(tmp_path, studies):
+    """CachedVolumeDataset (fine-tuning's per-study cache): a failed write raises; it used to be logged as an
+    unreadable study and the study silently left the training set."""
+    from fmct.data.cache import CacheWriteError
+    from fmct.data.datasets import CachedVolumeDataset
+    from fmct.data.manifests import load_manifest
+
+    disk = _small_filesystem(tmp_path / "disk", "100k")
+    if disk is None:
+        pytest.skip("mounting a small tmpfs is not permitted here")
+    try:
+        ds = CachedVolumeDataset(list(load_manifest(studies))[:3], SPEC, disk / "cache", tasks=[])
+        with pytest.raises(CacheWriteError, match="cannot write the training cache"):
+            ds.prepare()
+        assert ds.skipped == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_the_cache_is_read_without_its_sources_and_verify_checks_them(tmp_path, studies):
+    import shutil
+
+    from fmct.data.cache import CacheMismatchError, PreparedVolumes, open_for
+
+    copy = tmp_path / "copy"
+    shutil.copytree(studies, copy)
+    made = cli("prepare", str(copy), "--out", str(tmp_path / "cache"), "--config", str(grid_config(tmp_path)))
+    assert made.returncode == 0, made.stderr
+    shutil.rmtree(copy)  # the sources are gone: training reads the index and the shards only
+    items = PreparedVolumes(open_for(tmp_path / "cache", SPEC), SPEC.windows)
+    assert len(items) == 7 and items[0]["image"].shape == (3, 32, 32, 32) and items[0]["study_id"] == "phantom_00000"
+    with pytest.raises(CacheMismatchError, match="--verify: 7 problem"):
+        open_for(tmp_path / "cache", SPEC, verify=True)

@@ -168,7 +168,7 @@ class PreparedCache:
         """Problems found by checking every study's bytes (sha256) and its source files (names,
         sizes, mtimes): empty when the cache is sound and up to date. Stats every source: slow on
         a large archive, hence only on request (`--verify`)."""
-        from fmct.data.datasets import source_files
+        from fmct.data.sources import source_files
 
         problems = []
         for i, e in enumerate(self.entries):
@@ -226,14 +226,9 @@ def load_studies(data: str | Path, layout: str = "auto") -> tuple[Any, PreparedC
     return load_manifest(data, layout), None
 
 
-try:
-    from torch.utils.data import Dataset as _TorchDataset
-except ImportError:  # pragma: no cover - torch is a dependency
-    _TorchDataset = object
-
-
-class PreparedVolumes(_TorchDataset):
-    """A prepared cache as training items: dict(image=[C, D, H, W] float32 windows, labels [T] with NaN =
+class PreparedVolumes:
+    """A map-style dataset (torch's DataLoader and samplers take it; this module itself imports no torch,
+    so `fmct prepare`'s workers start without it) over a prepared cache as training items: dict(image=[C, D, H, W] float32 windows, labels [T] with NaN =
     unknown, study_id), like fmct.data.datasets.CachedVolumeDataset's; or with hu_only the int16 HU
     tensor [D, H, W] alone (windows applied later, e.g. on the GPU). study_ids: a subset, in that order."""
 

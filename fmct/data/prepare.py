@@ -44,7 +44,8 @@ class PrepareResult:
     units_skipped: list[int] = field(default_factory=list)
     studies_written: int = 0
     errors: list[dict[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of this call
+    worker_seconds: float = 0.0  # summed over units: decoding, resampling, writing (no process start-up)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -117,10 +118,11 @@ def prepare_unit(root: str, spec_dict: dict[str, Any], unit: int, studies: list[
     CacheWriteError (nothing of the unit is left behind, so a rerun redoes it)."""
     from fmct.conventions.atomic import AtomicWriter, write_bytes_atomic
     from fmct.data.cache import SHARDS, CacheWriteError, hu_to_int16, source_digest, unit_name
-    from fmct.data.datasets import read_study, source_files
+    from fmct.data.sources import read_study, source_files
     from fmct.data.manifests import Study
     from fmct.preprocessing.preprocessor import Preprocessor, PreprocessSpec
 
+    start = time.perf_counter()
     pre = Preprocessor(PreprocessSpec.from_dict(spec_dict))
     shards = Path(root) / SHARDS
     entries, errors, offset = [], [], 0
@@ -147,7 +149,7 @@ def prepare_unit(root: str, spec_dict: dict[str, Any], unit: int, studies: list[
     except OSError as e:
         raise CacheWriteError(f"cannot write {bin_path.parent} ({e.strerror or e}); free space or choose another --out, "
                               "then run `fmct prepare` again (finished units are kept)") from e
-    return {"unit": unit, "written": len(entries), "errors": errors}
+    return {"unit": unit, "written": len(entries), "errors": errors, "seconds": time.perf_counter() - start}
 
 
 def _clean_stale(root: Path, units: Sequence[int]) -> None:
@@ -165,6 +167,7 @@ def _run_units(root: Path, spec_dict: dict, todo: list[int], chunks: list[list[d
     def done(r: dict[str, Any]) -> None:
         result.units_done_now.append(r["unit"])
         result.studies_written += r["written"]
+        result.worker_seconds += r["seconds"]
         if progress is not None:
             progress(len(result.units_done_now) / max(len(todo), 1), f"unit {r['unit']} ({len(result.units_done_now)}/{len(todo)})")
 
