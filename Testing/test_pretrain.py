@@ -54,10 +54,15 @@ def write_config(folder: Path, data: Path, steps: int = STEPS, **run) -> Path:
     return path
 
 
+# `python -m fmct.train.pretrain` with each step paced by main()'s on_step hook, so a kill lands mid-run
+PACED = ("import sys, time; from fmct.train.pretrain import main; "
+         "sys.exit(main(sys.argv[2:], on_step=lambda f, m: time.sleep(float(sys.argv[1]))))")
+
+
 def start(config: Path, out: Path, *extra: str, sleep: float = 0.0) -> subprocess.Popen:
-    env = {**ENV, "FMCT_PRETRAIN_STEP_SLEEP": str(sleep)}
-    return subprocess.Popen([sys.executable, "-m", "fmct.train.pretrain", "--config", str(config), "--out", str(out),
-                             "--no-progress", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    program = ["-c", PACED, str(sleep)] if sleep else ["-m", "fmct.train.pretrain"]
+    return subprocess.Popen([sys.executable, *program, "--config", str(config), "--out", str(out),
+                             "--no-progress", *extra], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:

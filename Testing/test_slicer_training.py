@@ -115,9 +115,9 @@ def _pretrain_config(folder: Path, steps: int) -> Path:
 
 def test_pretraining_progress_is_read_from_its_losses_log_and_stop_saves_a_checkpoint(logic, tmp_path, monkeypatch):
     """A real `fmct pretrain` run from the panel's logic, with its progress bar switched off: the
-    progress can only come from losses.jsonl. Stop interrupts it; it saves a checkpoint and exits 130."""
-    monkeypatch.setenv("FMCT_PRETRAIN_STEP_SLEEP", "0.3")
-    steps = 40
+    progress can only come from losses.jsonl. Stop interrupts it; it saves a checkpoint and exits 130.
+    The run is far longer than the test waits (400 steps, stopped after the second), so Stop lands mid-run."""
+    steps = 400
     config = _pretrain_config(tmp_path, steps)
     out = tmp_path / "run"
     run = logic.start("pretrain", config, ["--out", str(out), "--no-progress"])

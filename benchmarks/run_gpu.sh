@@ -26,6 +26,9 @@ wait
 
 timeout 170 python3 bench_encoder.py --device "$DEV" --compile --compile-sizes base --json "$OUT/encoder_gpu.json" 2>&1 | grep -E '^\[|wrote|Error'
 timeout 120 python3 bench_analyze.py --device "$DEV" --compile --json "$OUT/analyze_gpu.json" 2>&1 | grep -E '^\[|wrote|Error'
+# Issue 30: multi-crop batched on the GPU from int16 HU vs one CPU core per sample, base preset (and its
+# check that without noise the GPU's views equal the per-sample path's).
+timeout 150 python3 bench_crops.py --device "$DEV" --size base --batch 64 --reps 5 --json "$OUT/crops_gpu.json" 2>&1 | grep -E 'wrote|Error'
 timeout 170 python3 bench_batch.py --device "$DEV" --n "$N" --workers "$WORKERS" --models demo,base --json "$OUT/batch_gpu.json" 2>&1 | grep -E '^\[|wrote|Error'
 # The demo model retrained on the default + realistic anatomies with the CT-level augmentation
 # (issue #12 item 6), measured on default and "ood" test phantoms. It replaces Resources/DemoModel

@@ -1,4 +1,4 @@
-"""The `fmct` command line: demo, analyze (one CT or a batch), export, phantom, pretrain, finetune, evaluate.
+"""The `fmct` command line: demo, analyze (one CT or a batch), export, phantom, prepare, pretrain, finetune, evaluate.
 
 User mistakes (bad input, bad bundle, bad option, an unusable output folder) exit with code 2 and
 one line saying what to do, before any model runs; --debug adds the traceback, and the exit code
@@ -296,12 +296,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fmct.data.prepare import check_args, run_from_args
+
+    check_args(args)  # option mistakes before the bar starts
+    with TqdmProgress("prepare") as progress:
+        return run_from_args(args, progress)
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from fmct.features.embed import embed
 
     with TqdmProgress("embed") as progress:
         result = embed(args.data, args.model, args.out, layers=args.layers, device=args.device, overwrite=args.overwrite,
-                       progress=progress)
+                       progress=progress, verify=args.verify)
     extra = f", {result['reused']} kept from an earlier run" if result["reused"] else ""
     skipped = f"; skipped {len(result['skipped'])} unreadable (see {result['out']}.skipped.json)" if result["skipped"] else ""
     print(f"Wrote {result['rows']} row(s) ({', '.join(result['features'])}) to {result['out']}{extra}{skipped}")
@@ -326,7 +334,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("data", "out", "encoder", "mode", "labels_per_class", "epochs",
                                                "batch_size", "lr", "device", "seed", "cache_dir", "name", "augment",
-                                               "checkpoints")}
+                                               "checkpoints", "verify")}
     if args.tasks:
         overrides["tasks"] = args.tasks.split(",")
     if args.config:
@@ -487,13 +495,28 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     pt.set_defaults(func=cmd_pretrain, data_dest="data", data_required=False)
 
 
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    """prepare: the training cache built once, in parallel, before training (fmct.data.prepare)."""
+    from fmct.data.prepare import add_arguments as prepare_arguments
+
+    pp = sub.add_parser("prepare", help="decode and resample every study once into a sharded int16 cache to train from",
+                        description="A separate, resumable, parallel step before training: every study decoded and "
+                                    "resampled once into CACHE (int16 HU shards + index). Rerun to resume; --shard K/M "
+                                    "for array jobs; under torchrun each rank takes its own share.")
+    prepare_arguments(pp)
+    pp.set_defaults(func=cmd_prepare)
+
+
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     """embed: one feature row per study from an encoder bundle."""
     em = sub.add_parser("embed", help="features of every study from an encoder bundle (CLS, mean patch token, last layers)",
                         description="One feature row per study: the encoder's CLS token and mean patch token (and with "
                                     "--layers N those of the last N blocks). Resumable: a rerun skips studies already "
                                     "embedded with the same model and options.")
-    _data_argument(em, "studies: a folder (e.g. from `fmct phantom`), a manifest CSV, the RSNA or CQ500 layout", required=True)
+    _data_argument(em, "studies: a folder (e.g. from `fmct phantom`), a manifest CSV, the RSNA or CQ500 layout, "
+                       "or a cache from `fmct prepare --model BUNDLE`", required=True)
+    em.add_argument("--verify", action="store_true", help="with a prepared cache: check its bytes and source files first")
     em.add_argument("--model", required=True, help="encoder bundle: from `fmct pretrain` (RUN/bundle) or any fine-tuned bundle")
     em.add_argument("--out", required=True, help="features.npz (arrays per feature, study_id, labels) or features.csv (one row per study)")
     em.add_argument("--layers", type=int, default=0, help="also the CLS and mean patch token of the last N blocks (default 0)")
@@ -524,9 +547,11 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     """finetune: task heads on labelled CTs; flags override --config."""
     ft = sub.add_parser("finetune", help="fine-tune task heads on labelled CTs (from a pretrained encoder or from scratch)",
                         description="Fine-tune task heads. Options override the --config file (YAML or JSON with the same names).")
-    _data_argument(ft, "labelled studies: a manifest CSV, a folder (e.g. from `fmct phantom`), RSNA or CQ500 layout "
-                       "(default: the --config's data)")
+    _data_argument(ft, "labelled studies: a manifest CSV, a folder (e.g. from `fmct phantom`), RSNA or CQ500 layout, "
+                       "or a cache from `fmct prepare --model ENCODER` (default: the --config's data)")
     ft.add_argument("--config", help="YAML/JSON config (fields of fmct.train.finetune.FinetuneConfig)")
+    ft.add_argument("--verify", action="store_true", default=None,
+                    help="with a prepared cache: check its bytes and source files first (stats every source)")
     ft.add_argument("--out", help="output bundle folder (refused when it holds an earlier run, unless --overwrite)")
     ft.add_argument("--overwrite", action="store_true", help="replace the bundle (or anything else) in --out")
     ft.add_argument("--encoder", help="pretrained encoder bundle (from `fmct pretrain`); omit to train from scratch")
@@ -590,7 +615,7 @@ def _add_fetch(sub: argparse._SubParsersAction) -> None:
 
 
 #: one function per command, in the order `fmct --help` lists them
-_COMMANDS = (_add_demo, _add_analyze, _add_export, _add_import, _add_pretrain, _add_embed, _add_probe, _add_finetune, _add_evaluate, _add_phantom,
+_COMMANDS = (_add_demo, _add_analyze, _add_export, _add_import, _add_prepare, _add_pretrain, _add_embed, _add_probe, _add_finetune, _add_evaluate, _add_phantom,
              _add_fetch)
 
 

@@ -91,3 +91,37 @@ def fsync_dir(folder: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class AtomicWriter:
+    """A file written in pieces that appears whole or not at all: `with AtomicWriter(path) as f: f.write(...)`.
+
+    For outputs too large to hold in memory (a cache shard of many studies). Same guarantees as
+    write_bytes_atomic: temp file in the same folder, fsync, rename, fsync the folder; on any error
+    (a full disk) the temp file is removed and the error propagates.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = None
+        self._tmp = ""
+
+    def __enter__(self):
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        if os.name == "posix":
+            os.fchmod(fd, default_mode())
+        self._file = os.fdopen(fd, "wb")
+        return self._file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            self._file.close()
+            if exc_type is None:
+                os.replace(self._tmp, self.path)
+                fsync_dir(self.path.parent)
+        finally:
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)

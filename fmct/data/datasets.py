@@ -20,10 +20,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fmct.conventions.atomic import write_bytes_atomic
-from fmct.reading.dicom import read_dicom_files
-from fmct.conventions.errors import Cancelled, ConfigError, EmptyInputError
-from fmct.reading.files import read_volume
+from fmct.conventions.errors import Cancelled, ConfigError
 from fmct.data.manifests import Manifest, Study
+from fmct.data.sources import read_study, source_files  # noqa: F401  (their home is torch-free; re-exported here)
 from fmct.preprocessing.preprocessor import Preprocessor, PreprocessSpec
 from fmct.conventions.runtime import CancelCheck, Progress
 
@@ -40,24 +39,6 @@ class SkippedStudy:
     study_id: str
     path: str
     reason: str
-
-
-def read_study(study: Study):
-    """The study's CT as a Volume: a DICOM folder or image file, or an explicit list of DICOM files."""
-    if study.files is None:
-        return read_volume(study.path, study.series_uid)
-    return read_dicom_files(list(study.files), study.series_uid, str(study.path))
-
-
-def source_files(study: Study) -> list[Path]:
-    """The files a study is read from, for the cache key."""
-    if study.files is not None:
-        return sorted(study.files)
-    if study.path.is_dir():
-        return sorted(p for p in study.path.rglob("*") if p.is_file())
-    if not study.path.exists():
-        raise EmptyInputError(f"{study.path} does not exist.")
-    return [study.path]
 
 
 def cache_key(study: Study, spec: PreprocessSpec, cache_dtype: str = "float16") -> str:
@@ -145,17 +126,26 @@ class CachedVolumeDataset(_TorchDataset):
         return self
 
     def _prepare_one(self, study: Study) -> Path | None:
+        """The study's cache file, made if needed; None (skipped, logged) when the study cannot be read.
+        A failed write (a full disk) is not the study's fault: it stops the run (CacheWriteError)."""
         try:
             path = self.cache_dir / f"{cache_key(study, self.spec, self.cache_dtype)}.npy"
             if self._is_cached(path):
                 self.stats["hits"] += 1
                 return path
-            save_npy_atomic(path, self.preprocess(study).astype(self.cache_dtype))
-            self.stats["decoded"] += 1
-            return path
+            array = self.preprocess(study).astype(self.cache_dtype)
         except Exception as error:  # noqa: BLE001 - one bad study must never stop a training run
             self._skip(study, error)
             return None
+        try:
+            save_npy_atomic(path, array)
+        except OSError as e:
+            from fmct.data.cache import CacheWriteError
+
+            raise CacheWriteError(f"cannot write the training cache {self.cache_dir} ({e.strerror or e}); free space or "
+                                  "choose another cache folder, then run again") from e
+        self.stats["decoded"] += 1
+        return path
 
     def preprocess(self, study: Study) -> np.ndarray:
         """Read and preprocess one study: [C, D, H, W] float32 on the model grid."""

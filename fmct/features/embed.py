@@ -81,8 +81,9 @@ def _part_name(study_id: str) -> str:
 
 def embed(data: str | Path, model: str | Path, out: str | Path, layers: int = 0, device: str = "auto",
           layout: str = "auto", overwrite: bool = False, progress: Progress | None = None,
-          cancel: CancelCheck | None = None) -> dict[str, Any]:
-    """Embed every study of DATA (a folder, manifest CSV, RSNA or CQ500 layout) with MODEL's encoder.
+          cancel: CancelCheck | None = None, verify: bool = False) -> dict[str, Any]:
+    """Embed every study of DATA (a folder, manifest CSV, RSNA or CQ500 layout, or a cache from `fmct
+    prepare` made for MODEL's grid; verify: check that cache's bytes and sources first) with MODEL's encoder.
 
     Returns {"out": path, "rows": n, "skipped": [...], "reused": n}. See the module docstring.
     """
@@ -90,7 +91,7 @@ def embed(data: str | Path, model: str | Path, out: str | Path, layers: int = 0,
 
     from fmct.data.datasets import read_study
     from fmct.conventions.errors import Cancelled
-    from fmct.data.manifests import load_manifest
+    from fmct.data.cache import load_studies, open_for, windows_to_channels
     from fmct.preprocessing.preprocessor import Preprocessor
     from fmct.conventions.runtime import torch_device
 
@@ -106,7 +107,9 @@ def embed(data: str | Path, model: str | Path, out: str | Path, layers: int = 0,
         raise ConfigError(f"--layers {layers}: this encoder has {depth} blocks")
     dev = torch_device(device)
     encoder = encoder.to(dev)
-    manifest = load_manifest(data, layout)
+    manifest, cache = load_studies(data, layout)  # a prepared cache: read through its index, never the sources
+    if cache is not None:
+        open_for(cache, encoder.preprocessing, verify)
     if not manifest:
         raise ConfigError(f"{data} holds no studies to embed")
 
@@ -136,7 +139,8 @@ def embed(data: str | Path, model: str | Path, out: str | Path, layers: int = 0,
             continue
         report(i / len(manifest), f"embedding {study.study_id}")
         try:
-            x = pre(read_study(study)).tensor.to(dev)
+            x = (windows_to_channels(torch.from_numpy(cache.read_hu(i).copy()), encoder.preprocessing.windows)[None]
+                 if cache is not None else pre(read_study(study)).tensor).to(dev)
         except (FMCTError, OSError, RuntimeError, ValueError) as e:
             skipped.append({"study_id": study.study_id, "path": str(study.path), "reason": str(e).splitlines()[0][:300]})
             log.warning("skipped %s: %s", study.study_id, skipped[-1]["reason"])

@@ -201,14 +201,24 @@ class Preprocessor:
             from fmct.preprocessing.foreground import foreground_model_input
 
             return foreground_model_input(volume, self.spec)
+        hu, grid, center, extent = self.model_hu(volume)
+        channels = np.stack([w.apply(hu) for w in self.spec.windows]).astype(np.float32)
+        return ModelInput(channels[None], grid, Grid.of(volume), center, extent,
+                          tuple(volume.meta.get("warnings", ())))
+
+    def model_hu(self, volume: Volume) -> tuple[np.ndarray, "Grid", tuple[float, float, float], float]:
+        """The CT in HU on the model grid, before the windows: (float32 [D, H, W], model grid, head
+        centre, head extent). A prepared training cache (fmct.data.cache) stores this, so the
+        windows can be applied when a batch is made. The canonical recipe only: the foreground
+        recipe (FM-HCT's) crops and resizes per CT, which the cache does not store."""
+        if self.spec.crop == "foreground":
+            raise ConfigError("a prepared cache holds the canonical preprocessing only; this bundle's "
+                              "'foreground' preprocessing (FM-HCT's) reads its CTs directly: give the data folder")
         canonical = canonical_view(volume, self.direction)
         image = self.reduced_image(canonical)
         center, extent = head_geometry(image)
         grid = self.model_grid(center)
-        hu = grid.resample(image, sitk.sitkLinear, AIR_HU)
-        channels = np.stack([w.apply(hu) for w in self.spec.windows]).astype(np.float32)
-        return ModelInput(channels[None], grid, Grid.of(volume), center, extent,
-                          tuple(volume.meta.get("warnings", ())))
+        return grid.resample(image, sitk.sitkLinear, AIR_HU), grid, center, extent
 
     def block_factors(self, canonical: "CanonicalView") -> tuple[int, int, int]:
         """Voxels averaged per block along each canonical (x, y, z) axis.

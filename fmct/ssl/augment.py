@@ -67,6 +67,13 @@ class MultiCropAugmentation:
     def random_resized_crop(self, volume: torch.Tensor, gen: torch.Generator, scale: tuple[float, float],
                             size: tuple[int, int, int]) -> torch.Tensor:
         """Crop a box covering a random fraction of the volume, rotate slightly, flip LR, resize."""
+        theta = self.crop_theta(gen, scale)
+        grid = F.affine_grid(theta.unsqueeze(0).float(), [1, volume.shape[0], *size], align_corners=False)
+        return F.grid_sample(volume.unsqueeze(0), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+
+    def crop_theta(self, gen: torch.Generator, scale: tuple[float, float]) -> torch.Tensor:
+        """The random crop as an affine_grid matrix [3, 4] (float64): box fraction, aspect, centre, LR flip,
+        rotation, drawn from gen in that order (the batched path draws the same)."""
         frac = float(_uniform(gen, *scale))
         aspect = torch.exp(_uniform(gen, -self.cfg.aspect_jitter, self.cfg.aspect_jitter, 3))
         side = (frac ** (1.0 / 3.0) * aspect).clamp(max=1.0)  # half-extent in normalised [-1, 1] units
@@ -77,9 +84,7 @@ class MultiCropAugmentation:
         s = side.flip(0)
         if flip:  # x is the patient's left-right axis in LPS model grids
             s = s * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
-        theta = torch.cat([rot @ torch.diag(s), centre.flip(0).unsqueeze(1)], dim=1)
-        grid = F.affine_grid(theta.unsqueeze(0).float(), [1, volume.shape[0], *size], align_corners=False)
-        return F.grid_sample(volume.unsqueeze(0), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        return torch.cat([rot @ torch.diag(s), centre.flip(0).unsqueeze(1)], dim=1)
 
     def window_jitter(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Scale and shift each window channel slightly: mimics scanner and calibration drift."""

@@ -47,7 +47,9 @@ class DataSection:
     model-grid volumes. source "phantoms": n synthetic head CTs made and preprocessed at start.
     source "manifest": your CTs, `path` being anything fmct.data.manifests.load_manifest reads (a folder of
     DICOM/NIfTI studies, a CSV, the RSNA or CQ500 layout; labels are ignored), preprocessed once
-    into cache_dir.
+    into a prepared cache under cache_dir (each torchrun rank prepares its own share, fmct.data.prepare).
+    source "prepared": `path` is a cache from `fmct prepare`, read through its index (no source is
+    touched unless verify is true).
     """
 
     source: str = "phantoms"
@@ -59,6 +61,7 @@ class DataSection:
     size: tuple[int, int, int] = (64, 64, 64)  # (x, y, z); must match encoder img_size (z, y, x)
     in_plane_size: int = 128
     anatomy: str = "default"  # phantoms: anatomy preset(s), comma-separated and taken in turn, e.g. "default,ood"
+    verify: bool = False  # prepared: check every study's bytes and source files at start (slow on a large archive)
 
 
 @dataclass
@@ -142,6 +145,8 @@ class RunSection:
     keep_checkpoints: int = 2
     num_threads: int = 0  # 0: leave torch's default
     workers: int = -1  # DataLoader processes making crops ahead of the model; -1: auto (min(8, CPUs - 1) beside a GPU, 0 on CPU)
+    crops: str = "auto"  # where crops are made: "loader" (per sample, fmct.ssl.augment), "device" (batched on the
+    # training device, fmct.ssl.batched_crops; loader workers only read volumes), "auto" (device on CUDA, else loader)
 
 
 @dataclass
@@ -171,8 +176,12 @@ class SSLConfig:
             raise ConfigError(f"encoder img_size {list(enc.img_size)} (z, y, x) does not match data.size {list(self.data.size)} (x, y, z)")
         if self.dino.centering not in ("centering", "sinkhorn_knopp"):
             raise ConfigError(f"dino.centering is '{self.dino.centering}'; use 'centering' or 'sinkhorn_knopp'")
-        if self.data.source not in ("phantoms", "tensors", "manifest"):
-            raise ConfigError(f"data.source is '{self.data.source}'; use 'phantoms', 'tensors' or 'manifest'")
+        if self.run.crops not in ("auto", "loader", "device"):
+            raise ConfigError(f"run.crops is '{self.run.crops}'; use 'auto', 'loader' or 'device'")
+        if self.data.source not in ("phantoms", "tensors", "manifest", "prepared"):
+            raise ConfigError(f"data.source is '{self.data.source}'; use 'phantoms', 'tensors', 'manifest' or 'prepared'")
+        if self.data.source == "prepared" and not self.data.path:
+            raise ConfigError("data.path is empty; data.source 'prepared' needs a cache folder from `fmct prepare`")
         if self.data.source == "manifest" and not self.data.path:
             raise ConfigError("data.path is empty; data.source 'manifest' needs a folder of studies or a manifest CSV")
         if self.data.source == "tensors" and not self.data.path:

@@ -22,10 +22,11 @@ import torch
 from fmct.inference.bundle import BundleMeta, load_bundle, save_bundle
 from fmct.inference.ood import fit_reference
 from fmct.conventions.config_file import build_config, read_config_file
+from fmct.data.cache import PreparedVolumes, load_studies, open_for
 from fmct.data.datasets import CachedVolumeDataset, collate_skip_none
 from fmct.conventions.errors import ConfigError
 from fmct.features.metrics import evaluation_report
-from fmct.data.manifests import Manifest, Study, load_manifest
+from fmct.data.manifests import Manifest, Study
 from fmct.models import FMCTClassifier, preset
 from fmct.preprocessing.preprocessor import PreprocessSpec
 from fmct.inference.runners import calibrated_probabilities
@@ -63,6 +64,7 @@ class FinetuneConfig:
     device: str = "auto"
     name: str = "fmct-finetuned"
     checkpoints: str | None = None  # a folder: a checkpoint per epoch, and a rerun continues after the last one
+    verify: bool = False  # data from `fmct prepare`: check its bytes and source files first (stats every source)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -135,12 +137,16 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     if cfg.checkpoints and info.enabled:
         raise ConfigError("finetune: checkpoints are kept for single-process runs only (each torchrun rank has its "
                           "own random state, so a resume would not be exact); drop --checkpoints under torchrun")
-    manifest = load_manifest(cfg.data, cfg.layout)
+    manifest, cache = load_studies(cfg.data, cfg.layout)  # a prepared cache is read through its index
+    if cache is not None and cfg.augment > 0:
+        raise ConfigError("finetune: --augment rescans the source CTs; it cannot run from a prepared cache. Give the "
+                          "study folder as --data, or drop --augment")
     tasks = cfg.tasks or manifest.tasks
     if not tasks:
         raise ConfigError(f"finetune: {cfg.data} has no labels; give a labelled manifest or set 'tasks'")
     if cfg.val_data:
-        train_studies, val_studies = list(manifest), list(load_manifest(cfg.val_data, cfg.layout))
+        val_manifest, val_cache = load_studies(cfg.val_data, cfg.layout)
+        train_studies, val_studies = list(manifest), list(val_manifest)
     else:
         train_studies, val_studies = split(manifest, cfg.val_fraction, cfg.seed)
     if cfg.labels_per_class:
@@ -151,9 +157,18 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     report(0.0, "preparing data")
     if not info.is_main:
         barrier()  # rank 0 fills the cache first; the others then only read it
-    train_ds = CachedVolumeDataset(train_studies, spec, cfg.cache_dir, tasks=tasks, augment=cfg.augment,
-                                   augment_seed=cfg.seed).prepare(cancel=cancel)   # validation stays clean
-    val_ds = CachedVolumeDataset(val_studies, spec, cfg.cache_dir, tasks=tasks).prepare(cancel=cancel)
+    if cache is not None:
+        train_ds = PreparedVolumes(open_for(cache, spec, cfg.verify), spec.windows, tasks,
+                                   study_ids=[s.study_id for s in train_studies])
+    else:
+        train_ds = CachedVolumeDataset(train_studies, spec, cfg.cache_dir, tasks=tasks, augment=cfg.augment,
+                                       augment_seed=cfg.seed).prepare(cancel=cancel)   # validation stays clean
+    val_from = val_cache if cfg.val_data else cache
+    if val_from is not None:
+        val_ds = PreparedVolumes(open_for(val_from, spec, cfg.verify), spec.windows, tasks,
+                                 study_ids=[s.study_id for s in val_studies])
+    else:
+        val_ds = CachedVolumeDataset(val_studies, spec, cfg.cache_dir, tasks=tasks).prepare(cancel=cancel)
     if info.is_main:
         barrier()
     y_train = torch.tensor(np.array([train_ds.label_vector(s) for s in train_ds.studies], dtype=np.float32))

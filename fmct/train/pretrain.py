@@ -26,7 +26,6 @@ import re
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -37,6 +36,7 @@ import torch
 from fmct.conventions.atomic import disk_full_error, is_disk_full
 from fmct.conventions.errors import Cancelled, ConfigError, FMCTError, ResumeMismatchError, TrainingDivergedError
 from fmct.ssl.augment import MultiCropAugmentation, collate_crops, sample_generator
+from fmct.ssl.batched_crops import BatchedMultiCrop
 from fmct.ssl.config import SSLConfig
 from fmct.ssl.ema import cosine, teacher_momentum, teacher_temperature
 from fmct.ssl.masking import sample_masks
@@ -53,7 +53,6 @@ LOSS_LOG = "losses.jsonl"
 VIEW_CHECK = "view_check.json"  # the data's view calibration, measured at the start of a run
 CHECKPOINT_DIR = "checkpoints"
 BUNDLE_DIR = "bundle"
-_STEP_SLEEP_ENV = "FMCT_PRETRAIN_STEP_SLEEP"  # tests only: slow steps down so a kill lands mid-run
 
 
 # ============================================================================ data
@@ -106,13 +105,18 @@ def preprocess_spec(cfg: SSLConfig) -> Any:
     return PreprocessSpec(spacing_mm=tuple(cfg.data.spacing_mm), size=tuple(cfg.data.size))
 
 
-def load_dataset(cfg: SSLConfig) -> Any:
-    d = cfg.data
-    if d.source == "manifest":
-        from fmct.data.datasets import CachedVolumeDataset
-        from fmct.data.manifests import load_manifest
+def load_dataset(cfg: SSLConfig, info: ddp.DistInfo | None = None) -> Any:
+    """The run's volumes. A prepared cache is read through its index (no source file touched, unless
+    data.verify); a folder or manifest is first prepared into such a cache under data.cache_dir, each
+    torchrun rank doing its own share of the studies (fmct.data.prepare), then read the same way, so
+    training from the sources and from `fmct prepare`'s cache see the same tensors."""
+    d, info = cfg.data, info or ddp.DistInfo()
+    if d.source in ("manifest", "prepared"):
+        from fmct.data.cache import PreparedVolumes, open_for
 
-        return CachedVolumeDataset(load_manifest(d.path), preprocess_spec(cfg), d.cache_dir, tasks=[]).prepare()
+        spec = preprocess_spec(cfg)
+        path = _prepare_sources(cfg, info) if d.source == "manifest" else Path(d.path)
+        return PreparedVolumes(open_for(path, spec, verify=d.verify), spec.windows)
     if d.source == "tensors":
         from safetensors.torch import load_file
 
@@ -124,6 +128,23 @@ def load_dataset(cfg: SSLConfig) -> Any:
             raise ConfigError(f"data.path {path} has no tensor 'x' (it has {sorted(tensors)})")
         return TensorVolumes(tensors["x"])
     return TensorVolumes(make_phantom_tensors(d.n, d.seed, d.spacing_mm, d.size, d.in_plane_size, d.anatomy))
+
+
+def _prepare_sources(cfg: SSLConfig, info: ddp.DistInfo) -> Path:
+    """Prepare data.path into data.cache_dir/prepared-<digest> (this rank's share, then wait for the others)."""
+    import hashlib
+
+    from fmct.data.cache import grid_record
+    from fmct.data.manifests import load_manifest
+    from fmct.data.prepare import manifest_digest, prepare
+
+    spec, studies = preprocess_spec(cfg), load_manifest(cfg.data.path)
+    key = hashlib.sha256(json.dumps([manifest_digest(studies), grid_record(spec)]).encode()).hexdigest()[:16]
+    root = Path(cfg.data.cache_dir) / f"prepared-{key}"
+    result = prepare(studies, spec, root, workers=1, rank=info.rank, world=info.world_size)
+    log.info("prepared %d studies (%d unit(s) done before) into %s", result.studies_written, len(result.units_skipped), root)
+    ddp.barrier()
+    return root
 
 
 def _image(item: Any) -> torch.Tensor:
@@ -170,7 +191,7 @@ def step_batches(batches: "StepBatches", start: int, total: int, workers: int, p
 class StepBatches:
     """Step -> (epoch, position, crops + masks of this rank's batch), a pure function of the step."""
 
-    def __init__(self, dataset: VolumeDataset, cfg: SSLConfig, info: ddp.DistInfo) -> None:
+    def __init__(self, dataset: VolumeDataset, cfg: SSLConfig, info: ddp.DistInfo, on_device: bool = False) -> None:
         self.dataset, self.cfg, self.info = dataset, cfg, info
         self.sampler = ddp.distributed_sampler(dataset, info, cfg.run.seed)
         self.batch_size = cfg.optim.batch_size
@@ -179,6 +200,7 @@ class StepBatches:
             raise ConfigError(
                 f"the dataset has {len(dataset)} volumes, too few for batch_size {self.batch_size} on {info.world_size} process(es)")
         self.augment = MultiCropAugmentation(cfg.crops)
+        self.on_device = on_device  # crops made later by device_crops, on the training device
         self.grid = tuple(s // p for s, p in zip(cfg.crops.global_size, cfg.encoder_config.patch_size))
         self._order: tuple[int, list[int]] | None = None
 
@@ -191,18 +213,34 @@ class StepBatches:
             self._order = (epoch, list(self.sampler))
         return self._order[1][position * self.batch_size:(position + 1) * self.batch_size]
 
+    def volume(self, i: int) -> torch.Tensor:
+        """Item i as the loader hands it to the device: int16 HU where the dataset has it, else its channels."""
+        hu = getattr(self.dataset, "hu", None)
+        return hu(i) if hu is not None else _image(self.dataset[i])
+
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
         epoch, position = self.position(step)
         seed = self.cfg.run.seed
         n_local = self.cfg.crops.n_local if step >= self.cfg.crops.local_start_step else 0
-        samples = [self.augment(_image(self.dataset[i]), sample_generator(seed, epoch, i), n_local)
-                   for i in self.indices(epoch, position)]
-        batch = collate_crops(samples)
+        indices = self.indices(epoch, position)
+        if self.on_device:  # the volumes and the keys of their random streams; device_crops makes the views
+            batch = {"volumes": torch.stack([self.volume(i) for i in indices]),
+                     "keys": torch.tensor([[seed, epoch, i] for i in indices]), "n_local": torch.tensor(n_local),
+                     "noise_key": torch.tensor([seed, step, self.info.rank])}
+        else:
+            batch = collate_crops([self.augment(_image(self.dataset[i]), sample_generator(seed, epoch, i), n_local)
+                                   for i in indices])
         ib = self.cfg.ibot
         prob = ib.mask_probability if (ib.enabled or self.cfg.mae.enabled) else 0.0
-        batch["masks"] = sample_masks(batch["global"].shape[0], self.grid, ib.mask_ratio, prob,
+        batch["masks"] = sample_masks(2 * len(indices), self.grid, ib.mask_ratio, prob,
                                       sample_generator(seed, step, self.info.rank, 0x6D61736B))
         return batch
+
+
+def device_crops(crop: BatchedMultiCrop, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A StepBatches batch made with on_device (already on the device) -> the crops and masks the model takes."""
+    views = crop(batch["volumes"], batch["keys"].tolist(), int(batch["n_local"]), batch["noise_key"].tolist())
+    return {**views, "masks": batch["masks"]}
 
 
 def view_calibration(dataset: VolumeDataset, cfg: SSLConfig, n: int = 16) -> dict[str, float]:
@@ -417,26 +455,61 @@ def _truncate_log(path: Path, step: int) -> list[dict[str, float]]:
     return kept
 
 
-def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset: VolumeDataset | None = None,
-             progress: Progress | None = None, cancel: CancelCheck | None = None) -> PretrainResult:
-    """Run (or continue, with resume=True) self-supervised pretraining into run_dir.
+@dataclass
+class _Run:
+    """What one pretraining process holds while it runs: the pieces the step, checkpoint and resume share."""
 
-    Raises Cancelled when cancel() turns true and KeyboardInterrupt on Ctrl-C, in both cases
-    after writing a checkpoint that --resume continues from.
-    """
-    run_dir = Path(run_dir)
+    cfg: SSLConfig
+    run_dir: Path
+    info: ddp.DistInfo
+    device: torch.device
+    dataset: VolumeDataset
+    batches: StepBatches
+    model: SelfDistillation
+    student: torch.nn.Module  # model.student, wrapped in DDP under torchrun
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    crop: BatchedMultiCrop | None = None  # crops made on the device (run.crops), else by the loader
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / LOSS_LOG
+
+    def config_record(self) -> dict[str, Any]:
+        return {**self.cfg.resolved_dict(), "seed": self.cfg.run.seed, "world_size": self.info.world_size}
+
+    def save(self, step: int) -> None:
+        """Checkpoint everything resume needs (rank 0 writes; every rank waits for it)."""
+        if self.info.is_main:
+            tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+            opt_tensors, opt_meta = ckpt.optimizer_state(self.opt)
+            rng_tensors, rng_meta = ckpt.rng_state()
+            epoch, position = self.batches.position(step)
+            meta = {"data": {"epoch": epoch, "position": position, "steps_per_epoch": self.batches.steps_per_epoch},
+                    "optimizer": opt_meta, "scheduler": self.sched.state_dict(),  # JSON-safe: lr_lambdas entry is None
+                    "rng": rng_meta, "seed": self.cfg.run.seed, "world_size": self.info.world_size}
+            ckpt.save_checkpoint(self.ckpt_dir, step, {**tensors, **opt_tensors, **rng_tensors}, meta,
+                                 self.cfg.run.keep_checkpoints)
+        ddp.barrier()
+
+
+def _open_run(cfg: SSLConfig, run_dir: Path, dataset: VolumeDataset | None) -> _Run:
+    """Join the process group, seed, load the data, build the model, optimizer and schedule."""
     kind = ddp.process_group_kind(cfg.run.device)
     info = ddp.init_from_env(kind)
     device = ddp.device_for(info, kind if cfg.run.device == "auto" else cfg.run.device)
     if cfg.run.num_threads > 0:
         torch.set_num_threads(cfg.run.num_threads)
-    ckpt_dir, log_path = run_dir / CHECKPOINT_DIR, run_dir / LOSS_LOG
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     _seed_everything(cfg.run.seed)
-
-    dataset = dataset if dataset is not None else load_dataset(cfg)
-    batches = StepBatches(dataset, cfg, info)
+    dataset = dataset if dataset is not None else load_dataset(cfg, info)
+    on_device = cfg.run.crops == "device" or (cfg.run.crops == "auto" and device.type == "cuda")
+    batches = StepBatches(dataset, cfg, info, on_device=on_device)
     model = SelfDistillation(cfg).to(device)
     student = ddp.wrap_ddp(model.student, info, device)
     if info.enabled:  # DDP broadcast rank 0's student; the teacher starts as its copy everywhere
@@ -444,126 +517,147 @@ def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset:
                                        if k in model.teacher.state_dict()})
     opt = torch.optim.AdamW(param_groups(model.student, cfg), lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+    crop = BatchedMultiCrop(cfg.crops, preprocess_spec(cfg).windows) if on_device else None
+    return _Run(cfg, run_dir, info, device, dataset, batches, model, student, opt, sched, crop)
 
-    start, history = 0, []
-    config_record = {**cfg.resolved_dict(), "seed": cfg.run.seed, "world_size": info.world_size}
-    if resume:
-        found = ckpt.load_checkpoint(ckpt_dir)
-        if found is None:
-            log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_dir)
-        else:
-            check_resume_config(run_dir / CONFIG_FILE, config_record)
-            try:
-                model.load_state_dict(ckpt.subset(found.tensors, "model"))
-                ckpt.load_optimizer_state(opt, found.tensors, found.meta["optimizer"])
-                sched.load_state_dict(found.meta["scheduler"])
-                ckpt.set_rng_state(found.tensors, found.meta["rng"])
-            except (RuntimeError, KeyError, ValueError, TypeError) as e:
-                raise ConfigError(f"cannot resume from {found.path}: the checkpoint does not fit this model and optimizer "
-                                  f"({str(e).splitlines()[0][:200]}). Resume with the run's own config, or start a new "
-                                  "run in another --out folder.") from e
-            start = found.step
-            log.info("resumed from %s (step %d)", found.path.name, start)
-    if info.is_main:
-        history = _truncate_log(log_path, start) if resume else []
-        if not resume and log_path.exists():
-            log_path.unlink()
-        ckpt.atomic_write(run_dir / CONFIG_FILE, json.dumps(config_record, indent=2).encode())
+
+def _restore(run: _Run) -> int:
+    """Load the last checkpoint into the run; the step it was taken at (0 when there is none)."""
+    found = ckpt.load_checkpoint(run.ckpt_dir)
+    if found is None:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", run.ckpt_dir)
+        return 0
+    check_resume_config(run.run_dir / CONFIG_FILE, run.config_record())
+    try:
+        run.model.load_state_dict(ckpt.subset(found.tensors, "model"))
+        ckpt.load_optimizer_state(run.opt, found.tensors, found.meta["optimizer"])
+        run.sched.load_state_dict(found.meta["scheduler"])
+        ckpt.set_rng_state(found.tensors, found.meta["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"cannot resume from {found.path}: the checkpoint does not fit this model and optimizer "
+                          f"({str(e).splitlines()[0][:200]}). Resume with the run's own config, or start a new "
+                          "run in another --out folder.") from e
+    log.info("resumed from %s (step %d)", found.path.name, found.step)
+    return found.step
+
+
+def _start_records(run: _Run, resume: bool, start: int) -> list[dict[str, float]]:
+    """Rank 0: the loss log cut to the steps kept (empty for a new run), config.json, and at step 0
+    the view calibration. Returns the kept log records."""
+    history: list[dict[str, float]] = []
+    if run.info.is_main:
+        history = _truncate_log(run.log_path, start) if resume else []
+        if not resume and run.log_path.exists():
+            run.log_path.unlink()
+        ckpt.atomic_write(run.run_dir / CONFIG_FILE, json.dumps(run.config_record(), indent=2).encode())
     ddp.barrier()
-
-    def save(step: int) -> None:
-        if info.is_main:
-            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-            opt_tensors, opt_meta = ckpt.optimizer_state(opt)
-            rng_tensors, rng_meta = ckpt.rng_state()
-            epoch, position = batches.position(step)
-            sched_state = sched.state_dict()  # JSON-safe: a plain function's lr_lambdas entry is None
-            meta = {"data": {"epoch": epoch, "position": position, "steps_per_epoch": batches.steps_per_epoch},
-                    "optimizer": opt_meta, "scheduler": sched_state, "rng": rng_meta,
-                    "seed": cfg.run.seed, "world_size": info.world_size}
-            ckpt.save_checkpoint(ckpt_dir, step, {**tensors, **opt_tensors, **rng_tensors}, meta, cfg.run.keep_checkpoints)
-        ddp.barrier()
-
-    if info.is_main and start == 0:
-        check = view_calibration(dataset, cfg)
-        ckpt.atomic_write(run_dir / VIEW_CHECK, json.dumps(check, indent=2).encode())
-        (log.warning if check["pixel_view_ratio"] > 0.95 else log.info)(
+    if run.info.is_main and start == 0:
+        check = view_calibration(run.dataset, run.cfg)
+        ckpt.atomic_write(run.run_dir / VIEW_CHECK, json.dumps(check, indent=2).encode())
+        too_far = check["pixel_view_ratio"] > 0.95
+        (log.warning if too_far else log.info)(
             "views: two global views of one CT differ %.2fx as much as views of two CTs (pixel rms, %d volumes)%s",
             check["pixel_view_ratio"], check["volumes"],
-            "; DINO cannot match views this different: use milder crops (see CollapseWatch's advice)"
-            if check["pixel_view_ratio"] > 0.95 else "")
+            "; DINO cannot match views this different: use milder crops (see CollapseWatch's advice)" if too_far else "")
+    return history
+
+
+def _train_step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    """One optimisation step (student update, then the teacher's EMA); the step's log record."""
+    cfg, model, opt = run.cfg, run.model, run.opt
     total = cfg.optim.steps
-    sleep_s = float(os.environ.get(_STEP_SLEEP_ENV, "0") or 0)
-    step, saved_at = start, start
+    temp = teacher_temperature(step, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp, cfg.dino.warmup_teacher_temp_steps)
+    momentum = teacher_momentum(step, total, cfg.optim.momentum_teacher, cfg.optim.final_momentum_teacher)
+    with autocast(run.device):
+        losses = model(batch, temp, run.student)
+    if not torch.isfinite(losses["loss"]):
+        raise TrainingDivergedError(f"pretraining loss is {float(losses['loss'].detach())} at step {step + 1}; lower "
+                                    f"optim.lr (now {cfg.optim.lr:g}) or raise optim.warmup_steps, then "
+                                    "start again or --resume from the last checkpoint")
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if step < cfg.optim.freeze_last_layer_steps:
+        cancel_last_layer_gradients(model.student)
+    if cfg.optim.clip_grad > 0:
+        clip_parts(model.student, cfg.optim.clip_grad)
+    lr = cfg.optim.lr * lr_factor(cfg)(step)  # the base lr; groups run at lr * lr_scale
+    wd = weight_decay_at(step, cfg)
+    for g in opt.param_groups:
+        g["weight_decay"] = wd * g.get("wd_scale", 1.0)
+    opt.step()
+    run.sched.step()
+    model.update_teacher(momentum)
+    return {"step": step + 1, **_mean_over_ranks(losses, run.info), "lr": lr, "weight_decay": wd,
+            "teacher_temp": temp, "momentum": momentum}
+
+
+def _loop(run: _Run, start: int, history: list[dict[str, float]], progress: Progress | None,
+          cancel: CancelCheck | None) -> int:
+    """Steps start..optim.steps: log, checkpoint every run.checkpoint_every, stop cleanly on cancel or
+    Ctrl-C (after a checkpoint). Returns the step reached."""
+    cfg, info = run.cfg, run.info
+    total, step, saved_at = cfg.optim.steps, start, start
     watch = CollapseWatch(cfg)
-    log_file = open(log_path, "a") if info.is_main else None
-    workers = resolve_workers(cfg.run.workers, device)
-    feed = step_batches(batches, start, total, workers, pin=device.type == "cuda")
+    workers = resolve_workers(cfg.run.workers, run.device)
     if workers:
-        log.info("crops made by %d DataLoader worker(s)", workers)
+        log.info("%s by %d DataLoader worker(s)", "volumes read" if run.crop else "crops made", workers)
+    if run.crop is not None:
+        log.info("crops made on %s, batched", run.device)
+    feed = step_batches(run.batches, start, total, workers, pin=run.device.type == "cuda")
+    log_file = open(run.log_path, "a") if info.is_main else None
     try:
         with _StopRequest() as stop:
             while step < total:
                 cancelled = cancel is not None and cancel()
-                if _any_rank(stop.requested or cancelled, info, device):
+                if _any_rank(stop.requested or cancelled, info, run.device):
                     if step != saved_at:
-                        save(step)
-                        saved_at = step
+                        run.save(step)
                     if cancelled:
                         raise Cancelled(f"pretraining cancelled at step {step}; --resume continues from there")
                     raise KeyboardInterrupt
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(feed).items()}
-                temp = teacher_temperature(step, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp, cfg.dino.warmup_teacher_temp_steps)
-                momentum = teacher_momentum(step, total, cfg.optim.momentum_teacher, cfg.optim.final_momentum_teacher)
-                with autocast(device):
-                    losses = model(batch, temp, student)
-                if not torch.isfinite(losses["loss"]):
-                    raise TrainingDivergedError(f"pretraining loss is {float(losses['loss'].detach())} at step {step + 1}; lower "
-                                                f"optim.lr (now {cfg.optim.lr:g}) or raise optim.warmup_steps, then "
-                                                "start again or --resume from the last checkpoint")
-                opt.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                if step < cfg.optim.freeze_last_layer_steps:
-                    cancel_last_layer_gradients(model.student)
-                if cfg.optim.clip_grad > 0:
-                    clip_parts(model.student, cfg.optim.clip_grad)
-                lr = cfg.optim.lr * lr_factor(cfg)(step)  # the base lr; groups run at lr * lr_scale
-                wd = weight_decay_at(step, cfg)
-                for g in opt.param_groups:
-                    g["weight_decay"] = wd * g.get("wd_scale", 1.0)
-                opt.step()
-                sched.step()
-                model.update_teacher(momentum)
+                batch = {k: v.to(run.device, non_blocking=True) for k, v in next(feed).items()}
+                if run.crop is not None:
+                    batch = device_crops(run.crop, batch)
+                record = _train_step(run, batch, step)
                 step += 1
-                record = {"step": step, **_mean_over_ranks(losses, info), "lr": lr, "weight_decay": wd,
-                          "teacher_temp": temp, "momentum": momentum}
                 history.append(record)
-                if info.is_main:
-                    watch(step, record)
                 if log_file is not None:
-                    _append_line(log_file, json.dumps(record), log_path)
+                    watch(step, record)
+                    _append_line(log_file, json.dumps(record), run.log_path)
                 if step % cfg.run.checkpoint_every == 0 or step == total:
-                    save(step)
+                    run.save(step)
                     saved_at = step
                 if progress is not None and info.is_main:
                     progress(step / total, f"step {step}/{total} loss {record['loss']:.4f}")
-                if sleep_s:
-                    time.sleep(sleep_s)
     finally:
         feed = None  # a DataLoader iterator's workers stop when it goes
         if log_file is not None:
             with contextlib.suppress(OSError):  # every line was flushed already; a full disk is reported above
                 log_file.close()
+    return step
 
-    bundle = _write_bundle(model, cfg, run_dir, step) if info.is_main else None
+
+def pretrain(cfg: SSLConfig, run_dir: str | Path, resume: bool = False, dataset: VolumeDataset | None = None,
+             progress: Progress | None = None, cancel: CancelCheck | None = None) -> PretrainResult:
+    """Run (or continue, with resume=True) self-supervised pretraining into run_dir.
+
+    progress(fraction, message) is called on rank 0 after each step (its log line and any
+    checkpoint are written by then). Raises Cancelled when cancel() turns true and
+    KeyboardInterrupt on Ctrl-C, in both cases after writing a checkpoint that --resume continues from.
+    """
+    run = _open_run(cfg, Path(run_dir), dataset)
+    start = _restore(run) if resume else 0
+    history = _start_records(run, resume, start)
+    step = _loop(run, start, history, progress, cancel)
+    bundle = _write_bundle(run.model, cfg, run.run_dir, step) if run.info.is_main else None
     ddp.barrier()
-    return PretrainResult(run_dir, step, history, bundle, model)
+    return PretrainResult(run.run_dir, step, history, bundle, run.model)
 
 
 # Settings a resumed run may change: they do not change what the run computes (the device and thread
 # count change only float rounding; optim.steps is how long to go on).
 RESUME_MAY_CHANGE = ("run.device", "run.checkpoint_every", "run.keep_checkpoints", "run.num_threads", "run.workers",
-                     "optim.steps")
+                     "optim.steps", "data.verify")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -625,12 +719,13 @@ def _append_line(f: Any, line: str, path: Path) -> None:
         if is_disk_full(e):
             raise disk_full_error(path.parent, path.name, len(line) + 1) from None
         raise
+
+
 def _check_run_folder(args: argparse.Namespace) -> None:
     """An --out holding an earlier run: refused unless --resume or --overwrite (fmct.train.run_folder);
     checked by the main process only (under torchrun the others wait for it and stop with it)."""
-    from fmct.train.run_folder import check_training_out, clear_run
-
     from fmct.conventions.runtime import torchrun_rank
+    from fmct.train.run_folder import check_training_out, clear_run
 
     if not torchrun_rank().is_main:
         return
@@ -642,14 +737,19 @@ def _check_run_folder(args: argparse.Namespace) -> None:
         clear_run(args.out, (CHECKPOINT_DIR, LOSS_LOG, CONFIG_FILE, VIEW_CHECK, BUNDLE_DIR))
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """`fmct pretrain` once parsed: exit 0 done, 2 a user error, 130 interrupted (checkpoint saved)."""
+def run_from_args(args: argparse.Namespace, on_step: Progress | None = None) -> int:
+    """`fmct pretrain` once parsed: exit 0 done, 2 a user error, 130 interrupted (checkpoint saved).
+
+    on_step(fraction, message): called after each step besides the progress bar (an embedding
+    program's hook, e.g. a test that paces the steps so a signal lands mid-run)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
         _check_run_folder(args)
         bar = None
-        is_main = int(os.environ.get("RANK", "0")) == 0
+        from fmct.conventions.runtime import torchrun_rank
+
+        is_main = torchrun_rank().is_main
         if is_main and not args.no_progress:
             from tqdm import tqdm
 
@@ -660,6 +760,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                 bar.n = round(fraction * cfg.optim.steps)
                 bar.set_postfix_str(message.split(" ", 2)[-1])  # "loss 1.2345"
                 bar.refresh()
+            if on_step is not None:
+                on_step(fraction, message)
 
         try:
             result = pretrain(cfg, args.out, resume=args.resume, progress=progress)
@@ -684,9 +786,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         ddp.shutdown()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, on_step: Progress | None = None) -> int:
     """`python -m fmct.train.pretrain` (what torchrun starts): the same options as `fmct pretrain`."""
-    return run_from_args(build_parser().parse_args(argv))
+    return run_from_args(build_parser().parse_args(argv), on_step)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ USAGE_EXAMPLES = """examples:
   fmct pretrain studies/ --out runs/pretrain                    a folder of CTs, the tiny CPU recipe
   fmct pretrain studies/ --out runs/p --size base --batch-size 64 --max-steps 50000 --device cuda
   fmct pretrain --config Resources/Configs/pretrain_tiny.yaml --out runs/p --set dino.teacher_temp=0.03
+  fmct prepare studies/ --out cache --workers 8 && fmct pretrain cache --out runs/p   decode once, then train
   fmct pretrain studies/ --out runs/pretrain --resume           continue a stopped run
   torchrun --nproc_per_node 4 -m fmct.train.pretrain studies/ --out runs/p --size base
 Watch RUN/losses.jsonl: view_gap and feature_spread should rise and dino_over_log_k fall below 1."""
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `fmct pretrain` (also `python -m fmct.train.pretrain`, e.g. under torchrun)."""
     parser.add_argument("data", nargs="?", default=None,
                         help="unlabelled CTs: a folder of DICOM/NIfTI studies, a manifest CSV, the RSNA or CQ500 layout, "
-                             "or a .safetensors file of preprocessed tensors 'x' [N, C, D, H, W] (default: the config's data, "
+                             "a cache from `fmct prepare`, or a .safetensors file of preprocessed tensors 'x' [N, C, D, H, W] (default: the config's data, "
                              "else synthetic phantoms)")
     parser.add_argument("--out", required=True, help="run folder: config.json, losses.jsonl, view_check.json, checkpoints/, bundle/")
     parser.add_argument("--config", default=None,
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="run.seed")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any config field, e.g. --set dino.teacher_temp=0.03 --set crops.n_local=4 (repeatable)")
+    parser.add_argument("--verify", action="store_true",
+                        help="with a prepared cache: check every study's bytes and source files first (stats every source)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out (same config)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start again in an --out that holds an earlier run (its files are removed first); without "
@@ -78,10 +81,14 @@ def config_from_args(args: argparse.Namespace) -> SSLConfig:
         path = Path(args.data)
         if not path.exists():
             raise ConfigError(f"pretraining data {path} does not exist; give a folder of CTs, a manifest CSV or a .safetensors file")
-        put("data.source", "tensors" if path.suffix == ".safetensors" else "manifest")
+        from fmct.data.cache import is_prepared_cache
+
+        put("data.source", "tensors" if path.suffix == ".safetensors" else "prepared" if is_prepared_cache(path) else "manifest")
         put("data.path", str(path))
     if getattr(args, "device", None) is not None and args.device.strip().lower() != "mps":
         args.device = parse_device(args.device)  # the one device-name check (gpu, gpu:N accepted as cuda)
+    if getattr(args, "verify", False):
+        put("data.verify", True)
     for flag, key in (("max_steps", "optim.steps"), ("batch_size", "optim.batch_size"), ("lr", "optim.lr"),
                       ("device", "run.device"), ("workers", "run.workers"), ("seed", "run.seed")):
         if getattr(args, flag, None) is not None:
