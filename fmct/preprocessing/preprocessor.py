@@ -25,7 +25,7 @@ from fmct.conventions.errors import ConfigError, InputVolumeError
 from fmct.preprocessing.separable import resample_parallel
 from fmct.reading.volume import Volume
 
-AIR_HU = -1024.0
+AIR_HU = -1024.0  # the value of air: fill outside the CT and the floor of block averages (reading.volume.AIR_CEILING_HU is a limit)
 HEAD_THRESHOLD_HU = -300.0
 
 # Axis letters of an orientation code, as the LPS unit vector each letter points to.

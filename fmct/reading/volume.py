@@ -23,7 +23,7 @@ FORMATS = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD"
 MAX_SPACING_MM = 20.0
 MIN_SPACING_MM = 0.05  # finer than any clinical CT (micro-CT is not a head CT)
 MIN_EXTENT_MM = 30.0  # along every axis: a head CT covers at least this much
-AIR_HU = -500.0
+AIR_CEILING_HU = -500.0  # a head CT holds air below this (the value air takes is preprocessor.AIR_HU, -1024)
 MIN_SLICES = 3
 # No scanner writes values outside the 16-bit range (padding of -3024 or -32768 and extended-scale
 # metal included): beyond it the file is damaged (flipped bytes give values like 3.4e38).
@@ -278,8 +278,8 @@ def _check_hounsfield(array: np.ndarray, source: str) -> None:
         raise NotCTError(
             f"{source}: all values lie in [0, 1]: this looks like a normalised image, a probability map or a mask, "
             "not a CT in Hounsfield units. Give the original CT.")
-    if low > AIR_HU:
+    if low > AIR_CEILING_HU:
         raise NotCTError(
-            f"{source}: no voxel is below {AIR_HU:g} HU (lowest {low:g}), but every head CT contains air at about "
+            f"{source}: no voxel is below {AIR_CEILING_HU:g} HU (lowest {low:g}), but every head CT contains air at about "
             "-1000 HU. Is this an MR, or a CT exported without rescale intercept? Export the original CT in "
             "Hounsfield units.")
