@@ -1,6 +1,9 @@
 """Reading CTs: the `Volume` (HU array + LPS geometry), NIfTI / NRRD / MHA files and DICOM series.
 
-The first step of every data flow: whatever the format, a `Volume` comes out.
+The first step of every data flow: whatever the format, a `Volume` comes out. Modules: volume (the
+Volume, validate_ct), files (image files, read_volume), headers (what ITK hides in NIfTI / NRRD /
+MetaImage headers), dicom (per-slice series), multiframe (enhanced and classic multi-frame),
+slice_grid (the grid checks both share), dicom_elements (a file's own elements), dicom_writer.
 """
 from __future__ import annotations
 
