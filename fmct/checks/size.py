@@ -15,7 +15,7 @@ from fmct.checks.sample import Sample
 from fmct.checks.skull import Skull
 
 AREA_MM2 = (10500.0, 26000.0)  # largest cavity section; an equivalent diameter of 116-182 mm
-HEIGHT_MM = (85.0, 200.0)  # cavity floor to vertex
+HEIGHT_MM = (70.0, 200.0)  # cavity floor to vertex (a vertex-only scan measures 35-55)
 NAME = "plausible head size"
 
 

@@ -21,7 +21,7 @@ BRAIN_HU = (-15.0, 100.0)  # brain, CSF and blood
 MIN_CAVITY_MM2 = 800.0  # the smallest cranial cavity section counted (the vertex, the posterior fossa)
 MAX_CAVITY_MM2 = 40000.0  # larger than any skull section: a body cavity, not a cranium
 MIN_BRAIN_SHARE = 0.6  # of the cavity's voxels in BRAIN_HU
-MAX_GAP_MM = 12.0  # cranial slices this far apart still belong to one head
+MAX_GAP_MM = 30.0  # cranial slices this far apart still belong to one head (a slice or two can miss the ring)
 CLOSE_MM = 9.0  # gaps in the ring up to twice this are closed (sutures, foramina, thin temporal squama)
 MIN_BONE_COVER = 0.7  # share of the cavity's outline on bone: a skull, not a rib cage closed by the closing
 

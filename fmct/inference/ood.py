@@ -23,7 +23,7 @@ from fmct.conventions.errors import BundleError
 
 FEATURE = "cls+mean_patch"  # what the statistics describe: the task head's input
 DEFAULT_QUANTILE = 0.975  # share of held-out in-distribution CTs that stay below the threshold
-SHRINKAGE = 0.1  # covariance shrunk towards its mean variance: a few hundred CTs for hundreds of dimensions
+SHRINKAGE = 0.1  # the fixed shrinkage of statistics written before issue 26 (their metadata has no 'shrinkage')
 
 
 @dataclass
@@ -37,6 +37,11 @@ class ReferenceStats:
     n_reference: int
     n_calibration: int
     source: str = ""  # where the reference and calibration CTs came from, for the record
+    shrinkage: float = SHRINKAGE  # of the covariance towards its mean variance (Ledoit-Wolf estimate since issue 26)
+    # Relative margin below the threshold a score must keep to be "in distribution": measured as how far benign
+    # rescans of one CT (noise, a few degrees, thicker slices, a shorter field of view) move its score, so a CT
+    # flagged by a hair does not turn "in distribution" with a little noise. 0: the bare threshold.
+    margin: float = 0.0
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance per feature dimension, one value per row of features [B, D]."""
@@ -56,10 +61,16 @@ class ReferenceStats:
         score = float(self.score(features)[0])
         if not np.isfinite(score):
             raise BundleError("the out-of-distribution score is not finite; the model's features are broken")
-        return {"score": round(score, 4), "threshold": round(self.threshold, 4),
-                "in_distribution": score <= self.threshold,
-                "method": f"mahalanobis on {FEATURE}, threshold at the {self.quantile:g} quantile of "
-                          f"{self.n_calibration} held-out training-distribution CTs"}
+        limit = self.threshold * (1.0 - self.margin)
+        record = {"score": round(score, 4), "threshold": round(self.threshold, 4),
+                  "in_distribution": score <= limit,
+                  "method": f"mahalanobis on {FEATURE} (covariance shrinkage {self.shrinkage:.3g}), threshold at the "
+                            f"{self.quantile:g} quantile of {self.n_calibration} held-out training-distribution CTs"}
+        if self.margin > 0:
+            record.update(margin=round(self.margin, 4), in_distribution_below=round(limit, 4),
+                          borderline=bool(limit < score <= self.threshold))
+            record["method"] += f"; in distribution only {100 * self.margin:.0f}% below it (the measured spread of benign rescans)"
+        return record
 
     def to_bytes(self, weights_sha256: str) -> bytes:
         """safetensors bytes, tied to the weights they were computed with (by their SHA-256)."""
@@ -67,7 +78,8 @@ class ReferenceStats:
 
         metadata = {"feature": FEATURE, "threshold": repr(float(self.threshold)), "quantile": repr(float(self.quantile)),
                     "n_reference": str(self.n_reference), "n_calibration": str(self.n_calibration),
-                    "weights_sha256": weights_sha256, "source": self.source}
+                    "weights_sha256": weights_sha256, "source": self.source, "shrinkage": repr(float(self.shrinkage)),
+                    "margin": repr(float(self.margin))}
         return save({"mean": self.mean.astype(np.float64), "precision": self.precision.astype(np.float64)}, metadata)
 
     @classmethod
@@ -94,7 +106,14 @@ class ReferenceStats:
             raise BundleError(f"{where}: 'mean' {mean.shape} and 'precision' {precision.shape} do not fit together")
         if not (np.isfinite(mean).all() and np.isfinite(precision).all() and np.isfinite(threshold) and threshold > 0):
             raise BundleError(f"{where} holds non-finite values or a threshold that is not positive; recompute it")
-        return cls(mean, precision, threshold, quantile, n_ref, n_cal, str(metadata.get("source", "")))
+        try:
+            shrinkage, margin = float(metadata.get("shrinkage", SHRINKAGE)), float(metadata.get("margin", 0.0))
+        except ValueError as e:
+            raise BundleError(f"{where}: metadata field 'shrinkage' or 'margin' is not a number; recompute it") from e
+        if not (0.0 <= margin < 1.0 and 0.0 <= shrinkage <= 1.0):
+            raise BundleError(f"{where}: 'margin' {margin} or 'shrinkage' {shrinkage} is outside [0, 1); recompute it")
+        return cls(mean, precision, threshold, quantile, n_ref, n_cal, str(metadata.get("source", "")), shrinkage,
+                   margin)
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -106,22 +125,65 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     return dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
 
 
+def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
+    """The Ledoit-Wolf (2004) estimate of the optimal shrinkage of the covariance of x [N, D] towards
+    mu * I (mu its mean variance), in closed form: the share of the sample covariance's error that is noise.
+
+    A fixed value (the 0.1 used before) was never measured; on a few hundred CTs of a few hundred feature
+    dimensions the estimate is several times larger, which keeps the score from over-weighting the directions
+    the reference barely varies in (where a benign change, such as noise, looks like a large distance).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.mean(axis=0)
+    n, p = x.shape
+    s = x.T @ x / n
+    mu = np.trace(s) / p
+    delta = (np.sum(s * s) - 2 * mu * np.trace(s) + p * mu * mu) / p  # ||S - mu I||_F^2 / p
+    x2 = x * x
+    beta = (np.sum(x2.T @ x2) / n - np.sum(s * s)) / (n * p)  # (1/n^2) sum_k ||x_k x_k^T - S||_F^2 / p
+    if delta <= 0:
+        return 1.0
+    return float(min(max(beta, 0.0), delta) / delta)
+
+
+def oas_shrinkage(cov: np.ndarray, n: int) -> float:
+    """The Oracle Approximating Shrinkage (Chen et al. 2010) of a sample covariance [D, D] of n samples towards
+    mu * I: closed form in the covariance alone, so statistics stored without their samples can be re-shrunk."""
+    p = cov.shape[0]
+    mu = np.trace(cov) / p
+    alpha = np.mean(cov * cov)
+    den = (n + 1.0) * (alpha - mu * mu / p)
+    return 1.0 if den <= 0 else float(min((alpha + mu * mu) / den, 1.0))
+
+
+def shrunk_precision(cov: np.ndarray, shrinkage: float) -> np.ndarray:
+    """The inverse of the covariance shrunk towards its mean variance."""
+    target = np.eye(cov.shape[0]) * np.trace(cov) / cov.shape[0]
+    return np.linalg.inv((1.0 - shrinkage) * cov + shrinkage * target)
+
+
+def unshrunk_covariance(precision: np.ndarray, shrinkage: float) -> np.ndarray:
+    """The sample covariance back from a precision made by shrunk_precision (the trace is kept by shrinking)."""
+    a = np.linalg.inv(precision)
+    return (a - shrinkage * np.eye(a.shape[0]) * np.trace(a) / a.shape[0]) / (1.0 - shrinkage)
+
+
 def fit_reference(reference: np.ndarray, calibration: np.ndarray, quantile: float = DEFAULT_QUANTILE,
-                  shrinkage: float = SHRINKAGE, source: str = "") -> ReferenceStats:
+                  shrinkage: float | None = None, source: str = "") -> ReferenceStats:
     """Statistics from reference features [N, D], with the threshold set on other CTs' features [M, D].
 
     The threshold comes from CTs not used for the mean and covariance: scores of the reference CTs
     themselves are biased low (the covariance was fitted to them), which would flag too many new CTs.
+    shrinkage None: estimated from the reference (Ledoit-Wolf); a number: that value.
     """
     reference = np.asarray(reference, dtype=np.float64)
     calibration = np.asarray(calibration, dtype=np.float64)
     if reference.ndim != 2 or reference.shape[0] < 2 or calibration.ndim != 2 or calibration.shape[0] < 1:
         raise ValueError("reference needs at least 2 CTs and calibration at least 1, as [N, D] features")
     mean = reference.mean(axis=0)
-    cov = np.cov(reference, rowvar=False)
-    target = np.eye(cov.shape[0]) * np.trace(cov) / cov.shape[0]
-    precision = np.linalg.inv((1.0 - shrinkage) * cov + shrinkage * target)
-    stats = ReferenceStats(mean, precision, 1.0, quantile, reference.shape[0], calibration.shape[0], source)
+    shrinkage = ledoit_wolf_shrinkage(reference) if shrinkage is None else float(shrinkage)
+    precision = shrunk_precision(np.cov(reference, rowvar=False), shrinkage)
+    stats = ReferenceStats(mean, precision, 1.0, quantile, reference.shape[0], calibration.shape[0], source, shrinkage)
     stats.threshold = float(np.quantile(stats.score(calibration), quantile))
     return stats
 
