@@ -31,6 +31,7 @@ def test_bundle_is_small_and_documented():
     assert check_onnx_parity(path) <= TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slices", ["thick", "thin"])
 def test_any_hemorrhage_auroc_on_fresh_phantoms(demo_analyzer, slices):
     labels, scores = [], []
@@ -43,6 +44,7 @@ def test_any_hemorrhage_auroc_on_fresh_phantoms(demo_analyzer, slices):
     assert auroc(np.array(labels), np.array(scores)) >= 0.9
 
 
+@pytest.mark.slow
 def test_integrated_gradients_concentrate_in_the_lesion(demo_analyzer):
     """Mean over one case per hemorrhage type: saliency enrichment in the lesion and pointing game."""
     enrichment, hits = [], []
@@ -60,6 +62,7 @@ def test_integrated_gradients_concentrate_in_the_lesion(demo_analyzer):
     assert np.mean(hits) >= 0.6, hits
 
 
+@pytest.mark.slow
 def test_demo_command_writes_everything(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
@@ -77,6 +80,7 @@ def test_demo_command_writes_everything(tmp_path, capsys):
     assert f"false positive: {', '.join(wrong) or 'none'};" in printed
 
 
+@pytest.mark.slow
 def test_recipe_fine_tunes_a_pretrained_encoder_and_records_it(tmp_path):
     """The demo recipe from a task-less encoder bundle (what `fmct pretrain` writes); lr 0 keeps its weights."""
     from fmct.inference.bundle import BundleMeta, load_bundle, save_bundle
@@ -123,6 +127,7 @@ def test_recipe_fine_tunes_a_pretrained_encoder_and_records_it(tmp_path):
         demo_model.initial_model(None, spec, 0.75, 0.05, init=coarse_path)
 
 
+@pytest.mark.slow
 def test_recipe_resumes_from_its_kept_splits_and_checkpoints(tmp_path, caplog):
     """Hours on a CPU: a second run with the same --resume folder makes no phantom and trains no step again."""
     import logging
@@ -152,6 +157,7 @@ def test_recipe_resumes_from_its_kept_splits_and_checkpoints(tmp_path, caplog):
         demo_model.main(["--out", str(tmp_path / "other"), *[a if a != "2" else "3" for a in args]])
 
 
+@pytest.mark.slow
 def test_recipe_continues_an_earlier_demo_model_and_records_it(tmp_path):
     """--init: every weight, head included, is where training starts (lr 0 keeps them); a bundle of
     other tasks, or --init with --encoder, is refused before any phantom is made."""

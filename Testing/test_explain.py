@@ -27,6 +27,7 @@ def model_and_input(tmp_path_factory):
     return model.eval(), x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["integrated_gradients", "occlusion"])
 def test_shared_maps_equal_the_per_finding_reference(model_and_input, method):
     model, x = model_and_input

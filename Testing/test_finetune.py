@@ -43,6 +43,7 @@ def test_linear_probe_from_a_pretrained_encoder_makes_a_working_bundle(tmp_path,
     assert result.ood is not None and result.ood["threshold"] > 0
 
 
+@pytest.mark.slow
 def test_full_finetune_from_scratch_moves_every_layer(tmp_path, phantoms):
     cfg = FinetuneConfig(data=str(phantoms), out=str(tmp_path / "ft"), size="tiny", tasks=["any_hemorrhage"],
                          epochs=1, batch_size=4, labels_per_class=2, cache_dir=str(tmp_path / "cache"), device="cpu")
@@ -83,6 +84,7 @@ def test_bad_config_is_refused(tmp_path):
     assert FinetuneConfig.from_file(tmp_path / "c.yaml").epochs == 3
 
 
+@pytest.mark.slow
 def test_evaluate_bundle_in_and_out_of_distribution(tmp_path, phantoms):
     from fmct.train.evaluate_bundle import evaluate_bundle
     from fmct.inference.bundle import default_bundle_path
@@ -100,6 +102,7 @@ def test_evaluate_bundle_in_and_out_of_distribution(tmp_path, phantoms):
     assert "out-of-distribution AUROC" in (tmp_path / "ev" / "report.txt").read_text()
 
 
+@pytest.mark.slow
 def test_a_cancelled_finetune_resumes_from_its_checkpoints_to_the_same_bundle(tmp_path, phantoms):
     from fmct.conventions.errors import Cancelled
 

@@ -38,6 +38,7 @@ def test_stored_helper_keeps_every_voxel_at_its_physical_place(ct):
     assert ct.array[ijk[2], ijk[1], ijk[0]] == other.array[back[2], back[1], back[0]]
 
 
+@pytest.mark.slow
 def test_all_48_axis_aligned_storages_give_the_same_input_and_probabilities(ct, demo_analyzer):
     reference = demo_analyzer.preprocessor(ct)
     p_ref = demo_analyzer.probabilities(reference.array)[0]
@@ -51,6 +52,7 @@ def test_all_48_axis_aligned_storages_give_the_same_input_and_probabilities(ct, 
     assert worst_p <= 1e-4, f"probabilities differ by {worst_p:g} between storages"
 
 
+@pytest.mark.slow
 def test_formats_and_dicom_of_the_same_voxels_give_the_same_probabilities(ct, demo_analyzer, tmp_path):
     p_ref = demo_analyzer.probabilities(demo_analyzer.preprocessor(ct).array)[0]
     pir = stored(ct, (1, 2, 0), (1, -1, -1))  # a sagittal-like layout on disk
@@ -72,6 +74,7 @@ def test_origin_moved_with_the_grid_gives_the_same_input(ct, demo_analyzer):
     np.testing.assert_allclose(np.asarray(mi.head_center_mm) - reference.head_center_mm, shift, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_saliency_maps_agree_after_mapping_back(ct, demo_analyzer):
     """A map computed on one storage and mapped back lands on the same physical voxels as on another."""
     other_storage = ((2, 1, 0), (-1, 1, -1))

@@ -51,6 +51,7 @@ def _score(demo_analyzer: Analyzer, volume: Volume) -> float:
     return float(demo_analyzer.reference.score(features)[0])
 
 
+@pytest.mark.slow
 def test_shipped_model_flags_strongly_unlike_ct_and_few_training_like_ones(demo_analyzer):
     assert demo_analyzer.reference is not None, f"the bundled demo model must carry {OOD_FILE}"
     threshold = demo_analyzer.reference.threshold
@@ -94,6 +95,7 @@ def test_stale_statistics_are_refused(tmp_path):
         Analyzer(bundle, device="cpu")
 
 
+@pytest.mark.slow
 def test_onnx_backend_gives_the_same_out_of_distribution_score(tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(default_bundle_path(), bundle)
@@ -105,6 +107,7 @@ def test_onnx_backend_gives_the_same_out_of_distribution_score(tmp_path):
     assert abs(by_onnx["score"] - by_torch["score"]) <= 1e-3 * by_torch["score"]
 
 
+@pytest.mark.slow
 def test_batch_summary_says_which_studies_are_out_of_distribution(tmp_path):
     import csv
 

@@ -102,6 +102,7 @@ def test_any_hemorrhage_alone_adds_a_type():
     assert sum(ph.labels[t] for t in HEMORRHAGE_TYPES) == 1
 
 
+@pytest.mark.slow
 def test_random_findings_cover_every_task_and_are_consistent():
     seen = dict.fromkeys(TASKS, 0)
     bleeding = 0
@@ -317,6 +318,7 @@ def local_box(ph, lo, hi) -> np.ndarray:
     return inside.transpose(2, 1, 0)
 
 
+@pytest.mark.slow
 def test_tissue_hu_are_those_of_a_head_ct():
     """Grey ~35-40, white ~25-30, CSF ~5-10 (issue #12), drawn per phantom; and the image holds them."""
     for seed in range(12):
@@ -389,6 +391,7 @@ def test_subdural_lies_on_the_inner_table_over_the_convexity():
         assert (normal.volume.array[m] < 20).mean() < 0.1               # over brain, not in the ventricles
 
 
+@pytest.mark.slow
 def test_subdural_also_layers_along_the_falx_and_on_the_tentorium():
     where = {}
     for seed in range(8):
@@ -411,6 +414,7 @@ def test_subdural_also_layers_along_the_falx_and_on_the_tentorium():
     assert ANATOMY_PRESETS["realistic"].dural_subdural_prob > 0
 
 
+@pytest.mark.slow
 def test_intraventricular_blood_layers_dependently_inside_the_ventricles():
     seeds = [s for s in range(2, 12) if flat(s, ("intraventricular",)).info["lesions"]["intraventricular"]["mode"] == "layering"][:2]
     assert seeds
@@ -458,6 +462,7 @@ def test_masks_cover_the_hyperdensity(finding):
     assert (d[m] > 5).mean() > 0.35
 
 
+@pytest.mark.slow
 def test_fracture_goes_through_the_whole_thickness_of_the_skull():
     ph, normal = flat(33, ("fracture",), slices="thin", size=256), flat(33, (), slices="thin", size=256)
     info = ph.info["lesions"]["fracture"]

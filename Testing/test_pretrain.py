@@ -126,6 +126,7 @@ def test_checkpoint_keeps_newest_and_ignores_temp_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- the loop, end to end
+@pytest.mark.slow
 def test_sigkill_resume_gives_the_same_losses(tmp_path, data_file):
     """Kill -9 right after a checkpoint, resume, and match an uninterrupted run with the same seed."""
     config = write_config(tmp_path, data_file)
@@ -159,6 +160,7 @@ def test_sigkill_resume_gives_the_same_losses(tmp_path, data_file):
     assert bundle.meta.provenance["steps"] == STEPS
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_130(tmp_path, data_file):
     config = write_config(tmp_path, data_file, checkpoint_every=100)
     run = tmp_path / "run"
@@ -172,6 +174,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, data_file):
     assert 1 <= saved < STEPS and max(losses(run)) == saved
 
 
+@pytest.mark.slow
 def test_in_process_progress_and_cancel(tmp_path):
     """pretrain() as a library: progress callback, cancel -> checkpoint + Cancelled, then resume to the end."""
     from fmct.conventions.errors import Cancelled
@@ -225,6 +228,7 @@ shutdown()
 '''
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path, data_file):
     """A real torchrun job on CPU (gloo, loopback) pretrains, then fine-tunes from that encoder;
     after each, both ranks hold the same weights, and only rank 0 writes."""
@@ -258,6 +262,7 @@ def mixed_phantoms() -> torch.Tensor:
     return make_phantom_tensors(16, 0, (6, 6, 6), (32, 32, 32), in_plane_size=64, anatomy="default,ood")
 
 
+@pytest.mark.slow
 def test_self_distillation_learns_on_cpu(tmp_path, mixed_phantoms):
     """The shipped recipe scaled down (a 2-block encoder, 32^3 crops, a fast teacher): within 32 seeded CPU
     steps the two views of one phantom become more alike than two phantoms (view gap), the features spread
@@ -292,6 +297,7 @@ def test_self_distillation_learns_on_cpu(tmp_path, mixed_phantoms):
     assert result.model.teacher.training is False
 
 
+@pytest.mark.slow
 def test_crops_from_dataloader_workers_are_the_crops_of_the_step(tmp_path):
     """Workers make exactly the batches the training process would (a batch is a pure function of step and seed)."""
     from fmct.ssl.config import SSLConfig

@@ -197,6 +197,7 @@ def _resolve(python: Path, wheels: Path, root: Path, args: list[str]) -> dict[st
     return {item["metadata"]["name"]: item["metadata"]["version"] for item in json.loads(report.read_text())["install"]}
 
 
+@pytest.mark.slow
 def test_pip_keeps_the_older_torch_with_the_plans_constraints(stand_in):
     python, wheels, root = stand_in
     listing = subprocess.run([str(python), "-c", "import importlib.metadata as m, json; "

@@ -144,6 +144,7 @@ def test_progress_is_monotonic_from_zero_to_one(analyzed):
 
 # -- geometry of other inputs -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_oblique_anisotropic_dicom_series_keeps_its_geometry(app, ph, bundle, tmp_path):
     ct = load_ct(app, tmp_path, selftest.obliqueVolume(ph.volume), dicom=True)
     direction = np.zeros((3, 3))
@@ -155,6 +156,7 @@ def test_oblique_anisotropic_dicom_series_keeps_its_geometry(app, ph, bundle, tm
     selftest.checkSaliencyGeometry(ct, result)
 
 
+@pytest.mark.slow
 def test_saliency_follows_the_ct_parent_transform(app, ph, bundle, tmp_path):
     ct = load_ct(app, tmp_path, ph.volume)
     transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
@@ -166,6 +168,7 @@ def test_saliency_follows_the_ct_parent_transform(app, ph, bundle, tmp_path):
 
 # -- re-runs, cancel, bad input ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_running_again_reuses_the_output_nodes(app, ph, bundle, tmp_path):
     ct = load_ct(app, tmp_path, ph.volume)
     logic = FMCTLogic()
@@ -173,6 +176,7 @@ def test_running_again_reuses_the_output_nodes(app, ph, bundle, tmp_path):
     selftest.checkRerunReusesNodes(app.scene, ct, first, logic, bundle)
 
 
+@pytest.mark.slow
 def test_two_cts_keep_separate_outputs(app, ph, bundle, tmp_path):
     ct = load_ct(app, tmp_path, ph.volume)
     other = load_ct(app, tmp_path, ph.volume, name="other")
@@ -188,6 +192,7 @@ def test_bad_input_is_refused_with_a_clear_message(app, bundle):
     selftest.checkBadInput(app.scene, FMCTLogic(), bundle)
 
 
+@pytest.mark.slow
 def test_cancel_stops_and_keeps_the_previous_outputs(app, ph, bundle, tmp_path):
     ct = load_ct(app, tmp_path, ph.volume)
     logic = FMCTLogic()
@@ -221,6 +226,7 @@ def test_bad_options_are_config_or_bundle_errors(app, ph, bundle, tmp_path):
 
 # -- the trained demo model -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_demo_model_saliency_lands_in_the_lesion(app, tmp_path):
     demo = selftest.demoBundle()
     if demo is None:
@@ -229,6 +235,7 @@ def test_demo_model_saliency_lands_in_the_lesion(app, tmp_path):
     assert stats["share_in_mask"] > stats["mask_share_of_head"]
 
 
+@pytest.mark.slow
 def test_explaining_chosen_findings_only(app, ph, bundle, tmp_path):
     other = load_ct(app, tmp_path, ph.volume, name="chosen")
     result = FMCTLogic().analyze(other, bundlePath=bundle, device="CPU", explain="attention",
@@ -241,6 +248,7 @@ def test_explaining_chosen_findings_only(app, ph, bundle, tmp_path):
 
 # -- the worker process: CPU default, on demand, cancel, responsiveness ---------------------------------
 
+@pytest.mark.slow
 def test_cpu_first_click_explains_only_the_top_finding(app, ph, bundle, tmp_path):
     ct = load_ct(app, tmp_path, ph.volume)
     logic = FMCTLogic()
@@ -253,6 +261,7 @@ def test_cpu_first_click_explains_only_the_top_finding(app, ph, bundle, tmp_path
     assert added.findings == result.findings
 
 
+@pytest.mark.slow
 def test_cancel_mid_run_kills_the_worker_and_adds_nothing(app, ph, bundle, tmp_path):
     ct = load_ct(app, tmp_path, ph.volume)
     logic = FMCTLogic()
@@ -266,6 +275,7 @@ def test_cancel_mid_run_kills_the_worker_and_adds_nothing(app, ph, bundle, tmp_p
     assert app.scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == tables
 
 
+@pytest.mark.slow
 def test_worker_progress_arrives_while_the_gui_thread_stays_free(app, ph, bundle, tmp_path):
     """The GUI thread's share of an analysis: starting the job, each poll, loading the results.
     None of them waits on the model, so Slicer can repaint between timer ticks."""
@@ -295,6 +305,7 @@ def test_worker_progress_arrives_while_the_gui_thread_stays_free(app, ph, bundle
     selftest.checkSaliencyGeometry(ct, result)
 
 
+@pytest.mark.slow
 def test_a_ct_removed_during_the_analysis_gets_no_outputs(app, ph, bundle, tmp_path):
     ct = load_ct(app, tmp_path, ph.volume)
     logic = FMCTLogic()
@@ -314,6 +325,7 @@ def test_saliency_maps_are_uint8_on_the_ct_grid(analyzed):
         assert node.GetImageData().GetDimensions() == ct.GetImageData().GetDimensions()
 
 
+@pytest.mark.slow
 def test_saliency_to_segmentation(app, ph, bundle, tmp_path):
     ct = load_ct(app, tmp_path, ph.volume)
     logic = FMCTLogic()

@@ -52,10 +52,12 @@ def test_missing_training_command_is_refused_clearly(logic):
     selftest.checkMissingCommandIsRefused(logic)
 
 
+@pytest.mark.slow
 def test_cancel_terminates_the_run(logic):
     selftest.checkCancelStopsTheProcess(logic)
 
 
+@pytest.mark.slow
 def test_stop_ends_the_process_tree(logic):
     selftest.checkStopEndsTheProcessTree(logic)
 
@@ -113,6 +115,7 @@ def _pretrain_config(folder: Path, steps: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_pretraining_progress_is_read_from_its_losses_log_and_stop_saves_a_checkpoint(logic, tmp_path, monkeypatch):
     """A real `fmct pretrain` run from the panel's logic, with its progress bar switched off: the
     progress can only come from losses.jsonl. Stop interrupts it; it saves a checkpoint and exits 130.
@@ -177,6 +180,7 @@ def test_the_engine_reports_progress_as_json_lines_the_module_reads(logic, tmp_p
     assert "%|" not in run.stderr  # no tqdm bar drawn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_batch_script_runs_the_task_or_says_what_is_missing(task, logic, tmp_path):
     """The script as Slicer would run it (here with plain Python): exit code 2 and a one-line reason
