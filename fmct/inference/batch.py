@@ -34,6 +34,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from fmct.conventions.atomic import write_text_atomic
+from fmct.conventions.csv_table import read_csv_table
 from fmct.conventions.errors import ConfigError, FMCTError, OutputFolderError
 from fmct.reading.volume import FORMATS, format_suffix
 from fmct.conventions.locks import FileLock
@@ -111,20 +112,20 @@ def check_study_id(sid: str, source: Path) -> None:
 
 
 def _read_manifest(path: Path) -> list[Study]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = {"study_id", "path"} - set(reader.fieldnames or [])
-        if missing:
-            raise ConfigError(f"manifest {path} lacks column(s) {sorted(missing)}; it needs study_id,path")
-        studies = []
-        for n, row in enumerate(reader, start=2):
-            sid, p = (row.get("study_id") or "").strip(), (row.get("path") or "").strip()
-            if not sid or not p:
-                raise ConfigError(f"manifest {path}, line {n}: study_id and path must both be filled in")
-            if sid in (".", "..") or any(c in sid for c in '/\\:*?"<>|') or sid.startswith("."):
-                raise ConfigError(f"manifest {path}, line {n}: study_id {sid!r} cannot be a folder name; "
-                                  "use letters, digits, '-', '_' or '.' (not first)")
-            studies.append(Study(sid, (path.parent / p) if not Path(p).is_absolute() else Path(p)))
+    rows, columns = read_csv_table(path)  # BOMs, tabs and spaces after commas read; ';' and Latin-1 refused
+    missing = {"study_id", "path"} - set(columns)
+    if missing:
+        raise ConfigError(f"manifest {path} lacks column(s) {sorted(missing)} (it has {columns[:6]}); it needs "
+                          "study_id,path")
+    studies = []
+    for n, row in enumerate(rows, start=2):
+        sid, p = (row.get("study_id") or "").strip(), (row.get("path") or "").strip()
+        if not sid or not p:
+            raise ConfigError(f"manifest {path}, line {n}: study_id and path must both be filled in")
+        if sid in (".", "..") or any(c in sid for c in '/\\:*?"<>|') or sid.startswith("."):
+            raise ConfigError(f"manifest {path}, line {n}: study_id {sid!r} cannot be a folder name; "
+                              "use letters, digits, '-', '_' or '.' (not first)")
+        studies.append(Study(sid, (path.parent / p) if not Path(p).is_absolute() else Path(p)))
     return studies
 
 
