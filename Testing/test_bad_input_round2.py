@@ -210,6 +210,7 @@ def test_printable_strips_control_characters():
     assert printable("a\x1b[31mred\x1b[0m\nforged row\tx\u202eevil\x00") == "a[31mred[0m forged row xevil"
     assert printable("one\ntwo", keep_newlines=True) == "one\ntwo"
     assert printable("Schädel 头部") == "Schädel 头部"  # letters of any script stay
+    assert printable(os.fsdecode(b"Sch\xe4del")) == "Sch\\xe4del"  # a Latin-1 file name's byte, encodable again
 
 
 def test_error_line_strips_escape_sequences_and_newlines(tmp_path, bundle, capfd):
@@ -670,3 +671,42 @@ def test_training_manifest_reads_the_same_spreadsheets(tmp_path):
     (tmp_path / "m.csv").write_text("path;subdural\nct.nii.gz;1\n")
     with pytest.raises(ConfigError, match="';'"):
         manifest_from_csv(tmp_path / "m.csv")
+
+
+def _latin1_named_ct(d: Path) -> Path:
+    """A CT file whose name is Latin-1 bytes ('Schädel' as 0xE4), as copied from an older system."""
+    write_volume(small_ct(), d / "ct.nii.gz")
+    os.rename(d / "ct.nii.gz", os.fsencode(d) + b"/Sch\xe4del.nii.gz")
+    return Path(os.fsdecode(os.fsencode(d) + b"/Sch\xe4del.nii.gz"))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names are bytes on POSIX only")
+def test_a_latin1_file_name_is_refused_not_a_crash(tmp_path, bundle, no_model, capfd):
+    """SimpleITK aborts the process (SIGABRT) on such a name: refused before it is reached."""
+    path = _latin1_named_ct(tmp_path)
+    no_model()
+    code, lines, _ = run_cli(["analyze", path, "--model", bundle, "--explain", "none", "--out", tmp_path / "o"], capfd)
+    assert_refused(code, lines, "byte 0xe4, which is not UTF-8", tmp_path / "o")
+    assert "Sch\\xe4del.nii.gz" in lines[0]
+    lines[0].encode("utf-8")  # what a terminal's strict UTF-8 encoder gets
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names are bytes on POSIX only")
+def test_a_latin1_study_is_an_error_row_and_the_batch_goes_on(tmp_path, bundle, capfd):
+    studies = tmp_path / "in"
+    studies.mkdir()
+    _latin1_named_ct(studies)
+    write_volume(small_ct(), studies / "plain.nii.gz")
+    code, lines, out = run_cli(["analyze", studies, "--batch", "--model", bundle, "--explain", "none", "--workers", "0",
+                                "--out", tmp_path / "out"], capfd)
+    assert code == 0, lines
+    assert "1 ok, 1 error" in out and "not UTF-8" in out
+
+
+def test_a_utf8_manifest_with_umlauts_reads_the_path_as_written(tmp_path):
+    from fmct.inference.batch import discover_studies
+
+    (tmp_path / "Schädel").mkdir()
+    write_volume(small_ct(), tmp_path / "Schädel" / "ct.nii.gz")
+    (tmp_path / "m.csv").write_text("study_id,path\nA,Schädel/ct.nii.gz\n", encoding="utf-8")
+    assert discover_studies(tmp_path / "m.csv")[0].path == tmp_path / "Schädel" / "ct.nii.gz"

@@ -187,8 +187,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return _run_batch(args)
     if args.workers is not None:
         raise ConfigError("--workers applies to a batch (a folder of studies with --batch, or a manifest .csv)")
+    from fmct.conventions.names import check_utf8_path
     from fmct.reading.files import read_volume
 
+    check_utf8_path(args.input)  # SimpleITK aborts the process on a non-UTF-8 file name
     volume = read_volume(args.input, series_uid=args.series)
     return _run_analysis(volume, args, Path(args.out), save_ct=args.save_ct)
 

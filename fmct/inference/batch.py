@@ -38,7 +38,7 @@ from fmct.conventions.csv_table import read_csv_table
 from fmct.conventions.errors import ConfigError, FMCTError, OutputFolderError
 from fmct.reading.volume import FORMATS, format_suffix
 from fmct.conventions.locks import FileLock
-from fmct.conventions.names import printable
+from fmct.conventions.names import check_utf8_path, printable
 from fmct.inference.study_folder import (LOCK_DIR, NAME_MAX, output_options, read_findings, source_key, study_lock,
                                          write_study_outputs)
 from fmct.preprocessing.preprocessor import ModelInput, Preprocessor, PreprocessSpec
@@ -104,8 +104,8 @@ def check_study_id(sid: str, source: Path) -> None:
     if sid.lower() in RESERVED_NAMES or re.fullmatch(r"summary_rank\d+\.csv", sid.lower()):
         raise ConfigError(f"{source}: a study is named {sid!r}, which is the name of a file the batch writes into "
                           "--out; rename that study (its file or folder, or its manifest study_id)")
-    if len(sid.encode()) > NAME_MAX:
-        raise ConfigError(f"{source}: study id {printable(sid[:40])}... is {len(sid.encode())} bytes long; a folder "
+    if len(os.fsencode(sid)) > NAME_MAX:
+        raise ConfigError(f"{source}: study id {printable(sid[:40])}... is {len(os.fsencode(sid))} bytes long; a folder "
                           f"name may have at most {NAME_MAX}. Give it a shorter id.")
     if any(unicodedata.category(c) == "Cc" for c in sid):
         raise ConfigError(f"{source}: study id {printable(repr(sid))} holds control characters; rename that study")
@@ -207,6 +207,7 @@ class StudyPreparer:
         study = self.studies[i]
         t0 = time.perf_counter()
         try:
+            check_utf8_path(study.path)  # SimpleITK aborts the process (the whole batch) on a non-UTF-8 file name
             volume = read_volume(study.path)
             model_input = Preprocessor(self.spec)(volume)
         except FMCTError as e:
@@ -585,7 +586,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str
     w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue(), errors="backslashreplace")  # a Latin-1 file name stays readable
 
 
 def _write_summary(out: Path, rows: list[dict[str, Any]], tasks: Sequence[str], rank: Rank,
