@@ -172,6 +172,7 @@ def test_bad_bundle_is_refused_whatever_the_backend(case: Case, backend: str, tm
     assert not (tmp_path / "pwned.nii.gz").exists() and not list(tmp_path.rglob("*pwned*"))
 
 
+@pytest.mark.slow
 def test_the_unedited_onnx_bundle_runs_on_every_backend(tmp_path, ct_file, capfd):
     """The cases above fail for their edit alone: the same bundle unedited is analyzed by each backend."""
     path = onnx_bundle(tmp_path)
@@ -436,6 +437,7 @@ def test_full_disk_when_the_batch_writes_its_summary(tmp_path, small_disk, bundl
     assert not [n for n in _leftovers(out) if n.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_full_disk_when_pretraining_writes_a_checkpoint(tmp_path, small_disk):
     """`fmct pretrain` into a 1 MB disk: the first checkpoint does not fit; exit 2, one line, no checkpoint kept."""
     import subprocess

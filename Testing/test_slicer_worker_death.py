@@ -26,7 +26,8 @@ from FMCTLib.logic import FMCTLogic  # noqa: E402
 from fmct.conventions.runtime import read_json_line  # noqa: E402
 from fmct.inference.bundle import read_meta  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.name != "posix", reason="the launcher is a POSIX shell script")
+pytestmark = [pytest.mark.skipif(os.name != "posix", reason="the launcher is a POSIX shell script"),
+              pytest.mark.slow]  # each starts the real worker process (torch import: seconds)
 
 
 @pytest.fixture(scope="module")
