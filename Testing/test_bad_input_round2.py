@@ -555,12 +555,20 @@ def _drop_column(name):
     return edit
 
 
+def _rename_column(old, new):
+    def edit(rows):
+        rows[0][rows[0].index(old)] = new
+    return edit
+
+
 FINETUNE_CASES = [
     Case("label-typo-yes", lambda d: _copy_set(d.parent / "src", d, _typo), "line 4: column 'subdural' holds 'yes'"),
     Case("task-without-labels", lambda d: _copy_set(d.parent / "src", d, _drop_column("subdural")),
          "task 'subdural' has no labels", ["--tasks", "subdural"]),
     Case("validation-without-positives", lambda d: _copy_set(d.parent / "src", d), "no positive for task 'any_hemorrhage'",
          ["--tasks", "any_hemorrhage"]),  # seed 0's 3-study validation split holds no bleed (see the test below)
+    Case("task-not-an-identifier", lambda d: _copy_set(d.parent / "src", d, _rename_column("subdural", "sub dural")),
+         "task 'sub dural'", ["--tasks", "sub dural"]),
     Case("epochs-0", lambda d: _copy_set(d.parent / "src", d), "epochs is 0", ["--epochs", "0"]),
     Case("batch-size-0", lambda d: _copy_set(d.parent / "src", d), "batch_size is 0", ["--batch-size", "0"]),
     Case("lr-negative", lambda d: _copy_set(d.parent / "src", d), "lr is -1", ["--lr", "-1"]),

@@ -109,6 +109,8 @@ def check_training_inputs(cfg: FinetuneConfig, tasks: list[str], train: list[Stu
             raise ConfigError(f"finetune: --out {cfg.out} would replace the encoder bundle {cfg.encoder} it starts from; "
                               "give another --out")
     for task in tasks:
+        check_identifier(task, f"finetune: task '{task}' (a label column of {cfg.data}; it names the bundle's output "
+                               "and its saliency file)", ConfigError)
         known = [s.labels.get(task) for s in train if s.labels.get(task) is not None]
         if not known:
             raise ConfigError(f"finetune: task '{task}' has no labels in the {len(train)} training studies (its column is "
