@@ -172,6 +172,7 @@ def test_bad_bundle_is_refused_whatever_the_backend(case: Case, backend: str, tm
     assert not (tmp_path / "pwned.nii.gz").exists() and not list(tmp_path.rglob("*pwned*"))
 
 
+@pytest.mark.slow
 def test_the_unedited_onnx_bundle_runs_on_every_backend(tmp_path, ct_file, capfd):
     """The cases above fail for their edit alone: the same bundle unedited is analyzed by each backend."""
     path = onnx_bundle(tmp_path)
@@ -210,6 +211,7 @@ def test_printable_strips_control_characters():
     assert printable("a\x1b[31mred\x1b[0m\nforged row\tx\u202eevil\x00") == "a[31mred[0m forged row xevil"
     assert printable("one\ntwo", keep_newlines=True) == "one\ntwo"
     assert printable("Schädel 头部") == "Schädel 头部"  # letters of any script stay
+    assert printable(os.fsdecode(b"Sch\xe4del")) == "Sch\\xe4del"  # a Latin-1 file name's byte, encodable again
 
 
 def test_error_line_strips_escape_sequences_and_newlines(tmp_path, bundle, capfd):
@@ -435,6 +437,7 @@ def test_full_disk_when_the_batch_writes_its_summary(tmp_path, small_disk, bundl
     assert not [n for n in _leftovers(out) if n.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_full_disk_when_pretraining_writes_a_checkpoint(tmp_path, small_disk):
     """`fmct pretrain` into a 1 MB disk: the first checkpoint does not fit; exit 2, one line, no checkpoint kept."""
     import subprocess
@@ -510,3 +513,210 @@ def test_a_damaged_png_is_caught_on_read_back(tmp_path, damage, words):
     (tmp_path / "r.png").write_bytes(damage((tmp_path / "r.png").read_bytes()))
     with pytest.raises(_Incomplete, match=words):
         verify_written(tmp_path / "r.png")
+
+
+# ============================================================================ fine-tuning inputs (items 10, 17)
+@pytest.fixture(scope="module")
+def phantom_set(tmp_path_factory) -> Path:
+    from fmct.phantom import write_phantom_set
+
+    root = tmp_path_factory.mktemp("phantoms")
+    write_phantom_set(root, 12, seed=3, slices="thick", in_plane_size=64)
+    return root
+
+
+def _copy_set(src: Path, d: Path, edit: Callable[[list[list[str]]], None] | None = None) -> Path:
+    """The phantom set's labels.csv copied beside links to its CTs, with its rows edited."""
+    import csv
+
+    root = d / "set"
+    root.mkdir()
+    for case in src.iterdir():
+        if case.is_dir():
+            (root / case.name).symlink_to(case, target_is_directory=True)
+    rows = list(csv.reader((src / "labels.csv").open()))
+    if edit is not None:
+        edit(rows)
+    with (root / "labels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return root
+
+
+def _typo(rows):
+    col = rows[0].index("subdural")
+    rows[3][col] = "yes"
+
+
+def _drop_column(name):
+    def edit(rows):
+        col = rows[0].index(name)
+        for r in rows:
+            del r[col]
+    return edit
+
+
+def _rename_column(old, new):
+    def edit(rows):
+        rows[0][rows[0].index(old)] = new
+    return edit
+
+
+FINETUNE_CASES = [
+    Case("label-typo-yes", lambda d: _copy_set(d.parent / "src", d, _typo), "line 4: column 'subdural' holds 'yes'"),
+    Case("task-without-labels", lambda d: _copy_set(d.parent / "src", d, _drop_column("subdural")),
+         "task 'subdural' has no labels", ["--tasks", "subdural"]),
+    Case("validation-without-positives", lambda d: _copy_set(d.parent / "src", d), "no positive for task 'any_hemorrhage'",
+         ["--tasks", "any_hemorrhage"]),  # seed 0's 3-study validation split holds no bleed (see the test below)
+    Case("task-not-an-identifier", lambda d: _copy_set(d.parent / "src", d, _rename_column("subdural", "sub dural")),
+         "task 'sub dural'", ["--tasks", "sub dural"]),
+    Case("epochs-0", lambda d: _copy_set(d.parent / "src", d), "epochs is 0", ["--epochs", "0"]),
+    Case("batch-size-0", lambda d: _copy_set(d.parent / "src", d), "batch_size is 0", ["--batch-size", "0"]),
+    Case("lr-negative", lambda d: _copy_set(d.parent / "src", d), "lr is -1", ["--lr", "-1"]),
+    Case("lr-nan", lambda d: _copy_set(d.parent / "src", d), "lr is nan", ["--lr", "nan"]),
+    Case("name-with-slash", lambda d: _copy_set(d.parent / "src", d), "name", ["--name", "../x"]),
+    Case("out-is-the-encoder", lambda d: _copy_set(d.parent / "src", d), "would replace the encoder",
+         ["--encoder", "{d}/enc", "--out", "{d}/enc"]),
+    Case("out-holds-the-encoder", lambda d: _copy_set(d.parent / "src", d), "would replace the encoder",
+         ["--encoder", "{d}/enc", "--out", "{d}"]),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in FINETUNE_CASES])
+def test_bad_finetune_input_is_refused_before_training(case: Case, tmp_path, phantom_set, monkeypatch, capfd):
+    import fmct.train.finetune
+
+    (tmp_path / "src").symlink_to(phantom_set, target_is_directory=True)
+    work = tmp_path / "w"
+    work.mkdir()
+    data = case.build(work)
+    encoder = tiny_bundle(work / "enc", tasks=())[0]
+    before = (encoder / "model.safetensors").read_bytes()
+    monkeypatch.setattr(fmct.train.finetune, "train_classifier", lambda *a, **k: pytest.fail("training started"))
+    args = [a.format(d=work) for a in case.args]
+    if "--out" not in args:
+        args += ["--out", str(work / "ft")]
+    if "--encoder" not in args:
+        args += ["--encoder", str(encoder)]
+    if "--tasks" not in args:
+        args += ["--tasks", "subdural"]
+    code, lines, _ = run_cli(["finetune", "--data", data, "--device", "cpu", "--cache-dir", work / "cache", *args], capfd)
+    assert code == 2, lines
+    assert lines[-1].startswith("fmct: error: ") and case.words.lower() in lines[-1].lower(), lines
+    assert not any("Traceback" in line for line in lines)
+    assert (encoder / "model.safetensors").read_bytes() == before
+
+
+def test_the_validation_case_is_about_the_split(phantom_set):
+    """The validation case above refuses for its split alone: seed 0 puts no bleed among its 3 validation studies."""
+    from fmct.data.manifests import load_manifest
+    from fmct.train.finetune import split
+
+    train, val = split(load_manifest(str(phantom_set)), 0.25, 0)
+    assert [s.labels["any_hemorrhage"] for s in val] == [0, 0, 0]
+    assert sum(s.labels["any_hemorrhage"] for s in train) >= 1
+
+
+def test_bundle_json_has_no_nan_literals(tmp_path):
+    """An undefined metric (AUROC of a one-class split) is written as null: fmct.json stays valid JSON."""
+    from fmct.inference.bundle import read_meta, write_meta
+
+    path, _, meta = tiny_bundle(tmp_path / "b")
+    meta.metrics = {"validation": {"bleed": {"auroc": float("nan"), "n": 3, "ece": float("inf")}}}
+    write_meta(meta, path)
+
+    def refuse(name):
+        raise AssertionError(f"{name} literal in fmct.json")
+    raw = json.loads((path / "fmct.json").read_text(), parse_constant=refuse)
+    assert raw["metrics"]["validation"]["bleed"] == {"auroc": None, "n": 3, "ece": None}
+    assert read_meta(path).metrics["validation"]["bleed"]["auroc"] is None
+
+
+# ============================================================================ manifests as spreadsheets save them (item 14)
+def _manifest(text: str, encoding: str, bom: bytes = b""):
+    def build(d: Path) -> Path:
+        write_volume(small_ct(), d / "ct.nii.gz")
+        (d / "m.csv").write_bytes(bom + text.encode(encoding))
+        return d / "m.csv"
+    return build
+
+
+MANIFEST_READ = [
+    Case("utf-8-bom", _manifest("study_id,path\nA,ct.nii.gz\n", "utf-8", b"\xef\xbb\xbf"), ""),
+    Case("utf-16-excel-unicode-text", _manifest("study_id\tpath\r\nA\tct.nii.gz\r\n", "utf-16"), ""),  # BOM included
+    Case("utf-16-be-bom", _manifest("study_id,path\nA,ct.nii.gz\n", "utf-16-be", b"\xfe\xff"), ""),
+    Case("space-after-comma", _manifest("study_id, path\nA, ct.nii.gz\n", "utf-8"), ""),
+]
+MANIFEST_REFUSED = [
+    Case("semicolons", _manifest("study_id;path\nA;ct.nii.gz\n", "utf-8"), "separates its columns with ';'"),
+    Case("latin-1-path", _manifest("study_id,path\nA,Schädel/ct.nii.gz\n", "latin-1"), "latin-1"),
+    Case("utf-16-without-bom", _manifest("study_id,path\nA,ct.nii.gz\n", "utf-16-le"), "utf-16"),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in MANIFEST_READ])
+def test_spreadsheet_manifests_are_read(case: Case, tmp_path):
+    from fmct.inference.batch import discover_studies
+
+    studies = discover_studies(case.build(tmp_path))
+    assert [(s.study_id, s.path) for s in studies] == [("A", tmp_path / "ct.nii.gz")]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in MANIFEST_REFUSED])
+def test_unreadable_manifests_say_why(case: Case, tmp_path, bundle, no_model, capfd):
+    path = case.build(tmp_path)
+    no_model()
+    code, lines, _ = run_cli(["analyze", path, "--model", bundle, "--explain", "none", "--out", tmp_path / "out"], capfd)
+    assert_refused(code, lines, case.words, tmp_path / "out")
+    assert "lacks column" not in lines[0]
+
+
+def test_training_manifest_reads_the_same_spreadsheets(tmp_path):
+    """fmct.data's manifests (finetune, evaluate, embed) go through the same reader."""
+    from fmct.conventions.errors import ConfigError
+    from fmct.data.manifests import manifest_from_csv
+
+    (tmp_path / "m.csv").write_bytes("path\tsubdural\r\nct.nii.gz\t1\r\n".encode("utf-16"))
+    m = manifest_from_csv(tmp_path / "m.csv")
+    assert [(s.path, s.labels) for s in m] == [(tmp_path / "ct.nii.gz", {"subdural": 1})]
+    (tmp_path / "m.csv").write_text("path;subdural\nct.nii.gz;1\n")
+    with pytest.raises(ConfigError, match="';'"):
+        manifest_from_csv(tmp_path / "m.csv")
+
+
+def _latin1_named_ct(d: Path) -> Path:
+    """A CT file whose name is Latin-1 bytes ('Schädel' as 0xE4), as copied from an older system."""
+    write_volume(small_ct(), d / "ct.nii.gz")
+    os.rename(d / "ct.nii.gz", os.fsencode(d) + b"/Sch\xe4del.nii.gz")
+    return Path(os.fsdecode(os.fsencode(d) + b"/Sch\xe4del.nii.gz"))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names are bytes on POSIX only")
+def test_a_latin1_file_name_is_refused_not_a_crash(tmp_path, bundle, no_model, capfd):
+    """SimpleITK aborts the process (SIGABRT) on such a name: refused before it is reached."""
+    path = _latin1_named_ct(tmp_path)
+    no_model()
+    code, lines, _ = run_cli(["analyze", path, "--model", bundle, "--explain", "none", "--out", tmp_path / "o"], capfd)
+    assert_refused(code, lines, "byte 0xe4, which is not UTF-8", tmp_path / "o")
+    assert "Sch\\xe4del.nii.gz" in lines[0]
+    lines[0].encode("utf-8")  # what a terminal's strict UTF-8 encoder gets
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names are bytes on POSIX only")
+def test_a_latin1_study_is_an_error_row_and_the_batch_goes_on(tmp_path, bundle, capfd):
+    studies = tmp_path / "in"
+    studies.mkdir()
+    _latin1_named_ct(studies)
+    write_volume(small_ct(), studies / "plain.nii.gz")
+    code, lines, out = run_cli(["analyze", studies, "--batch", "--model", bundle, "--explain", "none", "--workers", "0",
+                                "--out", tmp_path / "out"], capfd)
+    assert code == 0, lines
+    assert "1 ok, 1 error" in out and "not UTF-8" in out
+
+
+def test_a_utf8_manifest_with_umlauts_reads_the_path_as_written(tmp_path):
+    from fmct.inference.batch import discover_studies
+
+    (tmp_path / "Schädel").mkdir()
+    write_volume(small_ct(), tmp_path / "Schädel" / "ct.nii.gz")
+    (tmp_path / "m.csv").write_text("study_id,path\nA,Schädel/ct.nii.gz\n", encoding="utf-8")
+    assert discover_studies(tmp_path / "m.csv")[0].path == tmp_path / "Schädel" / "ct.nii.gz"

@@ -25,7 +25,7 @@ def phantoms(tmp_path_factory):
 def test_linear_probe_from_a_pretrained_encoder_makes_a_working_bundle(tmp_path, phantoms):
     encoder, enc_model, _ = tiny_bundle(tmp_path / "encoder", tasks=())
     cfg = FinetuneConfig(data=str(phantoms), out=str(tmp_path / "ft"), encoder=str(encoder), mode="linear",
-                         tasks=["any_hemorrhage", "fracture"], epochs=2, batch_size=4,
+                         tasks=["any_hemorrhage", "fracture"], epochs=2, batch_size=4, seed=3,
                          cache_dir=str(tmp_path / "cache"), device="cpu")
     seen = []
     path = finetune(cfg, progress=lambda f, m: seen.append(f)).bundle
@@ -45,7 +45,7 @@ def test_linear_probe_from_a_pretrained_encoder_makes_a_working_bundle(tmp_path,
 
 @pytest.mark.slow
 def test_full_finetune_from_scratch_moves_every_layer(tmp_path, phantoms):
-    cfg = FinetuneConfig(data=str(phantoms), out=str(tmp_path / "ft"), size="tiny", tasks=["any_hemorrhage"],
+    cfg = FinetuneConfig(data=str(phantoms), out=str(tmp_path / "ft"), size="tiny", tasks=["any_hemorrhage"], seed=3,
                          epochs=1, batch_size=4, labels_per_class=2, cache_dir=str(tmp_path / "cache"), device="cpu")
     path = finetune(cfg).bundle
     meta = json.loads((path / "fmct.json").read_text())
@@ -109,7 +109,7 @@ def test_a_cancelled_finetune_resumes_from_its_checkpoints_to_the_same_bundle(tm
     encoder, _, _ = tiny_bundle(tmp_path / "encoder", tasks=())             # 2 blocks, small grid: fast
 
     def cfg(name, checkpoints=None):
-        return FinetuneConfig(data=str(phantoms), out=str(tmp_path / name), encoder=str(encoder), tasks=["any_hemorrhage"],
+        return FinetuneConfig(data=str(phantoms), out=str(tmp_path / name), encoder=str(encoder), tasks=["any_hemorrhage"], seed=3,
                               epochs=2, batch_size=4, augment=0.5, cache_dir=str(tmp_path / "cache"), device="cpu",
                               checkpoints=checkpoints)
 

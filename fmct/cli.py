@@ -209,8 +209,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return _run_batch(args)
     if args.workers is not None:
         raise ConfigError("--workers applies to a batch (a folder of studies with --batch, or a manifest .csv)")
+    from fmct.conventions.names import check_utf8_path
     from fmct.data.manifests import refuse_several_studies
 
+    check_utf8_path(args.input)  # SimpleITK aborts the process on a non-UTF-8 file name
     refuse_several_studies(Path(args.input))  # a folder of studies without --batch: say so
     t_start = time.perf_counter()
     checked = _checked_analyzer(args)  # options and model before the CT is read

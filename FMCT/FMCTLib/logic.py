@@ -303,9 +303,23 @@ class AnalysisJob:
             elif kind == "error":
                 self.error = event
         if not self.child.running() and self.child.outputClosed:
-            self.state = "done" if self.done is not None and self.child.returncode() == 0 else "failed"
+            self.state = "done" if self.finished() else "failed"
             self.child.close()
         return events
+
+    def finished(self) -> bool:
+        """Whether the worker delivered its results: a done event and the folder's findings.json (written last,
+        once every file read back whole). A worker that crashed after that, at interpreter exit, still
+        delivered them; finishAnalysis checks each file before it loads one."""
+        if self.done is None:
+            return False
+        code = self.child.returncode() if self.child is not None else None
+        if code == 0:
+            return True
+        if (Path(str(self.done.get("folder", ""))) / "findings.json").is_file():
+            log.warning("FMCT worker exited with code %s after writing its results; they are kept", code)
+            return True
+        return False
 
     def cancel(self) -> None:
         """Kill the worker and everything it started, and delete its files; the scene is untouched."""

@@ -127,7 +127,7 @@ class ChildProcess:
 
     def stderrTail(self, lines: int = 30) -> str:
         """The last lines the child wrote to stderr (for an error message)."""
-        if self._stderr is not None:
+        if self._stderr is not None and not self._stderr.closed:  # close() may have come first (a dead worker)
             self._stderr.flush()
         if self.stderrPath is None or not self.stderrPath.exists():
             return ""

@@ -78,8 +78,9 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8"))
+def write_text_atomic(path: str | Path, text: str, errors: str = "strict") -> Path:
+    """UTF-8; errors="backslashreplace" writes a file name that is not UTF-8 (a lone surrogate) as \\udcXX."""
+    return write_bytes_atomic(path, text.encode("utf-8", errors=errors))
 
 
 def fsync_dir(folder: str | Path) -> None:

@@ -9,6 +9,7 @@ terminal, a newline would forge a table row or a log line.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import unicodedata
 
@@ -34,7 +35,8 @@ def check_identifier(value: object, what: str, error: type[FMCTError] = FMCTErro
 
 def printable(text: object, keep_newlines: bool = False) -> str:
     """str(text) with control characters removed: tabs and line breaks become spaces (kept with
-    keep_newlines), every other C0/C1 control and bidirectional override is dropped."""
+    keep_newlines), every other C0/C1 control and bidirectional override is dropped, and a byte of a
+    file name that is not UTF-8 is shown as \\xNN (a terminal's UTF-8 encoder would fail on it)."""
     out = []
     for ch in str(text):
         if ch == "\n" and keep_newlines:
@@ -43,6 +45,8 @@ def printable(text: object, keep_newlines: bool = False) -> str:
             out.append(" ")
         elif ch in _BIDI or unicodedata.category(ch) == "Cc":
             continue
+        elif unicodedata.category(ch) == "Cs":  # a file name's non-UTF-8 byte (surrogateescape): shown, printable
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else "?")
         else:
             out.append(ch)
     return "".join(out)
@@ -59,3 +63,18 @@ class PrintableFormatter(logging.Formatter):
         elif isinstance(record.args, dict):
             record.args = {k: printable(v) if isinstance(v, str) else v for k, v in record.args.items()}
         return printable(super().format(record), keep_newlines=True)
+
+
+def check_utf8_path(path: str | os.PathLike) -> None:
+    """Refuse an image file whose path is not UTF-8 (a Latin-1 'ä' copied from an old system): SimpleITK
+    cannot open such a name, and aborts the whole process instead of raising. Say which byte, and what to do."""
+    from fmct.conventions.errors import UnreadableInputError
+
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UnreadableInputError(
+            f"{printable(os.fsdecode(raw))}: its path holds the byte 0x{raw[e.start]:02x}, which is not UTF-8 (Latin-1 "
+            "or Windows-1252, e.g. an 'ä' from an older system); the image reader cannot open such a name. Rename it "
+            "(for example with: convmv -f latin1 -t utf8 --notest NAME) or copy the file to a plain name.") from None

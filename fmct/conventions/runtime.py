@@ -11,6 +11,7 @@ torch is imported inside the functions that need it, so the onnxruntime path nev
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from contextlib import nullcontext
@@ -237,6 +238,12 @@ def read_json_line(line: str | bytes) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return None
+    if record.get("event") == PROGRESS_EVENT:  # a progress line must carry a finite fraction, or it is not one
+        fraction = record.get("fraction", 0.0)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction):
+            return None
+    return record

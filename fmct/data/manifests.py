@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from fmct.reading.dicom import read_header
+from fmct.conventions.csv_table import read_csv_table
 from fmct.conventions.errors import ConfigError, EmptyInputError, UnreadableInputError
 from fmct.conventions.tasks import TASKS
 from fmct.reading.volume import FORMATS, format_suffix
@@ -302,12 +303,8 @@ def _relative_to(path: Path, base: Path) -> str:
 
 
 def _read_csv(csv_path: Path) -> tuple[list[dict[str, str]], list[str]]:
-    if not csv_path.is_file():
-        raise EmptyInputError(f"{csv_path} does not exist. Check the path of the CSV file.")
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        rows = [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
-        return rows, [c for c in (reader.fieldnames or []) if c]
+    """UTF-8/UTF-16 with a byte-order mark, tabs, spaces after commas read; ';' and Latin-1 refused, saying so."""
+    return read_csv_table(csv_path)
 
 
 def _pick_id_column(columns: list[str]) -> str | None:
@@ -322,6 +319,12 @@ def _label_columns(rows: list[dict[str, str]], columns: list[str], reserved: set
             raise ConfigError(f"{csv_path.name}: label column(s) {', '.join(missing)} not found "
                               f"(columns: {', '.join(columns)}).")
         return list(label_columns)
+    for c in columns:  # a finding's own column is never skipped for a typo: that would drop the whole task
+        if c in TASKS and c not in reserved:
+            for n, r in enumerate(rows, start=2):
+                if not _is_binary(r.get(c, ""), True):
+                    raise ConfigError(f"{csv_path.name}, line {n}: column '{c}' holds {r.get(c, '').strip()!r}; a "
+                                      "finding's label must be 0, 1 or empty (empty: not known). Correct that cell.")
     chosen = [c for c in columns if c not in reserved and all(_is_binary(r.get(c, ""), c in TASKS) for r in rows)]
     log.info("%s: label columns %s", csv_path.name, ", ".join(chosen) or "(none)")
     return chosen

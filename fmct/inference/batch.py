@@ -34,10 +34,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from fmct.conventions.atomic import write_text_atomic
+from fmct.conventions.csv_table import read_csv_table
 from fmct.conventions.errors import ConfigError, FMCTError, OutputFolderError
 from fmct.reading.volume import FORMATS
 from fmct.conventions.locks import FileLock
-from fmct.conventions.names import printable
+from fmct.conventions.names import check_utf8_path, printable
 from fmct.inference.study_folder import (LOCK_DIR, NAME_MAX, output_options, read_findings, source_key, study_lock,
                                          write_study_outputs)
 from fmct.preprocessing.preprocessor import ModelInput, Preprocessor, PreprocessSpec
@@ -101,30 +102,29 @@ def check_study_id(sid: str, source: Path) -> None:
     if sid.lower() in RESERVED_NAMES or re.fullmatch(r"summary_rank\d+\.csv", sid.lower()):
         raise ConfigError(f"{source}: a study is named {sid!r}, which is the name of a file the batch writes into "
                           "--out; rename that study (its file or folder, or its manifest study_id)")
-    if len(sid.encode()) > NAME_MAX:
-        raise ConfigError(f"{source}: study id {printable(sid[:40])}... is {len(sid.encode())} bytes long; a folder "
+    if len(os.fsencode(sid)) > NAME_MAX:
+        raise ConfigError(f"{source}: study id {printable(sid[:40])}... is {len(os.fsencode(sid))} bytes long; a folder "
                           f"name may have at most {NAME_MAX}. Give it a shorter id.")
     if any(unicodedata.category(c) == "Cc" for c in sid):
         raise ConfigError(f"{source}: study id {printable(repr(sid))} holds control characters; rename that study")
 
 
 def _read_manifest(path: Path) -> list[Study]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = set(reader.fieldnames or [])
-        id_column = next((c for c in MANIFEST_ID_COLUMNS if c in fields), None)
-        if id_column is None or "path" not in fields:
-            missing = ([] if id_column else ["study_id (or case_id)"]) + ([] if "path" in fields else ["path"])
-            raise ConfigError(f"manifest {path} lacks column(s) {missing}; it needs study_id,path (case_id,path alike)")
-        studies = []
-        for n, row in enumerate(reader, start=2):
-            sid, p = (row.get(id_column) or "").strip(), (row.get("path") or "").strip()
-            if not sid or not p:
-                raise ConfigError(f"manifest {path}, line {n}: study_id and path must both be filled in")
-            if sid in (".", "..") or any(c in sid for c in '/\\:*?"<>|') or sid.startswith("."):
-                raise ConfigError(f"manifest {path}, line {n}: study_id {sid!r} cannot be a folder name; "
-                                  "use letters, digits, '-', '_' or '.' (not first)")
-            studies.append(Study(sid, (path.parent / p) if not Path(p).is_absolute() else Path(p)))
+    rows, columns = read_csv_table(path)  # BOMs, tabs and spaces after commas read; ';' and Latin-1 refused
+    id_column = next((c for c in MANIFEST_ID_COLUMNS if c in columns), None)
+    if id_column is None or "path" not in columns:
+        missing = ([] if id_column else ["study_id (or case_id)"]) + ([] if "path" in columns else ["path"])
+        raise ConfigError(f"manifest {path} lacks column(s) {missing} (it has {columns[:6]}); it needs study_id,path "
+                          "(case_id,path alike)")
+    studies = []
+    for n, row in enumerate(rows, start=2):
+        sid, p = (row.get(id_column) or "").strip(), (row.get("path") or "").strip()
+        if not sid or not p:
+            raise ConfigError(f"manifest {path}, line {n}: study_id and path must both be filled in")
+        if sid in (".", "..") or any(c in sid for c in '/\\:*?"<>|') or sid.startswith("."):
+            raise ConfigError(f"manifest {path}, line {n}: study_id {sid!r} cannot be a folder name; "
+                              "use letters, digits, '-', '_' or '.' (not first)")
+        studies.append(Study(sid, (path.parent / p) if not Path(p).is_absolute() else Path(p)))
     return studies
 
 
@@ -194,6 +194,7 @@ class StudyPreparer:
         try:
             from fmct.inference.analyze import check_and_preprocess
 
+            check_utf8_path(study.path)  # SimpleITK aborts the process (the whole batch) on a non-UTF-8 file name
             volume = read_volume(study.path)
             checks, model_input = check_and_preprocess(Preprocessor(self.spec), volume)
         except FMCTError as e:
@@ -591,7 +592,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str
     w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue(), errors="backslashreplace")  # a Latin-1 file name stays readable
 
 
 def _write_summary(out: Path, rows: list[dict[str, Any]], tasks: Sequence[str], rank: Rank,

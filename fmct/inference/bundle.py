@@ -567,7 +567,7 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, path: str | Path, onnx
     meta.provenance.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     files = {
-        META_FILE: json.dumps(meta.to_dict(), indent=2).encode(),
+        META_FILE: meta_json(meta).encode(),
         WEIGHTS_FILE: save_safetensors_bytes(state, metadata={"format": FORMAT}),
     }
     if onnx_bytes is not None:
@@ -599,5 +599,21 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, path: str | Path, onnx
 def write_meta(meta: BundleMeta, bundle_dir: str | Path) -> None:
     """Rewrite only fmct.json of a bundle folder (metrics, ONNX check), atomically."""
     meta.check_consistency()
-    write_text_atomic(Path(bundle_dir) / META_FILE, json.dumps(meta.to_dict(), indent=2))
+    write_text_atomic(Path(bundle_dir) / META_FILE, meta_json(meta))
+
+
+def meta_json(meta: BundleMeta) -> str:
+    """fmct.json's text: always valid JSON. A metric that is not defined (an AUROC on one class) is null,
+    never a NaN literal that strict JSON readers reject; allow_nan=False guards every other field."""
+    return json.dumps(_finite_or_null(meta.to_dict()), indent=2, allow_nan=False)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 

@@ -72,9 +72,9 @@ def study_lock(folder: str | Path) -> FileLock:
     A study name too long for "<name>.lock" gets a shortened name with a hash of the whole."""
     folder = Path(folder)
     name = folder.name or "root"
-    if len(name.encode()) + len(".lock") > NAME_MAX:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-        name = name.encode()[:150].decode(errors="ignore") + "-" + digest
+    if len(os.fsencode(name)) + len(".lock") > NAME_MAX:  # fsencode: a Latin-1 file name's bytes too
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        name = os.fsdecode(os.fsencode(name)[:150]) + "-" + digest
     return FileLock(folder.parent / LOCK_DIR / f"{name}.lock")
 
 
@@ -122,15 +122,15 @@ def study_fingerprint(volume: Volume) -> str:
 
 def source_key(path: str | Path) -> str:
     """A hash of where a study was read from (its resolved path), so a resumed batch notices another input."""
-    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()
+    return hashlib.sha256(os.fsencode(Path(path).resolve())).hexdigest()
 
 
 def check_output_folder(out: str | Path, flag: str = "--out") -> None:
     """Refuse, before any CT is read, an output folder that cannot be created or written."""
     out = Path(out)
-    long = [part for part in out.parts if len(part.encode()) > NAME_MAX]
+    long = [part for part in out.parts if len(os.fsencode(part)) > NAME_MAX]
     if long:
-        raise OutputFolderError(f"{flag} {out} has a folder name of {len(long[0].encode())} bytes ({long[0][:40]}...); "
+        raise OutputFolderError(f"{flag} {out} has a folder name of {len(os.fsencode(long[0]))} bytes ({long[0][:40]}...); "
                                 f"file systems allow at most {NAME_MAX}. Give a shorter name.")
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"{flag} {out} is a file, not a folder. Give a folder (it is created if needed).")

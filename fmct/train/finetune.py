@@ -11,6 +11,7 @@ validation split. The output is a model bundle with its validation metrics, whic
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from fmct.conventions.config_file import build_config, read_config_file
 from fmct.data.cache import PreparedVolumes, load_studies, open_for
 from fmct.data.datasets import CachedVolumeDataset, collate_skip_none
 from fmct.conventions.errors import ConfigError
+from fmct.conventions.names import check_identifier
 from fmct.features.metrics import evaluation_report
 from fmct.data.manifests import Manifest, Study
 from fmct.models import FMCTClassifier, preset
@@ -76,6 +78,17 @@ class FinetuneConfig:
             raise ConfigError("finetune: augment must be between 0 (off) and 1 (every training item, every epoch)")
         if self.labels_per_class is not None and self.labels_per_class < 1:
             raise ConfigError("finetune: labels_per_class must be a positive integer")
+        for key, low in (("epochs", 1), ("batch_size", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"finetune: {key} is {getattr(self, key)}; it must be at least {low}")
+        for key in ("lr", "weight_decay", "layer_decay", "warmup_epochs"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+                raise ConfigError(f"finetune: {key} is {value}; it must be a {'positive' if key == 'lr' else 'non-negative'} "
+                                  "finite number")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"finetune: layer_decay is {self.layer_decay}; it must be in (0, 1] (1: no decay)")
+        check_identifier(self.name, "finetune: name (the bundle's name)", ConfigError)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "FinetuneConfig":
@@ -86,6 +99,29 @@ class FinetuneConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "FinetuneConfig":
         """Typed: every value converted to its field's type (YAML's string '1e-4' to 0.0001) or refused, naming the key."""
         return build_config(cls, raw, "finetune")
+
+
+def check_training_inputs(cfg: FinetuneConfig, tasks: list[str], train: list[Study], val: list[Study]) -> None:
+    """Refuse, before any training, what would give a head trained on nothing or an uncalibrated one:
+    a task with no labels in the training split, a validation split without a positive of a task
+    (its temperature and threshold would be made up), and an --out that is (or holds) the encoder."""
+    if cfg.encoder:
+        encoder, out = Path(cfg.encoder).resolve(), Path(cfg.out).resolve()
+        if encoder == out or out in encoder.parents:
+            raise ConfigError(f"finetune: --out {cfg.out} would replace the encoder bundle {cfg.encoder} it starts from; "
+                              "give another --out")
+    for task in tasks:
+        check_identifier(task, f"finetune: task '{task}' (a label column of {cfg.data}; it names the bundle's output "
+                               "and its saliency file)", ConfigError)
+        known = [s.labels.get(task) for s in train if s.labels.get(task) is not None]
+        if not known:
+            raise ConfigError(f"finetune: task '{task}' has no labels in the {len(train)} training studies (its column is "
+                              f"missing or empty in {cfg.data}); label it, or leave it out of --tasks")
+        positives = sum(s.labels.get(task) == 1 for s in val)
+        if positives == 0:
+            raise ConfigError(f"finetune: the validation split ({len(val)} studies) has no positive for task '{task}', so "
+                              "its threshold and calibration cannot be fitted. Give --val-data with positives, raise "
+                              "val_fraction, or try another --seed")
 
 
 def few_label_subset(studies: list[Study], tasks: list[str], k: int, seed: int) -> list[Study]:
@@ -151,6 +187,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
         train_studies, val_studies = split(manifest, cfg.val_fraction, cfg.seed)
     if cfg.labels_per_class:
         train_studies = few_label_subset(train_studies, tasks, cfg.labels_per_class, cfg.seed)
+    check_training_inputs(cfg, tasks, train_studies, val_studies)
     log.info("fine-tuning on %d studies, validating on %d, tasks %s", len(train_studies), len(val_studies), tasks)
 
     model, spec, origin = build_model(cfg, len(tasks))
