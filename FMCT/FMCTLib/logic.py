@@ -484,9 +484,13 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
                 shown = next(iter(maps), shown)
             tableNode = outputs.updateFindingsTable(node, done["findings"])
             saliencyNodes = outputs.updateSaliencyNodes(node, maps, replace=not job.keepOtherMaps, between=between)
+            for name, mapNode in saliencyNodes.items():
+                mapNode.SetAttribute(outputs.SCALE_ATTRIBUTE, done.get("saliency_scale") or "")
+            tableNode.SetAttribute(outputs.MAPS_NOTE_ATTRIBUTE,
+                                   outputs.mapsNote(outputs.saliencyNodes(node), done.get("saliency_scale")))
             self.showFinding(node, shown)
             timings = {**done.get("timings", {}), "wall_s": time.perf_counter() - job.started}
-            result = FMCTResult(done["findings"], tableNode, saliencyNodes, shown if shown in saliencyNodes else None,
+            result = FMCTResult(done["findings"], tableNode, saliencyNodes, self.shownFinding(node),
                                 done.get("model", job.modelName), done.get("device", job.device or ""), timings,
                                 bool(done.get("gpu")), list(done.get("explained", [])),
                                 done.get("out_of_distribution"), done.get("warning"))
@@ -517,10 +521,11 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         """Overlay a finding's saliency on its CT in the slice views and volume-render it in 3D.
 
         A finding without a map (negative, or not explained) clears the overlay rather than
-        leaving another finding's map on screen. Returns whether a map is shown.
+        leaving another finding's map on screen, except the attention map, which is finding-agnostic:
+        it is shown whichever finding is selected. Returns whether a map is shown.
         """
         nodes = outputs.saliencyNodes(inputVolumeNode)
-        shown = finding if finding in nodes else None
+        shown = finding if finding in nodes else (outputs.ATTENTION if outputs.ATTENTION in nodes else None)
         outputs.showInSliceViews(inputVolumeNode.GetScene(), inputVolumeNode, nodes.get(shown))
         outputs.showIn3D(self.volumeRenderingLogic(inputVolumeNode.GetScene()), nodes, shown)
         inputVolumeNode.SetAttribute(outputs.SHOWN_ATTRIBUTE, shown or "")
