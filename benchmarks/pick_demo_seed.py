@@ -21,14 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fmct.inference.analyze import Analyzer  # noqa: E402
-from fmct.phantom import make_phantom  # noqa: E402
-
-HEADLINE = ("any_hemorrhage", "subdural")  # what the demo's sample is: a subdural hematoma
+from fmct.phantom.demo_sample import HEADLINE, demo_sample  # noqa: E402  (the one home of the demo's sample)
 
 
 def score_seed(analyzer: Analyzer, seed: int) -> dict:
     """How clearly the bundled model decides the demo's sample CT made with this seed."""
-    phantom = make_phantom(seed, findings=["subdural"], slices="thick")
+    phantom = demo_sample(seed)
     result = analyzer.analyze(phantom.volume, explain_method=None)
     wrong = [f.name for f in result.findings if f.positive != bool(phantom.labels[f.name])]
     margin = min(abs(f.probability - f.threshold) for f in result.findings if f.name in HEADLINE)

@@ -19,6 +19,7 @@ from typing import Sequence
 from fmct.conventions.errors import Cancelled, ConfigError, FMCTError
 from fmct.conventions.names import PrintableFormatter, printable
 from fmct.inference.runners import BACKEND_CHOICES, choose_backend
+from fmct.phantom.demo_sample import DEMO_SEED
 from fmct.conventions.runtime import (DEFAULT_EXPLAIN, DEFAULT_EXPLAIN_FINDINGS, EXPLAIN_FINDINGS_CHOICES, EXPLAIN_METHODS,
                                       explain_method_or_none, parse_device, passive_threads)
 
@@ -171,13 +172,12 @@ def _print_summary(result, model_name: str, written: Sequence[Path], timings: di
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fmct.phantom import make_phantom
-
     from fmct.inference.study_folder import check_output_folder
+    from fmct.phantom.demo_sample import demo_sample
 
     check_output_folder(args.out)
     print("Making a sample head CT (synthetic, 512 x 512, 4-5 mm slices, a subdural hematoma) ...", file=sys.stderr)
-    phantom = make_phantom(args.seed, findings=["subdural"], slices="thick")
+    phantom = demo_sample(args.seed)
     args.findings = "positive"
     _settle_backend(args)
     code = _run_analysis(phantom.volume, args, Path(args.out), save_ct=True)
@@ -428,7 +428,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     """demo: a synthetic head CT analyzed with the bundled model."""
     d = sub.add_parser("demo", help="make a sample head CT and analyze it with the bundled model")
     d.add_argument("--out", default="fmct_demo", help="output folder (default: ./fmct_demo)")
-    d.add_argument("--seed", type=int, default=20, help="seed of the sample CT (chosen by benchmarks/pick_demo_seed.py)")
+    d.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of the sample CT (chosen by benchmarks/pick_demo_seed.py)")
     d.add_argument("--overwrite", action="store_true", help="replace the results of another study in --out")
     _model_options(d)
     d.set_defaults(func=cmd_demo)

@@ -56,7 +56,7 @@ EXPLAIN_METHODS = ("integrated_gradients", "occlusion", "attention", "attention_
 DEFAULT_EXPLAIN = "integrated_gradients"
 DEFAULT_EXPLAIN_FINDINGS = worker.AUTO
 SAMPLE_NAME = "FMCT synthetic head CT"  # in Sample Data, category FMCT
-SAMPLE_SEED = 7  # a subdural hematoma the demo model finds, with saliency in the lesion
+SAMPLE_SEED = None  # None: the engine's DEMO_SEED (fmct.phantom.demo_sample), the CT `fmct demo` shows, chosen by one rule
 
 # Share of the progress bar for each stage: the worker's work dominates.
 _EXPORT_END, _WORKER_END = 0.03, 0.97
@@ -505,9 +505,13 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
                 shown = next(iter(maps), shown)
             tableNode = outputs.updateFindingsTable(node, done["findings"])
             saliencyNodes = outputs.updateSaliencyNodes(node, maps, replace=not job.keepOtherMaps, between=between)
+            for name, mapNode in saliencyNodes.items():
+                mapNode.SetAttribute(outputs.SCALE_ATTRIBUTE, done.get("saliency_scale") or "")
+            tableNode.SetAttribute(outputs.MAPS_NOTE_ATTRIBUTE,
+                                   outputs.mapsNote(outputs.saliencyNodes(node), done.get("saliency_scale")))
             self.showFinding(node, shown)
             timings = {**done.get("timings", {}), "wall_s": time.perf_counter() - job.started}
-            result = FMCTResult(done["findings"], tableNode, saliencyNodes, shown if shown in saliencyNodes else None,
+            result = FMCTResult(done["findings"], tableNode, saliencyNodes, self.shownFinding(node),
                                 done.get("model", job.modelName), done.get("device", job.device or ""), timings,
                                 bool(done.get("gpu")), list(done.get("explained", [])),
                                 done.get("out_of_distribution"), done.get("warning"), list(done.get("checks") or []),
@@ -541,10 +545,11 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         """Overlay a finding's saliency on its CT in the slice views and volume-render it in 3D.
 
         A finding without a map (negative, or not explained) clears the overlay rather than
-        leaving another finding's map on screen. Returns whether a map is shown.
+        leaving another finding's map on screen, except the attention map, which is finding-agnostic:
+        it is shown whichever finding is selected. Returns whether a map is shown.
         """
         nodes = outputs.saliencyNodes(inputVolumeNode)
-        shown = finding if finding in nodes else None
+        shown = finding if finding in nodes else (outputs.ATTENTION if outputs.ATTENTION in nodes else None)
         outputs.showInSliceViews(inputVolumeNode.GetScene(), inputVolumeNode, nodes.get(shown))
         outputs.showIn3D(self.volumeRenderingLogic(inputVolumeNode.GetScene()), nodes, shown)
         inputVolumeNode.SetAttribute(outputs.SHOWN_ATTRIBUTE, shown or "")
@@ -578,21 +583,24 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
 
     # -- sample data ---------------------------------------------------------------------------------
 
-    def loadSyntheticHeadCT(self, scene, folder: str | Path | None = None, seed: int = SAMPLE_SEED,
-                            findings: Sequence[str] = ("subdural",), inPlaneSize: int = 256):
-        """A synthetic head CT with a subdural hematoma (fmct.phantom), loaded as a volume node.
+    def loadSyntheticHeadCT(self, scene, folder: str | Path | None = None, seed: int | None = SAMPLE_SEED,
+                            inPlaneSize: int | None = None):
+        """The demo's synthetic head CT with a subdural hematoma (fmct.phantom.demo_sample), as a volume node.
 
         Sample Data's "FMCT synthetic head CT": a new user can try the module with one click and
-        no patient data. Written as NRRD and read with Slicer's own reader, as a downloaded sample
-        would be; the file stays in `folder` (Slicer's cache folder in the application).
+        no patient data. By default the very CT `fmct demo` shows (seed and size from the engine,
+        chosen by benchmarks/pick_demo_seed.py's rule; Testing/test_sample_data.py checks the shipped
+        model's answer on it). Written as NRRD and read with Slicer's own reader, as a downloaded
+        sample would be; the file stays in `folder` (Slicer's cache folder in the application).
         """
         self.dependencies.requireEngine()
         from fmct.reading.files import write_volume
-        from fmct.phantom import make_phantom
+        from fmct.phantom.demo_sample import DEMO_IN_PLANE_SIZE, DEMO_SEED, demo_sample
 
         folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="fmct-sample-"))
         folder.mkdir(parents=True, exist_ok=True)
-        phantom = make_phantom(seed, findings=list(findings), slices="thick", in_plane_size=inPlaneSize)
+        seed = DEMO_SEED if seed is None else seed
+        phantom = demo_sample(seed, DEMO_IN_PLANE_SIZE if inPlaneSize is None else inPlaneSize)
         path = write_volume(phantom.volume, folder / f"FMCT-synthetic-head-CT-{seed}.nrrd")
         node = volumesLogic(scene).AddArchetypeScalarVolume(str(path), SAMPLE_NAME, 0, None)
         if node is None:

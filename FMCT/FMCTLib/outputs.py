@@ -30,6 +30,9 @@ SHOWN_ATTRIBUTE = "FMCT.ShownFinding"  # on the input CT: the finding whose over
 WARNING_ATTRIBUTE = "FMCT.Warning"  # on a findings table: the engine's out-of-distribution warning, or empty
 CHECKS_ATTRIBUTE = "FMCT.Checks"  # on a findings table: the plausibility checks of the CT (JSON list of records)
 BANNER_ATTRIBUTE = "FMCT.Banner"  # on a findings table: the model's one-line banner (e.g. synthetic training only)
+SCALE_ATTRIBUTE = "FMCT.SaliencyScale"  # on a saliency volume: what its grey levels mean (findings.json's saliency_scale)
+MAPS_NOTE_ATTRIBUTE = "FMCT.MapsNote"  # on a findings table: how its maps relate to its rows (attention: one for all)
+ATTENTION = "attention"  # = fmct.inference.saliency.ATTENTION_KEY: the one finding-agnostic map of a CT
 
 COLUMNS = ("name", "description", "probability", "threshold", "positive")
 COLUMN_TITLES = {"name": "Finding", "description": "Description", "probability": "Probability",
@@ -262,9 +265,28 @@ def updateSaliencyNodes(inputNode, maps: Mapping, replace: bool = True, between=
     return nodes
 
 
+def saliencyNodeName(inputNode, finding: str) -> str:
+    """A map's node name: the finding it explains, or the attention map, which is the same for every finding."""
+    if finding == ATTENTION:
+        return f"{inputNode.GetName()} FMCT attention (finding-agnostic)"
+    return f"{inputNode.GetName()} FMCT {finding} saliency"
+
+
+def mapsNote(maps: Mapping, scale: str | None) -> str:
+    """What the findings table says about its maps: attention is one map for every finding; other maps
+    of one analysis share one scale, while a map added later by "Explain selected finding" has its own."""
+    if ATTENTION in maps:
+        return ("The attention map is finding-agnostic: one map, the same whichever finding is selected; "
+                "normalised on its own.")
+    if not maps:
+        return ""
+    return ("The maps computed together share one scale (255 = the strongest attribution among them); a map added "
+            "later with 'Explain selected finding' is normalised on its own. " + (scale or "")).strip()
+
+
 def _newSaliencyNode(inputNode, finding: str):
     scene = inputNode.GetScene()
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{inputNode.GetName()} FMCT {finding} saliency")
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", saliencyNodeName(inputNode, finding))
     node.SetAttribute(FINDING_ATTRIBUTE, finding)
     node.SetNodeReferenceID(INPUT_ROLE, inputNode.GetID())
     inputNode.AddNodeReferenceID(SALIENCY_ROLE, node.GetID())

@@ -129,7 +129,8 @@ def run(args: argparse.Namespace, out: Any) -> int:
     out(1.0, "done")
     out.event("done", folder=str(args.out), findings=payload["findings"],
               primary=primary.name if primary is not None else None, explained=list(result.model_saliency),
-              saliency_files=payload["saliency_files"], device=device, gpu=onGPU, model=analyzer.bundle.meta.name,
+              saliency_files=payload["saliency_files"], saliency_scale=payload.get("saliency_scale"),
+              explanation=payload.get("explanation"), device=device, gpu=onGPU, model=analyzer.bundle.meta.name,
               timings=payload["timings"], out_of_distribution=payload.get("out_of_distribution"),
               warning=payload.get("warning"), checks=payload.get("checks"), banner=payload.get("banner"))
     return EXIT_OK
