@@ -214,9 +214,17 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if not args.onnx and not args.check:
-        raise ConfigError("nothing to do: give --onnx (writes model.onnx into the bundle and checks it) or --check "
-                          "(re-checks an existing model.onnx against the torch weights)")
+    if not (args.onnx or args.check or args.monai or args.hf):
+        raise ConfigError("nothing to do: give --onnx (writes model.onnx into the bundle and checks it), --check "
+                          "(re-checks an existing model.onnx against the torch weights), --monai or --hf")
+    if args.monai or args.hf:
+        from fmct.export.hf import export_hf
+        from fmct.export.monai_vit import export_monai
+
+        stem = str(Path(args.bundle)).rstrip("/").removesuffix(".zip")
+        for wanted, suffix, write in ((args.monai, "monai", export_monai), (args.hf, "hf", export_hf)):
+            if wanted:
+                print(f"Wrote {write(args.bundle, args.out or f'{stem}-{suffix}')}")
     from fmct.inference.onnx_runner import onnx_summary
     from fmct.export.onnx import check_onnx_parity, export_onnx
 
@@ -366,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--check", action="store_true", help="re-check the bundle's model.onnx against its torch weights "
                                                        "on a generated head CT (exit 2 when they disagree)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    e.add_argument("--monai", action="store_true", help="write the encoder as a monai.networks.nets.ViT state dict "
+                                                        "(vit.safetensors + vit.json) into BUNDLE-monai or --out")
+    e.add_argument("--hf", action="store_true", help="write a Hugging Face-style folder (config.json, model.safetensors, "
+                                                     "README.md model card) into BUNDLE-hf or --out")
+    e.add_argument("--out", help="output folder of --monai or --hf")
     e.set_defaults(func=cmd_export)
 
     im = sub.add_parser("import", help="import an encoder trained elsewhere as a bundle: fm-hct (FM-HCT's released weights)")

@@ -41,12 +41,16 @@ def load_encoder(bundle: Any, device: str = "cpu"):
     """The encoder of a bundle (a folder or .zip path, or a loaded fmct.inference.bundle.Bundle) as a ViT3D in eval mode.
 
     It carries ``encoder.preprocessing`` (the bundle's PreprocessSpec: feed it tensors made with
-    that spec) and ``encoder.bundle_meta``. Works for task-less pretrained bundles and fine-tuned ones.
+    that spec) and ``encoder.bundle_meta``. Works for task-less pretrained bundles and fine-tuned ones, and
+    for a folder written by ``fmct export --hf`` (config.json + model.safetensors).
     """
     from fmct.inference.bundle import Bundle, load_bundle
     from fmct.conventions.runtime import torch_device
 
-    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if not isinstance(bundle, Bundle) and _is_hf_folder(Path(bundle)):
+        loaded = _load_hf_folder(Path(bundle))
+    else:
+        loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if loaded.model is None:
         raise ConfigError("this bundle was loaded without its weights; load it with load_model=True")
     encoder = loaded.model.encoder.eval()
@@ -55,6 +59,25 @@ def load_encoder(bundle: Any, device: str = "cpu"):
     encoder.preprocessing = loaded.meta.preprocessing
     encoder.bundle_meta = loaded.meta
     return encoder.to(torch_device(device))
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and not (path / "fmct.json").exists()
+
+
+def _load_hf_folder(path: Path):
+    """A folder from `fmct export --hf`, loaded with a bundle's checks (names, shapes, dtypes, finiteness)."""
+    import hashlib
+
+    from fmct.export.hf import read_hf_meta
+    from fmct.inference.bundle import WEIGHTS_FILE, Bundle, build_model, check_weights_header, load_weights
+
+    meta = read_hf_meta(path)
+    weights = (path / WEIGHTS_FILE).read_bytes() if (path / WEIGHTS_FILE).is_file() else b""
+    check_weights_header(meta, weights, where=str(path))
+    model = build_model(meta)
+    load_weights(model, weights, where=str(path))
+    return Bundle(meta, model.eval(), path, None, hashlib.sha256(weights).hexdigest())
 
 
 def _fingerprint(bundle_path: Path, options: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +92,12 @@ def _fingerprint(bundle_path: Path, options: dict[str, Any]) -> dict[str, Any]:
         h.update(meta_file.read_bytes() if meta_file.is_file() else b"")
     else:
         h.update(bundle_path.read_bytes())
-    name = load_bundle(bundle_path, load_model=False).meta.name
+    if _is_hf_folder(bundle_path):
+        from fmct.export.hf import read_hf_meta
+
+        name = read_hf_meta(bundle_path).name
+    else:
+        name = load_bundle(bundle_path, load_model=False).meta.name
     return {"model": name, "model_sha256": h.hexdigest(), **options}
 
 
