@@ -25,6 +25,8 @@ log = logging.getLogger("fmct")
 EXPLAIN_CHOICES = (*EXPLAIN_METHODS, "none")
 PROGRESS_ENV = "FMCT_PROGRESS"  # "json": progress as JSON lines on stderr instead of a bar
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+PATH_PREFIX_HELP = ("FM-HCT's split CSVs (img_path, ICH, ..., name): replace OLD at the start of every img_path by NEW, "
+                    "the folder of your copy")
 
 
 class TqdmProgress:
@@ -270,7 +272,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     with TqdmProgress("embed") as progress:
         result = embed(args.data, args.model, args.out, layers=args.layers, device=args.device, overwrite=args.overwrite,
-                       progress=progress)
+                       progress=progress, path_prefix=args.path_prefix)
     extra = f", {result['reused']} kept from an earlier run" if result["reused"] else ""
     skipped = f"; skipped {len(result['skipped'])} unreadable (see {result['out']}.skipped.json)" if result["skipped"] else ""
     print(f"Wrote {result['rows']} row(s) ({', '.join(result['features'])}) to {result['out']}{extra}{skipped}")
@@ -295,7 +297,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("data", "out", "encoder", "mode", "labels_per_class", "epochs",
                                                "batch_size", "lr", "device", "seed", "cache_dir", "name", "augment",
-                                               "checkpoints")}
+                                               "checkpoints", "path_prefix")}
     if args.tasks:
         overrides["tasks"] = args.tasks.split(",")
     if args.config:
@@ -320,7 +322,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("evaluate needs --data (a labelled manifest CSV or folder), on the command line or in --config")
     with TqdmProgress("evaluate") as progress:
         evaluate_bundle(o.model, o.data, o.out, ood_data=o.ood_data, device=o.device, cache_dir=o.cache_dir,
-                        n_boot=o.n_boot, progress=progress)
+                        n_boot=o.n_boot, progress=progress, path_prefix=args.path_prefix)
     return 0
 
 
@@ -407,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--layers", type=int, default=0, help="also the CLS and mean patch token of the last N blocks (default 0)")
     em.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP)
     em.add_argument("--overwrite", action="store_true", help="start again when --out holds features of another model or options")
+    em.add_argument("--path-prefix", metavar="OLD=NEW", help=PATH_PREFIX_HELP)
     em.set_defaults(func=cmd_embed)
 
     pb = sub.add_parser("probe", help="kNN / logistic-regression AUROC of saved embeddings on labels, cross-validated",
@@ -446,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--checkpoints", metavar="DIR",
                     help="keep a checkpoint per epoch in DIR; rerunning the same command continues after the last one "
                          "(exactly; refused if the settings differ)")
+    ft.add_argument("--path-prefix", metavar="OLD=NEW", help=PATH_PREFIX_HELP)
     ft.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="AUROC with 95%% CIs, AUPRC, sensitivity/specificity, ECE; in- vs out-of-distribution",
@@ -456,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ood", help="a second, out-of-distribution test set")
     ev.add_argument("--out", help="output folder (default ./fmct_eval)")
     ev.add_argument("--device", type=_device_arg, help=DEVICE_HELP)
+    ev.add_argument("--path-prefix", metavar="OLD=NEW", help=PATH_PREFIX_HELP)
     ev.add_argument("--cache-dir")
     ev.add_argument("--n-boot", type=int, help="bootstrap resamples for the CIs (default 1000)")
     ev.set_defaults(func=cmd_evaluate)

@@ -108,7 +108,7 @@ def _part_name(study_id: str) -> str:
 
 def embed(data: str | Path, model: str | Path, out: str | Path, layers: int = 0, device: str = "auto",
           layout: str = "auto", overwrite: bool = False, progress: Progress | None = None,
-          cancel: CancelCheck | None = None) -> dict[str, Any]:
+          cancel: CancelCheck | None = None, path_prefix: str | None = None) -> dict[str, Any]:
     """Embed every study of DATA (a folder, manifest CSV, RSNA or CQ500 layout) with MODEL's encoder.
 
     Returns {"out": path, "rows": n, "skipped": [...], "reused": n}. See the module docstring.
@@ -133,7 +133,7 @@ def embed(data: str | Path, model: str | Path, out: str | Path, layers: int = 0,
         raise ConfigError(f"--layers {layers}: this encoder has {depth} blocks")
     dev = torch_device(device)
     encoder = encoder.to(dev)
-    manifest = load_manifest(data, layout)
+    manifest = load_manifest(data, layout, path_prefix=path_prefix)
     if not manifest:
         raise ConfigError(f"{data} holds no studies to embed")
 

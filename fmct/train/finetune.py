@@ -44,6 +44,7 @@ class FinetuneConfig:
     data: str = ""
     out: str = "finetuned"
     layout: str = "auto"
+    path_prefix: str | None = None  # "OLD=NEW" for FM-HCT's split files: where their img_path folder is here
     val_data: str | None = None
     val_fraction: float = 0.25
     cache_dir: str = ".fmct_cache"
@@ -100,10 +101,16 @@ def few_label_subset(studies: list[Study], tasks: list[str], k: int, seed: int) 
 
 
 def split(manifest: Manifest, fraction: float, seed: int) -> tuple[list[Study], list[Study]]:
+    """Train / validation by study: the series of one study (Study.group) never straddle the split."""
     studies = sorted(manifest, key=lambda s: s.study_id)
-    random.Random(seed).shuffle(studies)
-    n_val = max(1, int(round(fraction * len(studies))))
-    return studies[n_val:], studies[:n_val]
+    if all(s.group is None for s in studies):  # one item per study: the split as it always was
+        random.Random(seed).shuffle(studies)
+        n_val = max(1, int(round(fraction * len(studies))))
+        return studies[n_val:], studies[:n_val]
+    groups = sorted({s.study for s in studies})
+    random.Random(seed).shuffle(groups)
+    val_groups = set(groups[:max(1, int(round(fraction * len(groups))))])
+    return [s for s in studies if s.study not in val_groups], [s for s in studies if s.study in val_groups]
 
 
 def layer_decay_groups(model: FMCTClassifier, lr_decay: float, weight_decay: float) -> list[dict]:
@@ -153,12 +160,12 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     if cfg.checkpoints and info.enabled:
         raise ConfigError("finetune: checkpoints are kept for single-process runs only (each torchrun rank has its "
                           "own random state, so a resume would not be exact); drop --checkpoints under torchrun")
-    manifest = load_manifest(cfg.data, cfg.layout)
+    manifest = load_manifest(cfg.data, cfg.layout, path_prefix=cfg.path_prefix)
     tasks = cfg.tasks or manifest.tasks
     if not tasks:
         raise ConfigError(f"finetune: {cfg.data} has no labels; give a labelled manifest or set 'tasks'")
     if cfg.val_data:
-        train_studies, val_studies = list(manifest), list(load_manifest(cfg.val_data, cfg.layout))
+        train_studies, val_studies = list(manifest), list(load_manifest(cfg.val_data, cfg.layout, path_prefix=cfg.path_prefix))
     else:
         train_studies, val_studies = split(manifest, cfg.val_fraction, cfg.seed)
     if cfg.labels_per_class:
