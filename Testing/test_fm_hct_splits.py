@@ -105,3 +105,27 @@ def test_embed_reads_the_split_file_through_the_prefix(tree, tmp_path):
         assert f["cls"].shape[0] == 8 and list(f["tasks"])[0] == "any_hemorrhage"
     assert main(["embed", str(csv_path), "--model", str(bundle), "--out", str(tmp_path / "g.npz"), "--device", "cpu",
                  "--path-prefix", "/wrong=/x"]) == 2
+
+
+def test_probe_folds_keep_each_study_whole(tree, tmp_path):
+    """Features from the split file carry each row's study; the probe deals whole studies into folds."""
+    from fmct.features.probe import grouped_folds, probe
+    from fmct_testing import tiny_bundle
+
+    csv_path, copy = tree
+    bundle, _, _ = tiny_bundle(tmp_path / "bundle")
+    out = tmp_path / "f.npz"
+    assert main(["embed", str(csv_path), "--model", str(bundle), "--out", str(out), "--device", "cpu",
+                 "--path-prefix", f"{OLD}={copy}"]) == 0
+    with np.load(out, allow_pickle=False) as f:
+        studies = [str(s) for s in f["study"]]
+    assert studies == [s for s, (n, *_) in STUDIES.items() for _ in range(n)]
+    y = np.array([1, 1, 0, 0, 0, 1, 0, 0])  # any_hemorrhage per series
+    folds = grouped_folds(y, studies, 2, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(8))
+    for fold in folds:
+        inside = {studies[i] for i in fold}
+        assert not inside & {studies[i] for i in range(8) if i not in fold}
+    report = probe(out, tasks=["any_hemorrhage"], folds=2, n_boot=50)
+    entry = report["tasks"]["any_hemorrhage"]
+    assert entry["n"] == 8 and entry["studies"] == 4 and entry["positive_studies"] == 2 and "knn" in entry

@@ -201,8 +201,9 @@ def _assemble(manifest, parts: Path, out: Path, skipped: list[dict], reused: int
     if out.suffix.lower() == ".npz":
         arrays = {k: np.stack([r[k] for r in rows]).astype(np.float32) for k in keys}
         buf = io.BytesIO()
+        groups = {} if all(by_id[i].group is None for i in ids) else {"study": np.array([by_id[i].study for i in ids])}
         np.savez_compressed(buf, study_id=np.array(ids), tasks=np.array(tasks, dtype=str), labels=labels,
-                            skipped=np.array(json.dumps(skipped)), meta=np.array(json.dumps(finger)), **arrays)
+                            skipped=np.array(json.dumps(skipped)), meta=np.array(json.dumps(finger)), **groups, **arrays)
         write_bytes_atomic(out, buf.getvalue())
     else:
         text = io.StringIO()
@@ -230,6 +231,8 @@ def read_features(path: str | Path) -> dict[str, Any]:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files if k not in ("skipped", "meta")}
         out["study_id"] = [str(s) for s in out["study_id"]]
+        if "study" in out:  # several series per study (FM-HCT's split files): the study of each row
+            out["study"] = [str(s) for s in out["study"]]
         out["tasks"] = [str(t) for t in out.get("tasks", [])]
         return out
     with open(path, newline="") as f:
