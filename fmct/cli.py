@@ -27,6 +27,8 @@ log = logging.getLogger("fmct")
 EXPLAIN_CHOICES = (*EXPLAIN_METHODS, "none")
 PROGRESS_ENV = "FMCT_PROGRESS"  # "json": progress as JSON lines on stderr instead of a bar
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda (or gpu) or cuda:N"
+PATH_PREFIX_HELP = ("FM-HCT's split CSVs (img_path, ICH, ..., name): replace OLD at the start of every img_path by NEW, "
+                    "the folder of your copy")
 
 
 class TqdmProgress:
@@ -255,9 +257,17 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if not args.onnx and not args.check:
-        raise ConfigError("nothing to do: give --onnx (writes model.onnx into the bundle and checks it) or --check "
-                          "(re-checks an existing model.onnx against the torch weights)")
+    if not (args.onnx or args.check or args.monai or args.hf):
+        raise ConfigError("nothing to do: give --onnx (writes model.onnx into the bundle and checks it), --check "
+                          "(re-checks an existing model.onnx against the torch weights), --monai or --hf")
+    if args.monai or args.hf:
+        from fmct.export.hf import export_hf
+        from fmct.export.monai_vit import export_monai
+
+        stem = str(Path(args.bundle)).rstrip("/").removesuffix(".zip")
+        for wanted, suffix, write in ((args.monai, "monai", export_monai), (args.hf, "hf", export_hf)):
+            if wanted:
+                print(f"Wrote {write(args.bundle, args.out or f'{stem}-{suffix}')}")
     from fmct.inference.onnx_runner import onnx_summary
     from fmct.export.onnx import check_onnx_parity, export_onnx
 
@@ -311,7 +321,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     with TqdmProgress("embed") as progress:
         result = embed(args.data, args.model, args.out, layers=args.layers, device=args.device, overwrite=args.overwrite,
-                       progress=progress, verify=args.verify)
+                       progress=progress, verify=args.verify, path_prefix=args.path_prefix)
     extra = f", {result['reused']} kept from an earlier run" if result["reused"] else ""
     skipped = f"; skipped {len(result['skipped'])} unreadable (see {result['out']}.skipped.json)" if result["skipped"] else ""
     print(f"Wrote {result['rows']} row(s) ({', '.join(result['features'])}) to {result['out']}{extra}{skipped}")
@@ -336,7 +346,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("data", "out", "encoder", "mode", "labels_per_class", "epochs",
                                                "batch_size", "lr", "device", "seed", "cache_dir", "name", "augment",
-                                               "checkpoints", "verify")}
+                                               "checkpoints", "verify", "path_prefix")}
     if args.tasks:
         overrides["tasks"] = args.tasks.split(",")
     if args.config:
@@ -365,7 +375,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("evaluate needs --data (a labelled manifest CSV or folder), on the command line or in --config")
     with TqdmProgress("evaluate") as progress:
         evaluate_bundle(o.model, o.data, o.out, ood_data=o.ood_data, device=o.device, cache_dir=o.cache_dir,
-                        n_boot=o.n_boot, progress=progress)
+                        n_boot=o.n_boot, progress=progress, path_prefix=args.path_prefix)
     return 0
 
 
@@ -470,6 +480,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--check", action="store_true", help="re-check the bundle's model.onnx against its torch weights "
                                                        "on a generated head CT (exit 2 when they disagree)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    e.add_argument("--monai", action="store_true", help="write the encoder as a monai.networks.nets.ViT state dict "
+                                                        "(vit.safetensors + vit.json) into BUNDLE-monai or --out")
+    e.add_argument("--hf", action="store_true", help="write a Hugging Face-style folder (config.json, model.safetensors, "
+                                                     "README.md model card) into BUNDLE-hf or --out")
+    e.add_argument("--out", help="output folder of --monai or --hf")
     e.set_defaults(func=cmd_export)
 
 
@@ -524,6 +539,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     em.add_argument("--layers", type=int, default=0, help="also the CLS and mean patch token of the last N blocks (default 0)")
     em.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP)
     em.add_argument("--overwrite", action="store_true", help="start again when --out holds features of another model or options")
+    em.add_argument("--path-prefix", metavar="OLD=NEW", help=PATH_PREFIX_HELP)
     em.set_defaults(func=cmd_embed)
 
 
@@ -573,6 +589,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--checkpoints", metavar="DIR",
                     help="keep a checkpoint per epoch in DIR; rerunning the same command continues after the last one "
                          "(exactly; refused if the settings differ)")
+    ft.add_argument("--path-prefix", metavar="OLD=NEW", help=PATH_PREFIX_HELP)
     ft.set_defaults(func=cmd_finetune)
 
 
@@ -586,6 +603,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--ood", help="a second, out-of-distribution test set")
     ev.add_argument("--out", help="output folder (default ./fmct_eval)")
     ev.add_argument("--device", type=_device_arg, help=DEVICE_HELP)
+    ev.add_argument("--path-prefix", metavar="OLD=NEW", help=PATH_PREFIX_HELP)
     ev.add_argument("--cache-dir")
     ev.add_argument("--n-boot", type=int, help="bootstrap resamples for the CIs (default 1000)")
     ev.set_defaults(func=cmd_evaluate)

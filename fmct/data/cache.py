@@ -215,15 +215,15 @@ def open_for(path: "str | Path | PreparedCache", spec: PreprocessSpec, verify: b
     return cache
 
 
-def load_studies(data: str | Path, layout: str = "auto") -> tuple[Any, PreparedCache | None]:
+def load_studies(data: str | Path, layout: str = "auto", path_prefix: str | None = None) -> tuple[Any, PreparedCache | None]:
     """(manifest, cache): a prepared cache's studies read from its index (no source touched), with the
-    cache; or the manifest of a folder / CSV / RSNA / CQ500 layout, with None."""
+    cache; or the manifest of a folder / CSV / RSNA / CQ500 layout / FM-HCT split file, with None."""
     from fmct.data.manifests import Manifest, load_manifest
 
     if is_prepared_cache(data):
         cache = PreparedCache.open(data)
         return Manifest([as_study(e) for e in cache.entries]), cache
-    return load_manifest(data, layout), None
+    return load_manifest(data, layout, path_prefix=path_prefix), None
 
 
 class PreparedVolumes:

@@ -59,7 +59,9 @@ class Study:
     path: a DICOM folder or an image file; for flat per-slice layouts (RSNA) the folder that
     holds `files`. files: the study's own DICOM files when they share a folder with other
     studies, else None. series_uid: which series to read when a folder holds several.
-    labels: task name -> 0/1, None where unknown.
+    labels: task name -> 0/1, None where unknown. group: the study this item is one series of, when a
+    dataset lists several series per study (FM-HCT's split files); splits keep a group together and
+    study-level metrics pool it. None: the item is its own study.
     """
 
     study_id: str
@@ -67,6 +69,12 @@ class Study:
     labels: dict[str, int | None] = field(default_factory=dict)
     series_uid: str | None = None
     files: tuple[Path, ...] | None = None
+    group: str | None = None
+
+    @property
+    def study(self) -> str:
+        """The study this item belongs to (its group, else itself)."""
+        return self.group or self.study_id
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -88,18 +96,24 @@ class Manifest(list):
         return [t for t in TASKS if t in names] + sorted(names - set(TASKS))
 
 
-def load_manifest(source: str | Path, layout: str = "auto", **kwargs: Any) -> Manifest:
+def load_manifest(source: str | Path, layout: str = "auto", path_prefix: str | None = None, **kwargs: Any) -> Manifest:
     """Build a manifest from a CSV file or a dataset folder; `layout` "auto" recognises the folder.
 
-    auto: a .csv file is a manifest CSV; a folder with reads.csv is CQ500; a folder with
-    stage_2_train.csv and stage_2_train/ is RSNA; a folder with a labels.csv that has a path column
-    (as `fmct.phantom.write_phantom_set` writes) is that CSV; any other folder is a folder of
-    studies (`studies_in_folder`: the one rule `fmct analyze --batch` shares).
+    auto: a .csv with columns img_path and name is one of FM-HCT's split files (`path_prefix` "OLD=NEW"
+    points their img_path at your copy); another .csv file is a manifest CSV; a folder with reads.csv is
+    CQ500; a folder with stage_2_train.csv and stage_2_train/ is RSNA; a folder with a labels.csv that has
+    a path column (as `fmct.phantom.write_phantom_set` writes) is that CSV; any other folder is a folder
+    of studies (`studies_in_folder`: the one rule `fmct analyze --batch` shares).
     """
     source = Path(source)
     if not source.exists():
         raise EmptyInputError(f"{source} does not exist. Check the path (and that the drive is mounted).")
     layout = _detect_layout(source) if layout == "auto" else layout
+    if path_prefix and layout != "fm-hct":
+        raise ConfigError(f"--path-prefix applies to FM-HCT's split files (columns img_path, name); {source.name} is "
+                          f"read as layout '{layout}'")
+    if layout == "fm-hct":
+        return manifest_from_fm_hct(source, path_prefix)
     if layout == "csv":
         return manifest_from_csv(source / "labels.csv" if source.is_dir() else source, **kwargs)
     if layout == "folder":
@@ -108,13 +122,13 @@ def load_manifest(source: str | Path, layout: str = "auto", **kwargs: Any) -> Ma
         return manifest_from_rsna(source / "stage_2_train", source / "stage_2_train.csv", **kwargs)
     if layout == "cq500":
         return manifest_from_cq500(source, source / "reads.csv", **kwargs)
-    raise ConfigError(f"Unknown data layout {layout!r}: use 'auto', 'folder', 'csv', 'rsna' or 'cq500'.")
+    raise ConfigError(f"Unknown data layout {layout!r}: use 'auto', 'folder', 'csv', 'fm-hct', 'rsna' or 'cq500'.")
 
 
 def _detect_layout(source: Path) -> str:
     if source.is_file():
         if source.suffix.lower() == ".csv":
-            return "csv"
+            return "fm-hct" if {"img_path", "name"} <= set(_read_header(source)) else "csv"
         raise ConfigError(f"{source.name} is a file: give a manifest .csv or a dataset folder.")
     if (source / "reads.csv").is_file():
         return "cq500"
@@ -305,6 +319,11 @@ def _relative_to(path: Path, base: Path) -> str:
 def _read_csv(csv_path: Path) -> tuple[list[dict[str, str]], list[str]]:
     """UTF-8/UTF-16 with a byte-order mark, tabs, spaces after commas read; ';' and Latin-1 refused, saying so."""
     return read_csv_table(csv_path)
+
+
+def _read_header(csv_path: Path) -> list[str]:
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        return [c.strip() for c in next(csv.reader(fh), [])]
 
 
 def _pick_id_column(columns: list[str]) -> str | None:
@@ -501,3 +520,47 @@ def majority(votes: Sequence[int | None]) -> int | None:
     """1 when more than half of the given (non-missing) votes are 1; None when there are none."""
     given = [v for v in votes if v is not None]
     return None if not given else int(2 * sum(given) > len(given))
+
+
+# --------------------------------------------------------------------------------------------
+# FM-HCT's split files (NYUMedML/HeadCT-Foundation, datasets/*/*_label.csv)
+# --------------------------------------------------------------------------------------------
+
+def parse_path_prefix(text: str | None) -> tuple[str, str] | None:
+    """'OLD=NEW' -> (OLD, NEW); None stays None."""
+    if not text:
+        return None
+    old, sep, new = text.partition("=")
+    if not sep or not old:
+        raise ConfigError(f"--path-prefix {text!r}: write it as OLD=NEW (the start of img_path in the CSV, then "
+                          "where that folder is on this machine)")
+    return old, new
+
+
+def manifest_from_fm_hct(csv_path: str | Path, path_prefix: str | None = None) -> Manifest:
+    """FM-HCT's split CSV (`img_path, ICH, IPH, ..., name`): one item per row (a series), grouped by `name`
+    (the study). Labels map onto fmct's tasks as CQ500's do (ICH -> any_hemorrhage, ...); other columns
+    are left alone. Relative img_path values are relative to the CSV's folder."""
+    csv_path = Path(csv_path)
+    rows, columns = _read_csv(csv_path)
+    tasks = [c for c in columns if c in CQ500_FINDINGS]
+    if "img_path" not in columns or "name" not in columns or not tasks:
+        raise ConfigError(f"{csv_path.name}: an FM-HCT split file has columns img_path, name and labels such as "
+                          f"{', '.join(CQ500_FINDINGS)}; found {', '.join(columns)}")
+    prefix = parse_path_prefix(path_prefix)
+    studies, counts = [], {}
+    for n, row in enumerate(rows, start=2):
+        raw, study = row["img_path"].strip(), row["name"].strip()
+        if not raw or not study:
+            raise ConfigError(f"{csv_path.name} line {n}: img_path and name must not be empty")
+        if prefix:
+            if not raw.startswith(prefix[0]):
+                raise ConfigError(f"{csv_path.name} line {n}: img_path {raw!r} does not start with the --path-prefix "
+                                  f"{prefix[0]!r}; give the prefix these paths share")
+            raw = prefix[1] + raw[len(prefix[0]):]
+        labels = {CQ500_FINDINGS[t]: v for t, v in _parse_labels(row, tasks, csv_path).items()}
+        counts[study] = counts.get(study, 0) + 1
+        series = Path(raw).name.split(".")[0] or str(counts[study])
+        studies.append(Study(f"{study}/{series}", csv_path.parent / raw, labels, group=study))
+    _check_unique_ids(studies, csv_path)
+    return Manifest(studies)

@@ -42,12 +42,16 @@ def load_encoder(bundle: Any, device: str = "cpu"):
     """The encoder of a bundle (a folder or .zip path, or a loaded fmct.inference.bundle.Bundle) as a ViT3D in eval mode.
 
     It carries ``encoder.preprocessing`` (the bundle's PreprocessSpec: feed it tensors made with
-    that spec) and ``encoder.bundle_meta``. Works for task-less pretrained bundles and fine-tuned ones.
+    that spec) and ``encoder.bundle_meta``. Works for task-less pretrained bundles and fine-tuned ones, and
+    for a folder written by ``fmct export --hf`` (config.json + model.safetensors).
     """
     from fmct.inference.bundle import Bundle, load_bundle
     from fmct.conventions.runtime import torch_device
 
-    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if not isinstance(bundle, Bundle) and _is_hf_folder(Path(bundle)):
+        loaded = _load_hf_folder(Path(bundle))
+    else:
+        loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if loaded.model is None:
         raise ConfigError("this bundle was loaded without its weights; load it with load_model=True")
     encoder = loaded.model.encoder.eval()
@@ -56,6 +60,25 @@ def load_encoder(bundle: Any, device: str = "cpu"):
     encoder.preprocessing = loaded.meta.preprocessing
     encoder.bundle_meta = loaded.meta
     return encoder.to(torch_device(device))
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and not (path / "fmct.json").exists()
+
+
+def _load_hf_folder(path: Path):
+    """A folder from `fmct export --hf`, loaded with a bundle's checks (names, shapes, dtypes, finiteness)."""
+    import hashlib
+
+    from fmct.export.hf import read_hf_meta
+    from fmct.inference.bundle import WEIGHTS_FILE, Bundle, build_model, check_weights_header, load_weights
+
+    meta = read_hf_meta(path)
+    weights = (path / WEIGHTS_FILE).read_bytes() if (path / WEIGHTS_FILE).is_file() else b""
+    check_weights_header(meta, weights, where=str(path))
+    model = build_model(meta)
+    load_weights(model, weights, where=str(path))
+    return Bundle(meta, model.eval(), path, None, hashlib.sha256(weights).hexdigest())
 
 
 def _fingerprint(bundle_path: Path, options: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +93,12 @@ def _fingerprint(bundle_path: Path, options: dict[str, Any]) -> dict[str, Any]:
         h.update(meta_file.read_bytes() if meta_file.is_file() else b"")
     else:
         h.update(bundle_path.read_bytes())
-    name = load_bundle(bundle_path, load_model=False).meta.name
+    if _is_hf_folder(bundle_path):
+        from fmct.export.hf import read_hf_meta
+
+        name = read_hf_meta(bundle_path).name
+    else:
+        name = load_bundle(bundle_path, load_model=False).meta.name
     return {"model": name, "model_sha256": h.hexdigest(), **options}
 
 
@@ -81,9 +109,10 @@ def _part_name(study_id: str) -> str:
 
 def embed(data: str | Path, model: str | Path, out: str | Path, layers: int = 0, device: str = "auto",
           layout: str = "auto", overwrite: bool = False, progress: Progress | None = None,
-          cancel: CancelCheck | None = None, verify: bool = False) -> dict[str, Any]:
-    """Embed every study of DATA (a folder, manifest CSV, RSNA or CQ500 layout, or a cache from `fmct
-    prepare` made for MODEL's grid; verify: check that cache's bytes and sources first) with MODEL's encoder.
+          cancel: CancelCheck | None = None, verify: bool = False, path_prefix: str | None = None) -> dict[str, Any]:
+    """Embed every study of DATA (a folder, manifest CSV, RSNA or CQ500 layout, FM-HCT's split CSV with
+    path_prefix "OLD=NEW", or a cache from `fmct prepare` made for MODEL's grid; verify: check that
+    cache's bytes and sources first) with MODEL's encoder.
 
     Returns {"out": path, "rows": n, "skipped": [...], "reused": n}. See the module docstring.
     """
@@ -107,7 +136,7 @@ def embed(data: str | Path, model: str | Path, out: str | Path, layers: int = 0,
         raise ConfigError(f"--layers {layers}: this encoder has {depth} blocks")
     dev = torch_device(device)
     encoder = encoder.to(dev)
-    manifest, cache = load_studies(data, layout)  # a prepared cache: read through its index, never the sources
+    manifest, cache = load_studies(data, layout, path_prefix=path_prefix)  # a prepared cache: read through its index
     if cache is not None:
         open_for(cache, encoder.preprocessing, verify)
     if not manifest:
@@ -178,8 +207,9 @@ def _assemble(manifest, parts: Path, out: Path, skipped: list[dict], reused: int
     if out.suffix.lower() == ".npz":
         arrays = {k: np.stack([r[k] for r in rows]).astype(np.float32) for k in keys}
         buf = io.BytesIO()
+        groups = {} if all(by_id[i].group is None for i in ids) else {"study": np.array([by_id[i].study for i in ids])}
         np.savez_compressed(buf, study_id=np.array(ids), tasks=np.array(tasks, dtype=str), labels=labels,
-                            skipped=np.array(json.dumps(skipped)), meta=np.array(json.dumps(finger)), **arrays)
+                            skipped=np.array(json.dumps(skipped)), meta=np.array(json.dumps(finger)), **groups, **arrays)
         write_bytes_atomic(out, buf.getvalue())
     else:
         text = io.StringIO()
@@ -207,6 +237,8 @@ def read_features(path: str | Path) -> dict[str, Any]:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files if k not in ("skipped", "meta")}
         out["study_id"] = [str(s) for s in out["study_id"]]
+        if "study" in out:  # several series per study (FM-HCT's split files): the study of each row
+            out["study"] = [str(s) for s in out["study"]]
         out["tasks"] = [str(t) for t in out.get("tasks", [])]
         return out
     with open(path, newline="") as f:

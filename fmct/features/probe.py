@@ -35,6 +35,15 @@ def stratified_folds(y: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray]
     return [np.array(sorted(f), dtype=int) for f in folds]
 
 
+def grouped_folds(y: np.ndarray, groups: list[str], n_folds: int, seed: int) -> list[np.ndarray]:
+    """stratified_folds over studies (a study is positive when any of its series is), then every series of a
+    study goes to its study's fold: no study is on both sides of a split."""
+    names = sorted(set(groups))
+    index = np.array([names.index(g) for g in groups])
+    study_y = np.array([int(y[index == i].max()) for i in range(len(names))])
+    return [np.flatnonzero(np.isin(index, f)) for f in stratified_folds(study_y, n_folds, seed)]
+
+
 def knn_scores(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, k: int = 20, temperature: float = 0.07) -> np.ndarray:
     a = f_train / np.maximum(np.linalg.norm(f_train, axis=1, keepdims=True), 1e-12)
     b = f_test / np.maximum(np.linalg.norm(f_test, axis=1, keepdims=True), 1e-12)
@@ -152,13 +161,23 @@ def probe(features_path: str | Path, labels: str | Path | None = None, tasks: li
         known = ~np.isnan(col)
         y, f = col[known].astype(int), x[known]
         n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-        n_folds = min(folds, n_pos, n_neg)
         entry: dict[str, Any] = {"n": int(len(y)), "positives": n_pos}
+        groups = [g for g, k in zip(feats["study"], known) if k] if "study" in feats else None
+        if groups is not None:  # folds are dealt by study: count positive and negative studies
+            study_y = {g: 0 for g in groups}
+            for g, v in zip(groups, y):
+                study_y[g] = max(study_y[g], int(v))
+            n_pos, n_neg = sum(study_y.values()), len(study_y) - sum(study_y.values())
+            entry.update(studies=len(study_y), positive_studies=n_pos)
+        n_folds = min(folds, n_pos, n_neg)
         if n_folds < 2:
             entry["error"] = f"needs at least 2 positives and 2 negatives (has {n_pos} and {n_neg})"
             report["tasks"][task] = entry
             continue
-        test_folds = stratified_folds(y, n_folds, seed)
+        if groups is not None:  # series of one study stay in one fold
+            test_folds = grouped_folds(y, groups, n_folds, seed)
+        else:
+            test_folds = stratified_folds(y, n_folds, seed)
         for method in methods:
             oof, per_fold, l2s = np.zeros(len(y)), [], []
             for j, test in enumerate(test_folds):

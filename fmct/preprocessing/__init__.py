@@ -11,6 +11,7 @@ _NAMES = {
     "Window": "fmct.preprocessing.preprocessor",
     "ModelInput": "fmct.preprocessing.preprocessor",
     "resample_parallel": "fmct.preprocessing.separable",
+    "FMCTPreprocessd": "fmct.preprocessing.monai_transform",
 }
 __all__ = sorted(_NAMES)
 __getattr__ = lazy_exports(__name__, _NAMES)

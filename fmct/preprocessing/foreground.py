@@ -66,7 +66,7 @@ def monai_steps(spec: PreprocessSpec) -> tuple[list, list, Any]:
     from monai.transforms import CropForeground, Orientation, Resize, ScaleIntensityRange, Spacing
 
     threshold = float(spec.foreground_hu)
-    spatial = [Orientation(axcodes=spec.orientation.upper()),
+    spatial = [Orientation(axcodes=spec.orientation.upper(), labels=(("L", "R"), ("P", "A"), ("I", "S"))),
                Spacing(pixdim=tuple(float(s) for s in spec.spacing_mm), mode=int(spec.spline_order)),
                CropForeground(select_fn=lambda x: x > threshold, margin=0)]
     windows = [ScaleIntensityRange(*window_bounds(w.center, w.width), b_min=0.0, b_max=1.0, clip=True)

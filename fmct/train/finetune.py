@@ -47,6 +47,7 @@ class FinetuneConfig:
     data: str = ""
     out: str = "finetuned"
     layout: str = "auto"
+    path_prefix: str | None = None  # "OLD=NEW" for FM-HCT's split files: where their img_path folder is here
     val_data: str | None = None
     val_fraction: float = 0.25
     cache_dir: str = ".fmct_cache"
@@ -138,10 +139,16 @@ def few_label_subset(studies: list[Study], tasks: list[str], k: int, seed: int) 
 
 
 def split(manifest: Manifest, fraction: float, seed: int) -> tuple[list[Study], list[Study]]:
+    """Train / validation by study: the series of one study (Study.group) never straddle the split."""
     studies = sorted(manifest, key=lambda s: s.study_id)
-    random.Random(seed).shuffle(studies)
-    n_val = max(1, int(round(fraction * len(studies))))
-    return studies[n_val:], studies[:n_val]
+    if all(s.group is None for s in studies):  # one item per study: the split as it always was
+        random.Random(seed).shuffle(studies)
+        n_val = max(1, int(round(fraction * len(studies))))
+        return studies[n_val:], studies[:n_val]
+    groups = sorted({s.study for s in studies})
+    random.Random(seed).shuffle(groups)
+    val_groups = set(groups[:max(1, int(round(fraction * len(groups))))])
+    return [s for s in studies if s.study not in val_groups], [s for s in studies if s.study in val_groups]
 
 
 def build_model(cfg: FinetuneConfig, n_tasks: int) -> tuple[FMCTClassifier, PreprocessSpec, dict]:
@@ -173,7 +180,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     if cfg.checkpoints and info.enabled:
         raise ConfigError("finetune: checkpoints are kept for single-process runs only (each torchrun rank has its "
                           "own random state, so a resume would not be exact); drop --checkpoints under torchrun")
-    manifest, cache = load_studies(cfg.data, cfg.layout)  # a prepared cache is read through its index
+    manifest, cache = load_studies(cfg.data, cfg.layout, path_prefix=cfg.path_prefix)  # a cache is read through its index
     if cache is not None and cfg.augment > 0:
         raise ConfigError("finetune: --augment rescans the source CTs; it cannot run from a prepared cache. Give the "
                           "study folder as --data, or drop --augment")
@@ -181,7 +188,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     if not tasks:
         raise ConfigError(f"finetune: {cfg.data} has no labels; give a labelled manifest or set 'tasks'")
     if cfg.val_data:
-        val_manifest, val_cache = load_studies(cfg.val_data, cfg.layout)
+        val_manifest, val_cache = load_studies(cfg.val_data, cfg.layout, path_prefix=cfg.path_prefix)
         train_studies, val_studies = list(manifest), list(val_manifest)
     else:
         train_studies, val_studies = split(manifest, cfg.val_fraction, cfg.seed)
