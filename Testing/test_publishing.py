@@ -8,6 +8,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,3 +120,13 @@ def test_sample_data_needs_numpy_and_simpleitk_only():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180, cwd=REPO)
     assert "SAMPLE-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_one_command_runs_both_modules_self_tests_headless():
+    """The README's command (about 3 minutes on 2 CPU cores): both modules' checks on a real scene."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "Testing/run_selftests.py"], capture_output=True, text=True, env=env,
+                          timeout=1200, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FMCT self-test passed" in proc.stdout and "FMCTTraining self-test passed" in proc.stdout
