@@ -130,3 +130,11 @@ def test_one_command_runs_both_modules_self_tests_headless():
                           timeout=1200, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FMCT self-test passed" in proc.stdout and "FMCTTraining self-test passed" in proc.stdout
+
+
+def test_the_code_passes_its_ruff_configuration():
+    """pyproject.toml [tool.ruff]: CI runs it with the tests (ruff is in the test extra)."""
+    pytest.importorskip("ruff")
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
