@@ -84,10 +84,16 @@ is explained at first: select another and click <b>Explain selected finding</b>.
         if UNSUPPORTED is not None:
             self.parent.helpText = UNSUPPORTED
         if UNSUPPORTED is None:
+            from FMCTLib.dependencies import documentationUrl
+
+            url = documentationUrl("#fmct-in-3d-slicer")
+            if url:
+                self.parent.helpText += f'<br>Documentation: <a href="{url}">{url}</a>'
             slicer.app.connect("startupCompleted()", registerSampleData)
         self.parent.acknowledgementText = _("""
-Built after "3D Foundation AI Model for Generalizable Disease Detection in Head Computed Tomography"
-(FM-CT, 2025). Uses PyTorch and Captum.
+Built after "3D Foundation Model for Generalizable Disease Detection in Head Computed Tomography"
+(FM-CT; Nature Biomedical Engineering 2026, arXiv:2502.02779): please cite it and FMCT (CITATION.cff).
+Apache License 2.0. Uses PyTorch and Captum.
 """)
 
 
@@ -105,10 +111,9 @@ def registerSampleData():
 
 
 def loadSyntheticHeadCT(source=None):
-    """Sample Data's button: install what is missing (after asking), then make and show the CT."""
+    """Sample Data's button: make and show the CT. Needs only numpy and SimpleITK, which Slicer
+    ships: no PyTorch install dialog before a user has even seen a CT (Analyze asks for it)."""
     logic = FMCTLogic()
-    if not ensureDependencies(logic.dependencies):
-        return None
     folder = Path(slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()) / "FMCT"
     with slicer.util.WaitCursor():
         node = logic.loadSyntheticHeadCT(slicer.mrmlScene, folder)

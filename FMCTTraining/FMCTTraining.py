@@ -55,11 +55,20 @@ class FMCTTraining(ScriptedLoadableModule):
 Self-supervised pretraining, fine-tuning and evaluation of FMCT models with the fmct engine's
 command line and config files. Runs in a separate process; for long runs use it headless, with the
 scripts in the <code>scripts</code> folder next to this module's file:
-<pre>Slicer --no-main-window --python-script &lt;module folder&gt;/scripts/pretrain.py --config pretrain.yaml</pre>
+<pre>Slicer --no-main-window --python-script &lt;module folder&gt;/scripts/pretrain.py --config Resources/Configs/pretrain_tiny.yaml</pre>
+The example configs (pretrain_tiny.yaml, finetune_tiny.yaml, evaluate.yaml) are in the engine's
+Resources/Configs (FMCTEngine/Resources/Configs in the extension).
 """)
         if UNSUPPORTED is not None:
             self.parent.helpText = UNSUPPORTED
-        self.parent.acknowledgementText = _("Uses PyTorch and Captum.")
+        else:
+            from FMCTLib.dependencies import documentationUrl
+
+            url = documentationUrl("#training-headless-fmct-training")
+            if url:
+                self.parent.helpText += f'<br>Documentation: <a href="{url}">{url}</a>'
+        self.parent.acknowledgementText = _("Apache License 2.0; please cite FMCT and the FM-CT paper (CITATION.cff). "
+                                            "Uses PyTorch and Captum.")
 
 
 #

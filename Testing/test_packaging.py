@@ -58,11 +58,13 @@ def onnx_less_bundle(tmp_path_factory):
 
 def test_the_repository_keeps_the_demo_weights_once():
     demo = REPO / "Resources" / "DemoModel"
-    assert {p.name for p in demo.iterdir()} == DEMO_FILES  # no model.onnx beside model.safetensors
     meta = json.loads((demo / "fmct.json").read_text())
     assert isinstance(meta["onnx"], dict)  # the record of the checked export: auto still finds onnxruntime
-    if _has_git_checkout():
-        assert "Resources/DemoModel/model.onnx" not in _git("ls-files", "Resources/DemoModel").splitlines()
+    if _has_git_checkout():  # no model.onnx beside model.safetensors in git (a local export is git-ignored)
+        assert {Path(p).name for p in _git("ls-files", "Resources/DemoModel").splitlines()} == DEMO_FILES
+        assert _git("check-ignore", "Resources/DemoModel/model.onnx")
+    else:
+        assert {p.name for p in demo.iterdir()} == DEMO_FILES
 
 
 def test_onnx_is_exported_once_into_the_cache_and_checked(onnx_less_bundle, cache):
@@ -120,6 +122,13 @@ def test_version_comes_from_git_and_is_recorded(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == f"fmct {version}"
     path, _, _ = tiny_bundle(tmp_path / "b")
     assert json.loads((path / "fmct.json").read_text())["provenance"]["code_version"] == version
+    from fmct.reading.files import write_volume
+    from fmct_testing import ball_ct
+
+    write_volume(ball_ct(shape_zyx=(24, 64, 64), spacing=(3.0, 3.0, 6.0))[0], tmp_path / "ct.nii.gz")
+    assert main(["analyze", str(tmp_path / "ct.nii.gz"), "--model", str(path), "--explain", "none", "--backend", "torch",
+                 "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "findings.json").read_text())["fmct_version"] == version
 
 
 @pytest.mark.slow

@@ -240,7 +240,7 @@ def test_evaluate_table_header_and_probe_help():
               "specificity": 0.5, "ece": 0.1}
     table = format_table({"in-distribution": {"any_hemorrhage": report}, "out-of-distribution": {"any_hemorrhage": report}})
     head = table.splitlines()[0]
-    assert "ECEout" not in head and "ECE  out-of-distribution AUROC" in head
+    assert "ECEout" not in head and " ECE   out-of-distribution AUROC" in head
     assert len({len(line) for line in table.splitlines()}) == 1  # rows line up under the header
     probe_help = subprocess.run([sys.executable, "-m", "fmct.cli", "probe", "--help"], capture_output=True, text=True,
                                 env={**_env(), "COLUMNS": "200"}, timeout=60).stdout

@@ -178,11 +178,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fmct.phantom.demo_sample import demo_sample
 
     check_output_folder(args.out)
-    print("Making a sample head CT (synthetic, 512 x 512, 4-5 mm slices, a subdural hematoma) ...", file=sys.stderr)
-    phantom = demo_sample(args.seed)
     args.findings = "positive"
     _settle_backend(args)
-    code = _run_analysis(phantom.volume, args, Path(args.out), save_ct=True)
+    t_start = time.perf_counter()
+    checked = _checked_analyzer(args)  # the model and options before the CT is made
+    print("Making a sample head CT (synthetic, 512 x 512, 4-5 mm slices, a subdural hematoma) ...", file=sys.stderr)
+    phantom = demo_sample(args.seed)
+    code = _run_analysis(phantom.volume, args, Path(args.out), save_ct=True, checked=checked, t_start=t_start)
     truth = [t for t, v in phantom.labels.items() if v]
     print(f"Ground truth of the sample CT: {', '.join(truth) or 'normal'}")
     if code == 0:

@@ -130,6 +130,23 @@ def sourceVersion(source: Path) -> str | None:
     return match.group(1) if match else None
 
 
+def documentationUrl(anchor: str = "", source: Path | None | bool = True) -> str | None:
+    """The documentation (the README on the repository's page) for the modules' help, from the
+    engine's pyproject.toml [project.urls] Homepage: no URL of its own in the modules, so the one
+    repository variable (CMakeLists.txt FMCT_REPOSITORY, Utilities/set_repository.py) covers it."""
+    source = engineSourceDir() if source is True else source
+    if source is None:
+        return None
+    try:
+        import tomllib
+
+        urls = tomllib.loads((source / "pyproject.toml").read_text())["project"].get("urls", {})
+    except (ImportError, OSError, KeyError, ValueError):
+        return None
+    home = urls.get("Homepage")
+    return f"{home}{anchor}" if home else None
+
+
 def sourceRequirements(source: Path) -> list[str]:
     """The engine's core requirements as its pyproject.toml declares them (extras excluded)."""
     import tomllib
@@ -190,6 +207,9 @@ def constraints(installed: Mapping[str, str]) -> list[str]:
             if name in PINNED_NAMES or name.startswith(PINNED_PREFIXES)]
     caps = [f"{name}<{below}" for name, below in sorted(TESTED_BELOW.items())]
     return pins + caps
+
+
+SAMPLE_PACKAGES = ("numpy", "SimpleITK")  # all the synthetic sample CT needs besides the engine source
 
 
 class DependencyLogic:
@@ -273,6 +293,17 @@ class DependencyLogic:
         details = "\n".join(f"- {step.detail}" for step in plan)
         details += f"\n\nTested with {TESTED_VERSIONS}."
         return message, details
+
+    def requireSampleEngine(self) -> None:
+        """What Sample Data's synthetic head CT needs: the engine source, numpy and SimpleITK, which
+        Slicer ships. fmct.phantom and the NRRD writer import nothing else, so the button loads the
+        CT without PyTorch and without the install dialog (Analyze asks for PyTorch later)."""
+        if not self.engineAvailable():
+            self.installPlan()  # raises the one message about a missing engine
+        missing = [name for name in SAMPLE_PACKAGES if not self.importable(name)]
+        if missing:
+            raise MissingDependencyError(f"The synthetic head CT needs {', '.join(missing)}, which this Slicer lacks.")
+        useEngineSource(self.engineSource)
 
     def requireEngine(self) -> None:
         """Fail with what to do when an analysis is asked for without the packages."""

@@ -593,7 +593,7 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         model's answer on it). Written as NRRD and read with Slicer's own reader, as a downloaded
         sample would be; the file stays in `folder` (Slicer's cache folder in the application).
         """
-        self.dependencies.requireEngine()
+        self.dependencies.requireSampleEngine()  # numpy and SimpleITK: no PyTorch needed to look at a CT
         from fmct.reading.files import write_volume
         from fmct.phantom.demo_sample import DEMO_IN_PLANE_SIZE, DEMO_SEED, demo_sample
 
