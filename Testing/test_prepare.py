@@ -321,3 +321,8 @@ def test_the_cache_is_read_without_its_sources_and_verify_checks_them(tmp_path, 
     assert len(items) == 7 and items[0]["image"].shape == (3, 32, 32, 32) and items[0]["study_id"] == "phantom_00000"
     with pytest.raises(CacheMismatchError, match="--verify: 7 problem"):
         open_for(tmp_path / "cache", SPEC, verify=True)
+
+    from fmct.train.pretrain_args import build_parser, config_from_args  # `fmct pretrain CACHE` takes it as the data
+
+    cfg = config_from_args(build_parser().parse_args([str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--verify"]))
+    assert (cfg.data.source, cfg.data.path, cfg.data.verify) == ("prepared", str(tmp_path / "cache"), True)
