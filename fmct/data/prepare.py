@@ -19,6 +19,7 @@ or the rank count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -95,6 +96,7 @@ def init_cache(root: Path, spec: Any, studies: Sequence[Any], unit_size: int) ->
     meta = {"format": FORMAT, "version": VERSION, "grid": grid_record(spec), "studies": len(studies),
             "manifest_sha": manifest_digest(studies), "unit_size": unit_size, "units": n_units}
     path = root / CACHE_JSON
+    (root / SHARDS).mkdir(parents=True, exist_ok=True)
     if path.is_file():
         old = json.loads(path.read_text())
         diff = grid_differences(old.get("grid", {}), meta["grid"])
@@ -105,7 +107,6 @@ def init_cache(root: Path, spec: Any, studies: Sequence[Any], unit_size: int) ->
             raise CacheMismatchError(f"{root} was prepared from another study list or --unit-size ({old.get('studies')} "
                                      f"studies, units of {old.get('unit_size')}); prepare into another --out")
         return old
-    (root / SHARDS).mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, json.dumps(meta, indent=1, sort_keys=True).encode())
     return meta
 
@@ -199,6 +200,18 @@ def write_errors(root: Path) -> list[dict[str, str]]:
     return errors
 
 
+@contextlib.contextmanager
+def _writing(root: Path):
+    """An OSError while writing the cache's own files is a CacheWriteError (exit 2, one line)."""
+    from fmct.data.cache import CacheWriteError
+
+    try:
+        yield
+    except OSError as e:
+        raise CacheWriteError(f"cannot write {root} ({e.strerror or e}); free space or choose another --out, then run "
+                              "`fmct prepare` again (finished units are kept)") from e
+
+
 def prepare(studies: Sequence[Any], spec: Any, out: str | Path, workers: int = 1, shard: tuple[int, int] = (1, 1),
             rank: int = 0, world: int = 1, unit_size: int = DEFAULT_UNIT_SIZE, progress=None) -> PrepareResult:
     """Prepare this process's share of studies (a manifest) into the cache folder out. See the module docstring."""
@@ -209,8 +222,9 @@ def prepare(studies: Sequence[Any], spec: Any, out: str | Path, workers: int = 1
     if not studies:
         raise ConfigError("no studies to prepare")
     start, root = time.perf_counter(), Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    meta = init_cache(root, spec, studies, unit_size)
+    with _writing(root):
+        root.mkdir(parents=True, exist_ok=True)
+        meta = init_cache(root, spec, studies, unit_size)
     records = [_study_record(s) for s in studies]
     chunks = [records[u * unit_size:(u + 1) * unit_size] for u in range(meta["units"])]
     mine = share(meta["units"], shard, rank, world)
@@ -221,7 +235,8 @@ def prepare(studies: Sequence[Any], spec: Any, out: str | Path, workers: int = 1
     log.info("prepare: %d unit(s) of %d studies for this process, %d already done, %d worker(s)",
              len(mine), unit_size, len(result.units_skipped), workers)
     _run_units(root, spec.to_dict(), todo, chunks, workers, result, progress)
-    result.errors = write_errors(root)
+    with _writing(root):
+        result.errors = write_errors(root)
     result.seconds = time.perf_counter() - start
     return result
 
