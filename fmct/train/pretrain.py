@@ -6,10 +6,13 @@
 A run folder holds config.json (the resolved config, seed and world size), losses.jsonl (one
 line per step), checkpoints/ (see fmct.train.checkpoint) and, when finished, bundle/: a model
 bundle with no tasks whose weights are the teacher encoder's (``encoder.*``), ready for
-fine-tuning.
+fine-tuning. The data side (volumes, a prepared cache read through its index, step -> batch) is
+fmct.train.pretrain_data; crops are made per sample by the loader, or batched on the training
+device (run.crops, fmct.ssl.batched_crops; the default on CUDA).
 
 Resume is exact: the data order comes from DistributedSampler(seed, epoch), every sample's
-crops from a generator seeded by (seed, epoch, index), the masks from (seed, step, rank), and
+crops from a generator seeded by (seed, epoch, index), device-side noise from (seed, step, rank),
+the masks from (seed, step, rank), and
 the checkpoint carries everything else (student, teacher, centers, optimizer, scheduler, RNG
 states, step and data position). So a run killed at any point and resumed logs the same losses
 as one that never stopped. Ctrl-C (SIGINT) finishes the current step, saves and exits with 130.
