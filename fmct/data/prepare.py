@@ -249,7 +249,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
     parser.add_argument("--shard", default=None, metavar="K/M",
                         help="array job K of M (1-based): prepare only every M-th unit from K (e.g. $SLURM_ARRAY_TASK_ID/M)")
-    parser.add_argument("--size", default="tiny", help="the grid of a pretraining recipe: tiny (default), small, base")
+    parser.add_argument("--size", default="tiny", choices=("tiny", "small", "base"),
+                        help="the grid of a pretraining recipe: tiny (default), small, base")
     parser.add_argument("--config", default=None, help="take the grid (data.spacing_mm, data.size) from this pretraining config")
     parser.add_argument("--model", default=None, help="take the grid from this bundle's preprocessing (to fine-tune or embed it)")
     parser.add_argument("--unit-size", type=int, default=DEFAULT_UNIT_SIZE,
