@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from fmct.data.cache import hu_to_int16, windows_to_channels
@@ -54,6 +55,7 @@ def test_hu_input_gets_the_windows_on_its_device():
     assert all(torch.equal(from_hu[k], from_channels[k]) for k in from_hu)
 
 
+@pytest.mark.slow
 def test_pretraining_with_device_crops_logs_the_losses_of_loader_crops(tmp_path):
     """run.crops: device (what CUDA runs pick by default) against loader, here on the CPU: without noise the
     same views reach the model, so the same losses; with noise a rerun repeats itself (resume stays exact)."""
@@ -78,3 +80,30 @@ def test_pretraining_with_device_crops_logs_the_losses_of_loader_crops(tmp_path)
 
     np.testing.assert_allclose(losses("device", 0.0, "d"), losses("loader", 0.0, "l"), rtol=1e-5)
     assert losses("device", 0.01, "n1") == losses("device", 0.01, "n2")
+
+
+@pytest.mark.slow
+def test_device_crops_resume_exactly(tmp_path):
+    """Cancelled after 2 of 4 steps and resumed, a run with device crops (and noise) logs the losses of one
+    that never stopped: the crops come from (seed, epoch, index) and the noise from (seed, step, rank)."""
+    from fmct.conventions.errors import Cancelled
+    from fmct.ssl.config import SSLConfig
+    from fmct.train.pretrain import TensorVolumes, pretrain
+
+    raw = {"encoder": {"preset": "tiny", "overrides": {"embed_dim": 48, "depth": 2, "num_heads": 2,
+                                                       "img_size": [32, 32, 32], "patch_size": [8, 8, 8]}},
+           "data": {"spacing_mm": [6, 6, 6], "size": [32, 32, 32]},
+           "crops": {"global_size": [32, 32, 32], "local_size": [16, 16, 16], "n_local": 2},
+           "dino": {"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32, "warmup_teacher_temp_steps": 2},
+           "optim": {"batch_size": 2, "steps": 4, "warmup_steps": 1},
+           "run": {"seed": 3, "checkpoint_every": 100, "num_threads": 1, "device": "cpu", "workers": 0, "crops": "device"}}
+    cfg = SSLConfig.from_dict(raw)
+    torch.manual_seed(0)
+    data = TensorVolumes(torch.rand(6, 3, 32, 32, 32).half())
+    full = [r["loss"] for r in pretrain(cfg, tmp_path / "full", dataset=data).losses]
+    done: list[float] = []
+    with pytest.raises(Cancelled):
+        pretrain(cfg, tmp_path / "cut", dataset=data, progress=lambda f, m: done.append(f), cancel=lambda: len(done) >= 2)
+    resumed = pretrain(cfg, tmp_path / "cut", resume=True, dataset=data).losses
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == full

@@ -221,7 +221,24 @@ from fmct.preprocessing.preprocessor import PreprocessSpec
 place = rank_from_env()
 res = prepare(load_manifest(sys.argv[1]), PreprocessSpec(spacing_mm=(6.0, 6.0, 6.0), size=(32, 32, 32)), sys.argv[2],
               rank=place.rank, world=place.world, unit_size=2)
-json.dump({"done": res.units_done_now, "mine": res.units_mine}, open(sys.argv[2] + ".rank%d.json" % place.rank, "w"))
+record = {"done": res.units_done_now, "mine": res.units_mine}
+
+# pretraining from the folder: each rank prepares its share into data.cache_dir, waits, then reads it all
+import yaml
+from fmct.ssl.config import SSLConfig
+from fmct.train import distributed as ddp
+from fmct.train.pretrain_data import load_dataset
+
+raw = yaml.safe_load(open(sys.argv[3]).read())
+raw["data"]["cache_dir"] = sys.argv[2] + "-pretrain"
+info = ddp.init_from_env("cpu")
+record["pretrain_items"] = len(load_dataset(SSLConfig.from_dict(raw), info))
+from fmct.data.cache import PreparedCache
+import glob
+caches = glob.glob(sys.argv[2] + "-pretrain/prepared-*")
+record["pretrain_caches"] = len(caches)
+ddp.shutdown()
+json.dump(record, open(sys.argv[2] + ".rank%d.json" % place.rank, "w"))
 '''
 
 
@@ -236,8 +253,9 @@ def test_two_torchrun_ranks_prepare_disjoint_shares(tmp_path, studies):
     driver = tmp_path / "driver.py"
     driver.write_text(RANK_DRIVER)
     out = tmp_path / "cache"
+    config = grid_config(tmp_path, data=studies)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(driver), str(studies), str(out)]
+           "--master_port", str(_free_port()), str(driver), str(studies), str(out), str(config)]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
@@ -245,6 +263,8 @@ def test_two_torchrun_ranks_prepare_disjoint_shares(tmp_path, studies):
     assert set(ranks[0]["done"]).isdisjoint(ranks[1]["done"])
     cache = PreparedCache.open(out)
     assert cache.complete and len(cache.entries) == 7
+    # pretraining from the folder under torchrun: one cache, complete, and every rank reads all 7 studies
+    assert [r["pretrain_items"] for r in ranks] == [7, 7] and ranks[0]["pretrain_caches"] == 1
 
 
 # ----------------------------------------------------------------------------------- fine-tune and embed
@@ -321,3 +341,8 @@ def test_the_cache_is_read_without_its_sources_and_verify_checks_them(tmp_path, 
     assert len(items) == 7 and items[0]["image"].shape == (3, 32, 32, 32) and items[0]["study_id"] == "phantom_00000"
     with pytest.raises(CacheMismatchError, match="--verify: 7 problem"):
         open_for(tmp_path / "cache", SPEC, verify=True)
+
+    from fmct.train.pretrain_args import build_parser, config_from_args  # `fmct pretrain CACHE` takes it as the data
+
+    cfg = config_from_args(build_parser().parse_args([str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--verify"]))
+    assert (cfg.data.source, cfg.data.path, cfg.data.verify) == ("prepared", str(tmp_path / "cache"), True)

@@ -19,10 +19,10 @@ or the rank count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +96,7 @@ def init_cache(root: Path, spec: Any, studies: Sequence[Any], unit_size: int) ->
     meta = {"format": FORMAT, "version": VERSION, "grid": grid_record(spec), "studies": len(studies),
             "manifest_sha": manifest_digest(studies), "unit_size": unit_size, "units": n_units}
     path = root / CACHE_JSON
+    (root / SHARDS).mkdir(parents=True, exist_ok=True)
     if path.is_file():
         old = json.loads(path.read_text())
         diff = grid_differences(old.get("grid", {}), meta["grid"])
@@ -106,7 +107,6 @@ def init_cache(root: Path, spec: Any, studies: Sequence[Any], unit_size: int) ->
             raise CacheMismatchError(f"{root} was prepared from another study list or --unit-size ({old.get('studies')} "
                                      f"studies, units of {old.get('unit_size')}); prepare into another --out")
         return old
-    (root / SHARDS).mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, json.dumps(meta, indent=1, sort_keys=True).encode())
     return meta
 
@@ -200,6 +200,18 @@ def write_errors(root: Path) -> list[dict[str, str]]:
     return errors
 
 
+@contextlib.contextmanager
+def _writing(root: Path):
+    """An OSError while writing the cache's own files is a CacheWriteError (exit 2, one line)."""
+    from fmct.data.cache import CacheWriteError
+
+    try:
+        yield
+    except OSError as e:
+        raise CacheWriteError(f"cannot write {root} ({e.strerror or e}); free space or choose another --out, then run "
+                              "`fmct prepare` again (finished units are kept)") from e
+
+
 def prepare(studies: Sequence[Any], spec: Any, out: str | Path, workers: int = 1, shard: tuple[int, int] = (1, 1),
             rank: int = 0, world: int = 1, unit_size: int = DEFAULT_UNIT_SIZE, progress=None) -> PrepareResult:
     """Prepare this process's share of studies (a manifest) into the cache folder out. See the module docstring."""
@@ -210,8 +222,9 @@ def prepare(studies: Sequence[Any], spec: Any, out: str | Path, workers: int = 1
     if not studies:
         raise ConfigError("no studies to prepare")
     start, root = time.perf_counter(), Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    meta = init_cache(root, spec, studies, unit_size)
+    with _writing(root):
+        root.mkdir(parents=True, exist_ok=True)
+        meta = init_cache(root, spec, studies, unit_size)
     records = [_study_record(s) for s in studies]
     chunks = [records[u * unit_size:(u + 1) * unit_size] for u in range(meta["units"])]
     mine = share(meta["units"], shard, rank, world)
@@ -222,7 +235,8 @@ def prepare(studies: Sequence[Any], spec: Any, out: str | Path, workers: int = 1
     log.info("prepare: %d unit(s) of %d studies for this process, %d already done, %d worker(s)",
              len(mine), unit_size, len(result.units_skipped), workers)
     _run_units(root, spec.to_dict(), todo, chunks, workers, result, progress)
-    result.errors = write_errors(root)
+    with _writing(root):
+        result.errors = write_errors(root)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -235,7 +249,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
     parser.add_argument("--shard", default=None, metavar="K/M",
                         help="array job K of M (1-based): prepare only every M-th unit from K (e.g. $SLURM_ARRAY_TASK_ID/M)")
-    parser.add_argument("--size", default="tiny", help="the grid of a pretraining recipe: tiny (default), small, base")
+    parser.add_argument("--size", default="tiny", choices=("tiny", "small", "base"),
+                        help="the grid of a pretraining recipe: tiny (default), small, base")
     parser.add_argument("--config", default=None, help="take the grid (data.spacing_mm, data.size) from this pretraining config")
     parser.add_argument("--model", default=None, help="take the grid from this bundle's preprocessing (to fine-tune or embed it)")
     parser.add_argument("--unit-size", type=int, default=DEFAULT_UNIT_SIZE,
