@@ -25,7 +25,7 @@ def test_current_figures_table_is_up_to_date_with_the_json_files():
 
 def test_check_catches_a_figure_edited_by_hand():
     make_results = _make_results()
-    text = make_results.RESULTS_MD.read_text()
+    text = make_results.RESULTS_MD.read_text(encoding="utf-8")
     table = text.split(make_results.START, 1)[1].split(make_results.END, 1)[0]
     edited_table = table.replace("| 2.63 s |", "| 2.10 s |", 1)
     assert edited_table != table, "the analyze row's value is expected in the table"
@@ -35,7 +35,7 @@ def test_check_catches_a_figure_edited_by_hand():
 
 def test_every_row_links_an_anchor_and_a_raw_file_that_exist():
     make_results = _make_results()
-    text = make_results.RESULTS_MD.read_text()
+    text = make_results.RESULTS_MD.read_text(encoding="utf-8")
     for fig in make_results.FIGURES:
         assert f'<a id="{fig.section}"></a>' in text, fig.section
         assert (make_results.RAW / fig.raw).is_file(), fig.raw

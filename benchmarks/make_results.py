@@ -47,8 +47,8 @@ class Figure:
 def load(raw: str) -> dict:
     path = RAW / raw
     if path.suffix == ".jsonl":
-        return {"steps": [json.loads(line) for line in path.read_text().splitlines() if line.strip()]}
-    return json.loads(path.read_text())
+        return {"steps": [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]}
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def window_mean(d: dict, key: str, first: int, last: int) -> float:
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if RESULTS.md's table differs from the JSON files")
     args = ap.parse_args(argv)
-    text = RESULTS_MD.read_text()
+    text = RESULTS_MD.read_text(encoding="utf-8")
     new = with_table(text)
     if args.check:
         if new != text:
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if new != text:
-        RESULTS_MD.write_text(new)
+        RESULTS_MD.write_text(new, encoding="utf-8")
     return 0
 
 
