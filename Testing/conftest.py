@@ -35,3 +35,20 @@ def demo_analyzer():
 
     torch.manual_seed(0)
     return Analyzer(default_bundle_path(), device="cpu")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Call it to make any model run from then on (torch or onnxruntime) fail the test."""
+    from fmct.inference.onnx_runner import OnnxModel
+    from fmct.inference.runners import TorchRunner
+
+    def refuse(*a, **k):
+        raise AssertionError("a model ran on bad input")
+
+    def arm() -> None:
+        for runner in (TorchRunner, OnnxModel):
+            for name in ("logits", "run"):
+                if hasattr(runner, name):
+                    monkeypatch.setattr(runner, name, refuse)
+    return arm

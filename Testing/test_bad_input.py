@@ -13,12 +13,12 @@ import json
 import os
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from bad_input_support import IS_ROOT, SHAPE, SPACING, Case, assert_refused, dicom_series, run_cli, small_ct  # noqa: F401
 from fmct_testing import ball_ct, tiny_bundle
 
 from fmct.cli import main
@@ -27,46 +27,6 @@ from fmct.reading.files import write_volume
 from fmct.reading.volume import Volume
 
 pydicom = pytest.importorskip("pydicom")
-
-def _permissions_ignored() -> bool:
-    """True where file modes do not stop this process (root with its usual capabilities)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        probe = Path(d) / "probe"
-        probe.write_bytes(b"x")
-        probe.chmod(0)
-        try:
-            probe.read_bytes()
-            return True
-        except PermissionError:
-            return False
-        finally:
-            probe.chmod(0o600)
-
-
-IS_ROOT = _permissions_ignored()
-SHAPE, SPACING = (16, 64, 64), (3.0, 3.0, 6.0)
-
-
-@dataclass
-class Case:
-    id: str
-    build: Callable[[Path], Path]  # writes the bad input under the folder, returns the path to give
-    code: int
-    words: str  # a fragment of the one-line message (case-insensitive)
-    args: list[str] = field(default_factory=list)  # extra CLI arguments
-    env: dict[str, str] = field(default_factory=dict)
-    needs_non_root: bool = False
-
-    def param(self):
-        marks = [pytest.mark.skipif(IS_ROOT, reason="permissions do not apply to root")] if self.needs_non_root else []
-        return pytest.param(self, id=self.id, marks=marks)
-
-
-def small_ct(**kw) -> Volume:
-    return ball_ct(shape_zyx=SHAPE, spacing=SPACING, **kw)[0]
-
 
 # ------------------------------------------------------------------------------------- NIfTI
 def _nifti_bytes(array: np.ndarray, spacing=SPACING) -> bytes:
@@ -173,14 +133,7 @@ def unreadable_file(d: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------- DICOM
-def dicom_series(d: Path, edit: Callable[[int, pydicom.Dataset], None] | None = None, **kw) -> Path:
-    files = write_dicom_series(small_ct(), d / "dicom", **kw)
-    if edit is not None:
-        for k, f in enumerate(files):
-            ds = pydicom.dcmread(f)
-            edit(k, ds)
-            ds.save_as(f)
-    return d / "dicom"
+
 
 
 def dicom_edit(edit):
@@ -295,36 +248,6 @@ VOLUME_CASES = [
 
 
 # ------------------------------------------------------------------------------------- running a case
-@pytest.fixture
-def no_model(monkeypatch):
-    """Call it to make any model run from then on (torch or onnxruntime) fail the test."""
-    from fmct.inference.onnx_runner import OnnxModel
-    from fmct.inference.runners import TorchRunner
-
-    def refuse(*a, **k):
-        raise AssertionError("a model ran on bad input")
-
-    def arm() -> None:
-        for runner in (TorchRunner, OnnxModel):
-            for name in ("logits", "run"):
-                if hasattr(runner, name):
-                    monkeypatch.setattr(runner, name, refuse)
-    return arm
-
-
-def run_cli(argv: list[str], capfd) -> tuple[int, list[str]]:
-    code = main(argv)
-    err = capfd.readouterr().err
-    return code, [line for line in err.splitlines() if line.strip()]
-
-
-def assert_refused(code: int, lines: list[str], case_code: int, words: str, out: Path) -> None:
-    assert code == case_code, lines
-    assert len(lines) == 1, lines  # one line: no warnings, no traceback ahead of it
-    assert lines[0].startswith("fmct: error: ") and words.lower() in lines[0].lower(), lines[0]
-    assert not (out / "findings.json").exists()
-
-
 @pytest.mark.parametrize("case", [c.param() for c in VOLUME_CASES])
 def test_bad_volume_is_refused(case: Case, tmp_path, bundle, no_model, monkeypatch, capfd):
     for k, v in case.env.items():

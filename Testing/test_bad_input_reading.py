@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_bad_input import Case, assert_refused, bundle, dicom_series, no_model, run_cli, small_ct  # noqa: F401
+from bad_input_support import Case, assert_refused, dicom_series, run_cli, small_ct
 
 from fmct.reading.files import read_volume, write_volume
 from fmct.reading.volume import Volume
