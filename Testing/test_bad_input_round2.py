@@ -720,3 +720,14 @@ def test_a_utf8_manifest_with_umlauts_reads_the_path_as_written(tmp_path):
     write_volume(small_ct(), tmp_path / "Schädel" / "ct.nii.gz")
     (tmp_path / "m.csv").write_text("study_id,path\nA,Schädel/ct.nii.gz\n", encoding="utf-8")
     assert discover_studies(tmp_path / "m.csv")[0].path == tmp_path / "Schädel" / "ct.nii.gz"
+
+
+def test_log_lines_cannot_be_forged():
+    """The CLI's log formatter: a name logged as a value loses its line breaks and escapes; the message keeps its own."""
+    import logging
+
+    from fmct.conventions.names import PrintableFormatter
+
+    record = logging.LogRecord("fmct", logging.INFO, __file__, 1, "read %s\nnext line", ("ct\n\x1b[31mfmct: all clear",),
+                               None)
+    assert PrintableFormatter("%(message)s").format(record) == "read ct [31mfmct: all clear\nnext line"
