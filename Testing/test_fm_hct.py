@@ -3,7 +3,7 @@
 The checkpoints are random weights in the released key layout (nothing is downloaded). The reference
 is made here, not by fmct: MONAI's dictionary transforms from the NIfTI file, and a ViT forward
 written below in plain torch ops over the checkpoint's own state dict. Most tests use 2 blocks (the same
-key layout, `blocks.0` and `blocks.1`); one slow test runs the full 12-block, 86M-parameter encoder.
+key layout, `blocks.0` and `blocks.1`); one slow test runs the full 12-block, 89.4M-parameter encoder.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def test_end_to_end_from_the_nifti_file_matches_monai_and_the_reference(imported
 
 @pytest.mark.slow
 def test_full_size_encoder_matches_the_independent_forward(tmp_path):
-    """The released size: 12 blocks, 86M parameters, one forward on the CPU."""
+    """The released size: 12 blocks, 89.4M parameters (0.4M of them the fixed positions), one forward on the CPU."""
     from fmct.features.embed import load_encoder
 
     sd = fm_hct_state(depth=12, seed=3, prefix="")

@@ -1,4 +1,5 @@
-"""The `fmct` command line: demo, analyze (one CT or a batch), export, phantom, prepare, pretrain, finetune, evaluate.
+"""The `fmct` command line: demo, analyze (one CT or a batch), export, import, fetch, phantom, prepare, pretrain, embed, probe,
+finetune, evaluate.
 
 User mistakes (bad input, bad bundle, bad option, an unusable output folder) exit with code 2 and
 one line saying what to do, before any model runs; --debug adds the traceback, and the exit code
