@@ -188,3 +188,16 @@ def test_fetch_keeps_a_release_asset_only_with_the_published_sha256(tmp_path, ca
     assert main(["fetch", url, "--sha256", digest, "--out", str(fetched)]) == 2  # never replaced silently
     assert main(["fetch", url, "--sha256", digest, "--out", str(fetched), "--overwrite"]) == 0
     assert fetched.read_bytes() == asset.read_bytes()
+
+
+def test_an_export_unlike_the_bundles_record_is_checked_against_torch(onnx_less_bundle, cache, tmp_path):
+    """Another torch exporter writes other bytes: the cached graph is then proven anew, not taken on trust."""
+    other = Path(shutil.copytree(onnx_less_bundle, tmp_path / "other"))
+    meta = json.loads((other / "fmct.json").read_text())
+    meta["onnx"]["onnx_sha256"] = "0" * 64  # the bundle maker's export differs from what this torch writes
+    meta["onnx"]["max_abs_diff_probability"] = 0.0
+    (other / "fmct.json").write_text(json.dumps(meta))
+    bundle, _ = load_runner(other, backend="onnx", device="cpu")
+    record = json.loads((cache / "onnx" / bundle.weights_sha256 / "record.json").read_text())
+    assert record["onnx_sha256"] != "0" * 64 and record["max_abs_diff_probability"] <= TOLERANCE  # measured here
+    assert record["checked_on"].startswith("fmct.phantom seed 0") and record != meta["onnx"]
