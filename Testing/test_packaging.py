@@ -113,7 +113,7 @@ def test_export_check_of_a_bundle_without_onnx_uses_the_cache(onnx_less_bundle, 
 
 def test_version_comes_from_git_and_is_recorded(tmp_path):
     version = code_version()
-    assert version != "0.1.0" and re.match(r"^\d", version)
+    assert version != "0.1.0" and re.match(r"^\d", version)  # 0+unknown in a source tree without git
     if _has_git_checkout():
         assert _git("rev-parse", "--short=7", "HEAD") in version
         assert f"dev{_git('rev-list', '--count', 'HEAD')}" in version
@@ -188,3 +188,16 @@ def test_fetch_keeps_a_release_asset_only_with_the_published_sha256(tmp_path, ca
     assert main(["fetch", url, "--sha256", digest, "--out", str(fetched)]) == 2  # never replaced silently
     assert main(["fetch", url, "--sha256", digest, "--out", str(fetched), "--overwrite"]) == 0
     assert fetched.read_bytes() == asset.read_bytes()
+
+
+def test_an_export_unlike_the_bundles_record_is_checked_against_torch(onnx_less_bundle, cache, tmp_path):
+    """Another torch exporter writes other bytes: the cached graph is then proven anew, not taken on trust."""
+    other = Path(shutil.copytree(onnx_less_bundle, tmp_path / "other"))
+    meta = json.loads((other / "fmct.json").read_text())
+    meta["onnx"]["onnx_sha256"] = "0" * 64  # the bundle maker's export differs from what this torch writes
+    meta["onnx"]["max_abs_diff_probability"] = 0.0
+    (other / "fmct.json").write_text(json.dumps(meta))
+    bundle, _ = load_runner(other, backend="onnx", device="cpu")
+    record = json.loads((cache / "onnx" / bundle.weights_sha256 / "record.json").read_text())
+    assert record["onnx_sha256"] != "0" * 64 and record["max_abs_diff_probability"] <= TOLERANCE  # measured here
+    assert record["checked_on"].startswith("fmct.phantom seed 0") and record != meta["onnx"]

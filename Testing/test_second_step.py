@@ -209,6 +209,9 @@ def test_device_gpu_debug_after_the_command_and_options_before_the_ct(bundle, tm
                           capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2 and "unknown finding(s) subdurall" in proc.stderr
     assert "Traceback" in proc.stderr  # --debug after the command works as before it
+    assert main(["analyze", str(tmp_path), "--batch", "--model", str(bundle), "--findings", "subdurall", "--out",
+                 str(tmp_path / "batch")]) == 2  # a batch too: refused before any study is read
+    assert not (tmp_path / "batch" / "summary.csv").exists()
     proc = subprocess.run([sys.executable, "-m", "fmct.cli", "analyze", str(broken), "--model", str(tmp_path / "nowhere"),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2 and "Model bundle not found" in proc.stderr

@@ -106,7 +106,11 @@ def _output_options(args: argparse.Namespace, method: str | None, save_ct: bool,
 def _checked_analyzer(args: argparse.Namespace):
     """The analyzer, with every option that concerns it checked (model bundle, backend, explanation
     method, the finding names of --findings): done before the CT is read, so a typo costs nothing."""
-    analyzer = _make_analyzer(args)
+    return _check_options(_make_analyzer(args), args)
+
+
+def _check_options(analyzer, args: argparse.Namespace):
+    """(analyzer, explanation method) once the method and the --findings names fit the model."""
     method = _explain_method(args)
     analyzer.check_explain_method(method)
     if isinstance(args.findings, list):
@@ -239,8 +243,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     rank = rank_from_env()
     out = Path(args.out)
     studies = discover_studies(args.input, exclude=[out])
-    analyzer = _make_analyzer(args, device=rank_device(args.device, args.backend, rank))
-    method = _explain_method(args)
+    analyzer, method = _check_options(_make_analyzer(args, device=rank_device(args.device, args.backend, rank)), args)
     where = f" (rank {rank.rank} of {rank.world}: {len(studies[rank.rank::rank.world])} studies)" if rank.world > 1 else ""
     print(f"Batch: {len(studies)} studies from {printable(args.input)} -> {printable(out)}{where}", file=sys.stderr)
     with TqdmProgress("batch") if rank.rank == 0 else contextlib.nullcontext() as progress:

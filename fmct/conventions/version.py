@@ -5,7 +5,8 @@ setuptools-scm (e.g. 0.1.dev143+g1a2b3c4, ".d<date>" added for uncommitted chang
 1. in a git checkout of the source (a developer's or an editable install): from git itself, so a
    commit changes it at once (setuptools-scm when importable, else `git rev-list`/`rev-parse`);
 2. in an installed wheel or sdist: fmct/_scm_version.py, written by setuptools-scm at build time;
-3. else the installed distribution's metadata, else "0+unknown" (never a made-up number).
+3. else, outside a source tree, the installed distribution's metadata; else "0+unknown" (never
+   a made-up number, nor the version of another installed copy).
 It is computed on first use and cached, so importing fmct costs no git call.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding fmct/,
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """This code's version string (see the module docstring for where it comes from)."""
-    if (SOURCE_ROOT / "pyproject.toml").is_file() and (SOURCE_ROOT / ".git").exists():
+    source_tree = (SOURCE_ROOT / "pyproject.toml").is_file()
+    if source_tree and (SOURCE_ROOT / ".git").exists():
         found = _from_git(SOURCE_ROOT)
         if found:
             return found
@@ -32,6 +34,8 @@ def code_version() -> str:
         return str(version)
     except ImportError:
         pass
+    if source_tree:  # a source tree without git: an installed fmct's metadata would describe other code
+        return UNKNOWN
     try:
         from importlib.metadata import PackageNotFoundError, version as dist_version
 

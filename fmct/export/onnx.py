@@ -80,12 +80,14 @@ def require_onnx_extra() -> None:
 
 
 def checked_export(path: Path, opset: int = DEFAULT_OPSET, tolerance: float = TOLERANCE, seed: int = 0,
-                   progress: Progress | None = None) -> tuple[bytes, dict[str, Any]]:
+                   progress: Progress | None = None, known: dict[str, Any] | None = None) -> tuple[bytes, dict[str, Any]]:
     """The ONNX graph of a bundle's weights and the record that vouches for it (fmct.json's "onnx").
 
     Shared by `fmct export --onnx` (which writes both into the bundle) and the user cache
     (fmct.export.onnx_cache, which exports a bundle shipped without model.onnx at first use).
-    Raises BundleError when onnxruntime and torch disagree by more than tolerance.
+    known: the bundle's own record; when the export is byte for byte the graph it vouches for (same
+    weights, same torch exporter), that check stands and is not run again. Raises BundleError when
+    onnxruntime and torch disagree by more than tolerance.
     """
     import onnxruntime
     import torch
@@ -101,6 +103,10 @@ def checked_export(path: Path, opset: int = DEFAULT_OPSET, tolerance: float = TO
     x, checked_on = parity_input(meta, seed)
     report(0.3, "exporting")
     onnx_bytes = to_onnx_bytes(model, x, opset)
+    if known is not None and known.get("onnx_sha256") == sha256(onnx_bytes):
+        _, members = read_bundle(path)
+        if known.get("weights_sha256") == sha256(members[WEIGHTS_FILE]):
+            return onnx_bytes, dict(known)  # byte for byte the graph that was checked against these weights
 
     report(0.7, "checking onnxruntime against torch")
     temps = [t.temperature for t in meta.tasks]

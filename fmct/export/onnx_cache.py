@@ -62,11 +62,12 @@ def can_export() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "onnx", "onnxruntime"))
 
 
-def onnx_for_bundle(path: str | Path, weights_sha256: str) -> tuple[bytes, dict[str, Any]]:
+def onnx_for_bundle(path: str | Path, weights_sha256: str, known: dict[str, Any] | None = None) -> tuple[bytes, dict[str, Any]]:
     """The checked ONNX graph of a bundle without model.onnx: from the cache, else exported now and cached.
 
-    Raises ConfigError when it must be exported and torch/onnx are missing; BundleError when the
-    export disagrees with torch (nothing is cached then).
+    known: fmct.json's record of the export checked when the bundle was made; an export identical
+    to it byte for byte needs no second check. Raises ConfigError when it must be exported and
+    torch/onnx are missing; BundleError when the export disagrees with torch (nothing is cached then).
     """
     hit = cached_onnx(weights_sha256)
     if hit is not None:
@@ -77,7 +78,7 @@ def onnx_for_bundle(path: str | Path, weights_sha256: str) -> tuple[bytes, dict[
     from fmct.export.onnx import checked_export
 
     log.info("Exporting the model to ONNX once (cached in %s) ...", cache_folder(weights_sha256))
-    data, record = checked_export(Path(path))
+    data, record = checked_export(Path(path), known=known)
     if record["weights_sha256"] != weights_sha256:
         raise BundleError(f"{path}: the weights changed while they were exported; run again")
     _store(weights_sha256, data, record)

@@ -138,7 +138,7 @@ def read_onnx_bundle(path: str | Path) -> tuple[BundleMeta, dict[str, bytes]]:
     if ONNX_FILE not in members and isinstance(meta.onnx, dict):
         from fmct.export.onnx_cache import onnx_for_bundle
 
-        members[ONNX_FILE], record = onnx_for_bundle(path, sha256(members[WEIGHTS_FILE]))
+        members[ONNX_FILE], record = onnx_for_bundle(path, sha256(members[WEIGHTS_FILE]), known=meta.onnx)
         meta = dataclasses.replace(meta, onnx=record)
     check_onnx_record(meta, members, str(path))
     return meta, members
