@@ -66,3 +66,12 @@ def test_a_score_within_the_margin_below_the_threshold_is_not_in_distribution():
     stats.margin = 1.5
     with pytest.raises(BundleError, match="margin"):
         ReferenceStats.from_bytes(stats.to_bytes("abc"))
+
+
+def test_a_borderline_verdict_warns_in_its_own_words():
+    from fmct.inference.analyze import AnalysisResult
+
+    result = AnalysisResult([], ood={"score": 0.135, "threshold": 0.142, "in_distribution": False, "borderline": True})
+    assert "within the measured margin below the threshold 0.142" in result.warning
+    result.ood = {"score": 0.2, "threshold": 0.142, "in_distribution": False}
+    assert "0.200 > 0.142" in result.warning

@@ -5,7 +5,8 @@ recipe's test-split seeds, "default" anatomy, thick and thin) against: the "ood"
 contrast-enhanced heads, heads at 0.7 and 0.5 of adult size, and scans holding only the vertex.
 Reported: AUROC of the score (1 = perfect separation), the share flagged at the bundle's
 threshold (the calibrated rate for in-distribution CTs is 1 - 0.975), and the share flagged by the
-verdict `analyze` reports (the score, or a head under fmct.inference.ood.MIN_HEAD_EXTENT_MM bottom to top).
+verdict of the score (with the bundle's margin, if any). Since issue 26 partial and small heads never reach
+the score: the model-independent size check (fmct.checks) refuses them first (benchmarks/checks_issue26.py).
 
     python benchmarks/bench_ood.py --n 60 --json benchmarks/results/ood.json
 """
@@ -33,7 +34,7 @@ def main() -> None:
     analyzer = Analyzer(args.model, device="cpu")
 
     def judge(volume) -> tuple[float, bool]:
-        """The score, and whether analyze's verdict (the score or the head's extent) flags the CT."""
+        """The score, and whether the score's verdict flags the CT."""
         model_input = analyzer.preprocessor(volume)
         _, features = analyzer.runner.run(model_input.array)
         record = analyzer.reference.judge(features)

@@ -57,7 +57,7 @@ def run_checks(volume: Volume, source: str = "input volume", refuse: bool = True
     skull = find_skull(s)
     head, report.crop = check_head(skull, s, volume)
     fov = check_field_of_view(skull, s)
-    report.checks += [head, fov, check_size(skull, s, cut=not fov.passed), check_orientation(skull, s)]
+    report.checks += [head, fov, check_size(skull, s, cut=not fov.passed), check_orientation(skull, s, cut=not fov.passed)]
     if refuse and any(c.refused for c in report.checks):
         raise refusal(report.checks, source)
     return report

@@ -23,6 +23,7 @@ MAX_CAVITY_MM2 = 40000.0  # larger than any skull section: a body cavity, not a 
 MIN_BRAIN_SHARE = 0.6  # of the cavity's voxels in BRAIN_HU
 MAX_GAP_MM = 30.0  # cranial slices this far apart still belong to one head (a slice or two can miss the ring)
 CLOSE_MM = 9.0  # gaps in the ring up to twice this are closed (sutures, foramina, thin temporal squama)
+BRIDGE_MM = 4.5  # the wall is the bone grown by this much: a diagonal gap, which a closing leaves open, is bridged
 MIN_BONE_COVER = 0.7  # share of the cavity's outline on bone: a skull, not a rib cage closed by the closing
 
 
@@ -94,13 +95,14 @@ def _cranial_slice(sample: Sample, k: int) -> SliceRecord | None:
     padded = np.pad(bone, pad).astype(np.uint8)
     closed = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(sitk.GetImageFromArray(padded), radius))
     closed = closed[pad:-pad, pad:-pad].astype(bool) | bone
-    wall = closed | edge
+    grow = [int(np.ceil(BRIDGE_MM / sx)), int(np.ceil(BRIDGE_MM / sy))]
+    wall = _grown(closed, grow) | edge
     filled = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(wall.astype(np.uint8)))).astype(bool)
-    cavity = filled & ~wall
-    if cavity.sum() * sx * sy < MIN_CAVITY_MM2:
+    inner = filled & ~wall
+    if inner.sum() * sx * sy < MIN_CAVITY_MM2 / 2:
         return None
-    labels = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(cavity.astype(np.uint8))), sortByObjectSize=True))
-    cavity = labels == 1
+    labels = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(inner.astype(np.uint8))), sortByObjectSize=True))
+    cavity = _grown(labels == 1, grow) & ~closed & ~edge  # back out to the inner table of the skull
     area = float(cavity.sum() * sx * sy)
     if not MIN_CAVITY_MM2 <= area <= MAX_CAVITY_MM2:
         return None
@@ -120,6 +122,12 @@ def _cranial_slice(sample: Sample, k: int) -> SliceRecord | None:
     boundary = np.stack([sample.origin[0] + bi * sx, sample.origin[1] + bj * sy], axis=1)
     return SliceRecord(k, area, (float(x.mean()), float(y.mean())), float(np.ptp(x) + sx), float(np.ptp(y) + sy),
                        brain_share, int(np.count_nonzero(ring & edge & ~closed)), boundary)
+
+
+def _grown(mask: np.ndarray, radius: list[int]) -> np.ndarray:
+    """The mask dilated by a ball of radius (x, y) voxels."""
+    grown = sitk.BinaryDilate(sitk.GetImageFromArray(mask.astype(np.uint8)), radius)
+    return sitk.GetArrayFromImage(grown).astype(bool)
 
 
 def _fov_edge(sample: Sample, k: int) -> np.ndarray:

@@ -82,6 +82,13 @@ class AnalysisResult:
             return f"WARNING: {flags[0].message}"
         if self.in_distribution is not False:
             return None
+        if self.ood.get("borderline"):
+            return (f"WARNING: this CT is at the edge of the data the model was trained on (out-of-distribution score "
+                    f"{self.ood['score']:.3f}, within the measured margin below the threshold "
+                    f"{self.ood['threshold']:.3f}: benign changes of the scan move it across); the findings are "
+                    f"unreliable for it.")
+        if self.ood.get("flagged_by_checks") and self.ood["score"] <= self.ood["threshold"]:
+            return f"WARNING: {', '.join(self.ood['flagged_by_checks'])} check flagged this CT; the findings are unreliable for it."
         return (f"WARNING: this CT is unlike the data the model was trained on (out-of-distribution score "
                 f"{self.ood['score']:.3f} > {self.ood['threshold']:.3f}); the findings are unreliable for it.")
 
