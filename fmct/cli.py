@@ -134,10 +134,15 @@ def _print_summary(result, model_name: str, written: Sequence[Path], timings: di
     else:
         print("  (this model carries no out-of-distribution statistics: it cannot say when a CT is unlike its training data)")
     print(f"  {'finding':<20}{'probability':>12}{'threshold':>11}  result")
-    primary = result.primary_finding()
+    agnostic = "attention" in result.model_saliency  # one map for every finding (fmct.inference.saliency)
+    primary = None if agnostic else result.primary_finding()
     for f in result.findings:
         shown = "  <- shown in report.png" if primary is not None and f.name == primary.name else ""
         print(f"  {f.name:<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {'POSITIVE' if f.positive else '-'}{shown}")
+    if agnostic:
+        print("  attention map (finding-agnostic: the same for every finding) shown in report.png")
+    for warning in (result.explanation or {}).get("warnings", []):
+        print(f"  WARNING: {warning}")
     print("\nWrote:")
     for p in written:
         print(f"  {p}")
