@@ -479,7 +479,7 @@ class FMCTTest(ScriptedLoadableModuleTest):
             widget.ui.useDemoModelCheckBox.checked = False
             widget.ui.bundlePathLineEdit.currentPath = str(bundle)
             widget.ui.deviceComboBox.currentText = "CPU"
-            widget.ui.explainComboBox.currentText = "attention"
+            widget.ui.explainComboBox.currentText = "occlusion"  # one map per finding (attention: one for all)
             self.assertTrue(widget.ui.analyzeButton.enabled)
             widget.ui.analyzeButton.click()
             self.assertTrue(widget.ui.cancelButton.enabled, "Cancel is offered while the worker runs")

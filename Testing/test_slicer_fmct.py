@@ -196,7 +196,7 @@ def test_bad_input_is_refused_with_a_clear_message(app, bundle):
 def test_cancel_stops_and_keeps_the_previous_outputs(app, ph, bundle, tmp_path):
     ct = load_ct(app, tmp_path, ph.volume)
     logic = FMCTLogic()
-    first = logic.analyze(ct, bundlePath=bundle, device="CPU", explain="attention")
+    first = logic.analyze(ct, bundlePath=bundle, device="CPU", explain="occlusion")  # per finding (attention is one map)
     before = slicer.util.arrayFromVolume(first.saliencyNodes["subdural"]).copy()
 
     def cancel_when_explaining(fraction, message):
@@ -238,8 +238,8 @@ def test_demo_model_saliency_lands_in_the_lesion(app, tmp_path):
 @pytest.mark.slow
 def test_explaining_chosen_findings_only(app, ph, bundle, tmp_path):
     other = load_ct(app, tmp_path, ph.volume, name="chosen")
-    result = FMCTLogic().analyze(other, bundlePath=bundle, device="CPU", explain="attention",
-                                 explainFindings=["fracture"])  # negative, explained on request
+    result = FMCTLogic().analyze(other, bundlePath=bundle, device="CPU", explain="occlusion",
+                                 explainFindings=["fracture"])  # negative, explained on request (attention: one map for all)
     assert list(result.saliencyNodes) == ["fracture"] and "fracture" not in result.positive
     assert result.shownFinding == "fracture"
     with pytest.raises(ConfigError, match="unknown finding"):

@@ -41,7 +41,8 @@ def main() -> None:
     from fmct.phantom import make_phantom
     from fmct.phantom.variations import contrast_enhanced, cut, noise, rigid, thicker_slices
     from fmct.train.demo_model import make_split
-    from fmct.train.reference import predict_with_features, write_reference
+    from fmct.train.reference import write_reference
+    from fmct.train.supervised import predict_with_features
 
     started = time.perf_counter()
     analyzer = Analyzer(default_bundle_path(), device="cpu")

@@ -167,10 +167,15 @@ def _print_summary(result, model_name: str, written: Sequence[Path], timings: di
         for line in result.checks.lines():
             print(f"    {line}")
     print(f"  {'finding':<20}{'probability':>12}{'threshold':>11}  result")
-    primary = result.primary_finding()
+    agnostic = "attention" in result.model_saliency  # one map for every finding (fmct.inference.saliency)
+    primary = None if agnostic else result.primary_finding()
     for f in result.findings:
         shown = "  <- shown in report.png" if primary is not None and f.name == primary.name else ""
         print(f"  {printable(f.name):<20}{f.probability:>12.3f}{f.threshold:>11.3f}  {f.shown}{shown}")
+    if agnostic:
+        print("  attention map (finding-agnostic: the same for every finding) shown in report.png")
+    for warning in (result.explanation or {}).get("warnings", []):
+        print(f"  WARNING: {printable(warning)}")
     print("\nWrote:")
     for p in written:
         print(f"  {printable(p)}")
@@ -641,8 +646,8 @@ def _add_fetch(sub: argparse._SubParsersAction) -> None:
 
 
 #: one function per command, in the order `fmct --help` lists them
-_COMMANDS = (_add_demo, _add_analyze, _add_export, _add_import, _add_prepare, _add_pretrain, _add_embed, _add_probe, _add_finetune, _add_evaluate, _add_phantom,
-             _add_fetch)
+_COMMANDS = (_add_demo, _add_analyze, _add_export, _add_import, _add_prepare, _add_pretrain, _add_embed, _add_probe,
+             _add_finetune, _add_evaluate, _add_phantom, _add_fetch)
 
 
 def build_parser() -> argparse.ArgumentParser:

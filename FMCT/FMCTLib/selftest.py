@@ -287,7 +287,7 @@ def checkExplainOnDemand(scene, ctNode, result, logic: FMCTLogic, bundlePath) ->
     row = [f["name"] for f in result.findings].index(missing[0])
     assert canExplain(result.tableNode, row, running=False)[0]
     before = {name: node.GetID() for name, node in outputs.saliencyNodes(ctNode).items()}
-    job = logic.explainFinding(ctNode, missing[0], bundlePath=bundlePath, device="CPU", explain="attention")
+    job = logic.explainFinding(ctNode, missing[0], bundlePath=bundlePath, device="CPU", explain="occlusion")
     waitFor(job)
     added = logic.finishAnalysis(job)
     now = outputs.saliencyNodes(ctNode)
@@ -420,7 +420,7 @@ def runAll(scene, log=print) -> None:
         checkDisplay(scene, ct, result, logic)
         checkSelectingRowsSwitchesOverlay(scene, ct, result, logic)
         log("On a CPU the first click explains the top finding; others on demand")
-        top = logic.analyze(ct, bundlePath=bundle, device="CPU", explain="attention")
+        top = logic.analyze(ct, bundlePath=bundle, device="CPU", explain="occlusion")  # per finding: attention is one map
         checkCPUExplainsTheTopFindingFirst(top)
         checkExplainOnDemand(scene, ct, top, logic, bundle)
         log("Cancel kills the worker")

@@ -18,7 +18,8 @@ def check_direction(volume: Volume) -> Check:
     """Refuses a direction matrix whose axes are not orthogonal unit vectors (shear or scale in it)."""
     d = np.asarray(volume.direction, dtype=np.float64)
     error = float(np.max(np.abs(d.T @ d - np.eye(3)))) if np.isfinite(d).all() else float("inf")
-    angles = [float(np.degrees(np.arccos(np.clip(abs(d[:, a] @ d[:, b]) / max(1e-12, np.linalg.norm(d[:, a]) * np.linalg.norm(d[:, b])), 0, 1))))
+    norms = [max(1e-12, float(np.linalg.norm(d[:, k]))) for k in range(3)]
+    angles = [float(np.degrees(np.arccos(np.clip(abs(d[:, a] @ d[:, b]) / (norms[a] * norms[b]), 0, 1))))
               for a, b in ((0, 1), (0, 2), (1, 2))] if np.isfinite(d).all() else [float("nan")] * 3
     value = {"max_deviation": round(error, 6), "axis_angles_deg": [round(a, 2) for a in angles]}
     if error <= TOLERANCE:

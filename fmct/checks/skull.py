@@ -101,7 +101,8 @@ def _cranial_slice(sample: Sample, k: int) -> SliceRecord | None:
     inner = filled & ~wall
     if inner.sum() * sx * sy < MIN_CAVITY_MM2 / 2:
         return None
-    labels = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(inner.astype(np.uint8))), sortByObjectSize=True))
+    components = sitk.ConnectedComponent(sitk.GetImageFromArray(inner.astype(np.uint8)))
+    labels = sitk.GetArrayFromImage(sitk.RelabelComponent(components, sortByObjectSize=True))
     cavity = _grown(labels == 1, grow) & ~closed & ~edge  # back out to the inner table of the skull
     area = float(cavity.sum() * sx * sy)
     if not MIN_CAVITY_MM2 <= area <= MAX_CAVITY_MM2:

@@ -227,10 +227,11 @@ def load_studies(data: str | Path, layout: str = "auto", path_prefix: str | None
 
 
 class PreparedVolumes:
-    """A map-style dataset (torch's DataLoader and samplers take it; this module itself imports no torch,
-    so `fmct prepare`'s workers start without it) over a prepared cache as training items: dict(image=[C, D, H, W] float32 windows, labels [T] with NaN =
-    unknown, study_id), like fmct.data.datasets.CachedVolumeDataset's; or with hu_only the int16 HU
-    tensor [D, H, W] alone (windows applied later, e.g. on the GPU). study_ids: a subset, in that order."""
+    """A map-style dataset over a prepared cache as training items: dict(image=[C, D, H, W] float32 windows,
+    labels [T] with NaN = unknown, study_id), like fmct.data.datasets.CachedVolumeDataset's; or with hu_only
+    the int16 HU tensor [D, H, W] alone (windows applied later, e.g. on the GPU). study_ids: a subset, in
+    that order. torch's DataLoader and samplers take it, yet this module imports no torch, so `fmct
+    prepare`'s workers start without it."""
 
     def __init__(self, cache: PreparedCache, windows: Sequence[Window], tasks: Sequence[str] | None = None,
                  hu_only: bool = False, study_ids: Sequence[str] | None = None) -> None:

@@ -65,7 +65,8 @@ def nifti_lps_affine(header: dict, name: str) -> tuple[np.ndarray | None, str | 
     if sform is not None and qform is not None and not np.allclose(sform, qform, atol=AFFINE_ATOL_MM):
         mirrored = np.linalg.det(sform[:3, :3]) * np.linalg.det(qform[:3, :3]) < 0
         warning = (f"{name}: the NIfTI header's qform ({XFORM_NAMES.get(q_code, q_code)}) and sform "
-                   f"({XFORM_NAMES.get(s_code, s_code)}) disagree{' (one is the mirror image of the other: left and right differ)' if mirrored else ''}; "
+                   f"({XFORM_NAMES.get(s_code, s_code)}) disagree"
+                   f"{' (one is the mirror image of the other: left and right differ)' if mirrored else ''}; "
                    "fmct follows the sform, as nibabel and FSL do. Check the laterality of the findings, and fix the header.")
     return RAS_TO_LPS @ chosen, warning
 

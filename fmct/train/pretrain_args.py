@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `fmct pretrain` (also `python -m fmct.train.pretrain`, e.g. under torchrun)."""
     parser.add_argument("data", nargs="?", default=None,
                         help="unlabelled CTs: a folder of DICOM/NIfTI studies, a manifest CSV, the RSNA or CQ500 layout, "
-                             "a cache from `fmct prepare`, or a .safetensors file of preprocessed tensors 'x' [N, C, D, H, W] (default: the config's data, "
+                             "a cache from `fmct prepare`, or a .safetensors file of preprocessed tensors 'x' [N, C, D, H, W] "
+                             "(default: the config's data, "
                              "else synthetic phantoms)")
     parser.add_argument("--out", required=True, help="run folder: config.json, losses.jsonl, view_check.json, checkpoints/, bundle/")
     parser.add_argument("--config", default=None,
