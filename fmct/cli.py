@@ -353,7 +353,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from fmct.train.finetune import FinetuneConfig, finetune
+    from fmct.train.finetune import FinetuneConfig, check_out_is_not_the_encoder, finetune
 
     overrides = {k: getattr(args, k) for k in ("data", "out", "encoder", "mode", "labels_per_class", "epochs",
                                                "batch_size", "lr", "device", "seed", "cache_dir", "name", "augment",
@@ -364,6 +364,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         cfg = FinetuneConfig.from_file(args.config, **overrides)
     else:
         cfg = FinetuneConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    check_out_is_not_the_encoder(cfg)  # the more specific refusal first: --overwrite must not make it pass
     if cfg.out:
         from fmct.train.run_folder import check_training_out
 

@@ -109,7 +109,7 @@ def weight_shapes(cfg: ViT3DConfig, num_tasks: int) -> dict[str, tuple[int, ...]
     """
     d, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
     shapes: dict[str, tuple[int, ...]] = {
-        "encoder.cls_token": (1, 1, d), "encoder.mask_token": (1, d), "encoder.pos_embed": (1, 1 + cfg.num_patches, d),
+        "encoder.cls_token": (1, 1, d), "encoder.mask_token": (1, d), "encoder.pos_embed": (1, int(cfg.cls_pos_embed) + cfg.num_patches, d),
         "encoder.patch_embed.proj.weight": (d, cfg.in_chans, *cfg.patch_size), "encoder.patch_embed.proj.bias": (d,),
     }
     for i in range(cfg.depth):

@@ -102,15 +102,20 @@ class FinetuneConfig:
         return build_config(cls, raw, "finetune")
 
 
-def check_training_inputs(cfg: FinetuneConfig, tasks: list[str], train: list[Study], val: list[Study]) -> None:
-    """Refuse, before any training, what would give a head trained on nothing or an uncalibrated one:
-    a task with no labels in the training split, a validation split without a positive of a task
-    (its temperature and threshold would be made up), and an --out that is (or holds) the encoder."""
-    if cfg.encoder:
+def check_out_is_not_the_encoder(cfg: FinetuneConfig) -> None:
+    """An --out that is (or holds) the encoder bundle would destroy what the run starts from."""
+    if cfg.encoder and cfg.out:
         encoder, out = Path(cfg.encoder).resolve(), Path(cfg.out).resolve()
         if encoder == out or out in encoder.parents:
             raise ConfigError(f"finetune: --out {cfg.out} would replace the encoder bundle {cfg.encoder} it starts from; "
                               "give another --out")
+
+
+def check_training_inputs(cfg: FinetuneConfig, tasks: list[str], train: list[Study], val: list[Study]) -> None:
+    """Refuse, before any training, what would give a head trained on nothing or an uncalibrated one:
+    a task with no labels in the training split, a validation split without a positive of a task
+    (its temperature and threshold would be made up), and an --out that is (or holds) the encoder."""
+    check_out_is_not_the_encoder(cfg)
     for task in tasks:
         check_identifier(task, f"finetune: task '{task}' (a label column of {cfg.data}; it names the bundle's output "
                                "and its saliency file)", ConfigError)
