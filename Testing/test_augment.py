@@ -6,7 +6,7 @@ from fmct.data.rescan import KINDS, MAX_ANGLE_DEG, MAX_NECK_CUT_MM, MAX_SHIFT_MM
 from fmct.data.datasets import CachedVolumeDataset
 from fmct.data.manifests import load_manifest
 from fmct.phantom import make_phantom, write_phantom_set
-from fmct.preprocessing.preprocessor import PreprocessSpec
+from fmct.preprocessing.spec import PreprocessSpec
 from fmct.reading.volume import Volume
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fmct.data.cache import hu_to_int16, windows_to_channels
-from fmct.preprocessing.preprocessor import DEFAULT_WINDOWS
+from fmct.preprocessing.spec import DEFAULT_WINDOWS
 from fmct.ssl.augment import MultiCropAugmentation, collate_crops, sample_generator
 from fmct.ssl.batched_crops import BatchedMultiCrop
 from fmct.ssl.config import CropSection

@@ -31,7 +31,7 @@ from fmct.conventions.errors import ConfigError
 from fmct.reading.files import write_volume
 from fmct.phantom import write_phantom_set
 from fmct.conventions.tasks import TASKS
-from fmct.preprocessing.preprocessor import PreprocessSpec, Window
+from fmct.preprocessing.spec import PreprocessSpec, Window
 from fmct_testing import ball_ct
 
 PATIENT_NAME = "DOE^JANE"

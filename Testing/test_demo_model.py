@@ -86,7 +86,7 @@ def test_recipe_fine_tunes_a_pretrained_encoder_and_records_it(tmp_path):
     from fmct.inference.bundle import BundleMeta, load_bundle, save_bundle
     from fmct.conventions.errors import ConfigError
     from fmct.models import FMCTClassifier, preset
-    from fmct.preprocessing.preprocessor import PreprocessSpec
+    from fmct.preprocessing.spec import PreprocessSpec
     from fmct.train import demo_model
 
     spec = PreprocessSpec()
@@ -166,7 +166,7 @@ def test_recipe_continues_an_earlier_demo_model_and_records_it(tmp_path):
     from fmct.inference.bundle import BundleMeta, Task, load_bundle, save_bundle
     from fmct.conventions.errors import ConfigError
     from fmct.models import FMCTClassifier, preset
-    from fmct.preprocessing.preprocessor import PreprocessSpec
+    from fmct.preprocessing.spec import PreprocessSpec
     from fmct.train import demo_model
 
     spec = PreprocessSpec()

@@ -53,7 +53,7 @@ def test_the_baseline_keeps_the_outside_and_normalises_the_inside():
     ct, ball = ball_ct()
     hu = ct.array.copy()
     # a skull ring around the head-like ellipsoid, so the baseline has an inside to replace
-    from fmct.preprocessing.preprocessor import DEFAULT_WINDOWS, Window
+    from fmct.preprocessing.spec import DEFAULT_WINDOWS, Window
 
     windows = DEFAULT_WINDOWS
     k, j, i = np.indices(hu.shape)

@@ -216,7 +216,7 @@ import json, os, sys
 from fmct.data.manifests import load_manifest
 from fmct.data.prepare import prepare
 from fmct.inference.batch import rank_from_env
-from fmct.preprocessing.preprocessor import PreprocessSpec
+from fmct.preprocessing.spec import PreprocessSpec
 
 place = rank_from_env()
 res = prepare(load_manifest(sys.argv[1]), PreprocessSpec(spacing_mm=(6.0, 6.0, 6.0), size=(32, 32, 32)), sys.argv[2],

@@ -38,7 +38,7 @@ def base_bundle(work: Path) -> Path:
     from fmct.inference.bundle import BundleMeta, Task, save_bundle
     from fmct.models import FMCTClassifier, preset
     from fmct.conventions.tasks import TASKS
-    from fmct.preprocessing.preprocessor import PreprocessSpec
+    from fmct.preprocessing.spec import PreprocessSpec
 
     target = work / "bundle_base"
     if target.exists():

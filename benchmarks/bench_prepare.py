@@ -36,7 +36,7 @@ def prepare_run(data: Path, out: Path, grid: str, workers: int) -> tuple[float, 
     workers spent on the units: decoding, resampling, writing)."""
     from fmct.data.manifests import load_manifest
     from fmct.data.prepare import prepare
-    from fmct.preprocessing.preprocessor import PreprocessSpec
+    from fmct.preprocessing.spec import PreprocessSpec
 
     spacing, size = GRIDS[grid]
     result = prepare(load_manifest(data), PreprocessSpec(spacing_mm=spacing, size=size), out, workers=workers, unit_size=2)
@@ -47,7 +47,7 @@ def bytes_per_study(work: Path, series: Path, grid: str, cache: Path) -> dict:
     """The old cache's .npy for one study against the new cache's shard + index bytes per study."""
     from fmct.data.datasets import CachedVolumeDataset
     from fmct.data.manifests import Study
-    from fmct.preprocessing.preprocessor import PreprocessSpec
+    from fmct.preprocessing.spec import PreprocessSpec
 
     spacing, size = GRIDS[grid]
     old = CachedVolumeDataset([Study("s", series)], PreprocessSpec(spacing_mm=spacing, size=size), work / f"old-{grid}",

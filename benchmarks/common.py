@@ -133,7 +133,7 @@ def demo_bundle(folder: Path) -> Path:
 
     from fmct.models import FMCTClassifier, preset
     from fmct.conventions.tasks import TASKS
-    from fmct.preprocessing.preprocessor import PreprocessSpec
+    from fmct.preprocessing.spec import PreprocessSpec
 
     torch.manual_seed(0)
     spec = PreprocessSpec()

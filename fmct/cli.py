@@ -288,7 +288,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"Wrote {Path(args.bundle) / 'model.onnx'}: {onnx_summary(record)} (recorded in fmct.json)")
     if args.check:
         with TqdmProgress("check") as progress:
-            diff = check_onnx_parity(args.bundle, progress=progress)
+            from fmct.export.onnx_cache import onnx_for_bundle
+
+            diff = check_onnx_parity(args.bundle, progress=progress, supply=onnx_for_bundle)
         print(f"{Path(args.bundle) / 'model.onnx'} agrees with the torch weights: max |p_onnx - p_torch| = {diff:.2e}")
     return 0
 

@@ -260,7 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> Any:
     """The PreprocessSpec to prepare for: --model's, else --config's data grid, else the --size recipe's."""
-    from fmct.preprocessing.preprocessor import PreprocessSpec
+    from fmct.preprocessing.spec import PreprocessSpec
 
     if args.model:
         from fmct.inference.bundle import load_bundle

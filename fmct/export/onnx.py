@@ -25,11 +25,12 @@ from fmct.inference.onnx_runner import (
     TOLERANCE,
     OnnxModel,
     check_graph,
+    OnnxSupply,
     read_onnx_bundle,
     sha256,
 )
 from fmct.preprocessing.preprocessor import Preprocessor
-from fmct.inference.runners import calibrated_probabilities
+from fmct.inference.calibration import calibrated_probabilities
 from fmct.conventions.runtime import Progress
 
 DEFAULT_OPSET = 17  # first opset with LayerNormalization as one op
@@ -135,7 +136,8 @@ def checked_export(path: Path, opset: int = DEFAULT_OPSET, tolerance: float = TO
     return onnx_bytes, record
 
 
-def check_onnx_parity(bundle_path: str | Path, seed: int = 0, progress: Progress | None = None) -> float:
+def check_onnx_parity(bundle_path: str | Path, seed: int = 0, progress: Progress | None = None,
+                      supply: "OnnxSupply | None" = None) -> float:
     """`fmct export BUNDLE --check`: re-prove that the bundle's model.onnx agrees with its torch weights.
 
     The SHA-256 record in fmct.json only says the files are those of the export; this runs both on a
@@ -148,7 +150,7 @@ def check_onnx_parity(bundle_path: str | Path, seed: int = 0, progress: Progress
     report = progress or (lambda f, m: None)
     path = Path(bundle_path)
     report(0.0, "loading bundle")
-    meta, members = read_onnx_bundle(path)
+    meta, members = read_onnx_bundle(path, supply)  # supply: a vouched graph the bundle does not ship
     onnx_model = OnnxModel(members[ONNX_FILE], device="cpu")
     check_graph(onnx_model, meta, str(path))
     model = load_bundle(path).model.float().eval()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fmct.conventions.errors import BundleError, ConfigError
 from fmct.models.config import ViT3DConfig, preset
-from fmct.preprocessing.preprocessor import PreprocessSpec, Window
+from fmct.preprocessing.spec import PreprocessSpec, Window
 
 if TYPE_CHECKING:
     import torch

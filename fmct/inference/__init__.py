@@ -14,7 +14,7 @@ _NAMES = {
     "save_bundle": "fmct.inference.bundle",
     "TorchRunner": "fmct.inference.runners",
     "load_runner": "fmct.inference.runners",
-    "calibrated_probabilities": "fmct.inference.runners",
+    "calibrated_probabilities": "fmct.inference.calibration",
     "ReferenceStats": "fmct.inference.ood",
     "fit_reference": "fmct.inference.ood",
     "explain": "fmct.inference.explain",

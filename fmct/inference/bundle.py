@@ -30,7 +30,7 @@ from fmct.conventions.atomic import default_mode, write_bytes_atomic, write_text
 from fmct.conventions.errors import BundleError, ConfigError
 from fmct.conventions.names import check_identifier
 from fmct.models.config import ViT3DConfig, weight_shapes
-from fmct.preprocessing.preprocessor import PreprocessSpec
+from fmct.preprocessing.spec import PreprocessSpec
 
 if TYPE_CHECKING:
     import torch

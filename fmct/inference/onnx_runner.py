@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -119,26 +119,31 @@ class OnnxModel:
         return logits, features
 
 
-def load_onnx_bundle(path: str | Path, device: str = "auto", threads: int | None = None) -> tuple[BundleMeta, OnnxModel, str]:
+def load_onnx_bundle(path: str | Path, device: str = "auto", threads: int | None = None,
+                     supply: "OnnxSupply | None" = None) -> tuple[BundleMeta, OnnxModel, str]:
     """The bundle's metadata, a checked onnxruntime model and the SHA-256 of its weights (never imports torch)."""
-    meta, members = read_onnx_bundle(path)
+    meta, members = read_onnx_bundle(path, supply)
     model = OnnxModel(members[ONNX_FILE], device, threads)
     check_graph(model, meta, str(path))
     return meta, model, sha256(members[WEIGHTS_FILE])
 
 
-def read_onnx_bundle(path: str | Path) -> tuple[BundleMeta, dict[str, bytes]]:
+# supply(bundle path, weights SHA-256, fmct.json's ONNX record) -> (graph bytes, its record): where a
+# vouched-for graph the bundle does not ship comes from (fmct.export.onnx_cache.onnx_for_bundle: the
+# user cache, exported there at first use). Passed in by the caller, so this runner imports no exporter.
+OnnxSupply = Callable[[Path, str, dict], tuple[bytes, dict]]
+
+
+def read_onnx_bundle(path: str | Path, supply: OnnxSupply | None = None) -> tuple[BundleMeta, dict[str, bytes]]:
     """The bundle's metadata and files with a model.onnx that its record vouches for (refused otherwise).
 
     A bundle shipped without model.onnx but with the record of a checked export (the demo model:
-    the repository stores its weights once) gets the graph from the user cache, exported there at
-    first use; the metadata then carries the cache's record.
+    the repository stores its weights once) gets the graph from `supply`; the metadata then carries
+    the supplied record.
     """
     meta, members = read_bundle(path, onnx=True)
-    if ONNX_FILE not in members and isinstance(meta.onnx, dict):
-        from fmct.export.onnx_cache import onnx_for_bundle
-
-        members[ONNX_FILE], record = onnx_for_bundle(path, sha256(members[WEIGHTS_FILE]), known=meta.onnx)
+    if ONNX_FILE not in members and isinstance(meta.onnx, dict) and supply is not None:
+        members[ONNX_FILE], record = supply(Path(path), sha256(members[WEIGHTS_FILE]), meta.onnx)
         meta = dataclasses.replace(meta, onnx=record)
     check_onnx_record(meta, members, str(path))
     return meta, members

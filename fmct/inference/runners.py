@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from fmct.inference.bundle import ONNX_FILE, Bundle, default_bundle_path, has_member, load_bundle, read_meta
 from fmct.conventions.errors import ConfigError
+from fmct.inference.calibration import calibrated_probabilities  # noqa: F401 (re-exported: Analyzer's face)
 from fmct.conventions.runtime import autocast, cuda_may_be_present, parse_device, torch_device
 
 if TYPE_CHECKING:
@@ -68,13 +69,6 @@ class TorchRunner:
 
     def to_device(self, tensor: "torch.Tensor") -> "torch.Tensor":
         return tensor.to(self.torch_device)
-
-
-def calibrated_probabilities(logits: np.ndarray, temperatures: Sequence[float]) -> np.ndarray:
-    """sigmoid(logit / temperature) per task, in numpy (stable for any logit): the one calibration."""
-    z = np.asarray(logits, dtype=np.float64) / np.asarray(temperatures, dtype=np.float64)
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
 
 
 def choose_backend(backend: str, bundle: str | Path | None, device: str, explain_method: str | None) -> str:
@@ -131,7 +125,9 @@ def load_runner(bundle: Bundle | str | Path | None = None, backend: str = "torch
 
         where = bundle.path if isinstance(bundle, Bundle) else bundle
         where = Path(where) if where is not None else default_bundle_path()
-        meta, model, weights_sha256 = load_onnx_bundle(where, device, threads)
+        from fmct.export.onnx_cache import onnx_for_bundle
+
+        meta, model, weights_sha256 = load_onnx_bundle(where, device, threads, supply=onnx_for_bundle)
         # the hash of the weights just read: the OOD statistics and the batch's model identity need no second read
         return Bundle(meta, None, where, weights_sha256=weights_sha256), model
     if isinstance(bundle, Bundle) and bundle.model is None:

@@ -16,7 +16,7 @@ import numpy as np
 if TYPE_CHECKING:
     from fmct.inference.bundle import BundleMeta
     from fmct.models import FMCTClassifier
-    from fmct.preprocessing.preprocessor import PreprocessSpec
+    from fmct.preprocessing.spec import PreprocessSpec
 
 # A task is a name (threshold 0.5) or a (name, decision threshold) pair.
 TaskSpec = Union[str, "tuple[str, float]"]
@@ -24,7 +24,7 @@ TaskSpec = Union[str, "tuple[str, float]"]
 
 def small_spec() -> "PreprocessSpec":
     """6 mm voxels on a 32^3 grid: the smallest input the tiny encoder takes."""
-    from fmct.preprocessing.preprocessor import PreprocessSpec
+    from fmct.preprocessing.spec import PreprocessSpec
 
     return PreprocessSpec(spacing_mm=(6.0, 6.0, 6.0), size=(32, 32, 32))
 

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from fmct.conventions.errors import ConfigError, InputVolumeError
-from fmct.preprocessing.preprocessor import Grid, ModelInput, PreprocessSpec
+from fmct.preprocessing.grid import Grid, ModelInput
+from fmct.preprocessing.spec import PreprocessSpec
 from fmct.reading.volume import Volume
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # the same matrix both ways

@@ -30,7 +30,7 @@ from fmct.conventions.names import check_identifier
 from fmct.features.metrics import evaluation_report
 from fmct.data.manifests import Manifest, Study
 from fmct.models import FMCTClassifier, preset
-from fmct.preprocessing.preprocessor import PreprocessSpec
+from fmct.preprocessing.spec import PreprocessSpec
 from fmct.inference.runners import calibrated_probabilities
 from fmct.train.calibration import calibrate_tasks
 from fmct.train.distributed import barrier, device_for, distributed_sampler, init_from_env, process_group_kind, wrap_ddp

@@ -68,7 +68,7 @@ def make_phantom_tensors(n: int, seed: int, spacing_mm: Sequence[float], size: S
 
 def preprocess_spec(cfg: SSLConfig) -> Any:
     """The one PreprocessSpec of a run: what its data goes through and what its bundle records."""
-    from fmct.preprocessing.preprocessor import PreprocessSpec
+    from fmct.preprocessing.spec import PreprocessSpec
 
     return PreprocessSpec(spacing_mm=tuple(cfg.data.spacing_mm), size=tuple(cfg.data.size))
 
