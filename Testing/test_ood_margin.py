@@ -75,3 +75,22 @@ def test_a_borderline_verdict_warns_in_its_own_words():
     assert "within the measured margin below the threshold 0.142" in result.warning
     result.ood = {"score": 0.2, "threshold": 0.142, "in_distribution": False}
     assert "0.200 > 0.142" in result.warning
+
+
+@pytest.mark.slow
+def test_the_demo_models_verdict_holds_under_benign_rescans():
+    """Noise 5-40 HU, 5 degrees, a field of view from 20 mm higher: each variant gets its CT's verdict."""
+    from fmct.inference.analyze import Analyzer
+    from fmct.inference.bundle import default_bundle_path
+    from fmct.phantom import make_phantom
+    from fmct.phantom.variations import cut, noise, rigid
+
+    analyzer = Analyzer(default_bundle_path(), device="cpu")
+    assert 0.0 < analyzer.reference.margin < 0.5 and analyzer.reference.shrinkage == pytest.approx(0.1)
+    rng = np.random.default_rng(0)
+    for seed in (3_000_000, 3_000_001):
+        ct = make_phantom(seed, slices="thick" if seed % 2 == 0 else "thin", in_plane_size=128).volume
+        verdict = analyzer.analyze(ct, explain_method=None).ood
+        for variant in (noise(ct, 5.0, rng), noise(ct, 40.0, rng), rigid(ct, 5.0, np.array([1.0, 0.2, 0.3]), np.zeros(3)),
+                        cut(ct, inferior_mm=20.0)):
+            assert analyzer.analyze(variant, explain_method=None).ood["in_distribution"] is verdict["in_distribution"]

@@ -193,7 +193,7 @@ def primaryFinding(findings: list, explained) -> str | None:
     """The finding the engine shows first (fmct.inference.analyze.AnalysisResult.primary_finding), from findings dicts."""
     from fmct.inference.analyze import AnalysisResult, Finding
 
-    result = AnalysisResult([Finding(**f) for f in findings])
+    result = AnalysisResult([Finding.from_dict(f) for f in findings])
     result.model_saliency = {name: None for name in explained}
     primary = result.primary_finding()
     return primary.name if primary is not None else None
@@ -385,10 +385,18 @@ def obliqueDirection(degrees: float = 20.0) -> np.ndarray:
 
 
 def obliqueVolume(volume):
-    """The same voxels on an oblique grid with anisotropic spacing (as from a tilted DICOM series)."""
+    """The same head on an oblique grid with anisotropic spacing (as from a tilted DICOM series).
+
+    The voxels are repeated in-plane to about 0.9 mm, so the head keeps about its physical size
+    (the engine's plausibility checks refuse a head half an adult's size).
+    """
+    import numpy as np
+
     from fmct.reading.volume import Volume
 
-    return Volume(volume.array, (0.9, 1.1, 4.5), (-100.0, 80.0, -40.0), obliqueDirection(20.0))
+    repeat = max(1, int(round(volume.spacing[0] / 0.9)))
+    array = np.repeat(np.repeat(volume.array, repeat, axis=1), repeat, axis=2)
+    return Volume(array, (0.9, 1.1, 4.5), (-100.0, 80.0, -40.0), obliqueDirection(20.0))
 
 
 def engineSaliency(volume, bundlePath, explain: str = "integrated_gradients") -> dict:

@@ -43,6 +43,12 @@ class Finding:
         """What a person is shown as the result: POSITIVE, '-' or 'not validated' (never POSITIVE then)."""
         return "not validated" if not self.validated else ("POSITIVE" if self.positive else "-")
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Finding":
+        """The inverse of to_dict (which adds the derived 'result')."""
+        return cls(d["name"], d.get("description", ""), float(d["probability"]), float(d["threshold"]),
+                   bool(d["positive"]), bool(d.get("validated", True)))
+
     def to_dict(self) -> dict:
         return {
             "name": self.name, "description": self.description, "probability": round(self.probability, 6),
