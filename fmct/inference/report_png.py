@@ -14,7 +14,7 @@ import numpy as np
 SALIENCY_LEVELS = (0.25, 0.5, 0.75)  # outline levels, as shares of the saliency's maximum
 
 if TYPE_CHECKING:
-    from fmct.inference.analyze import AnalysisResult
+    from fmct.inference.results import AnalysisResult
     from fmct.reading.volume import Volume
 
 
@@ -106,7 +106,7 @@ def radiological_view(volume: Volume) -> tuple[np.ndarray, float]:
 
 def _unit(saliency: np.ndarray) -> np.ndarray:
     """A map in [0, 1], whether it is float or uint8 0..255 (what Analyzer.map_back gives)."""
-    from fmct.inference.study_folder import SALIENCY_MAX
+    from fmct.inference.results import SALIENCY_MAX
 
     return saliency / np.float32(SALIENCY_MAX) if saliency.dtype == np.uint8 else saliency
 

@@ -16,18 +16,29 @@ torch is imported by fmct.inference.explain, which this module imports only when
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from fmct.conventions.runtime import CancelCheck, Progress
+from fmct.inference.results import SALIENCY_MAX, AnalysisResult
 
-if TYPE_CHECKING:
-    from fmct.inference.analyze import AnalysisResult, Analyzer
+
+class Analyzer(Protocol):
+    """What the explanation stage needs of fmct.inference.analyze.Analyzer (declared here, so this stage
+    does not import the Analyzer that calls it)."""
+
+    bundle: Any
+    runner: Any
+
+    @property
+    def model(self) -> Any: ...
+
+    def map_back(self, result: AnalysisResult, name: str) -> Any: ...
 
 ATTENTION_KEY = "attention"  # the one finding-agnostic map's key in result.saliency and its file's stem
 UNITS = {"integrated_gradients": "logit per model-grid voxel", "occlusion": "logit drop per model-grid voxel"}
-GREY_LEVELS = 255  # = study_folder.SALIENCY_MAX (a leaf here: study_folder imports nothing of the engine's torch side)
+GREY_LEVELS = SALIENCY_MAX
 
 
 class SaliencyOnCTGrid(Mapping):

@@ -39,10 +39,10 @@ from fmct.conventions.version import code_version
 from fmct.conventions.atomic import disk_full_error, fsync_dir, is_disk_full, write_text_atomic
 from fmct.conventions.errors import BundleError, OutputFolderError, OutputWriteError
 from fmct.conventions.locks import FileLock
+from fmct.inference.results import SALIENCY_MAX  # noqa: F401 (re-exported: the Slicer module's tests read it here)
 from fmct.reading.volume import Volume
 
 FINDINGS_FILE = "findings.json"
-SALIENCY_MAX = 255  # stored value of the strongest attribution; divide by it for the [0, 1] map
 FMCT_FILES = ("ct.nii.gz", "report.png", "saliency_*.nii.gz", "attention.nii.gz")  # what FMCT writes beside findings.json
 ATTENTION_FILE = "attention.nii.gz"  # the one finding-agnostic attention map (fmct.inference.saliency.ATTENTION_KEY)
 
