@@ -62,14 +62,20 @@ def row(rows: list[dict], **match) -> dict:
 
 
 def machine(d: dict, stated: str) -> str:
-    m = d.get("machine") or {}
+    """The machine as the raw file records it: a dict from benchmarks/common.py, or a sentence (some runs wrote one)."""
+    m = d.get("machine") or d.get("machine_note") or {}
     if not m:
         return stated
+    if isinstance(m, str):
+        return m
     if m.get("gpu"):
         return f"1x {m['gpu']}, {m.get('cpu_count', '?')} CPU cores"
     load_avg = m.get("load_avg_1min_at_start")
     where = f"{m.get('cpu_count', '?')}-vCPU {m.get('cpu', '')}".rstrip() + ", shared"
-    return where + (f" (load {load_avg:g} at start)" if load_avg is not None else "")
+    if load_avg is None:
+        return where
+    contended = ": contended" if isinstance(m.get("cpu_count"), int) and load_avg >= 2 * m["cpu_count"] else ""
+    return where + f" (load {load_avg:g} at start{contended})"
 
 
 def ssl_diff(k: int, how: str, pair: str) -> Callable[[dict], float]:
@@ -84,10 +90,53 @@ def demo_auroc(anatomy: str, finding: str, which: str) -> Callable[[dict], float
     return lambda d: d["anatomies"][anatomy]["findings"][finding][which]
 
 
+def mean_over_types(arm: str, key: str) -> Callable[[dict], float]:
+    """Mean over the 5 hemorrhage types of one per-type measure of bench_saliency.py --part twins."""
+    return lambda d: sum(d["twins"]["table"][arm][t][key] for t in SUBTYPES) / len(SUBTYPES)
+
+
+def twin_rows(arm: str) -> Callable[[dict], list[dict]]:
+    return lambda d: [r for r in d["twins"]["rows"] if r["arm"] == arm]
+
+
+def strict_hits(arm: str) -> Callable[[dict], float]:
+    """Share of the twins run's cases whose map peaks in the lesion dilated by one voxel."""
+    return lambda d: sum(r["strict_hit"] for r in twin_rows(arm)(d)) / len(twin_rows(arm)(d))
+
+
+def ood26(row_name: str, *keys: str) -> Callable[[dict], float]:
+    def read(d: dict) -> float:
+        v = d["rows"][row_name]
+        for k in keys:
+            v = v[k]
+        return v
+    return read
+
+
+def completeness_within(baseline: str, nodes: int) -> Callable[[dict], float]:
+    return lambda d: d["summary"][f"{baseline}:{nodes}"]["within_5pct"]
+
+
+def memory_arm(mode: str, maps: int) -> Callable[[dict], float]:
+    return lambda d: row(d["rows"], mode=mode, maps=maps)["traced_peak_over_ct"]
+
+
 STATED_CPU = "2-vCPU AMD EPYC, shared with other jobs (as RESULTS.md states)"
 SUBTYPES = ("intraparenchymal", "intraventricular", "subarachnoid", "subdural", "epidural")
 STAGE = "stages"
 CPU_BENCH = "python benchmarks/bench_{} --device cpu --threads 2 --json FILE"
+ONNX_CACHE_RUN = "record reused when the export is byte-identical to fmct.json's (this commit)"
+OOD_NEW = "shrinkage 0.1, shipped threshold, measured margin"
+OOD_OLD = "before (shipped: shrinkage 0.1, no margin)"
+OOD_OAS = "OAS shrinkage, threshold re-set, measured margin"
+OOD26 = "python benchmarks/ood_issue26.py --n-cal 30 --n 10 --workers 1 --json FILE"
+TWIN_AFTER = "after: normal-head baseline, adaptive nodes"
+TWIN_BEFORE = "before: zero baseline, 16 nodes"
+TWINS = "python benchmarks/bench_saliency.py --threads 1 --part twins --n 2 --json FILE"
+COMPLETENESS = "python benchmarks/bench_saliency.py --threads 1 --part completeness --n-cases 3 --json FILE"
+PREPARE = "python benchmarks/bench_prepare.py --n 8 --json FILE"
+FM_HCT = "python benchmarks/bench_fm_hct.py --threads 2 --n 2 --json FILE"
+VERIFIED = "python benchmarks/bench_verified_write.py --out FILE"
 
 FIGURES: list[Figure] = [
     Figure("analyze", "analyze, 5 mm 512x512x40 CT + one IG map, CPU 2 threads (warm)", "run2/analyze_cpu.json",
@@ -112,6 +161,10 @@ FIGURES: list[Figure] = [
            "OUT=results bash benchmarks/run_gpu.sh",
            ("MONAI ViT", lambda d: row(d["rows"], size="base", compiled=False)["monai"]["train_samples_per_s"]),
            target=(">= 2x MONAI", lambda v, b: v / b >= 2.0)),
+    Figure("fm-hct", "`fmct import fm-hct`: read, check and bundle 358 MB of FM-HCT-layout weights (89.4M parameters), CPU",
+           "fm_hct.json", lambda d: d["import_s"], "{:.1f} s", "b2a8c41", FM_HCT),
+    Figure("fm-hct", "`fmct embed` with the FM-HCT-sized encoder, fresh process, per CT (2 CTs, start-up included), CPU",
+           "fm_hct.json", lambda d: d["embed_cli_s_per_ct"], "{:.1f} s", "b2a8c41", FM_HCT),
     Figure("preprocess", "preprocessing, 5 mm CT -> model tensor, CPU", "run2/preprocess_cpu.json",
            lambda d: row(d["rows"], ct="thick")["fmct_s"], "{:.3f} s", "b4d65a8",
            "python benchmarks/bench_preprocess.py --threads 2 --json FILE",
@@ -125,6 +178,14 @@ FIGURES: list[Figure] = [
            "python benchmarks/bench_coldstart.py --threads 2 --rounds 3 --baseline-tree TREE --json FILE",
            ("the tree before (44c5fa9)", lambda d: d["trees"]["baseline"]["ratio"]),
            target=("<= 3x", lambda v, b: v <= 3.0)),
+    Figure("onnx-cache", "first findings-only `fmct analyze` after install: exports model.onnx into the user cache",
+           "onnx_cache_first_use.json", lambda d: d["runs"][ONNX_CACHE_RUN]["first_s"], "{:.1f} s",
+           "33f6e53", "FMCT_CACHE_DIR=DIR fmct analyze CT --explain none --device cpu, twice (/usr/bin/time)",
+           ("the next run (cache)", lambda d: d["runs"][ONNX_CACHE_RUN]["second_s"])),
+    Figure("wait-policy", "fresh findings-only `fmct analyze`, OMP_WAIT_POLICY=PASSIVE, median of 3 (torch)", "wait_policy.json",
+           lambda d: d["median_s"]["PASSIVE"], "{:.1f} s", "c35bdf3",
+           "python benchmarks/bench_wait_policy.py --threads 2 --repeat 3 --explain none --json FILE",
+           ("ACTIVE", lambda d: d["median_s"]["ACTIVE"]), ratio="faster"),
     Figure("batch", "batch analysis, GPU busy share, demo model (48 studies)", "batch_gpu.json",
            lambda d: 100 * row(d["rows"], model="demo")["model_busy_share"], "{:.0f}%", "b4d65a8",
            "OUT=results bash benchmarks/run_gpu.sh", target=(">= 90%", lambda v, b: v >= 90)),
@@ -140,9 +201,24 @@ FIGURES: list[Figure] = [
            lambda d: 100 * d["cost"]["arms"]["16"]["growth_per_extra_finding"], "+{:.0f}%", "a467192",
            "python benchmarks/bench_saliency.py --part cost --repeat 3 --no-old --cost-steps 16 --json FILE",
            target=("< 15%", lambda v, b: v < 15)),
-    Figure("saliency-quality", "IG saliency enrichment in the lesion, mean of 5 types (16 nodes)", "saliency_quality_cpu_n6.json",
-           lambda d: sum(d["quality"]["table"]["new: shared IG 16 steps"][t]["enrichment"] for t in SUBTYPES) / len(SUBTYPES),
-           "{:.1f}x", "234134d", "python benchmarks/bench_saliency.py --part quality --n 6 --steps 16,8,4,2 --json FILE"),
+    Figure("saliency-quality", "IG map's increase over its lesion-free twin's that lies in the lesion, mean of 5 types",
+           "saliency_issue27.json",
+           mean_over_types(TWIN_AFTER, "twin_share_in_lesion"), "{:.2f}", "a49ae9f", TWINS,
+           ("zero baseline, 16 nodes (before)", mean_over_types(TWIN_BEFORE, "twin_share_in_lesion")), ratio=""),
+    Figure("saliency-quality", "strict pointing game: share of 10 bleeding phantoms whose map peaks in the lesion (+1 voxel)",
+           "saliency_issue27.json", strict_hits(TWIN_AFTER), "{:.1f}", "a49ae9f", TWINS,
+           ("zero baseline, 16 nodes (before)", strict_hits(TWIN_BEFORE)), ratio=""),
+    Figure("saliency-quality", "IG completeness error, largest of 10 maps (normal-head baseline, adaptive nodes)", "saliency_issue27.json",
+           lambda d: max(r["completeness_ct"]["relative_error"] for r in twin_rows(TWIN_AFTER)(d)), "{:.3f}", "a49ae9f", TWINS,
+           ("zero baseline, 16 nodes (before)", lambda d: max(r["completeness_ct"]["relative_error"] for r in twin_rows(TWIN_BEFORE)(d))),
+           ratio="", target=("<= 0.05 (analyze's tolerance)", lambda v, b: v <= 0.05)),
+    Figure("saliency-quality", "IG maps complete within 5% at 16 nodes, normal-head baseline (of 6)", "saliency_completeness.json",
+           completeness_within("normal_head", 16), "{:.0f}", "dde4b58", COMPLETENESS,
+           ("zero baseline", completeness_within("zero", 16)), ratio=""),
+    Figure("saliency-memory", "numpy peak while mapping back and writing 9 maps / the CT's bytes (512x512x200 float32)",
+           "saliency_memory.json", memory_arm("after", 9), "{:.2f}x", "a49ae9f",
+           "python benchmarks/bench_saliency_memory.py --slices 200 --maps 1,5,9 --json FILE",
+           ("all maps made, then written (before)", memory_arm("before", 9)), ratio="smaller"),
     Figure("map-back", "map back onto the CT grid, thin 512x512x300 CT, warm", "scaling_session8.json",
            lambda d: d["cts"]["thin"]["fmct"]["map_back_warm_best_s"]["fmct"], "{:.3f} s", "a467192",
            "python benchmarks/bench_scaling.py --kinds thick thin large --json FILE",
@@ -150,6 +226,12 @@ FIGURES: list[Figure] = [
     Figure("map-back", "peak RSS / int16 CT size, 1024x1024x1000 CT, read + preprocess + one map", "scaling_session8.json",
            lambda d: d["cts"]["large"]["fmct_peak_rss_over_input"], "{:.2f}x", "a467192",
            "python benchmarks/bench_scaling.py --kinds thick thin large --json FILE"),
+    Figure("verified-writes", "verified write: read-back time of ct.nii.gz (int16 512x512x40) / its write", "verified_writes.json",
+           lambda d: d["results"]["ct.nii.gz (int16)"]["read_back_s"], "{:.3f} s", "e0fb956", VERIFIED,
+           ("the write", lambda d: d["results"]["ct.nii.gz (int16)"]["write_s"])),
+    Figure("verified-writes", "verified write: read-back time of a uint8 saliency .nii.gz (512x512x40) / its write", "verified_writes.json",
+           lambda d: d["results"]["saliency.nii.gz (uint8)"]["read_back_s"], "{:.3f} s", "e0fb956", VERIFIED,
+           ("the write", lambda d: d["results"]["saliency.nii.gz (uint8)"]["write_s"])),
     Figure("slicer", "Slicer first click: longest stretch without event processing (load 9-11)", "slicer_cpu_loaded.json",
            lambda d: row(d["rows"], variant="after", case="click")["longest_gui_block_s"], "{:.3f} s", "73493b2",
            "python benchmarks/bench_slicer.py --json FILE",
@@ -189,15 +271,43 @@ FIGURES: list[Figure] = [
            lambda d: d["max_abs_dp_48_storages"]["after"], "{:.3f}", "c236bd9", "python -m pytest Testing/test_invariance.py",
            ("before the lossless reorientation", lambda d: d["max_abs_dp_48_storages"]["before"]), ratio="",
            target=("<= 1e-4 (the test's bound)", lambda v, b: v <= 1e-4)),
-    Figure("ood", "out-of-distribution score AUROC, \"ood\" anatomy vs in distribution (n 40)", "ood_v2.json",
-           lambda d: d["rows"]["'ood' anatomy preset"]["auroc"], "{:.2f}", "fb0d390",
-           "python benchmarks/bench_ood.py --n 40 --json FILE"),
-    Figure("ood", "share of vertex-only CTs flagged by analyze's verdict", "ood_v2.json",
-           lambda d: d["rows"]["vertex only (top 35%)"]["flagged_by_verdict"], "{:.2f}", "fb0d390",
-           "python benchmarks/bench_ood.py --n 40 --json FILE"),
+    Figure("checks", "clean phantoms refused or flagged by the CT checks (of 72: 3 anatomies x 8 seeds x 3 slicings)",
+           "checks_issue26.json", lambda d: len(d["clean"]["not_passed"]), "{:.0f}", "bda60f3",
+           "python benchmarks/checks_issue26.py --seeds 0 8 --json FILE", target=("0", lambda v, b: v == 0)),
+    Figure("checks", "hostile CTs caught by the CT checks (of 18: orientation, HU, spacing, direction, cut field of view)",
+           "checks_issue26.json", lambda d: sum(bool(h["caught_by"]) for h in d["hostile"].values()), "{:.0f}", "bda60f3",
+           "python benchmarks/checks_issue26.py --seeds 0 8 --json FILE"),
+    Figure("checks", "all CT checks on a 512x512x35 CT", "checks_issue26.json",
+           lambda d: d["run_checks_s_512x512x35"], "{:.2f} s", "bda60f3",
+           "python benchmarks/checks_issue26.py --seeds 0 8 --json FILE"),
+    Figure("ood", "OOD score AUROC, \"ood\" preset vs clean test phantoms (n 10 each), shipped statistics", "ood_issue26.json",
+           ood26(OOD_NEW, "ood_preset", "auroc"), "{:.2f}", "1b6db5b", OOD26,
+           ("OAS-estimated shrinkage", ood26(OOD_OAS, "ood_preset", "auroc")), ratio=""),
+    Figure("ood", "OOD score AUROC, contrast-enhanced vs clean test phantoms (n 10 each)", "ood_issue26.json",
+           ood26(OOD_NEW, "contrast_enhanced", "auroc"), "{:.2f}", "1b6db5b", OOD26),
+    Figure("ood", "measured margin: p95 of benign rescans' score moves, in units of the threshold", "ood_issue26.json",
+           ood26(OOD_NEW, "margin"), "{:.3f}", "1b6db5b", OOD26),
+    Figure("ood", "share of \"ood\"-preset CTs flagged by the verdict (out of distribution or borderline)", "ood_issue26.json",
+           ood26(OOD_NEW, "ood_preset", "flagged"), "{:.2f}", "1b6db5b", OOD26,
+           ("without the margin", ood26(OOD_OLD, "ood_preset", "flagged")), ratio=""),
+    Figure("ood", "benign rescans that keep their CT's verdict (of 65), with the margin", "ood_issue26.json",
+           ood26(OOD_NEW, "benign_variants_keep_the_verdict"), "{:.2f}", "1b6db5b", OOD26,
+           ("OAS-estimated shrinkage", ood26(OOD_OAS, "benign_variants_keep_the_verdict")), ratio=""),
     Figure("pretrain-step", "self-supervised step / supervised step, tiny, CPU", "pretrain_cpu.json",
            lambda d: row(d["rows"], size="tiny")["ssl_cost_vs_supervised_step"], "{:.2f}x", "e46364e",
            "python benchmarks/bench_pretrain.py --device cpu --threads 2 --json FILE"),
+    Figure("prepare", "`fmct prepare`, base grid (128^3, 1.5 mm), per study, 1 worker process, CPU", "prepare_issue30.json",
+           lambda d: d["base"]["per_study_s_1_worker"], "{:.2f} s", "9e54460", PREPARE),
+    Figure("prepare", "`fmct prepare`, base grid, 8 studies: speed-up of 2 worker processes over 1 (wall), 2 shared cores",
+           "prepare_issue30.json", lambda d: d["base"]["speedup_2_over_1"], "{:.2f}x", "9e54460", PREPARE),
+    Figure("prepare", "prepared cache per study, base grid: int16 HU shard + index", "prepare_issue30.json",
+           lambda d: d["base"]["new_int16_hu_bytes"] / 1e6, "{:.2f} MB", "9e54460", PREPARE,
+           ("float16 3-window .npy (before)", lambda d: d["base"]["old_float16_3win_bytes"] / 1e6), ratio="smaller"),
+    Figure("prepare", "pretraining loader (per-sample crops) / model step, tiny, CPU 1 thread (samples/s)", "prepare_issue30.json",
+           lambda d: d["loader_vs_model"]["loader_per_sample_crops_samples_per_s"], "{:.2f}", "9e54460", PREPARE,
+           ("the model's step", lambda d: d["loader_vs_model"]["model_step_samples_per_s"])),
+    Figure("prepare", "plan on paper, 361,663 studies: prepare CPU-hours at this run's 1.31 s/study", "prepare_issue30.json",
+           lambda d: d["plan_361k"]["prepare_cpu_hours"], "{:.1f} h", "9e54460", PREPARE),
     Figure("self-distillation", "view gap, steps 276-300 of the shipped tiny recipe", "pretrain_tiny_cpu_losses.jsonl",
            lambda d: window_mean(d, "view_gap", 276, 300), "{:.3f}", "73d572e",
            "fmct pretrain --config Resources/Configs/pretrain_tiny.yaml --out RUN",
