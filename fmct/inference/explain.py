@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from fmct.models import FMCTClassifier
 from fmct.conventions.runtime import CancelCheck, Progress, check_cancel, check_explain_method, sub_progress
 
-# 16 Gauss-Legendre nodes to start with, kept by measurement (benchmarks/RESULTS.md, "Saliency for every
-# finding"). The IG integrand of a ViT is rough, so a fixed node count does not guarantee completeness
-# (issue 27: 155% error at 16 nodes with the zero baseline): the product's maps (explain_study with
+# 16 Gauss-Legendre nodes to start with, kept by measurement (benchmarks/RESULTS.md#saliency-quality:
+# with the normal-head baseline 5 of 6 maps are complete within 5% at 16 nodes, 6 of 6 at 32). The IG
+# integrand of a ViT is rough, so a fixed node count does not guarantee completeness (up to 364% off at
+# 16 nodes with the all-air baseline in the same run): the product's maps (explain_study with
 # ig_steps=None) double the nodes until the attributions sum to logit(CT) - logit(baseline) within
 # COMPLETENESS_TOLERANCE, up to MAX_IG_STEPS, and say so in findings.json when the cap is reached.
 DEFAULT_IG_STEPS = 16
