@@ -17,7 +17,7 @@ _NAMES = {
     "FileLock": "fmct.conventions.locks",
     "check_identifier": "fmct.conventions.names",
     "printable": "fmct.conventions.names",
-    "report_to": "fmct.conventions.runtime",
+    "progress_or_silent": "fmct.conventions.runtime",
     "check_cancel": "fmct.conventions.runtime",
     "parse_device": "fmct.conventions.runtime",
     "torch_device": "fmct.conventions.runtime",

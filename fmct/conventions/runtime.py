@@ -52,17 +52,17 @@ def no_progress(fraction: float, message: str) -> None:
     """The progress callback of callers that did not ask for one."""
 
 
-def report_to(progress: Progress | None) -> Progress:
+def progress_or_silent(progress: Progress | None) -> Progress:
     """A callable progress reporter, whether or not the caller gave one."""
     return progress or no_progress
 
 
 def sub_progress(progress: Progress | None, lo: float, hi: float, prefix: str = "") -> Progress:
     """A progress callback for one stage that fills [lo, hi] of the caller's bar."""
-    report = report_to(progress)
+    notify = progress_or_silent(progress)
 
     def sub(fraction: float, message: str) -> None:
-        report(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), f"{prefix}{message}" if prefix else message)
+        notify(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), f"{prefix}{message}" if prefix else message)
 
     return sub
 

@@ -31,7 +31,7 @@ from fmct.inference.onnx_runner import (
 )
 from fmct.preprocessing.preprocessor import Preprocessor
 from fmct.inference.calibration import calibrated_probabilities
-from fmct.conventions.runtime import Progress
+from fmct.conventions.runtime import Progress, progress_or_silent
 
 DEFAULT_OPSET = 17  # first opset with LayerNormalization as one op
 
@@ -47,7 +47,7 @@ def export_onnx(
 
     Raises BundleError (and leaves the bundle untouched) when the two disagree by more than tolerance.
     """
-    report = progress or (lambda f, m: None)
+    notify = progress_or_silent(progress)
     path = Path(bundle_path)
     if not path.is_dir():
         raise BundleError(f"{path} is not a bundle folder; export writes {ONNX_FILE} into one (unzip a .zip bundle first)")
@@ -56,14 +56,14 @@ def export_onnx(
     if tolerance > TOLERANCE:
         raise ConfigError(f"tolerance {tolerance:g} is looser than the {TOLERANCE:g} the onnxruntime path accepts")
     require_onnx_extra()
-    report(0.0, "loading bundle")
-    onnx_bytes, record = checked_export(path, opset, tolerance, seed, report)
-    report(0.9, "writing")
+    notify(0.0, "loading bundle")
+    onnx_bytes, record = checked_export(path, opset, tolerance, seed, notify)
+    notify(0.9, "writing")
     meta = read_meta(path)
     write_bytes_atomic(path / ONNX_FILE, onnx_bytes)
     meta.onnx = record
     write_meta(meta, path)
-    report(1.0, "done")
+    notify(1.0, "done")
     return record
 
 
@@ -93,23 +93,23 @@ def checked_export(path: Path, opset: int = DEFAULT_OPSET, tolerance: float = TO
     import onnxruntime
     import torch
 
-    report = progress or (lambda f, m: None)
+    notify = progress_or_silent(progress)
     bundle = load_bundle(path)
     meta = bundle.meta
     if not meta.tasks:
         raise BundleError(f"bundle '{meta.name}' has no task heads (a pretrained encoder); fine-tune it before exporting")
     model = bundle.model.float().eval()
 
-    report(0.1, "making a test CT")
+    notify(0.1, "making a test CT")
     x, checked_on = parity_input(meta, seed)
-    report(0.3, "exporting")
+    notify(0.3, "exporting")
     onnx_bytes = to_onnx_bytes(model, x, opset)
     if known is not None and known.get("onnx_sha256") == sha256(onnx_bytes):
         _, members = read_bundle(path)
         if known.get("weights_sha256") == sha256(members[WEIGHTS_FILE]):
             return onnx_bytes, dict(known)  # byte for byte the graph that was checked against these weights
 
-    report(0.7, "checking onnxruntime against torch")
+    notify(0.7, "checking onnxruntime against torch")
     temps = [t.temperature for t in meta.tasks]
     with torch.no_grad():
         p_torch = calibrated_probabilities(model(torch.from_numpy(x)).numpy(), temps)
@@ -147,22 +147,22 @@ def check_onnx_parity(bundle_path: str | Path, seed: int = 0, progress: Progress
     require_onnx_extra()
     import torch
 
-    report = progress or (lambda f, m: None)
+    notify = progress_or_silent(progress)
     path = Path(bundle_path)
-    report(0.0, "loading bundle")
+    notify(0.0, "loading bundle")
     meta, members = read_onnx_bundle(path, supply)  # supply: a vouched graph the bundle does not ship
     onnx_model = OnnxModel(members[ONNX_FILE], device="cpu")
     check_graph(onnx_model, meta, str(path))
     model = load_bundle(path).model.float().eval()
-    report(0.3, "making a test CT")
+    notify(0.3, "making a test CT")
     x, checked_on = parity_input(meta, seed)
-    report(0.6, "comparing onnxruntime with torch")
+    notify(0.6, "comparing onnxruntime with torch")
     temps = [t.temperature for t in meta.tasks]
     with torch.no_grad():
         p_torch = calibrated_probabilities(model(torch.from_numpy(x)).numpy(), temps)
     p_onnx = calibrated_probabilities(onnx_model.logits(x), temps)
     diff = float(np.abs(p_onnx.astype(np.float64) - p_torch.astype(np.float64)).max())
-    report(1.0, "done")
+    notify(1.0, "done")
     if not diff <= TOLERANCE:
         raise BundleError(f"{path}/{ONNX_FILE} disagrees with the bundle's torch weights: max |p_onnx - p_torch| = "
                           f"{diff:.3g} > {TOLERANCE:g} on {checked_on}. Re-run `fmct export {path} --onnx`.")

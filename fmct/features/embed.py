@@ -30,7 +30,7 @@ import numpy as np
 
 from fmct.conventions.atomic import write_bytes_atomic
 from fmct.conventions.errors import ConfigError, FMCTError
-from fmct.conventions.runtime import CancelCheck, Progress
+from fmct.conventions.runtime import CancelCheck, Progress, progress_or_silent
 
 log = logging.getLogger("fmct.features.embed")
 
@@ -157,7 +157,7 @@ def embed(data: str | Path, model: str | Path, out: str | Path, layers: int = 0,
     write_bytes_atomic(meta_path, json.dumps(finger, indent=1).encode())
 
     pre = Preprocessor(encoder.preprocessing)
-    report = progress or (lambda f, m: None)
+    notify = progress_or_silent(progress)
     skipped, reused = [], 0
     for i, study in enumerate(manifest):
         if cancel is not None and cancel():
@@ -166,7 +166,7 @@ def embed(data: str | Path, model: str | Path, out: str | Path, layers: int = 0,
         if part.is_file():
             reused += 1
             continue
-        report(i / len(manifest), f"embedding {study.study_id}")
+        notify(i / len(manifest), f"embedding {study.study_id}")
         try:
             x = (windows_to_channels(torch.from_numpy(cache.read_hu(i).copy()), encoder.preprocessing.windows)[None]
                  if cache is not None else pre(read_study(study)).tensor).to(dev)
@@ -185,7 +185,7 @@ def embed(data: str | Path, model: str | Path, out: str | Path, layers: int = 0,
         buf = io.BytesIO()
         np.savez(buf, **{k: v.float().cpu().numpy() for k, v in row.items()})
         write_bytes_atomic(part, buf.getvalue())
-    report(1.0, "writing features")
+    notify(1.0, "writing features")
     return _assemble(manifest, parts, out, skipped, reused, finger)
 
 

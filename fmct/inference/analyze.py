@@ -21,7 +21,7 @@ from fmct.preprocessing.preprocessor import Grid, ModelInput, Preprocessor
 from fmct.inference.ood import load_reference_stats
 from fmct.inference.results import SALIENCY_MAX, AnalysisResult, Finding  # noqa: F401 (Finding: re-exported)
 from fmct.inference.runners import calibrated_probabilities, load_runner
-from fmct.conventions.runtime import CancelCheck, Progress, check_cancel, check_explain_method, report_to, sub_progress
+from fmct.conventions.runtime import CancelCheck, Progress, check_cancel, check_explain_method, progress_or_silent, sub_progress
 from fmct.reading.volume import Volume, validate_ct
 
 if TYPE_CHECKING:
@@ -80,13 +80,13 @@ class Analyzer:
         """Findings for one CT, and a saliency map for each positive finding (or: "auto", "top", "all", the ones
         named). map_back=False: see analyze_prepared."""
         self.check_explain_method(explain_method)
-        report = report_to(progress)
+        notify = progress_or_silent(progress)
         t0 = time.perf_counter()
-        report(0.0, "preprocessing")
+        notify(0.0, "preprocessing")
         checks, model_input = self.prepare(volume)
         preprocess_s = time.perf_counter() - t0
         check_cancel(cancel)
-        result = self.analyze_prepared(model_input, explain_method, explain_findings, progress=report, cancel=cancel,
+        result = self.analyze_prepared(model_input, explain_method, explain_findings, progress=notify, cancel=cancel,
                                        map_back=map_back)
         result.timings = {"preprocess_s": preprocess_s, **result.timings}
         attach_checks(result, checks)
@@ -121,10 +121,10 @@ class Analyzer:
         can map it onto the CT's grid elsewhere (a writer thread), keeping the model busy.
         """
         self.check_explain_method(explain_method)
-        report = report_to(progress)
+        notify = progress_or_silent(progress)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        report(0.1, "predicting")
+        notify(0.1, "predicting")
         logits, features = self.runner.run(model_input.array)
         probs = calibrated_probabilities(logits, self.temperatures)[0]
         if not np.isfinite(logits).all():
@@ -146,15 +146,15 @@ class Analyzer:
             from fmct.inference.saliency import explain_result
 
             check_cancel(cancel)
-            explain_result(self, result, targets, explain_method, sub_progress(report, 0.2, 0.9), cancel)
-            map_progress = sub_progress(report, 0.9, 0.99)
+            explain_result(self, result, targets, explain_method, sub_progress(notify, 0.2, 0.9), cancel)
+            map_progress = sub_progress(notify, 0.9, 0.99)
             for n, name in enumerate(list(result.model_saliency)):
                 if map_back:
                     check_cancel(cancel)
                     map_progress(n / len(result.model_saliency), f"mapping {name} onto the CT")
                     result.saliency[name] = self.map_back(result, name)
         timings["explain_s"] = time.perf_counter() - t0
-        report(1.0, "done")
+        notify(1.0, "done")
         return result
 
     def map_back(self, result: AnalysisResult, name: str) -> Volume:

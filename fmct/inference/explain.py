@@ -144,10 +144,10 @@ def explain_study(
     labels = list(names) if names is not None else [f"finding {t}" for t in targets]
     if method.startswith("attention"):
         check_cancel(cancel, "Explanation")
-        report = sub_progress(progress, 0.0, 1.0)
-        report(0.0, "explaining (attention)")
+        notify = sub_progress(progress, 0.0, 1.0)
+        notify(0.0, "explaining (attention)")
         m = attention_map(model, x, rollout=method == "attention_rollout")
-        report(1.0, "explaining (attention)")
+        notify(1.0, "explaining (attention)")
         ex.findings = [FindingAttribution(t, m.copy()) for t in targets]
         return ex
     batch = batch_size or _batch(x)
@@ -259,7 +259,7 @@ def _quadrature(point, acc, targets, labels, n_steps, batch, progress, cancel) -
     from the same graph, the node-weighted gradients summed into acc[k]."""
     alphas, weights = gauss_legendre(n_steps)
     alphas, weights = alphas.to(acc.device, acc.dtype), weights.to(acc.device, acc.dtype)
-    report = sub_progress(progress, 0.0, 1.0)
+    notify = sub_progress(progress, 0.0, 1.0)
     n_batches = -(-n_steps // batch)
     units, done = n_batches * (1 + len(targets)), 0
     for start in range(0, n_steps, batch):
@@ -268,14 +268,14 @@ def _quadrature(point, acc, targets, labels, n_steps, batch, progress, cancel) -
         with torch.enable_grad():
             out, path = point(a)
             done += 1
-            report(done / units, f"explaining {labels[0]}")
+            notify(done / units, f"explaining {labels[0]}")
             w = w.view((-1,) + (1,) * (path.dim() - 1))
             for k, t in enumerate(targets):
                 check_cancel(cancel, "Explanation")
                 (grad,) = torch.autograd.grad(out[:, t].sum(), path, retain_graph=k < len(targets) - 1)
                 acc[k] += (grad * w).sum(dim=0)
                 done += 1
-                report(done / units, f"explaining {labels[k]}")
+                notify(done / units, f"explaining {labels[k]}")
         del out, path
 
 
@@ -290,11 +290,11 @@ def _occlusion(model, x, targets, labels, batch, progress, cancel) -> list[torch
     starts = [range(0, s - w + 1, st) for s, w, st in zip(spatial, window, stride)]
     corners = [(i, j, k) for i in starts[0] for j in starts[1] for k in starts[2]]
     units = -(-len(corners) // batch) + 1
-    report = sub_progress(progress, 0.0, 1.0)
+    notify = sub_progress(progress, 0.0, 1.0)
     check_cancel(cancel, "Explanation")
     with torch.no_grad():
         ref = model(x)[0, targets]  # [K]
-        report(1 / units, f"explaining {', '.join(labels)}")
+        notify(1 / units, f"explaining {', '.join(labels)}")
         total = torch.zeros((len(targets), *spatial), device=x.device, dtype=x.dtype)
         count = torch.zeros(spatial, device=x.device, dtype=x.dtype)
         for n, start in enumerate(range(0, len(corners), batch)):
@@ -308,7 +308,7 @@ def _occlusion(model, x, targets, labels, batch, progress, cancel) -> list[torch
                 region = (slice(i, i + window[0]), slice(j, j + window[1]), slice(k, k + window[2]))
                 total[(slice(None), *region)] += delta[b].view(-1, 1, 1, 1)
                 count[region] += 1
-            report((n + 2) / units, f"explaining {', '.join(labels)}")
+            notify((n + 2) / units, f"explaining {', '.join(labels)}")
     mean = total / count.clamp(min=1)
     return [mean[k][None].expand(x.shape[1], *spatial) for k in range(len(targets))]
 
@@ -400,13 +400,13 @@ def _captum_occlusion(model, x, task_index, batch, progress, cancel) -> torch.Te
     window, stride = _occlusion_window(model)
     n_windows = math.prod(len(range(0, s - w + 1, st)) for s, w, st in zip(x.shape[2:], window, stride))
     units, done = 1 + -(-n_windows // batch), [0]
-    report = sub_progress(progress, 0.0, 1.0)
+    notify = sub_progress(progress, 0.0, 1.0)
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
         check_cancel(cancel, "Explanation")
         out = model(inp)[:, task_index]
         done[0] += 1
-        report(done[0] / units, "explaining (occlusion)")
+        notify(done[0] / units, "explaining (occlusion)")
         return out
 
     with torch.no_grad():

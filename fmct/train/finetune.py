@@ -35,7 +35,7 @@ from fmct.inference.runners import calibrated_probabilities
 from fmct.train.calibration import calibrate_tasks
 from fmct.train.distributed import barrier, device_for, distributed_sampler, init_from_env, process_group_kind, wrap_ddp
 from fmct.train.supervised import SupervisedConfig, positive_weights, predict_with_features, train_classifier
-from fmct.conventions.runtime import CancelCheck, Progress
+from fmct.conventions.runtime import CancelCheck, Progress, progress_or_silent
 
 log = logging.getLogger("fmct.train.finetune")
 
@@ -179,7 +179,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     if not cfg.data:
         raise ConfigError("finetune: 'data' (a manifest CSV or a folder of studies) is required")
     torch.manual_seed(cfg.seed)
-    report = progress or (lambda f, m: None)
+    notify = progress_or_silent(progress)
     info = init_from_env(process_group_kind(cfg.device))  # also refuses an unknown or absent device
     device = device_for(info, cfg.device)
     if cfg.checkpoints and info.enabled:
@@ -203,7 +203,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     log.info("fine-tuning on %d studies, validating on %d, tasks %s", len(train_studies), len(val_studies), tasks)
 
     model, spec, origin = build_model(cfg, len(tasks))
-    report(0.0, "preparing data")
+    notify(0.0, "preparing data")
     if not info.is_main:
         barrier()  # rank 0 fills the cache first; the others then only read it
     if cache is not None:
@@ -246,14 +246,14 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     steps = -(-len(train_ds) // (cfg.batch_size * info.world_size))
     trained = wrap_ddp(model.to(device), info, device)
     losses = train_classifier(trained, batches, steps, positive_weights(y_train, train_cfg.max_pos_weight), train_cfg,
-                              device, groups, progress=lambda f, m: report(0.05 + 0.85 * f, m), cancel=cancel,
+                              device, groups, progress=lambda f, m: notify(0.05 + 0.85 * f, m), cancel=cancel,
                               checkpoints=cfg.checkpoints,
                               identity={"config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "checkpoints")},
                                         "studies": [str(s.path) for s in train_ds.studies]})
     if not info.is_main:
         return FinetuneResult(None, model)
 
-    report(0.92, "calibrating on the validation split")
+    notify(0.92, "calibrating on the validation split")
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate_skip_none)
     val_logits, val_features = predict_with_features(model, (b["image"] for b in val_loader if b is not None), device)
     y_val = np.array([val_ds.label_vector(s) for s in val_ds.studies], dtype=np.float64)
@@ -272,10 +272,10 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
         },
         metrics=metrics,
     )
-    report(0.95, "out-of-distribution statistics (training split: reference; validation split: threshold)")
+    notify(0.95, "out-of-distribution statistics (training split: reference; validation split: threshold)")
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, collate_fn=collate_skip_none)
     _, train_features = predict_with_features(model, (b["image"] for b in train_loader if b is not None), device)
     out = save_bundle(model.cpu(), meta, cfg.out, reference=fit_reference(
         train_features, val_features, source=f"fmct finetune on {cfg.data}: training split (reference), validation split (threshold)"))
-    report(1.0, "done")
+    notify(1.0, "done")
     return FinetuneResult(out, model)
