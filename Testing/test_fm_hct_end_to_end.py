@@ -19,7 +19,7 @@ from fmct.reading.files import read_volume
 pytest.importorskip("monai")
 pytest.importorskip("scipy")
 
-from test_fm_hct import fm_hct_state  # noqa: E402
+from fm_hct_testing import fm_hct_state  # noqa: E402
 
 
 @pytest.fixture(scope="module")

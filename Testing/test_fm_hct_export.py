@@ -19,7 +19,7 @@ pytest.importorskip("monai")
 pytest.importorskip("einops")  # MONAI's ViT needs it
 
 from fmct_testing import tiny_bundle  # noqa: E402
-from test_fm_hct import fm_hct_state  # noqa: E402
+from fm_hct_testing import fm_hct_state  # noqa: E402
 
 
 @pytest.fixture(scope="module")
