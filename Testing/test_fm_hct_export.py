@@ -38,7 +38,7 @@ def test_monai_export_loads_into_monai_vit_and_gives_the_same_cls(bundle, tmp_pa
     from fmct.features.embed import load_encoder
 
     assert main(["export", str(bundle), "--monai", "--out", str(tmp_path / "monai")]) == 0
-    spec = json.loads((tmp_path / "monai" / "vit.json").read_text())
+    spec = json.loads((tmp_path / "monai" / "vit.json").read_text(encoding="utf-8"))
     vit = ViT(**spec["kwargs"])
     del vit.classification_head
     vit.load_state_dict(load_file(str(tmp_path / "monai" / "vit.safetensors")), strict=True)
@@ -65,12 +65,12 @@ def test_hf_folder_has_a_model_card_and_loads_back(bundle, tmp_path):
 
     assert main(["export", str(bundle), "--hf", "--out", str(tmp_path / "hf")]) == 0
     hf = tmp_path / "hf"
-    config = json.loads((hf / "config.json").read_text())
+    config = json.loads((hf / "config.json").read_text(encoding="utf-8"))
     assert config["hidden_size"] == 768 and config["fmct"]["preprocessing"]["crop"] == "foreground"
-    card = (hf / "README.md").read_text()
+    card = (hf / "README.md").read_text(encoding="utf-8")
     for section in ("## Intended use", "## Training data", "## Metrics", "## Limitations", "## Licence", "## Citation"):
         assert section in card
-    assert json.loads((bundle / "fmct.json").read_text())["provenance"]["checkpoint_sha256"] in card
+    assert json.loads((bundle / "fmct.json").read_text(encoding="utf-8"))["provenance"]["checkpoint_sha256"] in card
     assert (hf / "model.safetensors").read_bytes() == (bundle / "model.safetensors").read_bytes()
     x = torch.rand(1, 3, 96, 96, 96, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

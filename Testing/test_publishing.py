@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "FMCT"))
 import set_repository  # noqa: E402
 from FMCTLib.dependencies import DependencyLogic, MissingDependencyError, documentationUrl  # noqa: E402
 
-CMAKE = (REPO / "CMakeLists.txt").read_text()
+CMAKE = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
 URL_FILES = ("CMakeLists.txt", "pyproject.toml", "CITATION.cff", "README.md")
 
 
@@ -36,7 +36,7 @@ def test_one_variable_names_the_repository_and_every_url_agrees():
     repository, _ = set_repository.current(REPO)
     assert re.search(r'set\(FMCT_REPOSITORY_URL "https://github.com/\$\{FMCT_REPOSITORY\}"\)', CMAKE)
     for name in URL_FILES:
-        assert _repositories((REPO / name).read_text()) == {repository}, name
+        assert _repositories((REPO / name).read_text(encoding="utf-8")) == {repository}, name
 
 
 def test_set_repository_rewrites_every_place(tmp_path):
@@ -47,26 +47,26 @@ def test_set_repository_rewrites_every_place(tmp_path):
     assert {p.name for p in changed} == set(URL_FILES)
     assert set_repository.current(tmp_path) == ("myorg/SlicerFMCT", "release")
     for name in URL_FILES:
-        text = (tmp_path / name).read_text()
+        text = (tmp_path / name).read_text(encoding="utf-8")
         assert _repositories(text) == {"myorg/SlicerFMCT"}, name  # every URL
         if name != "README.md":  # (the README's prose still tells what the placeholder was)
             assert old not in text, name
-    assert "raw.githubusercontent.com/myorg/SlicerFMCT/release/Resources/Icons/FMCT.png" in (tmp_path / "CMakeLists.txt").read_text()
+    assert "raw.githubusercontent.com/myorg/SlicerFMCT/release/Resources/Icons/FMCT.png" in (tmp_path / "CMakeLists.txt").read_text(encoding="utf-8")
 
 
 def test_contributors_are_the_same_in_cmake_the_modules_and_the_package():
     cmake = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', CMAKE).group(1)
     for module in ("FMCT/FMCT.py", "FMCTTraining/FMCTTraining.py"):
-        listed = re.search(r"parent\.contributors = \[([^\]]+)\]", (REPO / module).read_text()).group(1)
+        listed = re.search(r"parent\.contributors = \[([^\]]+)\]", (REPO / module).read_text(encoding="utf-8")).group(1)
         assert [c.strip().strip('"') for c in listed.split(",")] == [c.strip() for c in cmake.split(",")], module
-    authors = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["authors"]
+    authors = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["authors"]
     assert [a["name"] for a in authors] == [c.split(" (")[0].strip() for c in cmake.split(",")]
 
 
 def test_description_is_two_sentences_and_the_readme_has_what_the_index_asks():
     description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]+)"\)', CMAKE).group(1)
     assert 1 <= len(re.findall(r"[.!?](?:\s|$)", description)) <= 2, description
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("### Publishing the extension"):readme.index("### How to cite")]
     assert "Apache License 2.0" in section and "`LICENSE`" in section
     entry = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))
@@ -77,25 +77,25 @@ def test_description_is_two_sentences_and_the_readme_has_what_the_index_asks():
 
 
 def test_citation_cff_cites_the_paper_and_fmct():
-    cff = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    cff = yaml.safe_load((REPO / "CITATION.cff").read_text(encoding="utf-8"))
     assert cff["cff-version"] == "1.2.0" and cff["type"] == "software" and cff["license"] == "Apache-2.0"
     paper = cff["preferred-citation"]
     assert paper["title"] == "3D Foundation Model for Generalizable Disease Detection in Head Computed Tomography"
     assert paper["journal"] == "Nature Biomedical Engineering" and paper["year"] == 2026
     assert "2502.02779" in paper["url"] and paper["authors"][0]["family-names"] == "Zhu"
-    assert "2502.02779" in (REPO / "README.md").read_text()
-    assert (REPO / "CHANGELOG.md").read_text().startswith("# Changelog")
+    assert "2502.02779" in (REPO / "README.md").read_text(encoding="utf-8")
+    assert (REPO / "CHANGELOG.md").read_text(encoding="utf-8").startswith("# Changelog")
 
 
 def test_module_help_links_to_the_documentation():
-    home = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Homepage"]
+    home = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["urls"]["Homepage"]
     assert documentationUrl("#fmct-in-3d-slicer", source=REPO) == f"{home}#fmct-in-3d-slicer"
     assert documentationUrl(source=None) is None
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert "## FMCT in 3D Slicer" in readme and "### Training headless: FMCT Training" in readme  # the anchors
     for module, anchor in (("FMCT/FMCT.py", "#fmct-in-3d-slicer"), ("FMCTTraining/FMCTTraining.py",
                                                                      "#training-headless-fmct-training")):
-        assert f'documentationUrl("{anchor}")' in (REPO / module).read_text()
+        assert f'documentationUrl("{anchor}")' in (REPO / module).read_text(encoding="utf-8")
 
 
 def test_sample_data_needs_numpy_and_simpleitk_only():

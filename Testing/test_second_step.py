@@ -227,7 +227,7 @@ def test_the_configs_the_readme_and_training_panel_name_exist_and_load():
 
     named = set()
     for doc in (REPO / "README.md", REPO / "FMCTTraining" / "FMCTTraining.py"):
-        named |= set(re.findall(r"Resources/Configs/[\w.-]+\.ya?ml", doc.read_text()))
+        named |= set(re.findall(r"Resources/Configs/[\w.-]+\.ya?ml", doc.read_text(encoding="utf-8")))
     assert {"Resources/Configs/finetune_tiny.yaml", "Resources/Configs/evaluate.yaml"} <= named
     for name in named:
         assert (REPO / name).is_file(), name

@@ -107,7 +107,7 @@ def test_engine_requirements_leave_torch_and_slicers_simpleitk_alone():
 
 def test_fmct_never_imports_monai():
     offenders = [str(p.relative_to(REPO)) for p in (REPO / "fmct").rglob("*.py")
-                 if "import monai" in p.read_text() or "from monai" in p.read_text()]
+                 if "import monai" in p.read_text(encoding="utf-8") or "from monai" in p.read_text(encoding="utf-8")]
     assert offenders == []
 
 

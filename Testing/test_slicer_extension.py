@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CMAKE = (REPO / "CMakeLists.txt").read_text()
+CMAKE = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
 REQUIRED = ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
             "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS")
 # From the index's check script (the categories extensions use today), the ones that fit FMCT.
@@ -88,20 +88,20 @@ def test_all_urls_name_the_same_repository_and_it_is_named_for_slicer():
     (owner, name), = repositories
     assert "slicer" in name.lower(), "the index asks for 'Slicer' in the repository name"
     assert homepage.startswith(VARIABLES["FMCT_REPOSITORY_URL"])
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert f"{owner}/{name}" in readme, "README's 'Publishing the extension' names the placeholder to replace"
 
 
 def test_license_is_in_the_root_and_is_the_one_pyproject_declares():
-    license_text = (REPO / "LICENSE").read_text()
+    license_text = (REPO / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     assert "END OF TERMS AND CONDITIONS" in license_text
-    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text(encoding="utf-8")
 
 
 def test_the_extension_carries_the_engine_configs_and_every_module_file():
     assert "Resources/Configs/*" in CMAKE and "FMCT_CONFIG_FILES" in CMAKE
     for module in ("FMCT", "FMCTTraining"):
-        listed = (REPO / module / "CMakeLists.txt").read_text()
+        listed = (REPO / module / "CMakeLists.txt").read_text(encoding="utf-8")
         for path in (REPO / module / f"{module}Lib").glob("*.py"):
             assert f"${{MODULE_NAME}}Lib/{path.name}" in listed, f"{module}/CMakeLists.txt does not install {path.name}"

@@ -54,7 +54,7 @@ def test_every_module_file_compiles_under_the_oldest_python_claimed():
     python = interpreter(MINIMUM_PYTHON)
     if python is None:
         for path in MODULE_FILES:
-            ast.parse(path.read_text(), str(path), feature_version=MINIMUM_PYTHON)
+            ast.parse(path.read_text(encoding="utf-8"), str(path), feature_version=MINIMUM_PYTHON)
         pytest.skip(f"no Python {MINIMUM_PYTHON} interpreter here: parsed with ast(feature_version={MINIMUM_PYTHON}) only")
     run = compile_with(python, MODULE_FILES)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -76,7 +76,7 @@ def test_an_older_slicer_python_reaches_the_message(old):
     python = interpreter(old)
     if python is None:
         for path in OLD_SLICER_FILES:
-            ast.parse(path.read_text(), str(path), feature_version=old)
+            ast.parse(path.read_text(encoding="utf-8"), str(path), feature_version=old)
         pytest.skip(f"no Python {old} interpreter here: parsed with ast(feature_version={old}) only")
     run = compile_with(python, OLD_SLICER_FILES)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -90,7 +90,7 @@ def test_an_older_slicer_python_reaches_the_message(old):
 def test_the_module_files_import_nothing_of_fmct_before_the_version_check():
     """Before `UNSUPPORTED = ...`, FMCT.py and FMCTTraining.py import only what every Slicer has."""
     for path in OLD_SLICER_FILES[:2]:
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         imported, names = [], []
         for node in tree.body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "UNSUPPORTED" for t in node.targets):

@@ -20,8 +20,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # YAML and JSON are UTF-8 whatever the locale says
         raw = (json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path} is not valid {path.suffix.lstrip('.').upper() or 'YAML'} ({e})") from e
     if not isinstance(raw, dict):
