@@ -51,7 +51,8 @@ def test_set_repository_rewrites_every_place(tmp_path):
         assert _repositories(text) == {"myorg/SlicerFMCT"}, name  # every URL
         if name != "README.md":  # (the README's prose still tells what the placeholder was)
             assert old not in text, name
-    assert "raw.githubusercontent.com/myorg/SlicerFMCT/release/Resources/Icons/FMCT.png" in (tmp_path / "CMakeLists.txt").read_text(encoding="utf-8")
+    cmake = (tmp_path / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "raw.githubusercontent.com/myorg/SlicerFMCT/release/Resources/Icons/FMCT.png" in cmake
 
 
 def test_contributors_are_the_same_in_cmake_the_modules_and_the_package():
