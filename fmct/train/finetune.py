@@ -185,6 +185,31 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     if cfg.checkpoints and info.enabled:
         raise ConfigError("finetune: checkpoints are kept for single-process runs only (each torchrun rank has its "
                           "own random state, so a resume would not be exact); drop --checkpoints under torchrun")
+    studies = _select_studies(cfg)
+    model, spec, origin = build_model(cfg, len(studies.tasks))
+    notify(0.0, "preparing data")
+    train_ds, val_ds = _datasets(cfg, studies, spec, info, cancel)
+    losses = _train(cfg, model, train_ds, info, device, notify, cancel)
+    if not info.is_main:
+        return FinetuneResult(None, model)
+    out = _calibrate_and_save(cfg, model, spec, origin, studies.tasks, train_ds, val_ds, losses, info, device, notify)
+    notify(1.0, "done")
+    return FinetuneResult(out, model)
+
+
+@dataclass
+class _Studies:
+    """Which studies train and validate, and on which tasks (and the prepared caches they come from, if any)."""
+
+    tasks: list[str]
+    train: list[Study]
+    val: list[Study]
+    cache: Any = None
+    val_cache: Any = None
+
+
+def _select_studies(cfg: FinetuneConfig) -> _Studies:
+    """The tasks and the train / validation studies, refused before any training when they cannot work."""
     manifest, cache = load_studies(cfg.data, cfg.layout, path_prefix=cfg.path_prefix)  # a cache is read through its index
     if cache is not None and cfg.augment > 0:
         raise ConfigError("finetune: --augment rescans the source CTs; it cannot run from a prepared cache. Give the "
@@ -192,6 +217,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     tasks = cfg.tasks or manifest.tasks
     if not tasks:
         raise ConfigError(f"finetune: {cfg.data} has no labels; give a labelled manifest or set 'tasks'")
+    val_cache = None
     if cfg.val_data:
         val_manifest, val_cache = load_studies(cfg.val_data, cfg.layout, path_prefix=cfg.path_prefix)
         train_studies, val_studies = list(manifest), list(val_manifest)
@@ -201,34 +227,42 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
         train_studies = few_label_subset(train_studies, tasks, cfg.labels_per_class, cfg.seed)
     check_training_inputs(cfg, tasks, train_studies, val_studies)
     log.info("fine-tuning on %d studies, validating on %d, tasks %s", len(train_studies), len(val_studies), tasks)
+    return _Studies(list(tasks), train_studies, val_studies, cache, val_cache)
 
-    model, spec, origin = build_model(cfg, len(tasks))
-    notify(0.0, "preparing data")
+
+def _datasets(cfg: FinetuneConfig, studies: _Studies, spec: PreprocessSpec, info: Any, cancel: CancelCheck | None):
+    """Training and validation datasets: read through a prepared cache's index, or decoded once into
+    cfg.cache_dir (rank 0 fills it first; the other ranks then only read it). Validation stays clean."""
+    tasks = studies.tasks
     if not info.is_main:
-        barrier()  # rank 0 fills the cache first; the others then only read it
-    if cache is not None:
-        train_ds = PreparedVolumes(open_for(cache, spec, cfg.verify), spec.windows, tasks,
-                                   study_ids=[s.study_id for s in train_studies])
+        barrier()
+    if studies.cache is not None:
+        train_ds = PreparedVolumes(open_for(studies.cache, spec, cfg.verify), spec.windows, tasks,
+                                   study_ids=[s.study_id for s in studies.train])
     else:
-        train_ds = CachedVolumeDataset(train_studies, spec, cfg.cache_dir, tasks=tasks, augment=cfg.augment,
-                                       augment_seed=cfg.seed).prepare(cancel=cancel)   # validation stays clean
-    val_from = val_cache if cfg.val_data else cache
+        train_ds = CachedVolumeDataset(studies.train, spec, cfg.cache_dir, tasks=tasks, augment=cfg.augment,
+                                       augment_seed=cfg.seed).prepare(cancel=cancel)
+    val_from = studies.val_cache if cfg.val_data else studies.cache
     if val_from is not None:
         val_ds = PreparedVolumes(open_for(val_from, spec, cfg.verify), spec.windows, tasks,
-                                 study_ids=[s.study_id for s in val_studies])
+                                 study_ids=[s.study_id for s in studies.val])
     else:
-        val_ds = CachedVolumeDataset(val_studies, spec, cfg.cache_dir, tasks=tasks).prepare(cancel=cancel)
+        val_ds = CachedVolumeDataset(studies.val, spec, cfg.cache_dir, tasks=tasks).prepare(cancel=cancel)
     if info.is_main:
         barrier()
-    y_train = torch.tensor(np.array([train_ds.label_vector(s) for s in train_ds.studies], dtype=np.float32))
+    return train_ds, val_ds
 
+
+def _train(cfg: FinetuneConfig, model: FMCTClassifier, train_ds: Any, info: Any, device: torch.device,
+           notify: Progress, cancel: CancelCheck | None) -> list[float]:
+    """The supervised loop over the training split (linear probe or full fine-tuning with layer-wise lr decay)."""
+    y_train = torch.tensor(np.array([train_ds.label_vector(s) for s in train_ds.studies], dtype=np.float32))
     model.encoder.mask_token.requires_grad_(False)  # only masked image modeling uses it; DDP wants every trained param used
     if cfg.mode == "linear":
         for p in model.encoder.parameters():
             p.requires_grad_(False)
     groups = model.param_groups(cfg.weight_decay, cfg.layer_decay if cfg.mode == "full" else 1.0)
     train_cfg = SupervisedConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_epochs, seed=cfg.seed)
-
     sampler = distributed_sampler(train_ds, info, cfg.seed) if info.enabled else None
 
     def batches(epoch: int):
@@ -245,14 +279,18 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
 
     steps = -(-len(train_ds) // (cfg.batch_size * info.world_size))
     trained = wrap_ddp(model.to(device), info, device)
-    losses = train_classifier(trained, batches, steps, positive_weights(y_train, train_cfg.max_pos_weight), train_cfg,
-                              device, groups, progress=lambda f, m: notify(0.05 + 0.85 * f, m), cancel=cancel,
-                              checkpoints=cfg.checkpoints,
-                              identity={"config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "checkpoints")},
-                                        "studies": [str(s.path) for s in train_ds.studies]})
-    if not info.is_main:
-        return FinetuneResult(None, model)
+    identity = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "checkpoints")},
+                "studies": [str(s.path) for s in train_ds.studies]}
+    return train_classifier(trained, batches, steps, positive_weights(y_train, train_cfg.max_pos_weight), train_cfg,
+                            device, groups, progress=lambda f, m: notify(0.05 + 0.85 * f, m), cancel=cancel,
+                            checkpoints=cfg.checkpoints, identity=identity)
 
+
+def _calibrate_and_save(cfg: FinetuneConfig, model: FMCTClassifier, spec: PreprocessSpec, origin: dict,
+                        tasks: list[str], train_ds: Any, val_ds: Any, losses: list[float], info: Any,
+                        device: torch.device, notify: Progress) -> Path:
+    """Calibrate each task on the validation split, fit the out-of-distribution statistics (training split:
+    reference; validation split: threshold) and write the bundle."""
     notify(0.92, "calibrating on the validation split")
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate_skip_none)
     val_logits, val_features = predict_with_features(model, (b["image"] for b in val_loader if b is not None), device)
@@ -260,7 +298,6 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     task_meta = calibrate_tasks(tasks, val_logits, y_val)
     val_probs = calibrated_probabilities(val_logits, [t.temperature for t in task_meta])
     metrics = {"validation": evaluation_report(y_val, val_probs, tasks, [t.threshold for t in task_meta])}
-
     meta = BundleMeta(
         name=cfg.name, encoder=model.encoder.cfg, preprocessing=spec, tasks=task_meta,
         description=f"Fine-tuned ({cfg.mode}) on {cfg.data}",
@@ -275,7 +312,5 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, cancel: Canc
     notify(0.95, "out-of-distribution statistics (training split: reference; validation split: threshold)")
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, collate_fn=collate_skip_none)
     _, train_features = predict_with_features(model, (b["image"] for b in train_loader if b is not None), device)
-    out = save_bundle(model.cpu(), meta, cfg.out, reference=fit_reference(
+    return save_bundle(model.cpu(), meta, cfg.out, reference=fit_reference(
         train_features, val_features, source=f"fmct finetune on {cfg.data}: training split (reference), validation split (threshold)"))
-    notify(1.0, "done")
-    return FinetuneResult(out, model)
