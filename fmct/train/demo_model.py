@@ -278,7 +278,42 @@ def reference_main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def _demo_meta(args: argparse.Namespace, model: FMCTClassifier, spec: PreprocessSpec, tasks: list[Task], metrics: dict,
+               origin: dict, train_cfg: SupervisedConfig, losses: list[float], train_s: float,
+               device: torch.device) -> BundleMeta:
+    """The demo bundle's fmct.json: the recipe as a command line, the training, the data and its seeds."""
+    train_anatomies, test_anatomies = _presets(args.anatomy), _presets(args.test_anatomies)
+    return BundleMeta(
+        name="fmct-demo-tiny",
+        description=f"Demo model: tiny 3D ViT, {origin['kind']}, on synthetic head CTs (fmct.phantom). "
+        "For trying the software, not for clinical use.",
+        encoder=model.encoder.cfg,
+        preprocessing=spec,
+        tasks=tasks,
+        provenance={
+            "recipe": "python -m fmct.train.demo_model " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                                    if k not in ("out", "resume") and v is not None),
+            "training": {**origin, **asdict(train_cfg), "final_loss": losses[-1], "train_seconds": round(train_s, 1),
+                         "device": str(device)},
+            "data": {
+                "source": f"fmct.phantom, anatomy presets {train_anatomies} in turn (test: {test_anatomies}, one split each), "
+                          f"half thick (4-5 mm) / half thin (0.5-1 mm) slices, in-plane sizes {IN_PLANE_SIZES}",
+                "seeds": {**{s: f"{SEED_BASE[s]}..{SEED_BASE[s] + n - 1}" for s, n in (("train", args.n_train), ("val", args.n_val))},
+                          **{f"test {a}": f"{SEED_BASE['test'] + i * TEST_ANATOMY_OFFSET}.."
+                                          f"{SEED_BASE['test'] + i * TEST_ANATOMY_OFFSET + args.n_test - 1}"
+                             for i, a in enumerate(test_anatomies)}},
+                "saliency_seeds": f"{SEED_BASE['saliency']}.. (100 per hemorrhage type)",
+                "augmentation": "training split: one random label-preserving CT-level variation per phantom "
+                                "(fmct.data.rescan.random_variation, seeded by the phantom seed)" if args.augment else "none",
+            },
+            "seed": args.seed,
+        },
+        metrics=metrics,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The recipe's options (its defaults are the shipped model's)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="Resources/DemoModel")
     ap.add_argument("--n-train", type=int, default=3000)
@@ -303,7 +338,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layer-decay", type=float, default=0.75, help="lr shrink per block below the head, with --encoder")
     ap.add_argument("--resume", type=Path, default=None, metavar="DIR",
                     help="keep the phantom splits and a checkpoint per epoch in DIR, and continue from what is there")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
     device = torch_device(args.device)
@@ -344,33 +383,7 @@ def main(argv: list[str] | None = None) -> None:
 
     metrics = test_metrics(model, tests, tasks, device)
 
-    meta = BundleMeta(
-        name="fmct-demo-tiny",
-        description=f"Demo model: tiny 3D ViT, {origin['kind']}, on synthetic head CTs (fmct.phantom). "
-        "For trying the software, not for clinical use.",
-        encoder=model.encoder.cfg,
-        preprocessing=spec,
-        tasks=tasks,
-        provenance={
-            "recipe": "python -m fmct.train.demo_model " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                    if k not in ("out", "resume") and v is not None),
-            "training": {**origin, **asdict(train_cfg), "final_loss": losses[-1], "train_seconds": round(train_s, 1),
-                         "device": str(device)},
-            "data": {
-                "source": f"fmct.phantom, anatomy presets {train_anatomies} in turn (test: {test_anatomies}, one split each), "
-                          f"half thick (4-5 mm) / half thin (0.5-1 mm) slices, in-plane sizes {IN_PLANE_SIZES}",
-                "seeds": {**{s: f"{SEED_BASE[s]}..{SEED_BASE[s] + n - 1}" for s, n in (("train", args.n_train), ("val", args.n_val))},
-                          **{f"test {a}": f"{SEED_BASE['test'] + i * TEST_ANATOMY_OFFSET}.."
-                                          f"{SEED_BASE['test'] + i * TEST_ANATOMY_OFFSET + args.n_test - 1}"
-                             for i, a in enumerate(test_anatomies)}},
-                "saliency_seeds": f"{SEED_BASE['saliency']}.. (100 per hemorrhage type)",
-                "augmentation": "training split: one random label-preserving CT-level variation per phantom "
-                                "(fmct.data.rescan.random_variation, seeded by the phantom seed)" if args.augment else "none",
-            },
-            "seed": args.seed,
-        },
-        metrics=metrics,
-    )
+    meta = _demo_meta(args, model, spec, tasks, metrics, origin, train_cfg, losses, train_s, device)
     _, train_features = predict_with_features(model, x_train, device)
     reference = fit_reference(train_features, val_features, source="demo recipe: training split (reference), "
                                                                     "validation split (threshold)")
