@@ -1,8 +1,11 @@
 """Writing DICOM series the way scanners do (one file per slice), so readers can be tested on them."""
 from __future__ import annotations
 
+import contextlib
+import locale
 import math
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,15 +56,27 @@ def write_dicom_series(
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     paths = []
-    for k in range(n):
-        position = (volume.index_to_physical @ [0.0, 0.0, k, 1.0])[:3] + k * shift
-        image = _slice_image(volume, k, position, storage)
-        for key, value in {**shared, **_slice_tags(k, position)}.items():
-            image.SetMetaData(key, value)
-        writer.SetFileName(str(folder / names[k]))
-        writer.Execute(image)
-        paths.append(folder / names[k])
+    with _locale_kept():
+        for k in range(n):
+            position = (volume.index_to_physical @ [0.0, 0.0, k, 1.0])[:3] + k * shift
+            image = _slice_image(volume, k, position, storage)
+            for key, value in {**shared, **_slice_tags(k, position)}.items():
+                image.SetMetaData(key, value)
+            writer.SetFileName(str(folder / names[k]))
+            writer.Execute(image)
+            paths.append(folder / names[k])
     return paths
+
+
+@contextlib.contextmanager
+def _locale_kept() -> Iterator[None]:
+    """GDCM's DICOM writer sets the process locale to "C" and leaves it there: every later text-mode open()
+    without an encoding then reads ASCII only (a UTF-8 README, a subprocess's output). Put it back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def new_uid() -> str:
