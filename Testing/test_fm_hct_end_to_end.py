@@ -82,8 +82,8 @@ def test_embed_probe_finetune_analyze_export_and_slicer(encoder_bundle, tmp_path
     import SimpleITK as sitk
 
     volume, image = read_volume(ct), sitk.ReadImage(str(ct))
-    for task in ("any_hemorrhage", "fracture"):
-        saliency = sitk.ReadImage(str(out / f"saliency_{task}.nii.gz"))  # a map, not a CT: no HU checks
+    for name in ("attention.nii.gz",):  # attention: one finding-agnostic map (issue 27), on the CT's own grid
+        saliency = sitk.ReadImage(str(out / name))  # a map, not a CT: no HU checks
         assert saliency.GetSize() == image.GetSize()
         assert np.allclose(saliency.GetSpacing(), image.GetSpacing()) and np.allclose(saliency.GetOrigin(), image.GetOrigin(), atol=1e-4)
         assert np.allclose(saliency.GetDirection(), image.GetDirection(), atol=1e-6)
