@@ -66,23 +66,6 @@ def bundle(tmp_path_factory) -> Path:
     return tiny_bundle(tmp_path_factory.mktemp("bundle") / "b")[0]
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Call it to make any model run from then on (torch or onnxruntime) fail the test."""
-    from fmct.inference.onnx_runner import OnnxModel
-    from fmct.inference.runners import TorchRunner
-
-    def refuse(*a, **k):
-        raise AssertionError("a model ran on bad input")
-
-    def arm() -> None:
-        for runner in (TorchRunner, OnnxModel):
-            for name in ("logits", "run"):
-                if hasattr(runner, name):
-                    monkeypatch.setattr(runner, name, refuse)
-    return arm
-
-
 # ============================================================================ bundles (items 1, 9, 12a, 16)
 _ONNX_CACHE: dict[str, Path] = {}
 
