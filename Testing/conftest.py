@@ -7,6 +7,8 @@ Shared objects are read-only for the tests: a test that changes a bundle or an a
 """
 from __future__ import annotations
 
+import locale
+
 import pytest
 import torch
 
@@ -52,3 +54,16 @@ def no_model(monkeypatch):
                 if hasattr(runner, name):
                     monkeypatch.setattr(runner, name, refuse)
     return arm
+
+
+_LOCALE = locale.setlocale(locale.LC_ALL)
+
+
+@pytest.fixture(autouse=True)
+def _locale_restored():
+    """Native libraries some tests load (slicer-core's ITK/VTK, GDCM) set the process locale to "C" and
+    leave it; later tests would then decode UTF-8 text (subprocess output, the README) as ASCII. Each test
+    starts from the locale the run started with (the engine's own DICOM writer restores it itself)."""
+    if locale.setlocale(locale.LC_ALL) != _LOCALE:
+        locale.setlocale(locale.LC_ALL, _LOCALE)
+    yield
