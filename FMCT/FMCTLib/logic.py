@@ -347,6 +347,11 @@ class AnalysisJob:
             self.cleanup()  # else the starting thread cleans up once it sees the cancel
 
     def cleanup(self) -> None:
+        """Delete the job's files; a one-off worker (stdin closed after its one request) that has not
+        ended by now is stopped and reaped, the warm one is left waiting for the next click."""
+        child = self.child
+        if child is not None and self.state != "running" and child.inputClosed and child.running():
+            child.stop()
         shutil.rmtree(self.workDir, ignore_errors=True)
 
     def raiseError(self) -> None:

@@ -106,6 +106,11 @@ class ChildProcess:
             except OSError:  # the child has gone; its pipe is broken
                 pass
 
+    @property
+    def inputClosed(self) -> bool:
+        """Whether its stdin is closed or was never a pipe (a one-off worker, or one that was stopped)."""
+        return self.process.stdin is None or self.process.stdin.closed
+
     def text(self) -> str:
         """The output that arrived since the last call; never blocks."""
         pieces = []
