@@ -64,7 +64,7 @@ class WarmWorker:
             for attempt in range(2):
                 if self.child is not None and (not self.child.running() or self.command != command):
                     log.info("FMCT: analysis process %d has ended or is outdated; starting a new one", self.child.pid)
-                    self.child.stop()  # reaps it (and kills what it left, if anything)
+                    _end(self.child)
                     self.child = None
                 if self.child is None:
                     self.child, self.command = self._start(command, environment), command
@@ -91,6 +91,15 @@ class WarmWorker:
             child, self.child, self.job = self.child, None, None
             folders, self._folders = self._folders, []
         if child is not None:
-            child.stop()
+            _end(child)
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _end(child: ChildProcess) -> None:
+    """Kill a worker that still runs; one that has ended (and is reaped now) is only closed, so that its
+    process ID, free again, is never signalled."""
+    if child.running():
+        child.stop()
+    else:
+        child.close()
