@@ -23,7 +23,8 @@ once with the current one ("after"):
   same settings (served by the warm worker), "Explain selected finding" for the next finding
   (warm too), then the worker stopped and the same click once more: a cold click as every click
   was before the worker stayed warm, measured in the same process right after the warm ones.
-  Reports each click's time to results, the worker's PID and whether it loaded the model.
+  Reports each click's time to results, the worker's PID and whether it loaded the model, and the
+  warm worker's RSS while it waits (what staying warm costs).
 - memory: seven positive findings explained on a 512 x 512 x 165 CT (a random 7-task bundle
   with thresholds of 0.01, attention maps, so it is quick): the peak RSS (VmHWM) of the process
   holding the scene (Slicer), and, after, of the worker process too.
@@ -93,6 +94,17 @@ def demo_ct():
     from fmct.phantom.demo_sample import DEMO_IN_PLANE_SIZE, DEMO_SEED, demo_sample
 
     return demo_sample(DEMO_SEED, DEMO_IN_PLANE_SIZE).volume
+
+
+def rss_mb(pid: int | str = "self") -> float | None:
+    """VmRSS of a process in MB: what it holds now."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def high_water_mb(pid: int | str = "self") -> float | None:
@@ -221,12 +233,14 @@ def measure_warm(moduleDir: Path, work: Path, threads: int) -> dict:
         other = next(n for n in names if n and n != shown)
         rows["explain_selected"] = click(logic, ct, lambda node, **o: logic.explainFinding(node, other, **o), options)
         rows["explain_selected"]["finding"] = other
+        time.sleep(1.0)
+        idle = rss_mb(logic.worker.pid)  # what staying warm costs while the worker waits for the next click
         logic.stopWorker()  # every click was cold before the worker stayed warm
         rows["cold_click_after_stop"] = click(logic, ct, logic.startAnalysis, options)
         logic.stopWorker()
     first, second, cold = (rows[k]["seconds_to_results"] for k in ("first_click", "second_click",
                                                                    "cold_click_after_stop"))
-    return {"variant": "after", "case": "warm", **rows,
+    return {"variant": "after", "case": "warm", **rows, "worker_idle_rss_mb": idle,
             "second_over_first": round(second / first, 3), "second_over_cold_after_stop": round(second / cold, 3)}
 
 
