@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parseArguments(argv)
     if args.engine_source:
         sys.path.insert(0, str(Path(args.engine_source).resolve()))
-    from fmct.conventions.runtime import JsonLinesProgress, passive_threads
+    from fmct.conventions.runtime import passive_threads
 
     passive_threads()  # before torch starts: its threads then sleep, not spin, while Slicer's GUI wants a core
 
