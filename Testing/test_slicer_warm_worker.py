@@ -62,7 +62,6 @@ def test_a_second_click_is_served_by_the_same_process_without_loading_the_model(
     assert first.worker["pid"] == second.worker["pid"] == logic.worker.pid
     assert (first.worker["model_loads"], first.worker["model_loaded"]) == (1, True)
     assert (second.worker["model_loads"], second.worker["model_loaded"], second.worker["requests"]) == (1, False, 2)
-    assert second.timings["load_s"] < first.timings["load_s"]  # not a timing claim: the first includes loading
     assert set(outputs.saliencyNodes(ct)) == {outputs.ATTENTION, negative}  # the explained map joined the first
     assert logic.worker.started == 1
 
@@ -108,7 +107,8 @@ def test_a_second_analysis_started_while_one_runs_gets_a_worker_of_its_own(scene
     b = logic.startAnalysis(other, bundlePath=bundle, device="CPU", explain=None)
     b.wait()
     assert a.pid != b.pid and a.pid == logic.worker.pid
-    selftest.waitFor(a), selftest.waitFor(b)
+    selftest.waitFor(a)
+    selftest.waitFor(b)
     ra, rb = logic.finishAnalysis(a), logic.finishAnalysis(b)
     assert ra.findings == rb.findings
     assert waitUntil(lambda: not processGroupAlive(b.pid), 10.0)  # the one-off ends with its request
