@@ -211,6 +211,7 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self.logic is not None:
             self.logic.requestCancel()  # closing Slicer ends a running analysis, not the other way round
+            self.logic.stopWorker()  # and the warm worker that waits for the next click
         if self._timer is not None:
             self._timer.stop()
 
@@ -218,7 +219,8 @@ class FMCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Reload FMCTLib's modules too (Slicer's Reload re-reads only FMCT.py), dependencies first."""
         import importlib
 
-        for name in ("slicerversion", "geometry", "process", "dependencies", "outputs", "worker", "logic", "selftest"):
+        for name in ("slicerversion", "geometry", "process", "dependencies", "outputs", "worker", "warmworker", "logic",
+                     "selftest"):
             module = sys.modules.get(f"FMCTLib.{name}")
             if module is not None:
                 importlib.reload(module)

@@ -20,7 +20,7 @@ from slicer_testing import REPO, headless_slicer  # noqa: E402
 
 from FMCTLib import outputs, selftest  # noqa: E402
 from FMCTLib.logic import EXPLAIN_METHODS, FMCTLogic, engineDevice  # noqa: E402
-from FMCTLib.process import processGroupAlive  # noqa: E402
+from FMCTLib.process import processGroupAlive, waitUntil  # noqa: E402
 from fmct.conventions.errors import BundleError, Cancelled, ConfigError, InputVolumeError  # noqa: E402
 
 
@@ -301,7 +301,10 @@ def test_worker_progress_arrives_while_the_gui_thread_stays_free(app, ph, bundle
     assert [e["event"] for e in events if e["event"] != "progress"] == ["device", "done"]
     assert any("explaining" in e.get("message", "") for e in events)
     assert start_s < 2.0 and max(polls) < 0.2 and load_s < 2.0, (start_s, max(polls), load_s)
-    assert not processGroupAlive(job.pid) and not job.workDir.exists()
+    assert not job.workDir.exists()
+    assert processGroupAlive(job.pid) and job.pid == logic.worker.pid  # warm, waiting for the next click
+    logic.stopWorker()  # module cleanup
+    assert waitUntil(lambda: not processGroupAlive(job.pid), 5.0)
     selftest.checkSaliencyGeometry(ct, result)
 
 

@@ -23,6 +23,7 @@ from slicer_testing import headless_slicer  # noqa: E402
 
 from FMCTLib import selftest  # noqa: E402
 from FMCTLib.logic import FMCTLogic  # noqa: E402
+from FMCTLib.process import waitUntil  # noqa: E402
 from fmct.conventions.runtime import read_json_line  # noqa: E402
 from fmct.inference.bundle import read_meta  # noqa: E402
 
@@ -101,6 +102,8 @@ def test_a_malformed_progress_line_is_ignored(tmp_path, ph, bundle):
 
 
 def test_a_finished_analysis_is_kept_when_the_interpreter_crashes_at_exit(tmp_path, ph, bundle):
+    """The warm worker crashes when it ends (after the results it delivered): they are kept, and
+    the next click starts a fresh worker."""
     crash = "sys.stdout.flush(); os.kill(os.getpid(), signal.SIGSEGV)"
     with headless_slicer() as app:
         logic, job, ct = start(app, tmp_path, ph, bundle, launcher(tmp_path, after=crash))
@@ -108,11 +111,18 @@ def test_a_finished_analysis_is_kept_when_the_interpreter_crashes_at_exit(tmp_pa
         while job.running and time.monotonic() < deadline:
             job.poll()
             time.sleep(0.05)
-        assert job.child.returncode() == -signal.SIGSEGV  # it did crash
         assert job.state == "done"
         result = logic.finishAnalysis(job)
         tasks = read_meta(bundle).task_names
         assert [f["name"] for f in result.findings] == tasks and result.tableNode.GetNumberOfRows() == len(tasks)
+        first = job.child  # the warm worker: it ends when its stdin closes, and its interpreter then crashes
+        first.closeInput()
+        assert waitUntil(lambda: first.returncode() is not None, 60)
+        assert first.returncode() == -signal.SIGSEGV  # it did crash
+        again = logic.analyze(ct, bundlePath=bundle, device="CPU", explain=None)  # the next click: a fresh worker
+        assert again.worker["pid"] != first.pid and again.worker["model_loads"] == 1
+        assert [f["name"] for f in again.findings] == tasks
+        logic.stopWorker()
 
 
 def test_a_crash_before_the_results_is_still_a_failure(tmp_path, ph, bundle):

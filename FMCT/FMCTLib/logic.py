@@ -9,10 +9,13 @@ The numerical work runs in a separate process (FMCTLib/worker.py, on Slicer's ow
 on Slicer's GUI thread: importing torch, loading a model and Integrated Gradients take seconds
 to minutes, during which Slicer would stop repainting ("Not responding" on Windows after 5 s)
 and a processEvents() mid-run would let the user close the scene under the running analysis.
-The logic exports the CT node to a temporary NRRD (LPS, the node's own voxel type), starts the
-worker, reads its JSON-lines progress while the GUI polls (AnalysisJob.poll, from a QTimer), and
-loads the result folder into nodes in one short step at the end. Cancel kills the worker's
-process tree; nothing is added to the scene before the worker has finished.
+The logic exports the CT node to a temporary NRRD (LPS, the node's own voxel type), sends it to
+the worker, reads its JSON-lines progress while the GUI polls (AnalysisJob.poll, from a QTimer),
+and loads the result folder into nodes in one short step at the end. The worker stays warm
+between clicks (FMCTLib/warmworker.py: torch imported and the model loaded once, "Explain
+selected finding" served by the same process); it is started on first use and again when it
+died. Cancel kills the worker's process tree (the next click starts a fresh one), as does
+stopWorker() (module cleanup); nothing is added to the scene before the worker has finished.
 
 Importing this module imports neither torch nor fmct (Slicer must start, and the module must
 load, before they are installed).
@@ -34,6 +37,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +45,7 @@ from typing import Sequence
 from FMCTLib import geometry, outputs, worker
 from FMCTLib.dependencies import DependencyLogic, engineSourceDir, useEngineSource
 from FMCTLib.process import ChildProcess, pythonExecutable
+from FMCTLib.warmworker import WarmWorker
 
 try:
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
@@ -83,6 +88,7 @@ class FMCTResult:
     warning: str | None = None  # the engine's warning when the CT is unlike the model's training data
     checks: list = field(default_factory=list)  # the engine's plausibility checks of the CT (fmct.checks), as dicts
     banner: str | None = None  # the bundle's one line shown with every result ("trained on synthetic heads only")
+    worker: dict = field(default_factory=dict)  # the process that served it: pid, model_loads, requests, model_loaded
 
     def checkLines(self) -> list[str]:
         """One line per check for the panel: name, ok/FLAGGED and the measured value's message."""
@@ -275,7 +281,8 @@ class AnalysisJob:
     def poll(self) -> list[dict]:
         """Read what the worker printed since the last call (never blocks); returns its events.
 
-        When the worker has exited and all its output is read, the state becomes done or failed.
+        The state becomes done or failed with the worker's "done" or "error" line (the warm worker
+        then waits for the next request), or failed when the worker exited without either.
         """
         from fmct.conventions.runtime import PROGRESS_EVENT, read_json_line
 
@@ -302,22 +309,27 @@ class AnalysisJob:
                 self.done = event
             elif kind == "error":
                 self.error = event
-        if not self.child.running() and self.child.outputClosed:
+            if kind in ("done", "error"):
+                break  # the end of this request; the warm worker's next lines belong to the next one
+        if self.done is not None or self.error is not None:
             self.state = "done" if self.finished() else "failed"
+        elif not self.child.running() and self.child.outputClosed:
+            self.state = "failed"
             self.child.close()
         return events
 
     def finished(self) -> bool:
         """Whether the worker delivered its results: a done event and the folder's findings.json (written last,
-        once every file read back whole). A worker that crashed after that, at interpreter exit, still
-        delivered them; finishAnalysis checks each file before it loads one."""
+        once every file read back whole). A worker that crashed after that (a one-off worker at interpreter
+        exit) still delivered them; finishAnalysis checks each file before it loads one."""
         if self.done is None:
             return False
         code = self.child.returncode() if self.child is not None else None
         if code == 0:
             return True
         if (Path(str(self.done.get("folder", ""))) / "findings.json").is_file():
-            log.warning("FMCT worker exited with code %s after writing its results; they are kept", code)
+            if code is not None:
+                log.warning("FMCT worker exited with code %s after writing its results; they are kept", code)
             return True
         return False
 
@@ -335,6 +347,11 @@ class AnalysisJob:
             self.cleanup()  # else the starting thread cleans up once it sees the cancel
 
     def cleanup(self) -> None:
+        """Delete the job's files; a one-off worker (stdin closed after its one request) that has not
+        ended by now is stopped and reaped, the warm one is left waiting for the next click."""
+        child = self.child
+        if child is not None and self.state != "running" and child.inputClosed and child.running():
+            child.stop()
         shutil.rmtree(self.workDir, ignore_errors=True)
 
     def raiseError(self) -> None:
@@ -364,6 +381,8 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         self._volumeRenderingLogics: dict[int, object] = {}
         self._jobs: list[AnalysisJob] = []
         self._cancelRequested = False
+        self.worker = WarmWorker()
+        weakref.finalize(self, self.worker.stop)  # a logic that goes away takes its worker with it
 
     # -- the one-click analysis ------------------------------------------------------------------
 
@@ -431,24 +450,24 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         volume = view.with_array(view.array.copy())  # the node may change (or go) while the copy is written
         del view
         workDir = Path(tempfile.mkdtemp(prefix="fmct-analysis-"))
-        command = [self.python, str(Path(worker.__file__).resolve()), "--input", str(workDir / "ct.nrrd"),
-                   "--out", str(workDir / "result"), "--bundle", str(bundle.resolve()), "--device", engineName,
-                   "--explain", method or "none", "--findings", findings]
+        command = [self.python, str(Path(worker.__file__).resolve()), "--serve"]
         if self.dependencies.engineSource is not None:
             command += ["--engine-source", str(self.dependencies.engineSource)]
+        request = {"input": str(workDir / "ct.nrrd"), "out": str(workDir / "result"), "bundle": str(bundle.resolve()),
+                   "device": engineName, "explain": method or "none", "findings": findings}
         environment = self.workerEnvironment()
 
         def prepare() -> ChildProcess:
             """Off the GUI thread: refuse what is not a head CT, write it (uncompressed, its own voxel
-            type), start the worker."""
+            type), send it to the warm worker (started now if there is none or it died)."""
             from fmct.reading.files import write_volume
             from fmct.reading.volume import validate_ct
 
             validate_ct(volume, "The input volume")
             write_volume(volume, workDir / "ct.nrrd")
             volume.array = None  # the file has it now
-            child = ChildProcess(command, env=environment, stderrPath=workDir / "worker.log")
-            log.info("FMCT: analysis process %d started (%s, %s)", child.pid, engineName, method or "no explanation")
+            child = self.worker.serve(job, command, environment, request)
+            log.info("FMCT: analysis sent to process %d (%s, %s)", child.pid, engineName, method or "no explanation")
             return child
 
         job = AnalysisJob(inputVolumeNode, workDir, keepOtherMaps)
@@ -515,7 +534,7 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
                                 done.get("model", job.modelName), done.get("device", job.device or ""), timings,
                                 bool(done.get("gpu")), list(done.get("explained", [])),
                                 done.get("out_of_distribution"), done.get("warning"), list(done.get("checks") or []),
-                                done.get("banner"))
+                                done.get("banner"), dict(done.get("worker") or {}))
             tableNode.SetAttribute(outputs.WARNING_ATTRIBUTE, result.warning or "")
             tableNode.SetAttribute(outputs.CHECKS_ATTRIBUTE, json.dumps(result.checks))
             tableNode.SetAttribute(outputs.BANNER_ATTRIBUTE, result.banner or "")
@@ -530,6 +549,10 @@ class FMCTLogic(ScriptedLoadableModuleLogic):
         """Start computing one more finding's map for a CT that was analyzed (the panel's on-demand
         explanation); finishAnalysis adds it next to the maps already there and shows it."""
         return self.startAnalysis(inputVolumeNode, bundlePath, device, explain, [finding], keepOtherMaps=True)
+
+    def stopWorker(self) -> None:
+        """Kill the warm worker and everything it started (module cleanup); a later analysis starts a new one."""
+        self.worker.stop()
 
     def requestCancel(self) -> None:
         """Stop the running analyses now (the widget's Cancel button): their processes are killed."""

@@ -53,12 +53,14 @@ class ChildProcess:
 
     mergeStderr=True sends stderr to the same pipe (a training log, where the engine's progress
     bars and log lines both belong); otherwise stderr goes to stderrPath (or nowhere).
+    inputPipe=True opens its stdin as a pipe for send() (a long-lived worker that takes requests);
+    otherwise stdin is empty.
     Read it either as text() (everything since the last call, as it came, carriage returns
     included) or as lines() (complete lines only), not both.
     """
 
     def __init__(self, command: Sequence[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
-                 stderrPath: str | Path | None = None, mergeStderr: bool = False) -> None:
+                 stderrPath: str | Path | None = None, mergeStderr: bool = False, inputPipe: bool = False) -> None:
         self.command = [str(c) for c in command]
         self.stderrPath = Path(stderrPath) if stderrPath and not mergeStderr else None
         self._stderr: IO[bytes] | None = open(self.stderrPath, "wb") if self.stderrPath else None  # noqa: SIM115
@@ -66,7 +68,8 @@ class ChildProcess:
         groupOptions: dict = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if WINDOWS
                               else {"start_new_session": True})
         self.started = time.time()
-        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=stderr,
+                                        stdin=subprocess.PIPE if inputPipe else subprocess.DEVNULL,
                                         env=env, cwd=cwd, **groupOptions)
         self._chunks: queue.Queue = queue.Queue()
         self._buffer = ""
@@ -87,6 +90,26 @@ class ChildProcess:
             self._chunks.put(decoder.decode(data))
         self._chunks.put(decoder.decode(b"", final=True))
         self._chunks.put(None)  # end of output
+
+    def send(self, line: str) -> None:
+        """Write one line to the child's stdin (opened with inputPipe=True) and flush it.
+
+        Raises OSError (BrokenPipeError) when the child has gone: the caller starts another."""
+        self.process.stdin.write(line.rstrip("\n").encode("utf-8") + b"\n")
+        self.process.stdin.flush()
+
+    def closeInput(self) -> None:
+        """Close the child's stdin: a worker reading requests from it ends after the one it is serving."""
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except OSError:  # the child has gone; its pipe is broken
+                pass
+
+    @property
+    def inputClosed(self) -> bool:
+        """Whether its stdin is closed or was never a pipe (a one-off worker, or one that was stopped)."""
+        return self.process.stdin is None or self.process.stdin.closed
 
     def text(self) -> str:
         """The output that arrived since the last call; never blocks."""
@@ -156,6 +179,7 @@ class ChildProcess:
         self.close()
 
     def close(self) -> None:
+        self.closeInput()
         if self._stderr is not None and not self._stderr.closed:
             self._stderr.close()
 

@@ -296,6 +296,9 @@ def checkExplainOnDemand(scene, ctNode, result, logic: FMCTLogic, bundlePath) ->
     assert logic.shownFinding(ctNode) == missing[0] and added.shownFinding == missing[0]
     assert not canExplain(result.tableNode, row, running=False)[0]
     checkSaliencyGeometry(ctNode, added)
+    # served by the worker that made the first result, without loading the model again (it stays warm)
+    assert added.worker.get("pid") == result.worker.get("pid") and added.worker.get("model_loaded") is False, \
+        (result.worker, added.worker)
     return added
 
 

@@ -39,6 +39,7 @@ from fmct.conventions.errors import ConfigError, FMCTError, OutputFolderError
 from fmct.reading.volume import FORMATS
 from fmct.conventions.locks import FileLock
 from fmct.conventions.names import check_utf8_path, printable
+from fmct.inference.saliency import SaliencyOnCTGrid
 from fmct.inference.study_folder import (LOCK_DIR, NAME_MAX, output_options, read_findings, source_key, study_lock,
                                          write_study_outputs)
 from fmct.preprocessing.preprocessor import ModelInput, Preprocessor, PreprocessSpec
@@ -513,10 +514,11 @@ def _write_study(analyzer: Any, prepared: Prepared, res: Any, out: Path, save_ct
                  tasks: Sequence[str], run: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
-        for name in res.model_saliency:
-            res.saliency[name] = analyzer.map_back(res, name)
-        timings = {"decode_preprocess_s": prepared.seconds, **res.timings, "map_back_s": time.perf_counter() - t0}
-        timings["total_s"] = sum(timings.values())  # writing the files is not included (it happens after)
+        # Mapped back onto the CT's grid inside the writer, one map at a time, each freed once written (as the
+        # CLI does): a study holds one full-size map per writing thread, not all of its maps at once.
+        res.saliency = SaliencyOnCTGrid(analyzer, res)
+        timings = {"decode_preprocess_s": prepared.seconds, **res.timings}
+        timings["total_s"] = sum(timings.values())  # mapping back and writing the files are not included (after)
         # The folder is this study's own (named by its id): an earlier run's results in it are replaced.
         write_study_outputs(out / prepared.study.study_id, prepared.volume, res, analyzer.bundle.meta.name,
                             str(analyzer.device), analyzer.backend, save_ct=save_ct, report=report, timings=timings,
