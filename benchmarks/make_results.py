@@ -137,6 +137,7 @@ COMPLETENESS = "python benchmarks/bench_saliency.py --threads 1 --part completen
 PREPARE = "python benchmarks/bench_prepare.py --n 8 --json FILE"
 FM_HCT = "python benchmarks/bench_fm_hct.py --threads 2 --n 2 --json FILE"
 VERIFIED = "python benchmarks/bench_verified_write.py --out FILE"
+SLICER_WARM = "python benchmarks/bench_slicer.py --cases warm,warm,warm --variants after --json FILE"
 
 FIGURES: list[Figure] = [
     Figure("analyze", "analyze, 5 mm 512x512x40 CT + one IG map, CPU 2 threads (warm)", "run2/analyze_cpu.json",
@@ -237,6 +238,13 @@ FIGURES: list[Figure] = [
            "python benchmarks/bench_slicer.py --json FILE",
            ("the module before (df10d10)", lambda d: row(d["rows"], variant="before", case="click")["longest_gui_block_s"]),
            ratio="shorter", target=("< 0.2 s", lambda v, b: v < 0.2)),
+    Figure("slicer-warm", "Slicer second click / first click, warm worker, Sample Data CT, CPU (worst of 3 runs)",
+           "slicer_warm.json", lambda d: max(r["second_over_first"] for r in d["rows"]), "{:.2f}x", "169b1ea", SLICER_WARM),
+    Figure("batch-memory", "batch, 7 maps of a 512x512x165 CT: peak RSS increase / the CT's float32 size", "batch_memory.json",
+           lambda d: d["rows"]["after"]["increase_over_ct_float32"], "{:.2f}x", "e081f4c",
+           "python benchmarks/bench_batch_memory.py --json FILE",
+           ("every map mapped back before writing (707de57)", lambda d: d["rows"]["before"]["increase_over_ct_float32"]),
+           ratio="smaller"),
     Figure("slicer", "Slicer, 7 maps of a 512x512x165 CT: peak RSS of the Slicer process", "slicer_cpu_loaded.json",
            lambda d: row(d["rows"], variant="after", case="memory")["peak_rss_mb_scene_process"], "{:.0f} MB", "73493b2",
            "python benchmarks/bench_slicer.py --json FILE",
