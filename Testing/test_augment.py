@@ -70,6 +70,7 @@ def test_finetune_dataset_rescans_deterministically_per_seed_epoch_index(tmp_pat
     assert np.array_equal(off[0]["image"].numpy(), clean[0]["image"].numpy())
 
 
+@pytest.mark.slow
 def test_finetune_with_augmentation_makes_a_bundle(tmp_path):
     """`fmct finetune --augment P`: the flag reaches the recipe and is recorded in the bundle."""
     from fmct.inference.bundle import load_bundle

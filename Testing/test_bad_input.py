@@ -500,6 +500,7 @@ def test_nan_probability_is_never_written(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- result folders (item 5, 11, 16)
+@pytest.mark.slow
 def test_result_folder_never_mixes_two_studies(tmp_path, bundle, capfd):
     a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
     write_volume(small_ct(), a)
@@ -783,6 +784,7 @@ def test_diverged_pretraining_is_one_line_exit_2(tmp_path, monkeypatch, capfd):
 
 @pytest.mark.parametrize("build", [dicom_drift, nii_gz_flipped, lambda d: cut_file(d, "ct.mha", 0.6)],
                          ids=["dicom-drift", "nifti-flipped", "mha-cut"])
+@pytest.mark.slow
 def test_the_installed_command_prints_one_line(tmp_path, bundle, build):
     """The real console command (logging and ITK's own warnings included): exit 2 and exactly one line."""
     import subprocess

@@ -156,6 +156,7 @@ def test_output_folder_inside_the_input_is_not_a_study(bundle, tmp_path):
     assert [r["study_id"] for r in read_summary(root / "results" / "summary.csv")] == ["only"]
 
 
+@pytest.mark.slow
 def test_two_ranks_share_the_studies_and_merge_one_summary(bundle, studies, tmp_path):
     """Two processes as torchrun would start them (RANK / WORLD_SIZE), no process group needed."""
     out = tmp_path / "out"

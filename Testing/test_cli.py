@@ -121,6 +121,7 @@ def test_bad_bundle_exits_2(tmp_path, capsys):
     assert "bundle not found" in capsys.readouterr().err.lower()
 
 
+@pytest.mark.slow
 def test_console_script_and_debug_traceback(tmp_path):
     """The installed `fmct` command: exit 2 without traceback, with it under --debug."""
     missing = str(tmp_path / "missing.nii.gz")

@@ -2,6 +2,8 @@
 phantom -> pretrain (self-supervised, on the CTs as a manifest) -> finetune from that encoder -> evaluate."""
 import json
 
+import pytest
+
 from fmct.inference.bundle import load_bundle
 from fmct.cli import main
 
@@ -15,6 +17,7 @@ run: {seed: 1, checkpoint_every: 2}
 """
 
 
+@pytest.mark.slow
 def test_pretrain_finetune_evaluate(tmp_path, capsys):
     phantoms, cache = tmp_path / "phantoms", tmp_path / "cache"
     assert main(["phantom", str(phantoms), "--n", "10", "--seed", "8", "--size", "64", "--slices", "thick"]) == 0
@@ -50,6 +53,7 @@ def test_training_commands_refuse_bad_configs(tmp_path, capsys):
     assert "data.path" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pretrain_data_out_max_steps_with_defaults(tmp_path, capsys):
     """The training door a researcher guesses: `fmct pretrain DATA --out RUN`, the tiny recipe by default."""
     from fmct.cli import build_parser

@@ -198,6 +198,7 @@ def test_data_is_the_positional_argument_of_every_command_and_data_an_alias():
     assert twice.value.code == 2
 
 
+@pytest.mark.slow
 def test_device_gpu_debug_after_the_command_and_options_before_the_ct(bundle, tmp_path):
     assert parse_device("gpu") == "cuda" and parse_device("GPU:1") == "cuda:1"
     assert build_parser().parse_args(["demo", "--device", "gpu"]).device == "cuda"

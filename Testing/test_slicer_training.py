@@ -44,6 +44,7 @@ def test_phantom_run_streams_log_and_progress(logic):
     selftest.checkPhantomRunStreamsLogAndProgress(logic)
 
 
+@pytest.mark.slow
 def test_engine_failure_is_reported_with_its_exit_code(logic):
     selftest.checkFailureIsReported(logic)
 
