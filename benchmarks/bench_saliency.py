@@ -41,7 +41,7 @@ def quality(args, bundle) -> dict:
     from fmct.phantom import make_phantom
     from fmct.conventions.tasks import HEMORRHAGE_TYPES
 
-    analyzer = Analyzer(bundle, device="cpu")
+    analyzer = Analyzer(bundle, device=DEVICE)
     pre, names = analyzer.preprocessor, analyzer.bundle.meta.task_names
     arms = ["old: Captum IG 16 steps, per finding"] + [f"new: shared IG {s} steps" for s in args.steps]
     rows = {arm: {t: [] for t in HEMORRHAGE_TYPES} for arm in arms}
@@ -121,7 +121,7 @@ def twins(args, bundle) -> dict:
     from fmct.inference.runners import calibrated_probabilities
     from fmct.phantom import make_phantom
 
-    analyzer = Analyzer(bundle, device="cpu")
+    analyzer = Analyzer(bundle, device=DEVICE)
     pre, names, spec = analyzer.preprocessor, analyzer.bundle.meta.task_names, analyzer.bundle.meta.preprocessing
     arms = {"before: zero baseline, 16 nodes": ("zero", 16), "after: normal-head baseline, adaptive nodes": ("normal_head", None)}
     rows = []
@@ -189,7 +189,7 @@ def completeness(args, bundle) -> dict:
     from fmct.inference.explain import explain_study
     from fmct.phantom import make_phantom
 
-    analyzer = Analyzer(bundle, device="cpu")
+    analyzer = Analyzer(bundle, device=DEVICE)
     spec, names = analyzer.bundle.meta.preprocessing, analyzer.bundle.meta.task_names
     rows = []
     cases = [("intraparenchymal", 1), ("subdural", 2), ("epidural", 3), ("intraventricular", 4), ("subarachnoid", 5),
@@ -213,7 +213,7 @@ def cost(args, bundle) -> dict:
     from fmct.reading.files import read_volume
     from fmct.inference.study_folder import write_study_outputs
 
-    analyzer = Analyzer(bundle, device="cpu")
+    analyzer = Analyzer(bundle, device=DEVICE)
     folder = dicom_study(args.ct, Path(args.work) / args.ct)
     volume = read_volume(folder)
     # The files as `fmct analyze` writes them (several at once, where this fmct can; an older tree
@@ -269,9 +269,14 @@ def cost(args, bundle) -> dict:
             "raw": {f"{a[0]}:{a[1]}": v for a, v in times.items()}}
 
 
+DEVICE = "cpu"  # set by --device
+
+
 def main() -> None:
+    global DEVICE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: the GPU script measures the maps' cost there")
     ap.add_argument("--part", choices=["quality", "cost", "both", "twins", "completeness"], default="both")
     ap.add_argument("--n-cases", type=int, default=6, help="completeness: phantoms (one per finding type)")
     ap.add_argument("--node-counts", default="8,16,32,64", help="completeness: IG node counts")
@@ -285,6 +290,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "fmct_bench"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    DEVICE = args.device
     args.steps = [int(s) for s in args.steps.split(",")]
     args.cost_steps = [int(s) for s in args.cost_steps.split(",")]
     threads = set_threads(args.threads)

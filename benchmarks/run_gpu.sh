@@ -29,6 +29,9 @@ timeout 120 python3 bench_analyze.py --device "$DEV" --compile --json "$OUT/anal
 # Issue 30: multi-crop batched on the GPU from int16 HU vs one CPU core per sample, base preset (and its
 # check that without noise the GPU's views equal the per-sample path's).
 timeout 150 python3 bench_crops.py --device "$DEV" --size base --batch 64 --reps 5 --json "$OUT/crops_gpu.json" 2>&1 | grep -E 'wrote|Error'
+# Issue 27: every positive finding's map against findings only on the GPU (goal <= 2x), and completeness by node count.
+timeout 150 python3 bench_saliency.py --device "$DEV" --part cost --repeat 3 --no-old --cost-steps 16 --json "$OUT/saliency_cost_gpu.json" 2>&1 | grep -E 'wrote|Error'
+timeout 150 python3 bench_saliency.py --device "$DEV" --part completeness --n-cases 3 --json "$OUT/saliency_completeness_gpu.json" 2>&1 | grep -E 'wrote|Error'
 timeout 170 python3 bench_batch.py --device "$DEV" --n "$N" --workers "$WORKERS" --models demo,base --json "$OUT/batch_gpu.json" 2>&1 | grep -E '^\[|wrote|Error'
 # The demo model retrained on the default + realistic anatomies with the CT-level augmentation
 # (issue #12 item 6), measured on default and "ood" test phantoms. It replaces Resources/DemoModel

@@ -67,10 +67,11 @@ class AnalysisResult:
     def warning(self) -> str | None:
         """The line a person must see above the findings when they are not to be trusted."""
         lines = [w if w.startswith("WARNING") else f"WARNING: {w}" for w in self.input_warnings]
-        ood = self._ood_warning()
-        return " ".join(lines + ([ood] if ood else [])) or None
+        trust = self._trust_warning()
+        return " ".join(lines + ([trust] if trust else [])) or None
 
-    def _ood_warning(self) -> str | None:
+    def _trust_warning(self) -> str | None:
+        """A flagged check of the CT (a head cut by the field of view, ...) first, else the OOD verdict."""
         flags = self.checks.flagged if self.checks is not None else []
         if flags:
             return f"WARNING: {flags[0].message}"
