@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmct.inference.batch import Rank, discover_studies, rank_from_env, run_batch
+from fmct.conventions.runtime import torchrun_rank
+from fmct.inference.batch import Rank, discover_studies, run_batch
 from fmct.inference.study_folder import saliency_file
 from fmct.cli import main
 from fmct.reading.dicom import write_dicom_series
@@ -67,11 +68,11 @@ def test_discover_folder_and_manifest(studies, tmp_path):
         discover_studies(tmp_path / "empty")
 
 
-def test_rank_from_env():
-    assert rank_from_env({}) == Rank(0, 1, 0)
-    assert rank_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Rank(3, 4, 1)
+def test_torchrun_rank_for_the_batch():
+    assert torchrun_rank({}) == Rank(0, 1, 0)
+    assert torchrun_rank({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Rank(3, 4, 1)
     with pytest.raises(ConfigError):
-        rank_from_env({"RANK": "4", "WORLD_SIZE": "4"})
+        torchrun_rank({"RANK": "4", "WORLD_SIZE": "4"})
 
 
 def test_batch_then_resume(analyzer, studies, tmp_path):

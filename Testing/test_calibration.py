@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 
 from fmct.conventions.tasks import TASK_DESCRIPTIONS
-from fmct.inference.runners import calibrated_probabilities
+from fmct.inference.calibration import calibrated_probabilities
 from fmct.train.calibration import calibrate_tasks, fit_temperature
 
 

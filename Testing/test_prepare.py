@@ -215,10 +215,10 @@ RANK_DRIVER = '''
 import json, os, sys
 from fmct.data.manifests import load_manifest
 from fmct.data.prepare import prepare
-from fmct.inference.batch import rank_from_env
+from fmct.conventions.runtime import torchrun_rank
 from fmct.preprocessing.spec import PreprocessSpec
 
-place = rank_from_env()
+place = torchrun_rank()
 res = prepare(load_manifest(sys.argv[1]), PreprocessSpec(spacing_mm=(6.0, 6.0, 6.0), size=(32, 32, 32)), sys.argv[2],
               rank=place.rank, world=place.world, unit_size=2)
 record = {"done": res.units_done_now, "mine": res.units_mine}

@@ -118,7 +118,7 @@ def twins(args, bundle) -> dict:
     from fmct.inference.analyze import Analyzer
     from fmct.inference.baselines import make_baseline
     from fmct.inference.explain import explain_study
-    from fmct.inference.runners import calibrated_probabilities
+    from fmct.inference.calibration import calibrated_probabilities
     from fmct.phantom import make_phantom
 
     analyzer = Analyzer(bundle, device=DEVICE)

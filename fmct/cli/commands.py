@@ -233,7 +233,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _run_batch(args: argparse.Namespace) -> int:
-    from fmct.inference.batch import discover_studies, rank_device, rank_from_env, run_batch
+    from fmct.conventions.runtime import torchrun_rank
+    from fmct.inference.batch import discover_studies, rank_device, run_batch
 
     if args.series is not None:
         raise ConfigError("--series applies to one DICOM folder, not to a batch; give each study its own folder")
@@ -241,7 +242,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         raise ConfigError("--keep-descriptions applies to one study, not to a batch (a batch never copies free text)")
     if args.workers is not None and args.workers < 0:
         raise ConfigError("--workers must be 0 (decode in this process) or more")
-    rank = rank_from_env()
+    rank = torchrun_rank()
     out = Path(args.out)
     studies = discover_studies(args.input, exclude=[out])
     analyzer, method = _check_options(_make_analyzer(args, device=rank_device(args.device, args.backend, rank)), args)

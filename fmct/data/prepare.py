@@ -294,10 +294,10 @@ def run_from_args(args: argparse.Namespace, progress=None) -> int:
     """`fmct prepare` once parsed: prints what was done; errors (FMCTError) go to the CLI's exit 2."""
     from fmct.data.cache import ERRORS
     from fmct.data.manifests import load_manifest
-    from fmct.inference.batch import rank_from_env
+    from fmct.conventions.runtime import torchrun_rank
 
     check_args(args)
-    shard, place = parse_shard(args.shard), rank_from_env()
+    shard, place = parse_shard(args.shard), torchrun_rank()
     result = prepare(load_manifest(args.data), spec_from_args(args), args.out, workers=args.workers, shard=shard,
                      rank=place.rank, world=place.world, unit_size=args.unit_size, progress=progress)
     print(f"prepared {result.studies_written} studies in {len(result.units_done_now)} unit(s) in {result.seconds:.1f} s; "

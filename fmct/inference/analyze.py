@@ -20,7 +20,8 @@ from fmct.conventions.errors import BundleError, ConfigError
 from fmct.preprocessing.preprocessor import Grid, ModelInput, Preprocessor
 from fmct.inference.ood import load_reference_stats
 from fmct.inference.results import SALIENCY_MAX, AnalysisResult, Finding  # noqa: F401 (Finding: re-exported)
-from fmct.inference.runners import calibrated_probabilities, load_runner
+from fmct.inference.calibration import calibrated_probabilities
+from fmct.inference.runners import load_runner
 from fmct.conventions.runtime import CancelCheck, Progress, check_cancel, check_explain_method, progress_or_silent, sub_progress
 from fmct.reading.volume import Volume, validate_ct
 

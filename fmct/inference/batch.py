@@ -133,11 +133,6 @@ def _read_manifest(path: Path) -> list[Study]:
 # Sharding
 # --------------------------------------------------------------------------------------------
 
-def rank_from_env(env: dict[str, str] | None = None) -> Rank:
-    """This process's place among torchrun's processes (fmct.conventions.runtime.torchrun_rank)."""
-    return torchrun_rank(env)
-
-
 def rank_device(device: str, backend: str, rank: Rank) -> str:
     """Under torchrun, give each local process its own GPU (cuda:LOCAL_RANK); otherwise the device as given."""
     if rank.world == 1 or device not in ("auto", "cuda"):
@@ -360,7 +355,7 @@ def run_batch(
     except OSError as e:
         raise OutputFolderError(f"cannot create the batch output folder {out} ({e.strerror}). Give a folder you may "
                                 "write to.") from None
-    rank = rank or rank_from_env()
+    rank = rank or torchrun_rank()
     every = list(studies) if studies is not None else discover_studies(source, exclude=[out])
     mine = every[rank.rank::rank.world]
     if options is None:

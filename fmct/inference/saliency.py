@@ -38,7 +38,6 @@ class Analyzer(Protocol):
 
 ATTENTION_KEY = "attention"  # the one finding-agnostic map's key in result.saliency and its file's stem
 UNITS = {"integrated_gradients": "logit per model-grid voxel", "occlusion": "logit drop per model-grid voxel"}
-GREY_LEVELS = SALIENCY_MAX
 
 
 class SaliencyOnCTGrid(Mapping):
@@ -83,7 +82,7 @@ def explain_result(analyzer: Analyzer, result: AnalysisResult, targets: Sequence
 
     from fmct.inference.baselines import DEFAULT_BASELINE, make_baseline
     from fmct.inference.explain import explain_study
-    from fmct.inference.runners import calibrated_probabilities
+    from fmct.inference.calibration import calibrated_probabilities
 
     names = analyzer.bundle.meta.task_names
     agnostic = is_finding_agnostic(method)
@@ -104,7 +103,7 @@ def explain_result(analyzer: Analyzer, result: AnalysisResult, targets: Sequence
         result.explanation = record
         return
     peak = max(f.peak for f in ex.findings)
-    per_level = peak / GREY_LEVELS if peak > 0 else 0.0
+    per_level = peak / SALIENCY_MAX if peak > 0 else 0.0
     record["scale"] = {"attribution_per_grey_level": float(f"{per_level:.6g}"), "unit": UNITS[method],
                        "shared": True, "note": "one scale for every map of this CT: 255 = the strongest attribution "
                                                "among them"}

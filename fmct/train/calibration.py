@@ -2,7 +2,7 @@
 
 `calibrate_tasks` is the one place a trainer turns validation logits into the bundle's tasks, so
 `fmct finetune` and the demo recipe write the same descriptions and use the same (overflow-free)
-calibrated probabilities the runtime computes (`fmct.inference.runners.calibrated_probabilities`).
+calibrated probabilities the runtime computes (`fmct.inference.calibration.calibrated_probabilities`).
 """
 from __future__ import annotations
 
@@ -12,11 +12,7 @@ import numpy as np
 
 from fmct.conventions.tasks import TASK_DESCRIPTIONS
 from fmct.inference.bundle import Task
-from fmct.inference.runners import calibrated_probabilities
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return calibrated_probabilities(x, np.ones(np.shape(x)[-1:] or (1,))).astype(np.float64).reshape(np.shape(x))
+from fmct.inference.calibration import calibrated_probabilities
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -28,7 +24,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     labels = labels.astype(np.float64)
     best_t, best_nll = 1.0, np.inf
     for t in grid:
-        p = np.clip(_sigmoid(logits / t), 1e-7, 1 - 1e-7)
+        p = np.clip(calibrated_probabilities(np.asarray(logits)[:, None], [t], np.float64)[:, 0], 1e-7, 1 - 1e-7)
         nll = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
         if nll < best_nll:
             best_t, best_nll = float(t), nll

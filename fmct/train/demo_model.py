@@ -41,7 +41,7 @@ from fmct.inference.explain import explain
 from fmct.models import FMCTClassifier, preset
 from fmct.phantom import ANATOMY_PRESETS, make_phantom
 from fmct.preprocessing.preprocessor import Preprocessor, PreprocessSpec
-from fmct.inference.runners import calibrated_probabilities
+from fmct.inference.calibration import calibrated_probabilities
 from fmct.train.calibration import calibrate_tasks
 from fmct.train.reference import write_reference
 from fmct.train.supervised import (SupervisedConfig, positive_weights, predict_logits, predict_with_features, tensor_batches,

@@ -31,7 +31,7 @@ from fmct.features.metrics import evaluation_report
 from fmct.data.manifests import Manifest, Study
 from fmct.models import FMCTClassifier, preset
 from fmct.preprocessing.spec import PreprocessSpec
-from fmct.inference.runners import calibrated_probabilities
+from fmct.inference.calibration import calibrated_probabilities
 from fmct.train.calibration import calibrate_tasks
 from fmct.train.distributed import barrier, device_for, distributed_sampler, init_from_env, process_group_kind, wrap_ddp
 from fmct.train.supervised import SupervisedConfig, positive_weights, predict_with_features, train_classifier
